@@ -1,0 +1,64 @@
+//! `uffd-wp`: exact, pin-aware userfaultfd write-protection from the command line.
+
+mod probe;
+mod scenario;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exact, pin-aware userfaultfd write-protection.
+#[derive(Debug, Parser)]
+#[command(name = "uffd-wp", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show what this kernel offers: userfaultfd features, ioctls, PAGEMAP_SCAN, THP, ...
+    Probe(probe::Args),
+    /// Run a built-in scenario and print each step's exact report.
+    Scenario(scenario::Args),
+}
+
+/// A failure the CLI reports on stderr with a non-zero exit.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A scenario could not run.
+    #[error(transparent)]
+    Scenario(#[from] uffd_wp::scenario::ScenarioError),
+    /// A report did not match the page tables.
+    #[error("{0}")]
+    Unverified(String),
+    /// Bad command-line input.
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Probe(a) => probe::run(&a),
+        Command::Scenario(a) => scenario::run(&a),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("uffd-wp: error: {e}");
+            ExitCode::from(match e {
+                CliError::Unverified(_) => 1,
+                _ => 2,
+            })
+        }
+    }
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(v: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON serialization")
+    );
+}

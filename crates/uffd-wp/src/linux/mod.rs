@@ -1,0 +1,280 @@
+//! The Linux backend: [`Mm`] over a real userfaultfd.
+//!
+//! Today the monitored address space is this process's own. Everything that names the address
+//! space goes through [`Target`] (its pagemap, its memory file, its pid), so a remote process
+//! (a uffd taken from the target with pidfd_getfd, memory read through /proc/PID/mem) fits
+//! without touching the engines.
+
+pub mod lab;
+pub mod lost_enomem;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+use crate::features::{self, Features};
+use crate::mm::{Errno, Event, Mm, PageState, RegisterMode, ScanRequest, ScanResult, WpMode};
+use crate::range::{Range, RangeSet};
+use crate::sys::errno_of;
+use crate::sys::pagemap::{Pagemap, category};
+use crate::sys::uffd::Uffd;
+
+/// Why a Linux backend could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// Neither `userfaultfd(2)` nor `/dev/userfaultfd` gave a uffd.
+    #[error("creating a userfaultfd: {}", crate::sys::errno_name(*.0))]
+    Create(Errno),
+    /// The `UFFDIO_API` handshake failed.
+    #[error("UFFDIO_API handshake for features {features:?}: {}", crate::sys::errno_name(*errno))]
+    Api {
+        /// Features asked for.
+        features: Features,
+        /// The kernel's errno.
+        errno: Errno,
+    },
+    /// The kernel lacks features the caller requires.
+    #[error("this kernel does not offer userfaultfd feature(s) {}", .missing.names().join(", "))]
+    Unsupported {
+        /// The required features the kernel does not offer.
+        missing: Features,
+    },
+    /// `/proc/PID/pagemap` or `/proc/PID/mem` could not be opened.
+    #[error("opening {path}: {}", crate::sys::errno_name(*errno))]
+    Proc {
+        /// The file.
+        path: String,
+        /// The errno.
+        errno: Errno,
+    },
+}
+
+/// The address space a backend monitors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// This process.
+    SelfProcess,
+}
+
+/// What to negotiate when opening a [`LinuxMm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Features to enable when the kernel offers them.
+    pub wanted: Features,
+    /// Features without which opening fails with [`OpenError::Unsupported`].
+    pub required: Features,
+    /// `UFFD_USER_MODE_ONLY`: kernel-mode accesses (GUP) fail with EFAULT instead of faulting.
+    pub user_mode_only: bool,
+}
+
+impl Default for Config {
+    /// WP fault flags and markers for unpopulated pages (so write-protection covers every page),
+    /// thread ids in fault messages. No non-cooperative events: those block the faulting thread
+    /// until the monitor reads them, which a library cannot impose on its host.
+    fn default() -> Self {
+        Config {
+            wanted: Features::PAGEFAULT_FLAG_WP
+                .with(Features::WP_UNPOPULATED)
+                .with(Features::THREAD_ID)
+                .with(Features::WP_HUGETLBFS_SHMEM),
+            required: Features::PAGEFAULT_FLAG_WP,
+            user_mode_only: false,
+        }
+    }
+}
+
+impl Config {
+    /// The default without `WP_UNPOPULATED`: unpopulated anonymous pages cannot be protected.
+    pub fn without_unpopulated() -> Self {
+        let d = Self::default();
+        Config {
+            wanted: d.wanted.without(Features::WP_UNPOPULATED),
+            ..d
+        }
+    }
+
+    /// The default plus `WP_ASYNC` (which implies `WP_UNPOPULATED`): dirty tracking.
+    pub fn async_wp() -> Self {
+        let d = Self::default();
+        Config {
+            wanted: d.wanted.with(Features::WP_ASYNC),
+            required: d.required.with(Features::WP_ASYNC),
+            ..d
+        }
+    }
+}
+
+/// [`Mm`] over a real userfaultfd.
+#[derive(Debug)]
+pub struct LinuxMm {
+    uffd: Uffd,
+    features: Features,
+    target: Target,
+    pagemap: Pagemap,
+    mem: File,
+    pagemap_scan: bool,
+    declared_pins: Mutex<RangeSet>,
+}
+
+impl LinuxMm {
+    /// Opens a backend on this process with the default [`Config`].
+    pub fn open() -> Result<LinuxMm, OpenError> {
+        Self::open_with(Config::default())
+    }
+
+    /// Opens a backend on this process, negotiating `cfg`.
+    pub fn open_with(cfg: Config) -> Result<LinuxMm, OpenError> {
+        let offered = features::kernel_features().map_err(OpenError::Create)?;
+        let missing = cfg.required.without(offered);
+        if missing != Features::empty() {
+            return Err(OpenError::Unsupported { missing });
+        }
+        let ask = Features(cfg.wanted.0 & offered.0).with(cfg.required);
+        let uffd = Uffd::create(true, cfg.user_mode_only).map_err(OpenError::Create)?;
+        // The kernel answers with every feature it supports, not the ones it enabled
+        // (fs/userfaultfd.c, userfaultfd_api(): "report all available features"): what is
+        // enabled is what was asked, plus WP_UNPOPULATED, which WP_ASYNC implies.
+        uffd.api(ask.0).map_err(|errno| OpenError::Api {
+            features: ask,
+            errno,
+        })?;
+        let enabled = if ask.contains(Features::WP_ASYNC) {
+            ask.with(Features::WP_UNPOPULATED)
+        } else {
+            ask
+        };
+        let target = Target::SelfProcess;
+        let proc_err = |path: &str| {
+            let path = path.to_string();
+            move |errno| OpenError::Proc { path, errno }
+        };
+        let pagemap = Pagemap::open_self().map_err(proc_err("/proc/self/pagemap"))?;
+        let mem = File::open("/proc/self/mem")
+            .map_err(|e| errno_of(&e))
+            .map_err(proc_err("/proc/self/mem"))?;
+        let mut mm = LinuxMm {
+            uffd,
+            features: enabled,
+            target,
+            pagemap,
+            mem,
+            pagemap_scan: false,
+            declared_pins: Mutex::new(RangeSet::new()),
+        };
+        mm.pagemap_scan = features::pagemap_scan_works();
+        Ok(mm)
+    }
+
+    /// The userfaultfd itself (for a fault handler that polls it directly).
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    /// The monitored address space.
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    /// Declares `r` pinned (the application's own DMA or O_DIRECT buffer) until
+    /// [`LinuxMm::undeclare_pin`].
+    pub fn declare_pin(&self, r: Range) {
+        self.declared_pins.lock().expect("pin lock").insert(r);
+    }
+
+    /// Withdraws a declaration made with [`LinuxMm::declare_pin`].
+    pub fn undeclare_pin(&self, r: Range) {
+        let mut p = self.declared_pins.lock().expect("pin lock");
+        *p = p.difference(&RangeSet::single(r));
+    }
+
+    /// The uffd-wp pages of `r` through `PAGEMAP_SCAN`: a page is protected when it is present
+    /// or a swap entry/marker and not `PAGE_IS_WRITTEN` (fs/proc/task_mmu.c,
+    /// pagemap_page_category: WRITTEN is exactly "no uffd-wp bit").
+    fn wp_pages_scan(&self, r: Range) -> Result<RangeSet, Errno> {
+        let req = ScanRequest {
+            start: r.start(),
+            end: r.end(),
+            category_anyof_mask: category::PRESENT | category::SWAPPED,
+            return_mask: category::WRITTEN,
+            ..Default::default()
+        };
+        let res = self.pagemap.scan(&req)?;
+        Ok(res
+            .regions
+            .iter()
+            .filter(|g| g.categories & category::WRITTEN == 0)
+            .map(|g| Range::from_bounds(g.start, g.end))
+            .collect())
+    }
+}
+
+impl Mm for LinuxMm {
+    fn backend(&self) -> &'static str {
+        "linux"
+    }
+
+    fn features(&self) -> Features {
+        self.features
+    }
+
+    fn register(&self, r: Range, mode: RegisterMode) -> Result<u64, Errno> {
+        self.uffd.register(r.start(), r.len(), mode.0)
+    }
+
+    fn unregister(&self, r: Range) -> Result<(), Errno> {
+        self.uffd.unregister(r.start(), r.len())
+    }
+
+    fn writeprotect(&self, r: Range, mode: WpMode) -> Result<(), Errno> {
+        self.uffd.writeprotect(r.start(), r.len(), mode.bits())
+    }
+
+    fn wake(&self, r: Range) -> Result<(), Errno> {
+        self.uffd.wake(r.start(), r.len())
+    }
+
+    fn page_states(&self, r: Range) -> Result<Vec<PageState>, Errno> {
+        Ok(self
+            .pagemap
+            .entries(r.start(), r.pages())?
+            .into_iter()
+            .map(PageState::from_pagemap)
+            .collect())
+    }
+
+    fn wp_pages(&self, r: Range) -> Result<RangeSet, Errno> {
+        if self.pagemap_scan {
+            self.wp_pages_scan(r)
+        } else {
+            Ok(crate::mm::pages_where(r, &self.page_states(r)?, |s| {
+                s.uffd_wp
+            }))
+        }
+    }
+
+    fn scan(&self, req: &ScanRequest) -> Result<ScanResult, Errno> {
+        self.pagemap.scan(req)
+    }
+
+    fn fully_mapped(&self, r: Range) -> Result<bool, Errno> {
+        match self.target {
+            Target::SelfProcess => crate::sys::mem::fully_mapped(r),
+        }
+    }
+
+    fn pinned(&self, r: Range) -> Result<RangeSet, Errno> {
+        Ok(self.declared_pins.lock().expect("pin lock").clip(r))
+    }
+
+    fn read_events(&self, max: usize) -> Result<Vec<Event>, Errno> {
+        self.uffd.read_msgs(max)
+    }
+
+    fn wait_event(&self, timeout_ms: i32) -> Result<bool, Errno> {
+        self.uffd.poll(timeout_ms)
+    }
+
+    fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.mem.read_exact_at(buf, addr).map_err(|e| errno_of(&e))
+    }
+}

@@ -1,0 +1,250 @@
+//! The built-in scenarios.
+
+use std::time::Duration;
+
+use super::{Lab, LabConfig, LabFactory, MapKind, ScenarioError, Step, step};
+use crate::inject::Rule;
+use crate::mm::{Errno, RegisterMode};
+use crate::protect::{OnError, WpOp, WpOptions, unprotect, write_protect};
+use crate::range::{PAGE_SIZE, Range};
+
+/// A named scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Its name on the command line.
+    pub name: &'static str,
+    /// One line on what it shows.
+    pub about: &'static str,
+    /// Runs it.
+    pub run: fn(&dyn LabFactory) -> Result<Vec<Step>, ScenarioError>,
+}
+
+/// Every built-in scenario.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "clean",
+        about: "64 pages, half populated, registered: protect all, then un-protect all",
+        run: clean,
+    },
+    Scenario {
+        name: "unregistered-tail",
+        about: "16 pages, only the first 8 registered: ENOENT, the prefix stays protected",
+        run: unregistered_tail,
+    },
+    Scenario {
+        name: "hole",
+        about: "16 registered pages with page 8 unmapped: the kernel skips the gap silently",
+        run: hole,
+    },
+    Scenario {
+        name: "unpopulated",
+        about: "untouched pages with and without WP_UNPOPULATED",
+        run: unpopulated,
+    },
+    Scenario {
+        name: "injected-enomem",
+        about: "ENOMEM injected half-way through a call: stop, retry and rollback policies",
+        run: injected_enomem,
+    },
+    Scenario {
+        name: "injected-eagain",
+        about: "EAGAIN (event in flight) injected: stop, then retry",
+        run: injected_eagain,
+    },
+    Scenario {
+        name: "lost-enomem",
+        about: "the kernel's own silent partial failure: success returned, 0.5 GiB unprotected",
+        run: lost_enomem,
+    },
+];
+
+/// The scenario called `name`.
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+const P: u64 = PAGE_SIZE;
+
+fn pages(r: Range, a: u64, b: u64) -> Range {
+    Range::from_bounds(r.start() + a * P, r.start() + b * P)
+}
+
+/// Maps `n` pages of anonymous memory and registers them (all of them, or the first `reg`).
+fn registered(lab: &mut dyn Lab, n: u64, reg: u64) -> Result<Range, ScenarioError> {
+    let r = lab.map(n * P, P, MapKind::Anon)?;
+    lab.mm()
+        .register(pages(r, 0, reg), RegisterMode::WP)
+        .map_err(ScenarioError::setup("UFFDIO_REGISTER (WP)"))?;
+    Ok(r)
+}
+
+fn protect_step(
+    lab: &dyn Lab,
+    label: &str,
+    note: &str,
+    r: Range,
+    opts: WpOptions,
+) -> Result<Step, ScenarioError> {
+    let res = write_protect(lab.mm(), r, &opts);
+    step(lab, label, note, r, WpOp::Protect, res)
+}
+
+fn clean(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    let mut lab = f.open(LabConfig::default())?;
+    let r = registered(lab.as_mut(), 64, 64)?;
+    lab.touch(pages(r, 0, 32))?;
+    let a = protect_step(
+        lab.as_ref(),
+        "protect",
+        "one raw call, clean return trusted: no read-back",
+        r,
+        WpOptions::default(),
+    )?;
+    let res = unprotect(lab.mm(), r, OnError::Stop);
+    let b = step(
+        lab.as_ref(),
+        "unprotect",
+        "every page writable again",
+        r,
+        WpOp::Unprotect,
+        res,
+    )?;
+    Ok(vec![a, b])
+}
+
+fn unregistered_tail(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    let mut lab = f.open(LabConfig::default())?;
+    let r = registered(lab.as_mut(), 16, 8)?;
+    lab.touch(r)?;
+    Ok(vec![protect_step(
+        lab.as_ref(),
+        "protect",
+        "ENOENT at the first unregistered page; pages before it stay protected",
+        r,
+        WpOptions::default(),
+    )?])
+}
+
+fn hole(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    let mut lab = f.open(LabConfig::default())?;
+    let r = registered(lab.as_mut(), 16, 16)?;
+    lab.touch(r)?;
+    lab.punch(pages(r, 8, 9))?;
+    Ok(vec![protect_step(
+        lab.as_ref(),
+        "protect",
+        "the kernel returns success and skips the gap; the report names it",
+        r,
+        WpOptions::default(),
+    )?])
+}
+
+fn unpopulated(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    let mut out = Vec::new();
+    for (wp_unpopulated, label, note) in [
+        (
+            true,
+            "with-wp-unpopulated",
+            "PTE markers: untouched pages are protected too",
+        ),
+        (
+            false,
+            "without-wp-unpopulated",
+            "no markers: the 12 untouched pages cannot be protected, and the kernel says nothing",
+        ),
+    ] {
+        let mut lab = f.open(LabConfig { wp_unpopulated })?;
+        let r = registered(lab.as_mut(), 16, 16)?;
+        lab.touch(pages(r, 0, 4))?;
+        out.push(protect_step(
+            lab.as_ref(),
+            label,
+            note,
+            r,
+            WpOptions::default(),
+        )?);
+    }
+    Ok(out)
+}
+
+fn policy_steps(
+    f: &dyn LabFactory,
+    errno: Errno,
+    policies: &[(&str, OnError, u32, &str)],
+) -> Result<Vec<Step>, ScenarioError> {
+    let mut out = Vec::new();
+    for &(label, on_error, times, note) in policies {
+        let mut lab = f.open(LabConfig::default())?;
+        let r = registered(lab.as_mut(), 64, 64)?;
+        lab.touch(r)?;
+        let prefix = if errno == Errno::AGAIN {
+            0
+        } else {
+            r.len() / 2
+        };
+        lab.inject(Rule::nth(1, errno, prefix).times(times));
+        let opts = WpOptions {
+            skip_pinned: false,
+            on_error,
+        };
+        out.push(protect_step(lab.as_ref(), label, note, r, opts)?);
+    }
+    Ok(out)
+}
+
+const RETRY: OnError = OnError::Retry {
+    attempts: 3,
+    backoff: Duration::from_millis(1),
+};
+
+fn injected_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    policy_steps(
+        f,
+        Errno::NOMEM,
+        &[
+            (
+                "stop",
+                OnError::Stop,
+                1,
+                "the kernel protected 32 of 64 pages, then failed: the report says which",
+            ),
+            (
+                "retry",
+                RETRY,
+                1,
+                "the first attempt fails, the retry protects everything",
+            ),
+            (
+                "rollback",
+                OnError::Rollback,
+                1,
+                "all or nothing: the 32 pages this call protected are un-protected again",
+            ),
+        ],
+    )
+}
+
+fn injected_eagain(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    policy_steps(
+        f,
+        Errno::AGAIN,
+        &[
+            (
+                "stop",
+                OnError::Stop,
+                1,
+                "an event is in flight: nothing was done, the call fails whole",
+            ),
+            (
+                "retry",
+                RETRY,
+                1,
+                "after the event, the retry protects everything",
+            ),
+        ],
+    )
+}
+
+fn lost_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    f.lost_enomem()
+}

@@ -1,0 +1,240 @@
+//! Memory mappings owned by RAII guards, and safe access to the bytes they own.
+//!
+//! A [`Mapping`] owns `[addr, addr+len)` minus the holes punched into it; every accessor checks
+//! that the bytes it touches are inside what the mapping owns, so callers never handle raw
+//! pointers. See [mmap(2)](https://man7.org/linux/man-pages/man2/mmap.2.html),
+//! [madvise(2)](https://man7.org/linux/man-pages/man2/madvise.2.html).
+
+use std::ffi::c_void;
+use std::os::fd::OwnedFd;
+
+use rustix::mm::{Advice, MapFlags, MsyncFlags, ProtFlags};
+
+use super::Errno;
+use crate::range::{PAGE_SIZE, Range, RangeSet};
+
+/// What backs a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// `MAP_PRIVATE | MAP_ANONYMOUS`.
+    Anon,
+    /// `MAP_SHARED` of a memfd (shmem).
+    Memfd,
+}
+
+/// An owned mapping. Unmaps what it still owns when dropped.
+#[derive(Debug)]
+pub struct Mapping {
+    range: Range,
+    holes: RangeSet,
+    backing: Backing,
+    _memfd: Option<OwnedFd>,
+}
+
+/// Transparent huge pages for a new anonymous mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thp {
+    /// Leave the system default.
+    Default,
+    /// `MADV_HUGEPAGE`.
+    Huge,
+    /// `MADV_NOHUGEPAGE`.
+    NoHuge,
+}
+
+impl Mapping {
+    /// A new read-write mapping of `len` bytes whose start is a multiple of `align` (a power of
+    /// two, at least a page). `MAP_NORESERVE`, so large address-space reservations cost nothing
+    /// until touched.
+    pub fn new(len: u64, align: u64, backing: Backing, thp: Thp) -> Result<Mapping, Errno> {
+        let len_us = usize::try_from(len).map_err(|_| Errno::NOMEM)?;
+        if len == 0 || len % PAGE_SIZE != 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+            return Err(Errno::INVAL);
+        }
+        let memfd = match backing {
+            Backing::Anon => None,
+            Backing::Memfd => {
+                let fd = rustix::fs::memfd_create("uffd-wp", rustix::fs::MemfdFlags::CLOEXEC)?;
+                rustix::fs::ftruncate(&fd, len)?;
+                Some(fd)
+            }
+        };
+        // Reserve len + align of address space, then place the real mapping at an aligned
+        // address inside it with MAP_FIXED, and give back the rest.
+        let slack = if align > PAGE_SIZE { align } else { 0 };
+        let reserve_len = len_us.checked_add(slack as usize).ok_or(Errno::NOMEM)?;
+        // SAFETY: a fresh PROT_NONE reservation at an address the kernel chooses overlaps
+        // nothing that Rust owns.
+        let base = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                reserve_len,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }? as u64;
+        let start = (base + align - 1) & !(align - 1);
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        let placed = match &memfd {
+            // SAFETY: [start, start+len) lies inside the reservation made above, which this
+            // function owns; MAP_FIXED replaces only that reservation.
+            None => unsafe {
+                rustix::mm::mmap_anonymous(
+                    start as *mut c_void,
+                    len_us,
+                    prot,
+                    MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+                )
+            },
+            // SAFETY: as above; the memfd is at least `len` bytes long.
+            Some(fd) => unsafe {
+                rustix::mm::mmap(
+                    start as *mut c_void,
+                    len_us,
+                    prot,
+                    MapFlags::SHARED | MapFlags::FIXED,
+                    fd,
+                    0,
+                )
+            },
+        };
+        // Give back the unused head and tail of the reservation (and everything on failure).
+        let give_back = |a: u64, b: u64| {
+            if b > a {
+                // SAFETY: [a, b) is part of the reservation this function made and nothing
+                // else maps there.
+                let _ = unsafe { rustix::mm::munmap(a as *mut c_void, (b - a) as usize) };
+            }
+        };
+        if let Err(e) = placed {
+            give_back(base, base + reserve_len as u64);
+            return Err(e);
+        }
+        give_back(base, start);
+        give_back(start + len, base + reserve_len as u64);
+        let m = Mapping {
+            range: Range::from_bounds(start, start + len),
+            holes: RangeSet::new(),
+            backing,
+            _memfd: memfd,
+        };
+        match thp {
+            Thp::Default => {}
+            Thp::Huge => m.madvise(m.range, Advice::LinuxHugepage)?,
+            Thp::NoHuge => m.madvise(m.range, Advice::LinuxNoHugepage)?,
+        }
+        Ok(m)
+    }
+
+    /// An anonymous private mapping, page aligned, THP left to the system default.
+    pub fn anon(len: u64) -> Result<Mapping, Errno> {
+        Self::new(len, PAGE_SIZE, Backing::Anon, Thp::Default)
+    }
+
+    /// The whole range the mapping was created with (holes included).
+    pub fn range(&self) -> Range {
+        self.range
+    }
+
+    /// What backs it.
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// Holes punched with [`Mapping::punch`].
+    pub fn holes(&self) -> &RangeSet {
+        &self.holes
+    }
+
+    fn check_owned(&self, r: Range) -> Result<(), Errno> {
+        let owned = self.range.intersect(&r) == Some(r)
+            && self.holes.intersection(&RangeSet::single(r)).is_empty();
+        if owned { Ok(()) } else { Err(Errno::FAULT) }
+    }
+
+    fn check_bytes(&self, addr: u64, len: usize) -> Result<(), Errno> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = addr.checked_add(len as u64).ok_or(Errno::FAULT)?;
+        let first = addr & !(PAGE_SIZE - 1);
+        let last = (end + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+        self.check_owned(Range::from_bounds(first, last))
+    }
+
+    /// `madvise(2)` on a part of the mapping.
+    pub fn madvise(&self, r: Range, advice: Advice) -> Result<(), Errno> {
+        self.check_owned(r)?;
+        // SAFETY: `r` is inside this mapping; no Rust reference points into it (access goes
+        // through copies made by `read`/`write`), so dropping or replacing its pages is sound.
+        unsafe { rustix::mm::madvise(r.start() as *mut c_void, r.len() as usize, advice) }
+    }
+
+    /// Unmaps a part of the mapping, leaving a hole (the VMA layout changes).
+    pub fn punch(&mut self, r: Range) -> Result<(), Errno> {
+        self.check_owned(r)?;
+        // SAFETY: `r` is inside this mapping and owned by it; it is recorded as a hole so it is
+        // never accessed or unmapped again.
+        unsafe { rustix::mm::munmap(r.start() as *mut c_void, r.len() as usize) }?;
+        self.holes.insert(r);
+        Ok(())
+    }
+
+    /// Copies `data` to `addr` (inside the mapping). A write to a write-protected page blocks
+    /// until a monitor resolves the fault (sync mode), so never call this from the thread that
+    /// serves the faults.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        self.check_bytes(addr, data.len())?;
+        // SAFETY: the destination is inside memory this mapping owns and keeps mapped; it is
+        // plain bytes, and no Rust reference to it exists.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
+        Ok(())
+    }
+
+    /// Copies from `addr` (inside the mapping) into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.check_bytes(addr, buf.len())?;
+        // SAFETY: the source is inside memory this mapping owns and keeps mapped (reading an
+        // untouched anonymous page maps the zero page).
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Writes one byte in every page of `r` (faulting each page in for write).
+    pub fn touch(&self, r: Range, value: u8) -> Result<(), Errno> {
+        self.check_owned(r)?;
+        for p in r.page_iter() {
+            // SAFETY: the page is inside memory this mapping owns; a volatile write so the
+            // fault is really taken.
+            unsafe { std::ptr::write_volatile(p.start() as *mut u8, value) };
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        for r in self.holes.complement_in(self.range).iter() {
+            // SAFETY: this is memory the mapping still owns; after drop nothing refers to it.
+            let _ = unsafe { rustix::mm::munmap(r.start() as *mut c_void, r.len() as usize) };
+        }
+    }
+}
+
+/// Whether every byte of `r` is mapped in this process: `msync(MS_ASYNC)` walks the VMAs of the
+/// range (no page tables, no I/O since 2.6.19) and fails with ENOMEM on a gap.
+pub fn fully_mapped(r: Range) -> Result<bool, Errno> {
+    // SAFETY: MS_ASYNC neither reads nor writes the memory; an unmapped range is reported as
+    // ENOMEM, not faulted on.
+    match unsafe {
+        rustix::mm::msync(
+            r.start() as *mut c_void,
+            r.len() as usize,
+            MsyncFlags::ASYNC,
+        )
+    } {
+        Ok(()) => Ok(true),
+        Err(Errno::NOMEM) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

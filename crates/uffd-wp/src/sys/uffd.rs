@@ -1,0 +1,312 @@
+//! userfaultfd: creation, `UFFDIO_*` ioctls and event messages.
+//!
+//! See [userfaultfd(2)](https://man7.org/linux/man-pages/man2/userfaultfd.2.html) and
+//! [ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html).
+//! Each method is one kernel call and returns exactly the kernel's errno.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use linux_raw_sys::general as g;
+use linux_raw_sys::ioctl as io;
+use rustix::ioctl::ioctl;
+
+use super::{Errno, ioctl_with};
+
+/// `UFFDIO_WRITEPROTECT_MODE_WP`: set write protection (without it: clear).
+pub const WP_MODE_WP: u64 = 1;
+/// `UFFDIO_WRITEPROTECT_MODE_DONTWAKE`: do not wake threads waiting on the range.
+pub const WP_MODE_DONTWAKE: u64 = 2;
+/// `UFFD_USER_MODE_ONLY`: handle only faults raised by user-mode accesses.
+pub const USER_MODE_ONLY: u32 = g::UFFD_USER_MODE_ONLY;
+/// `_IO(0xAA, 0)`: the `/dev/userfaultfd` ioctl that creates a userfaultfd.
+const USERFAULTFD_IOC_NEW: u32 = 0xAA00;
+
+/// How the userfaultfd was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The `userfaultfd(2)` syscall.
+    Syscall,
+    /// `/dev/userfaultfd` and `USERFAULTFD_IOC_NEW` (when the syscall is refused, for example by
+    /// `vm.unprivileged_userfaultfd=0` for an unprivileged caller).
+    Device,
+}
+
+/// The kernel's answer to `UFFDIO_API`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiAnswer {
+    /// Features enabled on this userfaultfd (`uffdio_api.features` after the call).
+    pub features: u64,
+    /// Bit mask of ioctls supported on the fd itself (`1 << _UFFDIO_*`).
+    pub ioctls: u64,
+}
+
+/// One event read from a userfaultfd (`struct uffd_msg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Msg {
+    /// A page fault: `flags` are `UFFD_PAGEFAULT_FLAG_*`, `tid` is set with `THREAD_ID`.
+    PageFault {
+        /// `UFFD_PAGEFAULT_FLAG_WRITE` (1), `_WP` (2), `_MINOR` (4).
+        flags: u64,
+        /// Faulting address (page aligned unless `EXACT_ADDRESS`).
+        address: u64,
+        /// Faulting thread id, when `UFFD_FEATURE_THREAD_ID` is enabled.
+        tid: u32,
+    },
+    /// The process forked; `ufd` is a new userfaultfd for the child.
+    Fork {
+        /// The child's userfaultfd, installed in this process's fd table.
+        ufd: u32,
+    },
+    /// `mremap` moved a registered range.
+    Remap {
+        /// Old start.
+        from: u64,
+        /// New start.
+        to: u64,
+        /// Length.
+        len: u64,
+    },
+    /// `MADV_DONTNEED`/`MADV_REMOVE` dropped a range.
+    Remove {
+        /// Start.
+        start: u64,
+        /// End.
+        end: u64,
+    },
+    /// `munmap` removed a range.
+    Unmap {
+        /// Start.
+        start: u64,
+        /// End.
+        end: u64,
+    },
+    /// An event this code does not know.
+    Unknown(u8),
+}
+
+/// Size of `struct uffd_msg`.
+pub const MSG_SIZE: usize = 32;
+
+impl Msg {
+    /// Decodes one `struct uffd_msg` from its 32 bytes (native endian, packed layout).
+    pub fn decode(b: &[u8; MSG_SIZE]) -> Msg {
+        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        match u32::from(b[0]) {
+            g::UFFD_EVENT_PAGEFAULT => Msg::PageFault {
+                flags: u64_at(8),
+                address: u64_at(16),
+                tid: u32_at(24),
+            },
+            g::UFFD_EVENT_FORK => Msg::Fork { ufd: u32_at(8) },
+            g::UFFD_EVENT_REMAP => Msg::Remap {
+                from: u64_at(8),
+                to: u64_at(16),
+                len: u64_at(24),
+            },
+            g::UFFD_EVENT_REMOVE => Msg::Remove {
+                start: u64_at(8),
+                end: u64_at(16),
+            },
+            g::UFFD_EVENT_UNMAP => Msg::Unmap {
+                start: u64_at(8),
+                end: u64_at(16),
+            },
+            other => Msg::Unknown(other as u8),
+        }
+    }
+}
+
+/// An owned userfaultfd.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    origin: Origin,
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn range(start: u64, len: u64) -> g::uffdio_range {
+    g::uffdio_range { start, len }
+}
+
+impl Uffd {
+    /// Creates a userfaultfd (`O_CLOEXEC`, plus `O_NONBLOCK` if `nonblock`, plus
+    /// `UFFD_USER_MODE_ONLY` if `user_mode_only`), by the syscall, falling back to
+    /// `/dev/userfaultfd` when the syscall is refused (EPERM) or missing (ENOSYS).
+    pub fn create(nonblock: bool, user_mode_only: bool) -> Result<Uffd, Errno> {
+        let mut flags = g::O_CLOEXEC;
+        if nonblock {
+            flags |= g::O_NONBLOCK;
+        }
+        if user_mode_only {
+            flags |= USER_MODE_ONLY;
+        }
+        match Self::create_syscall(flags) {
+            Ok(u) => Ok(u),
+            Err(e) if e == Errno::PERM || e == Errno::NOSYS => {
+                Self::create_dev(flags).map_err(|_| e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a userfaultfd by the `userfaultfd(2)` syscall only.
+    pub fn create_syscall(flags: u32) -> Result<Uffd, Errno> {
+        // SAFETY: creating a userfaultfd is sound in itself; rustix marks it unsafe because the
+        // fd can later change how this process's memory faults. Every use of that power in
+        // uffd-wp goes through the checked methods of this type.
+        let fd = unsafe {
+            rustix::mm::userfaultfd(rustix::mm::UserfaultfdFlags::from_bits_retain(flags))
+        }?;
+        Ok(Uffd {
+            fd,
+            origin: Origin::Syscall,
+        })
+    }
+
+    /// Creates a userfaultfd through `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`).
+    pub fn create_dev(flags: u32) -> Result<Uffd, Errno> {
+        let dev = rustix::fs::open(
+            "/dev/userfaultfd",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        use std::os::fd::FromRawFd;
+        let raw = dev_ioctl_new(&dev, flags)?;
+        // SAFETY: `raw` was just returned by the kernel as a new descriptor that nothing else
+        // owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Uffd {
+            fd,
+            origin: Origin::Device,
+        })
+    }
+
+    /// How this fd was created.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// `UFFDIO_API`: the handshake. Asks for `features`; the kernel refuses (EINVAL) a feature
+    /// it does not know. On success returns what it enabled.
+    pub fn api(&self, features: u64) -> Result<ApiAnswer, Errno> {
+        let mut a = g::uffdio_api {
+            api: u64::from(g::UFFD_API),
+            features,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API takes a `struct uffdio_api`, read and written back.
+        unsafe { ioctl_with(&self.fd, io::UFFDIO_API, &mut a) }?;
+        Ok(ApiAnswer {
+            features: a.features,
+            ioctls: a.ioctls,
+        })
+    }
+
+    /// `UFFDIO_REGISTER` of `[start, start+len)` in `mode` (`UFFDIO_REGISTER_MODE_*`). Returns the
+    /// mask of ioctls available on the range.
+    pub fn register(&self, start: u64, len: u64, mode: u64) -> Result<u64, Errno> {
+        let mut r = g::uffdio_register {
+            range: range(start, len),
+            mode,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`, read and written back.
+        unsafe { ioctl_with(&self.fd, io::UFFDIO_REGISTER, &mut r) }?;
+        Ok(r.ioctls)
+    }
+
+    /// `UFFDIO_UNREGISTER` of `[start, start+len)`.
+    pub fn unregister(&self, start: u64, len: u64) -> Result<(), Errno> {
+        let mut r = range(start, len);
+        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`, read only.
+        unsafe { ioctl_with(&self.fd, io::UFFDIO_UNREGISTER, &mut r) }.map(drop)
+    }
+
+    /// `UFFDIO_WRITEPROTECT` of `[start, start+len)` with `mode` (`WP_MODE_*`).
+    pub fn writeprotect(&self, start: u64, len: u64, mode: u64) -> Result<(), Errno> {
+        let mut w = g::uffdio_writeprotect {
+            range: range(start, len),
+            mode,
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`, read only.
+        unsafe { ioctl_with(&self.fd, io::UFFDIO_WRITEPROTECT, &mut w) }.map(drop)
+    }
+
+    /// `UFFDIO_WAKE` of `[start, start+len)`.
+    pub fn wake(&self, start: u64, len: u64) -> Result<(), Errno> {
+        let mut r = range(start, len);
+        // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`, read only.
+        unsafe { ioctl_with(&self.fd, io::UFFDIO_WAKE, &mut r) }.map(drop)
+    }
+
+    /// `UFFDIO_CONTINUE` of `[start, start+len)` (minor faults). Returns bytes mapped.
+    pub fn continue_(&self, start: u64, len: u64, mode: u64) -> Result<i64, Errno> {
+        let mut c = g::uffdio_continue {
+            range: range(start, len),
+            mode,
+            mapped: 0,
+        };
+        // SAFETY: UFFDIO_CONTINUE takes a `struct uffdio_continue`, read and written back.
+        unsafe { ioctl_with(&self.fd, io::UFFDIO_CONTINUE, &mut c) }?;
+        Ok(c.mapped)
+    }
+
+    /// Reads up to `max` pending events. With a non-blocking fd, returns an empty vector when
+    /// none is pending (EAGAIN is not an error here).
+    pub fn read_msgs(&self, max: usize) -> Result<Vec<Msg>, Errno> {
+        let mut buf = vec![0u8; MSG_SIZE * max.max(1)];
+        let n = match rustix::io::read(&self.fd, &mut buf) {
+            Ok(n) => n,
+            Err(Errno::AGAIN) => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(buf[..n]
+            .chunks_exact(MSG_SIZE)
+            .map(|c| Msg::decode(c.try_into().expect("chunk of MSG_SIZE")))
+            .collect())
+    }
+
+    /// Waits until an event is readable or `timeout_ms` passes (-1: forever). Returns whether
+    /// the fd is readable.
+    pub fn poll(&self, timeout_ms: i32) -> Result<bool, Errno> {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        let ts = (timeout_ms >= 0).then(|| Timespec {
+            tv_sec: i64::from(timeout_ms / 1000),
+            tv_nsec: i64::from(timeout_ms % 1000) * 1_000_000,
+        });
+        let n = poll(&mut fds, ts.as_ref())?;
+        Ok(n > 0)
+    }
+}
+
+/// `USERFAULTFD_IOC_NEW` on an open `/dev/userfaultfd`, returning the new raw fd.
+fn dev_ioctl_new(dev: &OwnedFd, flags: u32) -> Result<i32, Errno> {
+    struct New(u32);
+    // SAFETY: USERFAULTFD_IOC_NEW is `_IO(0xAA, 0)`: its argument is the flags integer passed in
+    // place of a pointer, which the kernel never dereferences; the return value is the new fd.
+    unsafe impl rustix::ioctl::Ioctl for New {
+        type Output = rustix::ioctl::IoctlOutput;
+        const IS_MUTATING: bool = false;
+        fn opcode(&self) -> rustix::ioctl::Opcode {
+            USERFAULTFD_IOC_NEW
+        }
+        fn as_ptr(&mut self) -> *mut core::ffi::c_void {
+            self.0 as usize as *mut core::ffi::c_void
+        }
+        unsafe fn output_from_ptr(
+            out: rustix::ioctl::IoctlOutput,
+            _: *mut core::ffi::c_void,
+        ) -> rustix::io::Result<Self::Output> {
+            Ok(out)
+        }
+    }
+    // SAFETY: see the impl above: no memory is passed to the kernel.
+    unsafe { ioctl(dev, New(flags)) }
+}
