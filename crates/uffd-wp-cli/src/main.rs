@@ -38,6 +38,7 @@ pub enum CliError {
 }
 
 fn main() -> ExitCode {
+    uffd_wp::linux::lost_enomem::maybe_run_child();
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Probe(a) => probe::run(&a),
