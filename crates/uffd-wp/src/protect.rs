@@ -403,18 +403,21 @@ pub fn write_protect<M: Mm + ?Sized>(
             Ok(()) if w.clean_return_is_exact(chunk) => protected.insert(chunk),
             Ok(()) => protected.extend(&w.read_back(chunk)?),
             Err(errno) => {
-                let now = w.read_back(chunk)?;
+                let failed = |addr| WpError::Kernel {
+                    op,
+                    kind: FailureKind::of(errno),
+                    errno,
+                    addr,
+                };
+                // If the state cannot even be read (a range past the task size, a dead
+                // process), the kernel's own error is the one that explains it.
+                let now = w.read_back(chunk).map_err(|_| failed(chunk.start()))?;
                 let addr = now
                     .complement_in(chunk)
                     .first_addr()
                     .unwrap_or(chunk.start());
                 protected.extend(&now);
-                error = Some(WpError::Kernel {
-                    op,
-                    kind: FailureKind::of(errno),
-                    errno,
-                    addr,
-                });
+                error = Some(failed(addr));
                 break;
             }
         }
@@ -485,7 +488,13 @@ pub fn unprotect<M: Mm + ?Sized>(
             w.raw(chunk, WpMode::Unprotect { dontwake: false })
         });
         if let Err(errno) = res {
-            let still = w.read_back(chunk)?;
+            let failed = WpError::Kernel {
+                op,
+                kind: FailureKind::of(errno),
+                errno,
+                addr: chunk.start(),
+            };
+            let still = w.read_back(chunk).map_err(|_| failed)?;
             let addr = still.first_addr().unwrap_or(chunk.start());
             protected.extend(&still);
             error = Some(WpError::Kernel {

@@ -39,7 +39,11 @@ impl LinuxLab {
     /// Opens a lab; `cfg.wp_unpopulated` chooses whether to negotiate WP_UNPOPULATED.
     pub fn open(cfg: LabConfig) -> Result<LinuxLab, ScenarioError> {
         let c = if cfg.wp_unpopulated {
-            Config::default()
+            let d = Config::default();
+            Config {
+                required: d.required.with(crate::features::Features::WP_UNPOPULATED),
+                ..d
+            }
         } else {
             Config::without_unpopulated()
         };
@@ -56,11 +60,13 @@ impl LinuxLab {
         })
     }
 
-    /// The mapping owning `r`.
+    /// The mapping owning `r` (newest first: a fully punched mapping's addresses can be
+    /// reused by a later one).
     fn owner(&mut self, r: Range) -> Result<&mut Mapping, ScenarioError> {
         self.maps
             .iter_mut()
-            .find(|m| m.range().intersect(&r) == Some(r))
+            .rev()
+            .find(|m| m.range().intersect(&r) == Some(r) && m.holes().clip(r).is_empty())
             .ok_or(ScenarioError::Setup {
                 what: format!("no lab mapping holds {r}"),
                 errno: Errno::FAULT,

@@ -1,0 +1,34 @@
+//! Shared helpers of the kernel tests.
+#![allow(dead_code)]
+
+/// Whether a missing kernel feature must fail the test (CI) instead of skipping it.
+pub fn require_kernel() -> bool {
+    std::env::var("UFFD_WP_REQUIRE_KERNEL").is_ok_and(|v| v == "1")
+}
+
+/// Skips the test (returns `None`) with a message naming `feature`, or panics when
+/// `UFFD_WP_REQUIRE_KERNEL=1`.
+pub fn need<T, E: std::fmt::Display>(feature: &str, r: Result<T, E>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) if require_kernel() => {
+            panic!("kernel feature {feature} is required (UFFD_WP_REQUIRE_KERNEL=1): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: needs kernel feature {feature}: {e}");
+            None
+        }
+    }
+}
+
+/// A Linux lab, or a skip when userfaultfd is unavailable.
+pub fn lab(wp_unpopulated: bool) -> Option<uffd_wp::linux::lab::LinuxLab> {
+    need(
+        if wp_unpopulated {
+            "userfaultfd with UFFD_FEATURE_WP_UNPOPULATED"
+        } else {
+            "userfaultfd with UFFD_FEATURE_PAGEFAULT_FLAG_WP"
+        },
+        uffd_wp::linux::lab::LinuxLab::open(uffd_wp::scenario::LabConfig { wp_unpopulated }),
+    )
+}
