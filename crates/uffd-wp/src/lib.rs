@@ -19,6 +19,7 @@ pub mod protect;
 pub mod range;
 pub mod scenario;
 pub mod sys;
+pub mod workload;
 
 pub use mm::Mm;
 pub use protect::{OnError, WpError, WpOptions, WpReport, unprotect, write_protect};
