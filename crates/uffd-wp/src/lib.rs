@@ -18,6 +18,7 @@ pub mod mm;
 pub mod protect;
 pub mod range;
 pub mod scenario;
+pub mod snapshot;
 pub mod sys;
 pub mod workload;
 

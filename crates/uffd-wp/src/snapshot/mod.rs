@@ -1,0 +1,665 @@
+//! Live copy-on-write snapshots, generic over [`Mm`].
+//!
+//! 1. Register the ranges for WP and populate the image buffer (before the pause).
+//! 2. **Pause**: freeze the writers (a [`Quiesce`] callback), exact-write-protect everything
+//!    (split over threads where that shortens the pause), copy at once whatever could not be
+//!    protected (or report it, per [`Unprotected`]), resume.
+//! 3. **Copy**: walk the pages in address order. A writer that touches a page not yet copied
+//!    takes a WP fault; the fault is served first: copy the old page, un-protect it, wake the
+//!    writer. The copier un-protects each chunk right after copying it, so a page faults at
+//!    most once and the writers run free behind the copier.
+//! 4. Pinned pages (which a device or io_uring can write without any fault) are never trusted:
+//!    they are left unprotected, copied last, and counted as possibly torn.
+//!
+//! Each page moves PENDING -> COPYING -> DONE exactly once (an atomic per page), whoever gets
+//! there first, copier or fault handler; only a DONE page is ever un-protected. Any failure or
+//! early return un-protects and unregisters everything and resumes the writers (a drop guard).
+
+mod image;
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+pub use image::{Image, ImageError};
+
+use crate::mm::{Errno, Event, Mm, RegisterMode, WpMode};
+use crate::protect::{OnError, WpError, WpOptions, WpReport, write_protect};
+use crate::range::{PAGE_SIZE, Range, RangeSet};
+use crate::sys::errno_name;
+use crate::sys::mem::Mapping;
+
+/// Freezes and resumes the writers of the memory being captured.
+pub trait Quiesce: Sync {
+    /// Stops every writer at a consistent point; returns when they are stopped.
+    fn freeze(&self);
+    /// Lets them go on.
+    fn resume(&self);
+}
+
+/// A [`Quiesce`] made of two closures.
+pub struct FnQuiesce<F: Fn() + Sync, G: Fn() + Sync>(pub F, pub G);
+
+impl<F: Fn() + Sync, G: Fn() + Sync> Quiesce for FnQuiesce<F, G> {
+    fn freeze(&self) {
+        (self.0)()
+    }
+    fn resume(&self) {
+        (self.1)()
+    }
+}
+
+impl<F: Fn() + Sync, G: Fn() + Sync> std::fmt::Debug for FnQuiesce<F, G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnQuiesce")
+    }
+}
+
+/// Where page contents are read from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A mapping of this process: copied with memcpy.
+    Mapping(&'a Mapping),
+    /// Through [`Mm::read_memory`] (the model, or another process).
+    Mm,
+}
+
+/// How WP faults are served during the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum HandlerMode {
+    /// The copier itself polls the uffd (non-blocking) between chunks of `chunk_pages` pages:
+    /// no cross-CPU wake-up of a sleeping handler, at the cost of up to one chunk's copy time.
+    Inline {
+        /// Pages copied between two polls.
+        chunk_pages: u32,
+    },
+    /// A dedicated thread sleeps in poll(2) on the uffd and serves each fault.
+    Thread,
+}
+
+/// What to do with pages that could not be write-protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Unprotected {
+    /// Copy them while the writers are still frozen (consistent; the pause grows).
+    CopyInFreeze,
+    /// Leave them out and list them in `not_captured`.
+    Report,
+    /// Give up: clean up and return the error.
+    Abort,
+}
+
+/// Options of [`take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    /// Threads that write-protect in parallel during the pause (1: the caller alone).
+    pub protect_threads: usize,
+    /// How faults are served.
+    pub handler: HandlerMode,
+    /// Pages that could not be protected.
+    pub unprotected: Unprotected,
+    /// Failure policy of the write-protect.
+    pub on_error: OnError,
+}
+
+impl Default for SnapshotOptions {
+    fn default() -> Self {
+        SnapshotOptions {
+            protect_threads: 1,
+            handler: HandlerMode::Inline { chunk_pages: 32 },
+            unprotected: Unprotected::CopyInFreeze,
+            on_error: OnError::Retry {
+                attempts: 3,
+                backoff: Duration::from_micros(100),
+            },
+        }
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of a sample in nanoseconds (empty: all zero).
+    pub fn of_ns(mut ns: Vec<u64>) -> Percentiles {
+        if ns.is_empty() {
+            return Percentiles::default();
+        }
+        ns.sort_unstable();
+        let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+        Percentiles {
+            p50: at(0.5),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
+}
+
+/// What a snapshot did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotReport {
+    /// Set by the caller's oracle, if it has one.
+    pub consistent: Option<bool>,
+    /// Writers frozen, in microseconds.
+    pub pause_us: f64,
+    /// Of which write-protecting.
+    pub protect_us: f64,
+    /// Pages captured.
+    pub pages: u64,
+    /// Bytes captured.
+    pub bytes: u64,
+    /// WP faults served first (copy before the write).
+    pub faults_served: u64,
+    /// Fault service time in the engine (message read to wake), microseconds.
+    pub fault_service_us: Percentiles,
+    /// Pinned pages: left unprotected, copied last, possibly torn.
+    pub pinned_pages: u64,
+    /// Pages copied during the freeze because they could not be protected.
+    pub copied_in_freeze_pages: u64,
+    /// Pages not captured (offsets are absolute addresses), with why.
+    pub not_captured: Vec<NotCaptured>,
+    /// Copy phase duration in milliseconds.
+    pub copy_ms: f64,
+    /// Copy throughput, MB/s (10^6 bytes).
+    pub copy_mb_s: f64,
+    /// Raw write-protect calls during the pause.
+    pub protect_raw_calls: u32,
+    /// The first write-protect failure, if any.
+    pub protect_error: Option<String>,
+    /// How faults were served.
+    pub handler: HandlerMode,
+}
+
+/// A range left out of the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotCaptured {
+    /// [start, end) addresses.
+    pub range: [u64; 2],
+    /// Why.
+    pub why: String,
+}
+
+/// Why a snapshot failed. Whatever happened, nothing is left protected or registered and the
+/// writers run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// The ranges are empty or overlap nothing.
+    #[error("nothing to snapshot")]
+    Empty,
+    /// Allocating the image failed.
+    #[error("allocating a {bytes}-byte image: {}", errno_name(*errno))]
+    Image {
+        /// Size.
+        bytes: u64,
+        /// errno.
+        errno: Errno,
+    },
+    /// Registering a range for WP failed.
+    #[error("UFFDIO_REGISTER(WP) of {range}: {}", errno_name(*errno))]
+    Register {
+        /// The range.
+        range: Range,
+        /// errno.
+        errno: Errno,
+    },
+    /// Write-protecting failed and the policy is `Abort` (or nothing could be protected).
+    #[error("write-protecting the snapshot: {0}")]
+    Protect(#[from] WpError),
+    /// Copying a page failed.
+    #[error("copying {len} bytes at {addr:#x}: {}", errno_name(*errno))]
+    Copy {
+        /// Address.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// errno.
+        errno: Errno,
+    },
+    /// Serving a fault or un-protecting failed.
+    #[error("{op} at {addr:#x}: {}", errno_name(*errno))]
+    Uffd {
+        /// What.
+        op: &'static str,
+        /// Address.
+        addr: u64,
+        /// errno.
+        errno: Errno,
+    },
+}
+
+const PENDING: u8 = 0;
+const COPYING: u8 = 1;
+const DONE: u8 = 2;
+
+/// The state the copier and the fault handler share.
+struct Shared<'a, M: Mm + ?Sized> {
+    mm: &'a M,
+    source: Source<'a>,
+    image: &'a Image,
+    ranges: Vec<Range>,
+    first_page: Vec<u64>,
+    state: Vec<AtomicU8>,
+    faults: AtomicU64,
+    service_ns: std::sync::Mutex<Vec<u64>>,
+}
+
+impl<M: Mm + ?Sized> Shared<'_, M> {
+    fn index(&self, addr: u64) -> Option<usize> {
+        let i = self.ranges.partition_point(|r| r.end() <= addr);
+        let r = self.ranges.get(i).filter(|r| r.contains(addr))?;
+        Some((self.first_page[i] + (addr - r.start()) / PAGE_SIZE) as usize)
+    }
+
+    fn copy(&self, addr: u64, len: u64) -> Result<(), SnapshotError> {
+        let err = |errno| SnapshotError::Copy { addr, len, errno };
+        match self.source {
+            Source::Mapping(m) => self.image.copy_from_mapping(m, addr, len).map_err(err),
+            Source::Mm => {
+                let mut buf = vec![0u8; len as usize];
+                self.mm.read_memory(addr, &mut buf).map_err(err)?;
+                self.image.store(addr, &buf).map_err(err)
+            }
+        }
+    }
+
+    /// Claims the page at `addr` and copies it unless someone else did; waits while another
+    /// thread is copying it. Returns whether this call copied it.
+    fn claim_and_copy(&self, addr: u64) -> Result<bool, SnapshotError> {
+        let Some(i) = self.index(addr) else {
+            return Ok(false);
+        };
+        loop {
+            match self.state[i].compare_exchange(
+                PENDING,
+                COPYING,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    let res = self.copy(addr, PAGE_SIZE);
+                    self.state[i].store(DONE, Ordering::Release);
+                    return res.map(|()| true);
+                }
+                Err(DONE) => return Ok(false),
+                Err(_) => std::hint::spin_loop(),
+            }
+        }
+    }
+
+    fn unprotect(&self, r: Range) -> Result<(), SnapshotError> {
+        self.mm
+            .writeprotect(r, WpMode::Unprotect { dontwake: false })
+            .map_err(|errno| SnapshotError::Uffd {
+                op: "UFFDIO_WRITEPROTECT(unprotect)",
+                addr: r.start(),
+                errno,
+            })
+    }
+
+    /// Serves one event: a WP fault gets its page copied (if not yet), un-protected, woken.
+    fn serve(&self, ev: Event) -> Result<(), SnapshotError> {
+        let Event::PageFault { address, .. } = ev else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let page = address & !(PAGE_SIZE - 1);
+        self.claim_and_copy(page)?;
+        self.unprotect(Range::from_bounds(page, page + PAGE_SIZE))?;
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        self.service_ns
+            .lock()
+            .expect("latency lock")
+            .push(t.elapsed().as_nanos() as u64);
+        Ok(())
+    }
+
+    /// Serves every pending event without blocking.
+    fn serve_pending(&self) -> Result<(), SnapshotError> {
+        loop {
+            let evs = self
+                .mm
+                .read_events(16)
+                .map_err(|errno| SnapshotError::Uffd {
+                    op: "read(uffd)",
+                    addr: 0,
+                    errno,
+                })?;
+            if evs.is_empty() {
+                return Ok(());
+            }
+            for ev in evs {
+                self.serve(ev)?;
+            }
+        }
+    }
+
+    /// Copies `r` page by page (claiming each), then un-protects it in one call.
+    fn copy_chunk(&self, r: Range) -> Result<(), SnapshotError> {
+        let i0 = self.index(r.start()).expect("chunk inside the snapshot");
+        let n = r.pages() as usize;
+        // Claim the longest runs of PENDING pages and copy each run with one copy.
+        let mut k = 0;
+        while k < n {
+            if self.state[i0 + k]
+                .compare_exchange(PENDING, COPYING, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                k += 1;
+                continue;
+            }
+            let start = k;
+            k += 1;
+            while k < n
+                && self.state[i0 + k]
+                    .compare_exchange(PENDING, COPYING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                k += 1;
+            }
+            let a = r.start() + start as u64 * PAGE_SIZE;
+            let res = self.copy(a, (k - start) as u64 * PAGE_SIZE);
+            for s in &self.state[i0 + start..i0 + k] {
+                s.store(DONE, Ordering::Release);
+            }
+            res?;
+        }
+        // Pages the handler is copying right now are waited for before un-protecting.
+        for s in &self.state[i0..i0 + n] {
+            while s.load(Ordering::Acquire) == COPYING {
+                std::hint::spin_loop();
+            }
+        }
+        self.unprotect(r)
+    }
+}
+
+/// Undoes everything on drop unless disarmed: resumes the writers, un-protects and unregisters.
+struct Cleanup<'a, M: Mm + ?Sized> {
+    mm: &'a M,
+    ranges: Vec<Range>,
+    quiesce: &'a dyn Quiesce,
+    frozen: bool,
+    /// Un-protect on drop (false once the copier has un-protected everything).
+    protected: bool,
+}
+
+impl<M: Mm + ?Sized> Drop for Cleanup<'_, M> {
+    fn drop(&mut self) {
+        if self.frozen {
+            self.quiesce.resume();
+        }
+        for r in &self.ranges {
+            if self.protected {
+                for part in r.split_at_multiples(crate::range::PUD_SIZE) {
+                    let _ = self
+                        .mm
+                        .writeprotect(part, WpMode::Unprotect { dontwake: false });
+                }
+            }
+            let _ = self.mm.unregister(*r);
+        }
+    }
+}
+
+/// Splits `set` into at most `n` pieces of about equal bytes.
+fn split_even(set: &RangeSet, n: usize) -> Vec<RangeSet> {
+    let per = set.bytes().div_ceil(n as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let mut out = vec![RangeSet::new()];
+    let mut room = per;
+    for r in set.iter() {
+        let mut cur = r.start();
+        while cur < r.end() {
+            if room == 0 {
+                out.push(RangeSet::new());
+                room = per;
+            }
+            let take = (r.end() - cur).min(room);
+            out.last_mut()
+                .expect("non-empty")
+                .insert(Range::from_bounds(cur, cur + take));
+            cur += take;
+            room -= take;
+        }
+    }
+    out
+}
+
+/// Write-protects `set`, split over `threads` threads (one group of ranges each); the result
+/// of every `write_protect` call with the range it covered.
+fn protect_all<M: Mm + ?Sized>(
+    mm: &M,
+    set: &RangeSet,
+    threads: usize,
+    opts: &WpOptions,
+) -> Vec<(Range, Result<WpReport, WpError>)> {
+    let run = |g: &RangeSet| {
+        g.iter()
+            .map(|r| (*r, write_protect(mm, *r, opts)))
+            .collect::<Vec<_>>()
+    };
+    if threads <= 1 {
+        return run(set);
+    }
+    let groups = split_even(set, threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = groups.iter().map(|g| s.spawn(move || run(g))).collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("protect thread"))
+            .collect()
+    })
+}
+
+/// Takes a live snapshot of `ranges`. See the module docs.
+pub fn take<M: Mm + ?Sized>(
+    mm: &M,
+    ranges: &RangeSet,
+    source: Source<'_>,
+    quiesce: &dyn Quiesce,
+    opts: &SnapshotOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(Image, SnapshotReport), SnapshotError> {
+    if ranges.is_empty() {
+        return Err(SnapshotError::Empty);
+    }
+    let image = Image::new(ranges).map_err(|errno| SnapshotError::Image {
+        bytes: ranges.bytes(),
+        errno,
+    })?;
+    let mut guard = Cleanup {
+        mm,
+        ranges: Vec::new(),
+        quiesce,
+        frozen: false,
+        protected: true,
+    };
+    for r in ranges.iter() {
+        mm.register(*r, RegisterMode::WP)
+            .map_err(|errno| SnapshotError::Register { range: *r, errno })?;
+        guard.ranges.push(*r);
+    }
+    let mut first_page = Vec::new();
+    let mut total_pages = 0;
+    for r in ranges.iter() {
+        first_page.push(total_pages);
+        total_pages += r.pages();
+    }
+    let sh = Shared {
+        mm,
+        source,
+        image: &image,
+        ranges: ranges.iter().copied().collect(),
+        first_page,
+        state: (0..total_pages).map(|_| AtomicU8::new(PENDING)).collect(),
+        faults: AtomicU64::new(0),
+        service_ns: std::sync::Mutex::new(Vec::new()),
+    };
+
+    // --- The pause ---
+    let wp_opts = WpOptions {
+        skip_pinned: true,
+        on_error: opts.on_error,
+    };
+    let t_pause = Instant::now();
+    quiesce.freeze();
+    guard.frozen = true;
+    let t_protect = Instant::now();
+    let results = protect_all(mm, ranges, opts.protect_threads, &wp_opts);
+    let protect_us = t_protect.elapsed().as_secs_f64() * 1e6;
+    let mut skipped = RangeSet::new();
+    let mut unprotected = RangeSet::new();
+    let mut raw_calls = 0;
+    let mut first_error: Option<WpError> = None;
+    for (r, res) in results {
+        match res {
+            Ok(rep) => {
+                raw_calls += rep.raw_calls;
+                skipped.extend(&rep.skipped);
+                unprotected.extend(&rep.not_protected);
+                if first_error.is_none() {
+                    first_error = rep.error;
+                }
+            }
+            Err(e) => {
+                unprotected.insert(r);
+                if first_error.is_none() {
+                    first_error = Some(e);
+                }
+            }
+        }
+    }
+    let mut not_captured = Vec::new();
+    let mut copied_in_freeze = 0;
+    if !unprotected.is_empty() {
+        match opts.unprotected {
+            Unprotected::Abort => {
+                return Err(SnapshotError::Protect(first_error.unwrap_or(
+                    WpError::Kernel {
+                        op: crate::protect::WpOp::Protect,
+                        kind: crate::protect::FailureKind::Other,
+                        errno: Errno::FAULT,
+                        addr: unprotected.first_addr().unwrap_or(0),
+                    },
+                )));
+            }
+            Unprotected::CopyInFreeze => {
+                for r in unprotected.iter() {
+                    for p in r.page_iter() {
+                        sh.claim_and_copy(p.start())?;
+                    }
+                    copied_in_freeze += r.pages();
+                }
+            }
+            Unprotected::Report => {
+                let why = first_error
+                    .as_ref()
+                    .map_or("not write-protected".to_string(), |e| e.to_string());
+                for r in unprotected.iter() {
+                    for p in r.page_iter() {
+                        if let Some(i) = sh.index(p.start()) {
+                            sh.state[i].store(DONE, Ordering::Release);
+                        }
+                    }
+                    not_captured.push(NotCaptured {
+                        range: [r.start(), r.end()],
+                        why: why.clone(),
+                    });
+                }
+            }
+        }
+    }
+    // Pinned pages are copied last: keep the copier and the handler off them for now.
+    for r in skipped.iter() {
+        for p in r.page_iter() {
+            if let Some(i) = sh.index(p.start()) {
+                sh.state[i].store(COPYING, Ordering::Release);
+            }
+        }
+    }
+    quiesce.resume();
+    guard.frozen = false;
+    let pause_us = t_pause.elapsed().as_secs_f64() * 1e6;
+
+    // --- The copy ---
+    let t_copy = Instant::now();
+    let stop = AtomicBool::new(false);
+    let chunk_pages = match opts.handler {
+        HandlerMode::Inline { chunk_pages } => u64::from(chunk_pages.max(1)),
+        HandlerMode::Thread => 64,
+    };
+    let mut copier = |sh: &Shared<'_, M>| -> Result<(), SnapshotError> {
+        let mut done = 0;
+        for r in sh.ranges.iter() {
+            for chunk in r.split_at_multiples(chunk_pages * PAGE_SIZE) {
+                if matches!(opts.handler, HandlerMode::Inline { .. }) {
+                    sh.serve_pending()?;
+                }
+                sh.copy_chunk(chunk)?;
+                done += chunk.pages();
+                progress(done, total_pages);
+            }
+        }
+        Ok(())
+    };
+    let copy_result = match opts.handler {
+        HandlerMode::Inline { .. } => copier(&sh),
+        HandlerMode::Thread => std::thread::scope(|s| {
+            let handler = s.spawn(|| -> Result<(), SnapshotError> {
+                while !stop.load(Ordering::Acquire) {
+                    if mm.wait_event(20).unwrap_or(false) {
+                        sh.serve_pending()?;
+                    }
+                }
+                sh.serve_pending()
+            });
+            let r = copier(&sh);
+            stop.store(true, Ordering::Release);
+            let h = handler.join().expect("fault handler thread");
+            r.and(h)
+        }),
+    };
+    copy_result?;
+    // Pinned pages last (the pinning I/O may still write them: flagged).
+    for r in skipped.iter() {
+        sh.copy(r.start(), r.len())?;
+    }
+    sh.serve_pending()?;
+    let copy_s = t_copy.elapsed().as_secs_f64();
+    guard.protected = false; // the copier un-protected every chunk
+    drop(guard); // unregister
+
+    let captured = ranges.bytes()
+        - not_captured
+            .iter()
+            .map(|n| n.range[1] - n.range[0])
+            .sum::<u64>();
+    let faults = sh.faults.load(Ordering::Relaxed);
+    let service = std::mem::take(&mut *sh.service_ns.lock().expect("latency lock"));
+    drop(sh);
+    let report = SnapshotReport {
+        consistent: None,
+        pause_us,
+        protect_us,
+        pages: captured / PAGE_SIZE,
+        bytes: captured,
+        faults_served: faults,
+        fault_service_us: Percentiles::of_ns(service),
+        pinned_pages: skipped.pages(),
+        copied_in_freeze_pages: copied_in_freeze,
+        not_captured,
+        copy_ms: copy_s * 1e3,
+        copy_mb_s: captured as f64 / copy_s.max(1e-9) / 1e6,
+        protect_raw_calls: raw_calls,
+        protect_error: first_error.map(|e| e.to_string()),
+        handler: opts.handler,
+    };
+    Ok((image, report))
+}

@@ -1,0 +1,221 @@
+//! Live snapshots of the built-in workload on the real kernel, checked by its oracle.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use uffd_wp::inject::{InjectMm, Rule};
+use uffd_wp::linux::LinuxMm;
+use uffd_wp::mm::{Errno, Mm};
+use uffd_wp::range::{PAGE_SIZE, RangeSet};
+use uffd_wp::snapshot::{self, FnQuiesce, HandlerMode, SnapshotOptions, Source, Unprotected};
+use uffd_wp::sys::pagemap::{Pagemap, bits};
+use uffd_wp::workload::{Workload, WorkloadConfig};
+
+fn wp_bits_left(w: &Workload) -> u64 {
+    let r = w.range();
+    Pagemap::open_self()
+        .unwrap()
+        .entries(r.start(), r.pages())
+        .unwrap()
+        .iter()
+        .filter(|e| *e & bits::UFFD_WP != 0)
+        .count() as u64
+}
+
+fn run(
+    mm: &dyn Mm,
+    w: &Workload,
+    opts: &SnapshotOptions,
+) -> (snapshot::Image, snapshot::SnapshotReport, Vec<u64>) {
+    let at_freeze = Mutex::new(Vec::new());
+    let q = FnQuiesce(
+        || {
+            w.pause();
+            *at_freeze.lock().unwrap() = w.versions();
+        },
+        || w.resume(),
+    );
+    let ranges = RangeSet::single(w.range());
+    let (img, rep) = snapshot::take(
+        mm,
+        &ranges,
+        Source::Mapping(w.mapping()),
+        &q,
+        opts,
+        |_, _| {},
+    )
+    .expect("snapshot");
+    let v = at_freeze.into_inner().unwrap();
+    (img, rep, v)
+}
+
+fn check(w: &Workload, img: &snapshot::Image, versions: &[u64]) {
+    let base = w.range().start();
+    let bad = Workload::check_image(versions, |p| img.page(base + p * PAGE_SIZE));
+    assert!(
+        bad.is_empty(),
+        "{} inconsistent pages, first {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+}
+
+fn workload(size: u64, threads: usize) -> Workload {
+    Workload::start(WorkloadConfig {
+        size,
+        threads,
+        ..WorkloadConfig::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn snapshots_of_a_running_workload_are_consistent_in_both_handler_modes() {
+    let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
+        return;
+    };
+    let w = workload(32 << 20, 2);
+    w.resume();
+    let mut faults = 0;
+    for handler in [HandlerMode::Inline { chunk_pages: 32 }, HandlerMode::Thread] {
+        for protect_threads in [1, 2] {
+            std::thread::sleep(Duration::from_millis(5));
+            let opts = SnapshotOptions {
+                handler,
+                protect_threads,
+                ..SnapshotOptions::default()
+            };
+            let writes_before = w.writes();
+            let (img, rep, versions) = run(&mm, &w, &opts);
+            check(&w, &img, &versions);
+            assert_eq!(rep.pages, w.pages());
+            assert!(rep.not_captured.is_empty());
+            assert!(
+                w.writes() > writes_before,
+                "the writers ran during the snapshot"
+            );
+            faults += rep.faults_served;
+        }
+    }
+    assert!(
+        faults > 0,
+        "writers hit protected pages at least once in 4 snapshots"
+    );
+    w.pause();
+    assert_eq!(wp_bits_left(&w), 0, "nothing left write-protected");
+}
+
+#[test]
+fn a_failed_protect_is_copied_during_the_freeze_and_stays_consistent() {
+    let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
+        return;
+    };
+    let mm = InjectMm::new(mm);
+    let w = workload(8 << 20, 2);
+    w.resume();
+    // ENOMEM after half of the first call, every time: retries cannot help.
+    mm.add_rule(Rule::covering(w.range().start() + (4 << 20), Errno::NOMEM));
+    let (img, rep, versions) = run(&mm, &w, &SnapshotOptions::default());
+    check(&w, &img, &versions);
+    assert!(rep.copied_in_freeze_pages >= 1024, "{rep:?}");
+    assert!(
+        rep.protect_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("ENOMEM")
+    );
+    w.pause();
+    assert_eq!(wp_bits_left(&w), 0);
+}
+
+#[test]
+fn abort_policy_cleans_up_and_leaves_the_workload_running() {
+    let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
+        return;
+    };
+    let mm = InjectMm::new(mm);
+    let w = workload(4 << 20, 1);
+    w.resume();
+    mm.add_rule(Rule::covering(w.range().start() + (2 << 20), Errno::NOMEM));
+    let opts = SnapshotOptions {
+        unprotected: Unprotected::Abort,
+        ..SnapshotOptions::default()
+    };
+    let q = FnQuiesce(|| w.pause(), || w.resume());
+    let err = snapshot::take(
+        &mm,
+        &RangeSet::single(w.range()),
+        Source::Mapping(w.mapping()),
+        &q,
+        &opts,
+        |_, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("ENOMEM"), "{err}");
+    let before = w.writes();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(w.writes() > before, "writers resumed after the abort");
+    w.pause();
+    assert_eq!(wp_bits_left(&w), 0);
+}
+
+#[test]
+fn image_file_round_trips_and_skips_zero_pages() {
+    let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
+        return;
+    };
+    let w = Workload::start(WorkloadConfig {
+        size: 4 << 20,
+        threads: 1,
+        prefill: false,
+        hot_fraction: 0.25,
+        ..WorkloadConfig::default()
+    })
+    .unwrap();
+    w.resume();
+    std::thread::sleep(Duration::from_millis(10));
+    let (img, _, versions) = run(&mm, &w, &SnapshotOptions::default());
+    let mut file = Vec::new();
+    let (stored, zero) = img.write_to(&mut file).unwrap();
+    assert!(zero >= w.pages() * 3 / 4, "untouched pages are not stored");
+    assert_eq!(stored + zero, w.pages());
+    let back = snapshot::Image::read_from(&file[..]).unwrap();
+    check(&w, &back, &versions);
+}
+
+#[test]
+fn the_oracle_catches_late_and_torn_pages() {
+    use uffd_wp::workload::{PageVerdict, check_page, page_image};
+    assert_eq!(check_page(7, 3, &page_image(3, 7)), PageVerdict::Consistent);
+    assert_eq!(
+        check_page(7, 3, &page_image(4, 7)),
+        PageVerdict::WrongVersion {
+            expected: 3,
+            found: 4
+        }
+    );
+    let mut torn = page_image(3, 7);
+    torn[2048..].copy_from_slice(&page_image(4, 7)[2048..]);
+    assert_eq!(check_page(7, 3, &torn), PageVerdict::Torn);
+    assert_eq!(
+        check_page(8, 3, &page_image(3, 7)),
+        PageVerdict::Torn,
+        "misplaced page"
+    );
+    assert_eq!(check_page(7, 0, &page_image(0, 7)), PageVerdict::Consistent);
+
+    // On the kernel: an image compared with versions from after the snapshot point fails.
+    let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
+        return;
+    };
+    let w = workload(4 << 20, 1);
+    w.resume();
+    let (img, _, _) = run(&mm, &w, &SnapshotOptions::default());
+    std::thread::sleep(Duration::from_millis(20));
+    w.pause();
+    let later = w.versions();
+    let base = w.range().start();
+    assert!(!Workload::check_image(&later, |p| img.page(base + p * PAGE_SIZE)).is_empty());
+}
