@@ -1,0 +1,2 @@
+//! Placeholder (the bench is written below).
+fn main() {}

@@ -1,0 +1,1184 @@
+//! The modelled kernel state of one address space and its userfaultfd contexts, and the
+//! memory-management calls that are not about protection: mmap, munmap, madvise, register,
+//! unregister, close.
+//!
+//! Everything here is single-threaded and deterministic; [`crate::Model`] wraps it in a mutex.
+//! Function names in comments are the kernel functions (Linux 6.18) whose behaviour is modelled.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use uffd_wp::features::Features;
+use uffd_wp::mm::{Errno, Event};
+use uffd_wp::range::Range;
+
+use crate::alloc::{Level, PtAllocator};
+use crate::pt::{
+    FrameId, Frames, HPAGE_NR, PAGE, PGDIR, PMD, PUD, PageData, PageTables, Pmd, Pte, addr_end,
+    is_zero_frame, pgd_index, pmd_index, pte_index, pud_index,
+};
+
+/// Which kernel the model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Semantics {
+    /// What Linux 6.18 does (mm/userfaultfd.c, mm/mprotect.c), including the lost ENOMEM.
+    #[default]
+    Linux,
+    /// The seed thread's proposal: a page-table allocation failure stops the walk and is always
+    /// reported; the extended call ([`crate::ModelMm::writeprotect_proposed`]) returns the bytes
+    /// not write-protected unless nothing was, and can skip pinned pages.
+    Proposed,
+}
+
+impl Semantics {
+    /// `"linux"` or `"proposed"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Semantics::Linux => "linux",
+            Semantics::Proposed => "proposed",
+        }
+    }
+}
+
+impl std::str::FromStr for Semantics {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "linux" => Ok(Semantics::Linux),
+            "proposed" => Ok(Semantics::Proposed),
+            _ => Err(format!("unknown semantics {s:?}: linux or proposed")),
+        }
+    }
+}
+
+/// `/sys/kernel/mm/transparent_hugepage/enabled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThpSysfs {
+    /// THP for every anonymous VMA not marked `MADV_NOHUGEPAGE`.
+    Always,
+    /// THP only for `MADV_HUGEPAGE` VMAs (this project's machines).
+    #[default]
+    Madvise,
+    /// No THP.
+    Never,
+}
+
+/// The model's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// Linux or the proposal.
+    pub semantics: Semantics,
+    /// Whether a swap device exists: without one, `MADV_PAGEOUT` leaves anonymous pages present
+    /// (shmem pages are still unmapped). This project's machines have no swap.
+    pub swap: bool,
+    /// The THP policy.
+    pub thp: ThpSysfs,
+    /// `/sys/kernel/mm/transparent_hugepage/use_zero_page`: a read fault on a THP-eligible range
+    /// maps the huge zero page.
+    pub thp_zero_page: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            semantics: Semantics::Linux,
+            swap: true,
+            thp: ThpSysfs::Madvise,
+            thp_zero_page: true,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The given semantics, everything else default.
+    pub fn with_semantics(semantics: Semantics) -> Self {
+        ModelConfig {
+            semantics,
+            ..Self::default()
+        }
+    }
+
+    /// Like this project's test machines (Linux 6.18, x86_64, no swap, THP `madvise`), for
+    /// differential testing against them.
+    pub fn like_test_machine() -> Self {
+        ModelConfig {
+            swap: false,
+            ..Self::default()
+        }
+    }
+}
+
+/// `TASK_SIZE_MAX` with 4-level paging.
+pub const TASK_SIZE: u64 = (1 << 47) - PAGE;
+/// `vm.mmap_min_addr` (the usual default).
+pub const MMAP_MIN_ADDR: u64 = 65536;
+/// Where the model places mappings (bottom-up, first fit).
+pub(crate) const MMAP_BASE: u64 = 0x10_0000_0000;
+
+/// `UFFDIO_REGISTER_MODE_*`.
+pub(crate) const MODE_MISSING: u64 = 1;
+pub(crate) const MODE_WP: u64 = 2;
+pub(crate) const MODE_MINOR: u64 = 4;
+
+/// `UFFD_API_RANGE_IOCTLS` (include/uapi/linux/userfaultfd.h): WAKE, COPY, ZEROPAGE, MOVE,
+/// WRITEPROTECT, CONTINUE, POISON.
+pub(crate) const RANGE_IOCTLS: u64 = 0x1fc;
+/// `UFFD_API_RANGE_IOCTLS_BASIC` (hugetlb): WAKE, COPY, WRITEPROTECT, CONTINUE, POISON.
+pub(crate) const RANGE_IOCTLS_BASIC: u64 = 0x1cc;
+const IOCTL_WRITEPROTECT: u64 = 1 << 6;
+const IOCTL_CONTINUE: u64 = 1 << 7;
+
+/// Every feature this kernel offers (`UFFD_API_FEATURES` on 6.18 x86_64).
+pub const OFFERED_FEATURES: u64 = 0x1ffff;
+pub(crate) const F_SIGBUS: Features = Features(1 << 7);
+pub(crate) const F_EXACT_ADDRESS: Features = Features(1 << 11);
+
+/// What backs a VMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory (`vma_is_anonymous()`).
+    Anon,
+    /// A shared mapping of a shmem object (memfd): page cache, `vma_is_shmem()`.
+    Shmem {
+        /// The object.
+        obj: u64,
+        /// Page offset of the VMA's start in the object.
+        pgoff: u64,
+    },
+    /// A regular file mapping (page cache, not shmem).
+    File {
+        /// The object.
+        obj: u64,
+        /// Page offset of the VMA's start in the object.
+        pgoff: u64,
+        /// `MAP_SHARED` (else `MAP_PRIVATE`: writes copy into anonymous pages).
+        shared: bool,
+    },
+    /// Private anonymous hugetlb memory with 2 MiB pages.
+    Hugetlb,
+}
+
+/// Per-VMA THP advice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Thp {
+    /// No advice.
+    #[default]
+    Default,
+    /// `MADV_HUGEPAGE`.
+    Huge,
+    /// `MADV_NOHUGEPAGE`.
+    NoHuge,
+}
+
+/// The uffd registration of a VMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmaUffd {
+    /// The context.
+    pub ctx: u64,
+    /// `UFFDIO_REGISTER_MODE_*` bits (`VM_UFFD_*`).
+    pub mode: u64,
+}
+
+/// A VMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vma {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// What backs it.
+    pub backing: Backing,
+    /// THP advice.
+    pub thp: Thp,
+    /// Registration, if any.
+    pub uffd: Option<VmaUffd>,
+}
+
+impl Vma {
+    /// `vma_is_anonymous()`.
+    pub fn is_anon(&self) -> bool {
+        matches!(self.backing, Backing::Anon)
+    }
+    /// `is_vm_hugetlb_page()`.
+    pub fn is_hugetlb(&self) -> bool {
+        matches!(self.backing, Backing::Hugetlb)
+    }
+    /// `vma_is_shmem()`.
+    pub fn is_shmem(&self) -> bool {
+        matches!(self.backing, Backing::Shmem { .. })
+    }
+    /// `userfaultfd_wp()`.
+    pub fn uffd_wp(&self) -> bool {
+        self.uffd.is_some_and(|u| u.mode & MODE_WP != 0)
+    }
+    /// `userfaultfd_missing()`.
+    pub fn uffd_missing(&self) -> bool {
+        self.uffd.is_some_and(|u| u.mode & MODE_MISSING != 0)
+    }
+    /// The object and page offset backing `addr`, for page-cache VMAs.
+    pub(crate) fn object_page(&self, addr: u64) -> Option<(u64, u64)> {
+        match self.backing {
+            Backing::Shmem { obj, pgoff } | Backing::File { obj, pgoff, .. } => {
+                Some((obj, pgoff + (addr - self.start) / PAGE))
+            }
+            _ => None,
+        }
+    }
+    /// A private mapping whose writes go to anonymous pages.
+    pub(crate) fn cow(&self) -> bool {
+        matches!(
+            self.backing,
+            Backing::Anon | Backing::File { shared: false, .. }
+        )
+    }
+}
+
+/// A shmem or file object (its page cache).
+#[derive(Debug, Clone)]
+pub(crate) struct Object {
+    pub size: u64,
+    pub pages: HashMap<u64, FrameId>,
+}
+
+/// A userfaultfd context.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    /// Enabled features (`ctx->features`).
+    pub features: Features,
+    /// `UFFD_USER_MODE_ONLY`.
+    pub user_mode_only: bool,
+    /// `ctx->mmap_changing`: non-cooperative events in flight.
+    pub mmap_changing: u32,
+    /// Unread page-fault messages, oldest first (`fault_pending_wqh`): access ids.
+    pub faults: VecDeque<u64>,
+    /// Unread non-cooperative events, oldest first (`event_wqh`).
+    pub events: VecDeque<(Event, u64)>,
+    /// Closed (`ctx->released`).
+    pub released: bool,
+}
+
+impl Ctx {
+    pub(crate) fn wp_async(&self) -> bool {
+        self.features.contains(Features::WP_ASYNC)
+    }
+}
+
+/// A page access or call that is waiting for the monitor.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub op: PendingOp,
+    pub tid: u32,
+    pub kernel: bool,
+    pub blocked: Option<Blocked>,
+}
+
+/// Where a pending access is blocked in `handle_userfault()`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Blocked {
+    pub ctx: u64,
+    /// The message's address (page aligned unless EXACT_ADDRESS).
+    pub msg_addr: u64,
+    /// The faulting page, for wake ranges (`uwq->msg.arg.pagefault.address`).
+    pub wake_addr: u64,
+    pub flags: u64,
+    /// Still in the unread queue.
+    pub unread: bool,
+}
+
+/// What a pending access still has to do.
+#[derive(Debug, Clone)]
+pub(crate) enum PendingOp {
+    Write {
+        addr: u64,
+        data: Vec<u8>,
+        done: usize,
+    },
+    Read {
+        addr: u64,
+        buf: Vec<u8>,
+        done: usize,
+    },
+    Touch {
+        next: u64,
+        end: u64,
+        write: bool,
+    },
+    Pin {
+        start: u64,
+        end: u64,
+        next: u64,
+        write: bool,
+        longterm: bool,
+        frames: Vec<FrameId>,
+    },
+    /// `MADV_DONTNEED` of `[next, end)` (waiting for the monitor to read `UFFD_EVENT_REMOVE`
+    /// for the VMA at `next` when blocked); `gap`: the range has a hole (ENOMEM at the end).
+    Dontneed {
+        next: u64,
+        end: u64,
+        gap: bool,
+    },
+    /// `munmap()` waiting for the monitor to read its `UFFD_EVENT_UNMAP` messages.
+    Unmap {
+        events_left: u32,
+    },
+}
+
+/// How a finished access ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// A write, touch, madvise or munmap completed.
+    Done,
+    /// A read completed with these bytes.
+    Read(Vec<u8>),
+    /// A pin completed.
+    Pinned(u64),
+    /// It failed (EFAULT for SIGBUS, ENOMEM for OOM, ...).
+    Failed(Errno),
+}
+
+/// A pin (`pin_user_pages()`).
+#[derive(Debug, Clone)]
+pub(crate) struct PinRec {
+    pub start: u64,
+    pub frames: Vec<FrameId>,
+    pub write: bool,
+    pub longterm: bool,
+}
+
+/// The kernel.
+#[derive(Debug, Clone)]
+pub(crate) struct Kernel {
+    pub cfg: ModelConfig,
+    pub vmas: BTreeMap<u64, Vma>,
+    pub pt: PageTables,
+    pub alloc: PtAllocator,
+    pub frames: Frames,
+    pub objects: HashMap<u64, Object>,
+    next_object: u64,
+    pub swap: HashMap<u64, PageData>,
+    next_slot: u64,
+    pub ctxs: BTreeMap<u64, Ctx>,
+    next_ctx: u64,
+    pub pending: BTreeMap<u64, Pending>,
+    pub completed: BTreeMap<u64, Completion>,
+    pub next_access: u64,
+    pub pins: BTreeMap<u64, PinRec>,
+    pub next_pin: u64,
+    pub alive: bool,
+}
+
+/// How to zap (`struct zap_details`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Zap {
+    /// `ZAP_FLAG_DROP_MARKER` (munmap): uffd-wp markers go too.
+    pub drop_markers: bool,
+    /// `details->reclaim_pt` (MADV_DONTNEED with CONFIG_PT_RECLAIM): free a PTE table the zap
+    /// emptied entirely.
+    pub reclaim_pt: bool,
+}
+
+/// `validate_range()` / `validate_unaligned_range()` (fs/userfaultfd.c).
+pub(crate) fn validate_range(start: u64, len: u64) -> Result<(), Errno> {
+    if start % PAGE != 0 || len % PAGE != 0 || len == 0 {
+        return Err(Errno::INVAL);
+    }
+    if !(MMAP_MIN_ADDR..TASK_SIZE).contains(&start) || len > TASK_SIZE - start {
+        return Err(Errno::INVAL);
+    }
+    Ok(())
+}
+
+impl Kernel {
+    pub(crate) fn new(cfg: ModelConfig) -> Kernel {
+        Kernel {
+            cfg,
+            vmas: BTreeMap::new(),
+            pt: PageTables::default(),
+            alloc: PtAllocator::default(),
+            frames: Frames::default(),
+            objects: HashMap::new(),
+            next_object: 1,
+            swap: HashMap::new(),
+            next_slot: 1,
+            ctxs: BTreeMap::new(),
+            next_ctx: 1,
+            pending: BTreeMap::new(),
+            completed: BTreeMap::new(),
+            next_access: 1,
+            pins: BTreeMap::new(),
+            next_pin: 1,
+            alive: true,
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // VMAs
+
+    /// The VMA containing `addr`.
+    pub(crate) fn vma_at(&self, addr: u64) -> Option<&Vma> {
+        self.vmas
+            .range(..=addr)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| addr < v.end)
+    }
+
+    /// The VMAs intersecting `[start, end)`, in order (copies).
+    pub(crate) fn vmas_in(&self, start: u64, end: u64) -> Vec<Vma> {
+        let first = self
+            .vmas
+            .range(..start)
+            .next_back()
+            .filter(|(_, v)| v.end > start)
+            .map(|(k, _)| *k)
+            .unwrap_or(start);
+        self.vmas
+            .range(first..end)
+            .map(|(_, v)| *v)
+            .filter(|v| v.end > start)
+            .collect()
+    }
+
+    /// Splits the VMA containing `addr` so that a VMA starts at `addr`.
+    pub(crate) fn split_at(&mut self, addr: u64) {
+        let Some(v) = self.vma_at(addr).copied() else {
+            return;
+        };
+        if v.start == addr {
+            return;
+        }
+        let mut lo = v;
+        let mut hi = v;
+        lo.end = addr;
+        hi.start = addr;
+        let shift = (addr - v.start) / PAGE;
+        hi.backing = match v.backing {
+            Backing::Shmem { obj, pgoff } => Backing::Shmem {
+                obj,
+                pgoff: pgoff + shift,
+            },
+            Backing::File { obj, pgoff, shared } => Backing::File {
+                obj,
+                pgoff: pgoff + shift,
+                shared,
+            },
+            b => b,
+        };
+        self.vmas.insert(lo.start, lo);
+        self.vmas.insert(hi.start, hi);
+    }
+
+    /// Sets a VMA attribute over `[start, end)`, splitting VMAs at the ends.
+    fn modify_vmas(&mut self, start: u64, end: u64, f: impl Fn(&mut Vma)) {
+        self.split_at(start);
+        self.split_at(end);
+        let keys: Vec<u64> = self.vmas.range(start..end).map(|(k, _)| *k).collect();
+        for k in keys {
+            if let Some(v) = self.vmas.get_mut(&k) {
+                f(v);
+            }
+        }
+    }
+
+    /// Whether THP may back the 2 MiB block at `addr` in `vma` (anonymous only: shmem THP is
+    /// `never` on this project's machines).
+    pub(crate) fn thp_eligible(&self, vma: &Vma, addr: u64) -> bool {
+        let base = addr & !(PMD - 1);
+        let on = match (self.cfg.thp, vma.thp) {
+            (ThpSysfs::Never, _) | (_, Thp::NoHuge) => false,
+            (ThpSysfs::Always, _) => true,
+            (ThpSysfs::Madvise, t) => t == Thp::Huge,
+        };
+        on && vma.is_anon() && base >= vma.start && base + PMD <= vma.end
+    }
+
+    /// The context a VMA is registered with.
+    pub(crate) fn vma_ctx(&self, vma: &Vma) -> Option<&Ctx> {
+        vma.uffd.and_then(|u| self.ctxs.get(&u.ctx))
+    }
+
+    /// `userfaultfd_wp_use_markers()`: a WP-registered VMA that is file-backed (shmem, file,
+    /// hugetlb), or anonymous with `UFFD_FEATURE_WP_UNPOPULATED`.
+    pub(crate) fn use_markers(&self, vma: &Vma) -> bool {
+        if !vma.uffd_wp() {
+            return false;
+        }
+        if !vma.is_anon() {
+            return true;
+        }
+        self.vma_ctx(vma)
+            .is_some_and(|c| c.features.contains(Features::WP_UNPOPULATED))
+    }
+
+    /// `userfaultfd_wp_async()`.
+    pub(crate) fn vma_wp_async(&self, vma: &Vma) -> bool {
+        self.vma_ctx(vma).is_some_and(Ctx::wp_async)
+    }
+
+    // ------------------------------------------------------------------------------------
+    // mmap / munmap
+
+    /// A free, `align`-aligned range of `len` bytes, first fit from [`MMAP_BASE`].
+    fn find_free(&self, len: u64, align: u64) -> Option<u64> {
+        let align = align.max(PAGE);
+        let mut cand = MMAP_BASE.next_multiple_of(align);
+        for v in self.vmas.values() {
+            if v.end <= cand {
+                continue;
+            }
+            if v.start >= cand.checked_add(len)? {
+                break;
+            }
+            cand = v.end.next_multiple_of(align);
+        }
+        (cand.checked_add(len)? <= TASK_SIZE).then_some(cand)
+    }
+
+    /// A new object (memfd or file: the VMA says which) of `size` bytes.
+    pub(crate) fn new_object(&mut self, size: u64) -> u64 {
+        let id = self.next_object;
+        self.next_object += 1;
+        self.objects.insert(
+            id,
+            Object {
+                size,
+                pages: HashMap::new(),
+            },
+        );
+        id
+    }
+
+    /// `mmap()`: a new VMA at `addr` (MAP_FIXED, replacing what was there) or at a free
+    /// `align`-aligned place.
+    pub(crate) fn mmap(
+        &mut self,
+        addr: Option<u64>,
+        len: u64,
+        align: u64,
+        backing: Backing,
+        thp: Thp,
+    ) -> Result<Range, Errno> {
+        if len == 0 || !align.is_power_of_two() {
+            return Err(Errno::INVAL);
+        }
+        let len = len.checked_next_multiple_of(PAGE).ok_or(Errno::NOMEM)?;
+        if matches!(backing, Backing::Hugetlb)
+            && (len % PMD != 0 || addr.is_some_and(|a| a % PMD != 0))
+        {
+            return Err(Errno::INVAL);
+        }
+        let align = if matches!(backing, Backing::Hugetlb) {
+            align.max(PMD)
+        } else {
+            align
+        };
+        let start = match addr {
+            Some(a) => {
+                if a % PAGE != 0 || a < MMAP_MIN_ADDR || a > TASK_SIZE - len.min(TASK_SIZE) {
+                    return Err(Errno::INVAL);
+                }
+                self.munmap_now(a, a + len)?;
+                a
+            }
+            None => self.find_free(len, align).ok_or(Errno::NOMEM)?,
+        };
+        // Mapping past the end of an object is allowed; faults there raise SIGBUS.
+        if let Backing::Shmem { obj, .. } | Backing::File { obj, .. } = backing
+            && !self.objects.contains_key(&obj)
+        {
+            return Err(Errno::BADF);
+        }
+        self.vmas.insert(
+            start,
+            Vma {
+                start,
+                end: start + len,
+                backing,
+                thp,
+                uffd: None,
+            },
+        );
+        Ok(Range::from_bounds(start, start + len))
+    }
+
+    /// `munmap()`: returns the number of `UFFD_EVENT_UNMAP` messages queued (the caller blocks
+    /// until they are read).
+    pub(crate) fn munmap(&mut self, start: u64, len: u64) -> Result<Vec<u64>, Errno> {
+        if start % PAGE != 0 || len == 0 {
+            return Err(Errno::INVAL);
+        }
+        let len = len.checked_next_multiple_of(PAGE).ok_or(Errno::INVAL)?;
+        let end = start.checked_add(len).ok_or(Errno::INVAL)?;
+        if end > TASK_SIZE {
+            return Err(Errno::INVAL);
+        }
+        // userfaultfd_unmap_prep(): one event per context with UFFD_FEATURE_EVENT_UNMAP.
+        let mut ctxs: Vec<u64> = Vec::new();
+        for v in self.vmas_in(start, end) {
+            if let Some(u) = v.uffd
+                && self
+                    .ctxs
+                    .get(&u.ctx)
+                    .is_some_and(|c| c.features.contains(Features::EVENT_UNMAP))
+                && !ctxs.contains(&u.ctx)
+            {
+                ctxs.push(u.ctx);
+            }
+        }
+        self.munmap_now(start, end)?;
+        for &c in &ctxs {
+            if let Some(ctx) = self.ctxs.get_mut(&c) {
+                ctx.mmap_changing += 1;
+            }
+        }
+        Ok(ctxs)
+    }
+
+    /// Unmaps `[start, end)` without events.
+    pub(crate) fn munmap_now(&mut self, start: u64, end: u64) -> Result<(), Errno> {
+        let vmas = self.vmas_in(start, end);
+        // A hugetlb VMA can only be split at huge page boundaries (hugetlb_vm_op_split()).
+        for v in &vmas {
+            if v.is_hugetlb()
+                && ((start > v.start && start % PMD != 0) || (end < v.end && end % PMD != 0))
+            {
+                return Err(Errno::INVAL);
+            }
+        }
+        self.split_at(start);
+        self.split_at(end);
+        let zap = Zap {
+            drop_markers: true,
+            reclaim_pt: false,
+        };
+        for v in self.vmas_in(start, end) {
+            self.zap_range(&v, v.start, v.end, zap);
+            self.vmas.remove(&v.start);
+        }
+        self.free_pgtables(start, end);
+        Ok(())
+    }
+
+    /// `free_pgtables()`: frees the tables covering `[start, end)` that no VMA uses any more.
+    fn free_pgtables(&mut self, start: u64, end: u64) {
+        let used = |k: &Kernel, s: u64, e: u64| !k.vmas_in(s, e).is_empty();
+        let mut a = start & !(PGDIR - 1);
+        while a < end {
+            let gnext = a.saturating_add(PGDIR);
+            let gi = pgd_index(a);
+            if self.pt.pgd[gi].is_some() {
+                let mut u = a.max(start & !(PUD - 1));
+                while u < gnext.min(end) {
+                    let unext = u + PUD;
+                    let ui = pud_index(u);
+                    let has = self.pt.pgd[gi].as_ref().is_some_and(|t| t.e[ui].is_some());
+                    if has {
+                        let mut m = u.max(start & !(PMD - 1));
+                        while m < unext.min(end) {
+                            let mnext = m + PMD;
+                            if !used(self, m, mnext) {
+                                let pmdt = self.pt.pgd[gi].as_mut().and_then(|t| t.e[ui].as_mut());
+                                if let Some(t) = pmdt {
+                                    let e = &mut t.e[pmd_index(m)];
+                                    if matches!(e, Pmd::Table(_) | Pmd::Thp(_)) {
+                                        self.alloc.free(Level::Pte);
+                                    }
+                                    *e = Pmd::None;
+                                }
+                            }
+                            m = mnext;
+                        }
+                        if !used(self, u, unext) {
+                            let t = self.pt.pgd[gi].as_mut().expect("checked");
+                            if let Some(pm) = t.e[ui].take() {
+                                for e in pm.e.iter() {
+                                    if matches!(e, Pmd::Table(_) | Pmd::Thp(_)) {
+                                        self.alloc.free(Level::Pte);
+                                    }
+                                }
+                                self.alloc.free(Level::Pmd);
+                            }
+                        }
+                    }
+                    u = unext;
+                }
+                if !used(self, a, gnext) && self.pt.pgd[gi].take().is_some() {
+                    self.alloc.free(Level::Pud);
+                }
+            }
+            a = gnext;
+            if a == 0 {
+                break;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // zap (mm/memory.c: zap_pte_range(), zap_huge_pmd(); mm/hugetlb.c: __unmap_hugepage_range())
+
+    /// Splits a PMD-mapped THP into a PTE table (the deposited one: no allocation), keeping the
+    /// uffd-wp bit on every PTE (`__split_huge_pmd()`).
+    pub(crate) fn split_thp(pmd: &mut Pmd) {
+        if let Pmd::Thp(h) = *pmd {
+            let mut t = crate::pt::PteTable::new();
+            for (i, e) in t.e.iter_mut().enumerate() {
+                let frame = if is_zero_frame(h.base) {
+                    crate::pt::ZERO_FRAME
+                } else {
+                    h.base + i as u64
+                };
+                *e = Pte::Present { frame, wp: h.wp };
+            }
+            *pmd = Pmd::Table(t);
+        }
+    }
+
+    /// Zaps `[start, end)` of `vma` (within it).
+    pub(crate) fn zap_range(&mut self, vma: &Vma, start: u64, end: u64, zap: Zap) {
+        if start >= end {
+            return;
+        }
+        let keep_wp = !vma.is_anon() && !zap.drop_markers && vma.uffd_wp();
+        let mut a = start;
+        while a < end {
+            let next = addr_end(a, end, PMD);
+            let Some(pmd) = self.pt.pmd_mut(a) else {
+                // No PMD table here: skip to the next PUD.
+                a = addr_end(a, end, PUD);
+                continue;
+            };
+            match pmd {
+                Pmd::None => {}
+                Pmd::Hugetlb(h) => {
+                    let h = *h;
+                    // __unmap_hugepage_range(): keep a marker for a wr-protected page unless
+                    // ZAP_FLAG_DROP_MARKER.
+                    *pmd = if h.wp && !zap.drop_markers {
+                        Pmd::HugetlbMarker
+                    } else {
+                        Pmd::None
+                    };
+                    for i in 0..HPAGE_NR {
+                        self.frames.unmap_one(h.base + i);
+                    }
+                }
+                Pmd::HugetlbMarker => {
+                    if zap.drop_markers {
+                        *pmd = Pmd::None;
+                    }
+                }
+                Pmd::Thp(h) if next - a == PMD => {
+                    // zap_huge_pmd(): the THP and its deposited table go.
+                    let h = *h;
+                    *pmd = Pmd::None;
+                    self.alloc.free(Level::Pte);
+                    if !is_zero_frame(h.base) {
+                        for i in 0..HPAGE_NR {
+                            self.frames.unmap_one(h.base + i);
+                        }
+                    }
+                }
+                Pmd::Thp(_) | Pmd::Table(_) => {
+                    Self::split_thp(pmd);
+                    let Pmd::Table(t) = pmd else { unreachable!() };
+                    let mut freed = Vec::new();
+                    for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
+                        let e = &mut t.e[i];
+                        match *e {
+                            Pte::None => {}
+                            Pte::Present { frame, wp } => {
+                                *e = if keep_wp && wp {
+                                    Pte::Marker
+                                } else {
+                                    Pte::None
+                                };
+                                if !is_zero_frame(frame) {
+                                    freed.push(frame);
+                                }
+                            }
+                            Pte::Swap { slot, .. } => {
+                                self.swap.remove(&slot);
+                                *e = Pte::None;
+                            }
+                            Pte::Marker => {
+                                // For anon: always drop the marker; for file: only if asked.
+                                if vma.is_anon() || zap.drop_markers {
+                                    *e = Pte::None;
+                                }
+                            }
+                        }
+                    }
+                    // CONFIG_PT_RECLAIM: a whole table zapped to none is freed.
+                    if zap.reclaim_pt && next - a == PMD && t.all_none() {
+                        *pmd = Pmd::None;
+                        self.alloc.free(Level::Pte);
+                    }
+                    for f in freed {
+                        self.frames.unmap_one(f);
+                    }
+                }
+            }
+            a = next;
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // madvise
+
+    /// The VMAs of an madvise range, or ENOMEM for a gap (reported after the mapped parts are
+    /// done, as madvise_walk_vmas() does).
+    fn madvise_check(&self, start: u64, len: u64) -> Result<(u64, bool), Errno> {
+        if start % PAGE != 0 {
+            return Err(Errno::INVAL);
+        }
+        let len = len.checked_next_multiple_of(PAGE).ok_or(Errno::INVAL)?;
+        let end = start.checked_add(len).ok_or(Errno::INVAL)?;
+        let covered: u64 = self
+            .vmas_in(start, end)
+            .iter()
+            .map(|v| v.end.min(end) - v.start.max(start))
+            .sum();
+        Ok((end, covered < len))
+    }
+
+    /// `MADV_DONTNEED` from `next` to `end`: returns the context to notify (and block on) with
+    /// `UFFD_EVENT_REMOVE` before zapping the VMA at `next`, if any. `notified` says the event
+    /// for the VMA at `next` was already read.
+    pub(crate) fn dontneed_from(
+        &mut self,
+        mut next: u64,
+        end: u64,
+        mut notified: bool,
+    ) -> Result<Option<(u64, u64, u64)>, Errno> {
+        while next < end {
+            let Some(v) = self.vmas_in(next, end).first().copied() else {
+                break;
+            };
+            let s = v.start.max(next);
+            let mut e = v.end.min(end);
+            if !notified
+                && let Some(u) = v.uffd
+                && self
+                    .ctxs
+                    .get(&u.ctx)
+                    .is_some_and(|c| c.features.contains(Features::EVENT_REMOVE))
+            {
+                // userfaultfd_remove(): mmap_changing++, queue the event, wait for the read.
+                return Ok(Some((u.ctx, s, e)));
+            }
+            notified = false;
+            if v.is_hugetlb() {
+                // madvise_dontneed_free_valid_vma(): huge-aligned start, end rounded down.
+                if s % PMD != 0 {
+                    return Err(Errno::INVAL);
+                }
+                e &= !(PMD - 1);
+            }
+            self.zap_range(
+                &v,
+                s,
+                e,
+                Zap {
+                    drop_markers: false,
+                    reclaim_pt: true,
+                },
+            );
+            next = v.end.min(end);
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn dontneed_check(&self, start: u64, len: u64) -> Result<(u64, bool), Errno> {
+        self.madvise_check(start, len)
+    }
+
+    /// `MADV_PAGEOUT` (mm/madvise.c madvise_pageout(), madvise_cold_or_pageout_pte_range(),
+    /// then reclaim): anonymous pages go to swap (if there is swap) unless pinned; shmem and file
+    /// pages are unmapped (a wr-protected one leaves a uffd-wp marker); a THP partly in the
+    /// range is split first.
+    pub(crate) fn pageout(&mut self, start: u64, len: u64) -> Result<(), Errno> {
+        let (end, gap) = self.madvise_check(start, len)?;
+        for v in self.vmas_in(start, end) {
+            if v.is_hugetlb() {
+                // can_madv_lru_vma()
+                return Err(Errno::INVAL);
+            }
+            let s = v.start.max(start);
+            let e = v.end.min(end);
+            self.pageout_vma(&v, s, e);
+        }
+        if gap { Err(Errno::NOMEM) } else { Ok(()) }
+    }
+
+    fn pageout_vma(&mut self, v: &Vma, s: u64, e: u64) {
+        let mut a = s;
+        while a < e {
+            let next = addr_end(a, e, PMD);
+            let swap = self.cfg.swap;
+            let Some(pmd) = self.pt.pmd_mut(a) else {
+                a = addr_end(a, e, PUD);
+                continue;
+            };
+            if let Pmd::Thp(h) = *pmd {
+                if is_zero_frame(h.base) {
+                    a = next;
+                    continue;
+                }
+                if next - a != PMD {
+                    // split_folio(): the PMD and the folio are split.
+                    Self::split_thp(pmd);
+                    for i in 0..HPAGE_NR {
+                        if let Some(f) = self.frames.map.get_mut(&(h.base + i)) {
+                            f.folio = h.base + i;
+                        }
+                    }
+                } else if swap && !self.frames.pinned(h.base) {
+                    // The whole THP is reclaimed; its PMD is split on the way to swap.
+                    Self::split_thp(pmd);
+                } else {
+                    a = next;
+                    continue;
+                }
+            }
+            let Some(Pmd::Table(t)) = self.pt.pmd_mut(a) else {
+                a = next;
+                continue;
+            };
+            let mut to_unmap = Vec::new();
+            for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
+                let Pte::Present { frame, wp } = t.e[i] else {
+                    continue;
+                };
+                if is_zero_frame(frame) {
+                    continue;
+                }
+                let Some(f) = self.frames.map.get(&frame) else {
+                    continue;
+                };
+                if f.anon {
+                    if !swap || f.mapcount > 1 || self.frames.pinned(frame) {
+                        continue;
+                    }
+                    let slot = self.next_slot;
+                    self.next_slot += 1;
+                    self.swap.insert(slot, f.data.clone());
+                    t.e[i] = Pte::Swap { slot, wp };
+                } else {
+                    // try_to_unmap_one(): a uffd-wp bit survives as a marker.
+                    t.e[i] = if wp && v.uffd_wp() {
+                        Pte::Marker
+                    } else {
+                        Pte::None
+                    };
+                }
+                to_unmap.push(frame);
+            }
+            for f in to_unmap {
+                self.frames.unmap_one(f);
+            }
+            a = next;
+        }
+    }
+
+    /// `MADV_HUGEPAGE` / `MADV_NOHUGEPAGE`.
+    pub(crate) fn set_thp(&mut self, start: u64, len: u64, thp: Thp) -> Result<(), Errno> {
+        let (end, gap) = self.madvise_check(start, len)?;
+        self.modify_vmas(start, end, |v| {
+            if v.is_anon() {
+                v.thp = thp;
+            }
+        });
+        if gap { Err(Errno::NOMEM) } else { Ok(()) }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // userfaultfd contexts (fs/userfaultfd.c)
+
+    /// `userfaultfd()` + `UFFDIO_API` (userfaultfd_api()).
+    pub(crate) fn open_ctx(&mut self, features: u64, user_mode_only: bool) -> Result<u64, Errno> {
+        let mut f = features;
+        // WP_ASYNC relies on WP_UNPOPULATED, choose it unconditionally.
+        if f & Features::WP_ASYNC.0 != 0 {
+            f |= Features::WP_UNPOPULATED.0;
+        }
+        if f & !OFFERED_FEATURES != 0 {
+            return Err(Errno::INVAL);
+        }
+        let id = self.next_ctx;
+        self.next_ctx += 1;
+        self.ctxs.insert(
+            id,
+            Ctx {
+                features: Features(f),
+                user_mode_only,
+                mmap_changing: 0,
+                faults: VecDeque::new(),
+                events: VecDeque::new(),
+                released: false,
+            },
+        );
+        Ok(id)
+    }
+
+    /// `vma_can_userfault()` (include/linux/userfaultfd_k.h, 6.18).
+    fn vma_can_userfault(v: &Vma, mode: u64, wp_async: bool) -> bool {
+        if mode & MODE_MINOR != 0 && !v.is_hugetlb() && !v.is_shmem() {
+            return false;
+        }
+        // If wp async enabled, and WP is the only mode enabled, allow any memory type.
+        if wp_async && mode == MODE_WP {
+            return true;
+        }
+        v.is_anon() || v.is_hugetlb() || v.is_shmem()
+    }
+
+    /// `UFFDIO_REGISTER` (userfaultfd_register()).
+    pub(crate) fn register(
+        &mut self,
+        ctx: u64,
+        start: u64,
+        len: u64,
+        mode: u64,
+    ) -> Result<u64, Errno> {
+        if mode == 0 || mode & !(MODE_MISSING | MODE_WP | MODE_MINOR) != 0 {
+            return Err(Errno::INVAL);
+        }
+        validate_range(start, len)?;
+        if !self.alive {
+            return Err(Errno::NOMEM);
+        }
+        let end = start + len;
+        let wp_async = self.ctxs.get(&ctx).is_some_and(Ctx::wp_async);
+        let vmas = self.vmas_in(start, end);
+        let first = vmas.first().ok_or(Errno::INVAL)?;
+        if first.is_hugetlb() && start % PMD != 0 {
+            return Err(Errno::INVAL);
+        }
+        let mut basic = false;
+        for cur in &vmas {
+            if !Self::vma_can_userfault(cur, mode, wp_async) {
+                return Err(Errno::INVAL);
+            }
+            if cur.is_hugetlb() && end <= cur.end && end > cur.start && end % PMD != 0 {
+                return Err(Errno::INVAL);
+            }
+            if cur.uffd.is_some_and(|u| u.ctx != ctx) {
+                return Err(Errno::BUSY);
+            }
+            basic |= cur.is_hugetlb();
+        }
+        // userfaultfd_register_range(): split at the ends, set the new flags (replacing the old
+        // modes) and the context.
+        let s = start.max(first.start);
+        let e = end.min(vmas.last().expect("non-empty").end);
+        self.modify_vmas(s, e, |v| v.uffd = Some(VmaUffd { ctx, mode }));
+        let mut ioctls = if basic {
+            RANGE_IOCTLS_BASIC
+        } else {
+            RANGE_IOCTLS
+        };
+        if mode & MODE_WP == 0 {
+            ioctls &= !IOCTL_WRITEPROTECT;
+        }
+        if mode & MODE_MINOR == 0 {
+            ioctls &= !IOCTL_CONTINUE;
+        }
+        Ok(ioctls)
+    }
+
+    /// Clears the registration of `[s, e)` (userfaultfd_clear_vma()): the uffd-wp bits and
+    /// markers of a WP range go (uffd_wp_range(.., false)).
+    fn clear_vma_range(&mut self, s: u64, e: u64) {
+        for v in self.vmas_in(s, e) {
+            let (vs, ve) = (v.start.max(s), v.end.min(e));
+            if v.uffd_wp() {
+                // Un-protecting never allocates, so it cannot fail.
+                let _ = self.uffd_wp_range(&v, vs, ve, false, false, false);
+            }
+        }
+        self.modify_vmas(s, e, |v| v.uffd = None);
+    }
+
+    /// `UFFDIO_UNREGISTER` (userfaultfd_unregister()): any context's registration in the range
+    /// goes; blocked faults are woken only for MISSING-mode VMAs.
+    pub(crate) fn unregister(&mut self, ctx: u64, start: u64, len: u64) -> Result<(), Errno> {
+        validate_range(start, len)?;
+        if !self.alive {
+            return Err(Errno::NOMEM);
+        }
+        let end = start + len;
+        let wp_async = self.ctxs.get(&ctx).is_some_and(Ctx::wp_async);
+        let vmas = self.vmas_in(start, end);
+        let first = vmas.first().ok_or(Errno::INVAL)?;
+        if first.is_hugetlb() && start % PMD != 0 {
+            return Err(Errno::INVAL);
+        }
+        for cur in &vmas {
+            let mode = cur.uffd.map_or(0, |u| u.mode);
+            if !Self::vma_can_userfault(cur, mode, wp_async) {
+                return Err(Errno::INVAL);
+            }
+            if cur.is_hugetlb() && end <= cur.end && end > cur.start && end % PMD != 0 {
+                return Err(Errno::INVAL);
+            }
+        }
+        for cur in &vmas {
+            let Some(u) = cur.uffd else { continue };
+            let (s, e) = (cur.start.max(start), cur.end.min(end));
+            if cur.uffd_missing() {
+                self.wake(u.ctx, s, e - s);
+            }
+            self.clear_vma_range(s, e);
+        }
+        Ok(())
+    }
+
+    /// Closing the uffd (userfaultfd_release()): every VMA registered with it is cleared (its
+    /// protection released) and every blocked fault woken.
+    pub(crate) fn release(&mut self, ctx: u64) {
+        let mine: Vec<(u64, u64)> = self
+            .vmas
+            .values()
+            .filter(|v| v.uffd.is_some_and(|u| u.ctx == ctx))
+            .map(|v| (v.start, v.end))
+            .collect();
+        for (s, e) in mine {
+            self.clear_vma_range(s, e);
+        }
+        if let Some(c) = self.ctxs.get_mut(&ctx) {
+            c.released = true;
+            c.faults.clear();
+        }
+        // Pending events of this context complete; blocked faults retry without it.
+        let evs: Vec<u64> = self
+            .ctxs
+            .get_mut(&ctx)
+            .map(|c| c.events.drain(..).map(|(_, id)| id).collect())
+            .unwrap_or_default();
+        for id in evs {
+            self.event_consumed(ctx, id);
+        }
+        self.wake(ctx, 0, 0);
+    }
+
+    /// Queues a non-cooperative event for `access` and raises `mmap_changing`.
+    pub(crate) fn queue_event(&mut self, ctx: u64, ev: Event, access: u64) {
+        if let Some(c) = self.ctxs.get_mut(&ctx) {
+            c.events.push_back((ev, access));
+        }
+    }
+
+    /// The process exits: its mm goes (`mmget_not_zero()` fails from now on).
+    pub(crate) fn exit(&mut self) {
+        let all: Vec<(u64, u64)> = self.vmas.values().map(|v| (v.start, v.end)).collect();
+        for (s, e) in all {
+            let _ = self.munmap_now(s, e);
+        }
+        self.pending.clear();
+        for c in self.ctxs.values_mut() {
+            c.faults.clear();
+        }
+        self.alive = false;
+    }
+}

@@ -1,0 +1,1 @@
+//! Scenario labs on the model (placeholder, filled below).

@@ -1,0 +1,74 @@
+//! A reference model of the kernel side of userfaultfd write-protection.
+//!
+//! Deterministic and single-threaded: an address space with VMAs (private anonymous, shmem /
+//! memfd, regular file, hugetlb), 4-level page tables whose PUD, PMD and PTE tables are allocated
+//! on demand and counted, THP PMD mappings that split when a protection covers part of them,
+//! `PTE_MARKER_UFFD_WP` markers, swap entries (`MADV_PAGEOUT`), `MADV_DONTNEED`, `munmap`, pin
+//! counts (`FOLL_PIN`, `FOLL_LONGTERM`), CPU reads and writes (a write to a write-protected page
+//! in sync mode queues a fault message and waits until it is resolved; in async mode the kernel
+//! clears the bit), DMA and kernel writes through a pin (no fault, the bit stays), uffd contexts
+//! (features, registration modes, `UFFDIO_WRITEPROTECT`, `mmap_changing` -> EAGAIN, the message
+//! queue), pagemap bits and `PAGEMAP_SCAN` with `PM_SCAN_WP_MATCHING`, `max_pages` and
+//! `walk_end`; and a page-table allocator that fails on demand ([`FailPolicy`]: the Nth
+//! allocation, past a budget, seeded random).
+//!
+//! Two [`Semantics`]: `linux` is what Linux 6.18 does, read from mm/userfaultfd.c,
+//! mm/mprotect.c, fs/userfaultfd.c and fs/proc/task_mmu.c (function names are cited where the
+//! behaviour is modelled), including the lost ENOMEM: change_pmd_range() turns a `pte_alloc()`
+//! failure into `-ENOMEM` for one PUD, which change_pud_range() *adds* to the entries changed in
+//! the other PUDs, so UFFDIO_WRITEPROTECT can return 0 with a hole (see [`mprotect`]).
+//! `proposed` is the seed thread's proposal: failures are always reported, and
+//! [`ModelMm::writeprotect_proposed`] returns the bytes not write-protected, optionally skipping
+//! pinned pages.
+//!
+//! [`Model`] is the process (mmap, madvise, accesses, pins, page state); [`ModelMm`] is one uffd on
+//! it and implements [`uffd_wp::Mm`], so the exact engine and every scenario run on it
+//! unchanged ([`lab`]).
+//!
+//! # What the real kernel cannot confirm
+//! A differential test can drive the same operations on both (this API mirrors the syscalls
+//! one to one), but some of the model's behaviour is out of its reach:
+//! - **page-table allocation failures**: the real kernel cannot be made to fail a page-table
+//!   allocation on demand (a memory cgroup OOM-kills or hangs the caller). The model's ENOMEM
+//!   paths, the lost ENOMEM and its odd errnos (a sum in (-12, 0) returned as EAGAIN..EPERM, two
+//!   failures as EMFILE) come from reading the source only; the single shape reproduced on the
+//!   real kernel is the one in shared/kernel-notes.md (success, 0.5 GiB hole), which the model
+//!   reproduces ([`lab`], `lost-enomem`);
+//! - **the proposed semantics** and `writeprotect_proposed` / skip-pinned: no kernel has them;
+//! - **exact allocation counts** (`VmPTE` moves with them, but nothing reports a per-call
+//!   count), PT reclaim of emptied PTE tables after `MADV_DONTNEED` (CONFIG_PT_RECLAIM), and
+//!   which table a failure hits;
+//! - **pin counts per page** (`VmPin` is only a total);
+//! - PFNs (pagemap PFN bits are 0 in the model), soft-dirty (these kernels lack it), and
+//!   timing: the model never runs two things at once.
+//!
+//! Behaviour that the model takes from reading rather than from measurement and that a
+//! differential run should confirm first: unregister of a range registered by another uffd,
+//! unregister not waking blocked WP faults, `MADV_PAGEOUT` of shmem without swap (unmaps,
+//! observed once), the written-only and exclusive-WP fast paths of PAGEMAP_SCAN marking none
+//! PTEs, and the huge zero page on a write fault (6.14+: a THP replaces it).
+
+#![deny(unsafe_code)]
+
+mod alloc;
+mod api;
+mod fault;
+mod invariants;
+mod kernel;
+pub mod lab;
+pub mod mprotect;
+mod pagemap;
+mod pt;
+
+pub use alloc::{AllocStats, Attempt, FailPolicy, Level, TableCounts};
+pub use api::{
+    AccessId, Advice, MapKind, Model, ModelMm, ObjectId, PinFlags, PinId, Progress, UffdConfig,
+    Who, range,
+};
+pub use kernel::{
+    Backing, Completion, MMAP_MIN_ADDR, ModelConfig, OFFERED_FEATURES, Semantics, TASK_SIZE, Thp,
+    ThpSysfs, Vma, VmaUffd,
+};
+pub use pagemap::RawScan;
+#[cfg(test)]
+mod tests;
