@@ -1,1 +1,749 @@
-//! Scenario labs on the model (placeholder, filled below).
+//! Scenario labs on the model.
+//!
+//! [`ModelLabs`] implements [`LabFactory`], so every built-in scenario of the library runs
+//! unchanged on the model, behind the same [`InjectMm`] as on Linux. `lost-enomem` runs the
+//! kernel-notes recipe with a page-table allocation budget in place of a memory cgroup. The
+//! scenarios that only the model can run (they need failures on demand, true pin counts or the
+//! proposed semantics) are in [`MODEL_SCENARIOS`]; [`run`] looks there first, then in the
+//! library's list.
+
+use uffd_wp::inject::{InjectMm, Rule};
+use uffd_wp::mm::{Errno, Mm, RegisterMode, WpMode};
+use uffd_wp::protect::{FailureKind, OnError, WpError, WpOp, WpOptions, WpReport, write_protect};
+use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
+use uffd_wp::scenario::{
+    self, Lab, LabConfig, LabFactory, MapKind as LabMapKind, Outcome, ScenarioError, Step,
+    raw_results_of,
+};
+use uffd_wp::sys::errno_name;
+
+use crate::{
+    FailPolicy, MapKind, Model, ModelConfig, ModelMm, PinFlags, Progress, Semantics, Thp,
+    UffdConfig,
+};
+
+/// Labs on the model with one semantics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ModelLabs {
+    /// `linux` or `proposed`.
+    pub semantics: Semantics,
+}
+
+impl ModelLabs {
+    /// Labs with `semantics`.
+    pub fn new(semantics: Semantics) -> Self {
+        ModelLabs { semantics }
+    }
+
+    /// A fresh lab, as its concrete type (for model-only scenarios).
+    pub fn open_model(&self, cfg: LabConfig) -> Result<ModelLab, ScenarioError> {
+        ModelLab::open(self.semantics, cfg)
+    }
+}
+
+impl LabFactory for ModelLabs {
+    fn backend(&self) -> &'static str {
+        "model"
+    }
+
+    fn semantics(&self) -> Option<&'static str> {
+        Some(self.semantics.name())
+    }
+
+    fn open(&self, cfg: LabConfig) -> Result<Box<dyn Lab>, ScenarioError> {
+        Ok(Box::new(self.open_model(cfg)?))
+    }
+
+    fn lost_enomem(&self) -> Result<Vec<Step>, ScenarioError> {
+        lost_enomem(self)
+    }
+}
+
+/// A modelled process and a uffd on it behind an [`InjectMm`].
+#[derive(Debug)]
+pub struct ModelLab {
+    mm: InjectMm<ModelMm>,
+    model: Model,
+}
+
+impl ModelLab {
+    /// A fresh process with a uffd negotiated like the Linux lab's (WP_UNPOPULATED as `cfg`
+    /// says).
+    pub fn open(semantics: Semantics, cfg: LabConfig) -> Result<ModelLab, ScenarioError> {
+        let uffd = if cfg.wp_unpopulated {
+            UffdConfig::default()
+        } else {
+            UffdConfig::without_unpopulated()
+        };
+        let mm = ModelMm::open(ModelConfig::with_semantics(semantics), uffd)
+            .map_err(ScenarioError::setup("UFFDIO_API"))?;
+        let model = mm.model().clone();
+        Ok(ModelLab {
+            mm: InjectMm::new(mm),
+            model,
+        })
+    }
+
+    /// The process.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The uffd itself (for the proposed call).
+    pub fn uffd(&self) -> &ModelMm {
+        self.mm.inner()
+    }
+}
+
+impl Lab for ModelLab {
+    fn mm(&self) -> &dyn Mm {
+        &self.mm
+    }
+    fn inject(&self, rule: Rule) {
+        self.mm.add_rule(rule);
+    }
+    fn reset_injection(&self) {
+        self.mm.clear_rules();
+        self.mm.clear_calls();
+    }
+    fn raw_results(&self) -> Vec<(Option<Errno>, bool)> {
+        raw_results_of(&self.mm)
+    }
+    fn map(&mut self, len: u64, align: u64, kind: LabMapKind) -> Result<Range, ScenarioError> {
+        let k = match kind {
+            LabMapKind::Anon => MapKind::Anon(Thp::NoHuge),
+            LabMapKind::AnonThp => MapKind::Anon(Thp::Huge),
+            LabMapKind::Memfd => MapKind::Memfd,
+        };
+        self.model
+            .map(len, align, k)
+            .map_err(ScenarioError::setup("mmap"))
+    }
+    fn punch(&mut self, r: Range) -> Result<(), ScenarioError> {
+        self.model
+            .munmap(r)
+            .map(drop)
+            .map_err(ScenarioError::setup("munmap"))
+    }
+    fn touch(&mut self, r: Range) -> Result<(), ScenarioError> {
+        for p in r.page_iter() {
+            match self.model.write(p.start(), &[0x5a]) {
+                Ok(Progress::Done(())) => {}
+                Ok(Progress::Blocked(_)) => {
+                    return Err(ScenarioError::Setup {
+                        what: format!("touching {p}: the write waits for the monitor"),
+                        errno: Errno::AGAIN,
+                    });
+                }
+                Err(e) => return Err(ScenarioError::setup(format!("touching {p}"))(e)),
+            }
+        }
+        Ok(())
+    }
+    /// A page-table walk of the model (pagemap bit 57), independent of the engine's
+    /// `PAGEMAP_SCAN` read-back.
+    fn verify_wp(&self, r: Range) -> Result<RangeSet, ScenarioError> {
+        Ok(self.model.wp_set(r))
+    }
+}
+
+/// A scenario only the model can run.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelScenario {
+    /// Its name on the command line.
+    pub name: &'static str,
+    /// One line on what it shows.
+    pub about: &'static str,
+    /// Runs it.
+    pub run: fn(&ModelLabs) -> Result<Vec<Step>, ScenarioError>,
+}
+
+/// The model-only scenarios.
+pub const MODEL_SCENARIOS: &[ModelScenario] = &[
+    ModelScenario {
+        name: "enomem-pmd",
+        about: "a page-table allocation fails inside one 1 GiB PUD: reported by both semantics",
+        run: enomem_pmd,
+    },
+    ModelScenario {
+        name: "enomem-pud",
+        about: "3 GiB, an allocation fails in the middle GiB: linux returns 0 over a hole, proposed says how much",
+        run: enomem_pud,
+    },
+    ModelScenario {
+        name: "skip-pinned",
+        about: "pinned pages: DMA writes behind a protection; the engine and the proposed call skip them",
+        run: skip_pinned,
+    },
+];
+
+/// The model-only scenarios (for listings beside the library's).
+pub fn model_scenarios() -> &'static [ModelScenario] {
+    MODEL_SCENARIOS
+}
+
+/// The model-only scenario called `name`.
+pub fn find(name: &str) -> Option<&'static ModelScenario> {
+    MODEL_SCENARIOS.iter().find(|s| s.name == name)
+}
+
+/// Runs `name` on the model: a model-only scenario, or any of the library's.
+pub fn run(name: &str, labs: &ModelLabs) -> Result<Outcome, ScenarioError> {
+    let Some(sc) = find(name) else {
+        return scenario::run(name, labs);
+    };
+    Ok(Outcome {
+        scenario: name.to_string(),
+        backend: labs.backend().to_string(),
+        semantics: labs.semantics().map(str::to_string),
+        page_size: PAGE_SIZE,
+        results: (sc.run)(labs)?,
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Helpers
+
+const SLOTS_PER_GIB: u64 = PUD_SIZE / PMD_SIZE;
+
+fn registered(lab: &mut ModelLab, len: u64, align: u64) -> Result<Range, ScenarioError> {
+    let r = lab.map(len, align, LabMapKind::Anon)?;
+    lab.mm()
+        .register(r, RegisterMode::WP)
+        .map_err(ScenarioError::setup("UFFDIO_REGISTER (WP)"))?;
+    Ok(r)
+}
+
+fn touch_at(lab: &mut ModelLab, addr: u64) -> Result<(), ScenarioError> {
+    lab.touch(Range::from_bounds(addr, addr + PAGE_SIZE))
+}
+
+/// `[a, b)` in 2 MiB slots from `base`, e.g. `[257, 512) [512, 1024)`.
+fn slots(set: &RangeSet, base: u64) -> String {
+    if set.is_empty() {
+        return "none".into();
+    }
+    set.offsets_from(base)
+        .iter()
+        .map(|[a, b]| format!("[{}, {})", a / PMD_SIZE, b.div_ceil(PMD_SIZE)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn mib(n: u64) -> String {
+    format!("{} MiB", n >> 20)
+}
+
+fn result_name(e: Option<Errno>) -> String {
+    e.map_or_else(|| "0 (success)".to_string(), errno_name)
+}
+
+/// What the raw call under test returned.
+enum Returned {
+    /// The Linux ioctl: success or an errno.
+    Linux(Result<(), Errno>),
+    /// The proposed call: bytes not protected, or an errno.
+    Proposed(Result<u64, Errno>),
+}
+
+impl Returned {
+    fn errno(&self) -> Option<Errno> {
+        match self {
+            Returned::Linux(r) => r.err(),
+            Returned::Proposed(r) => r.err(),
+        }
+    }
+    fn describe(&self) -> String {
+        match self {
+            Returned::Linux(r) => format!("UFFDIO_WRITEPROTECT returned {}", result_name(r.err())),
+            Returned::Proposed(Ok(n)) => format!(
+                "the proposed UFFDIO_WRITEPROTECT returned {n} bytes not protected ({})",
+                mib(*n)
+            ),
+            Returned::Proposed(Err(e)) => {
+                format!(
+                    "the proposed UFFDIO_WRITEPROTECT failed: {}",
+                    errno_name(*e)
+                )
+            }
+        }
+    }
+}
+
+/// One raw call under the lab's semantics (the proposed call under `proposed`).
+fn raw_call(lab: &ModelLab, r: Range, skip_pinned: bool) -> Returned {
+    match lab.model.semantics() {
+        Semantics::Linux => Returned::Linux(lab.mm.writeprotect(r, WpMode::Protect)),
+        Semantics::Proposed => Returned::Proposed(lab.uffd().writeprotect_proposed(
+            r,
+            WpMode::Protect,
+            skip_pinned,
+        )),
+    }
+}
+
+/// A step for a raw call: the report is the state read back (PAGEMAP_SCAN), verified against
+/// the page-table walk and, for the proposed call, against the bytes it returned.
+fn raw_step(
+    lab: &ModelLab,
+    label: &str,
+    r: Range,
+    ret: &Returned,
+    skipped: RangeSet,
+    note: String,
+) -> Result<Step, ScenarioError> {
+    let protected = lab
+        .mm()
+        .wp_pages(r)
+        .map_err(ScenarioError::setup("reading back the raw call's result"))?
+        .difference(&skipped);
+    let not_protected = RangeSet::single(r)
+        .difference(&protected)
+        .difference(&skipped);
+    let errno = ret.errno();
+    let report = WpReport {
+        op: WpOp::Protect,
+        requested: r,
+        error: errno.map(|errno| WpError::Kernel {
+            op: WpOp::Protect,
+            kind: FailureKind::of(errno),
+            errno,
+            addr: not_protected.first_addr().unwrap_or(r.start()),
+        }),
+        protected,
+        skipped,
+        not_protected,
+        rolled_back: false,
+        raw_calls: 1,
+        read_back_bytes: r.len(),
+    };
+    let returned_ok = match ret {
+        Returned::Proposed(Ok(n)) => *n == report.bytes_not_protected(),
+        _ => true,
+    };
+    Ok(Step {
+        label: label.into(),
+        kernel_errno: errno,
+        injected: false,
+        verified: lab.verify_wp(r)? == report.protected && returned_ok,
+        note,
+        report,
+    })
+}
+
+/// A step for an exact-engine call (its report, or after `Err` the state read back).
+fn engine_step(
+    lab: &ModelLab,
+    label: &str,
+    r: Range,
+    opts: WpOptions,
+    note: impl FnOnce(&Step) -> String,
+) -> Result<Step, ScenarioError> {
+    let res = write_protect(lab.mm(), r, &opts);
+    let mut s = scenario::step(lab, label, "", r, WpOp::Protect, res)?;
+    s.note = note(&s);
+    Ok(s)
+}
+
+fn stop() -> WpOptions {
+    WpOptions {
+        skip_pinned: false,
+        on_error: OnError::Stop,
+    }
+}
+
+fn engine_note(s: &Step, base: u64, what: &str) -> String {
+    let r = &s.report;
+    format!(
+        "{what}: first raw error {}, {} raw calls; report: protected slots {}, not protected {} \
+         ({} bytes){}",
+        result_name(s.kernel_errno),
+        r.raw_calls,
+        slots(&r.protected, base),
+        slots(&r.not_protected, base),
+        r.bytes_not_protected(),
+        r.error.as_ref().map_or(String::new(), |e| format!(
+            ", error {} at slot {}",
+            e.kind(),
+            e.addr().saturating_sub(base) / PMD_SIZE
+        ))
+    )
+}
+
+// ------------------------------------------------------------------------------------------
+// lost-enomem
+
+/// The kernel-notes recipe: a PUD-aligned 2 GiB, its first page and one page in every 2 MiB
+/// slot of its second GiB touched, then a budget of 256 page tables.
+fn lost_enomem_recipe(labs: &ModelLabs) -> Result<(ModelLab, Range), ScenarioError> {
+    let mut lab = labs.open_model(LabConfig::default())?;
+    let r = registered(&mut lab, 2 * PUD_SIZE, PUD_SIZE)?;
+    touch_at(&mut lab, r.start())?;
+    for s in SLOTS_PER_GIB..2 * SLOTS_PER_GIB {
+        touch_at(&mut lab, r.start() + s * PMD_SIZE)?;
+    }
+    lab.model.set_alloc_policy(FailPolicy::Budget(256));
+    Ok((lab, r))
+}
+
+/// `lost-enomem` on the model: steps `raw-ioctl`, `exact-engine`, `exact-engine-resume`, as on
+/// Linux, with a budget of 256 page-table allocations in place of the 1 MiB memory cgroup.
+pub fn lost_enomem(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
+    let (a, ra) = lost_enomem_recipe(labs)?;
+    let ret = raw_call(&a, ra, false);
+    a.model.set_alloc_policy(FailPolicy::Never);
+    let wp = a.model.wp_set(ra);
+    let hole = wp.complement_in(ra);
+    let note = format!(
+        "one raw call over the 2 GiB with 256 page tables left: {}; true state: protected slots \
+         {}, NOT protected {} ({}){}",
+        ret.describe(),
+        slots(&wp, ra.start()),
+        slots(&hole, ra.start()),
+        mib(hole.bytes()),
+        match (&ret, hole.is_empty()) {
+            (Returned::Linux(Ok(())), false) => {
+                ". change_pmd_range() returned -ENOMEM for the first GiB and change_pud_range() \
+                 added the second GiB's 262144 changed entries to it: the error is lost, as \
+                 reproduced on the real 6.18 kernel"
+            }
+            (Returned::Proposed(_), false) => {
+                ". The proposal stops at the failure and says how much is not protected"
+            }
+            _ => "",
+        }
+    );
+    let s1 = raw_step(&a, "raw-ioctl", ra, &ret, RangeSet::new(), note)?;
+
+    let (b, rb) = lost_enomem_recipe(labs)?;
+    let s2 = engine_step(&b, "exact-engine", rb, stop(), |s| {
+        engine_note(
+            s,
+            rb.start(),
+            "fresh identical set-up, same budget: the engine never lets one raw call span a \
+             1 GiB PUD, so the failure surfaces as ENOMEM on the first GiB's call",
+        )
+    })?;
+    b.model.set_alloc_policy(FailPolicy::Never);
+    let s3 = engine_step(&b, "exact-engine-resume", rb, stop(), |s| {
+        engine_note(s, rb.start(), "budget lifted: the same write_protect again")
+    })?;
+    Ok(vec![s1, s2, s3])
+}
+
+// ------------------------------------------------------------------------------------------
+// enomem-pmd
+
+fn enomem_pmd_recipe(labs: &ModelLabs) -> Result<(ModelLab, Range), ScenarioError> {
+    let mut lab = labs.open_model(LabConfig::default())?;
+    let r = registered(&mut lab, 32 * PMD_SIZE, PUD_SIZE)?;
+    touch_at(&mut lab, r.start())?;
+    lab.model.set_alloc_policy(FailPolicy::Budget(10));
+    Ok((lab, r))
+}
+
+fn enomem_pmd(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
+    let (a, ra) = enomem_pmd_recipe(labs)?;
+    let ret = raw_call(&a, ra, false);
+    a.model.set_alloc_policy(FailPolicy::Never);
+    let wp = a.model.wp_set(ra);
+    let note = format!(
+        "64 MiB (32 slots of 2 MiB) inside one PUD, slot 0 populated, 10 page tables left: {}; \
+         true state: protected slots {}, not protected {}. Inside one PUD change_pmd_range()'s \
+         -ENOMEM is the whole result, so the failure is reported",
+        ret.describe(),
+        slots(&wp, ra.start()),
+        slots(&wp.complement_in(ra), ra.start()),
+    );
+    let s1 = raw_step(&a, "raw-ioctl", ra, &ret, RangeSet::new(), note)?;
+    let (b, rb) = enomem_pmd_recipe(labs)?;
+    let s2 = engine_step(&b, "exact-engine", rb, stop(), |s| {
+        engine_note(s, rb.start(), "fresh identical set-up, same budget")
+    })?;
+    b.model.set_alloc_policy(FailPolicy::Never);
+    let s3 = engine_step(&b, "exact-engine-resume", rb, stop(), |s| {
+        engine_note(s, rb.start(), "budget lifted: the same write_protect again")
+    })?;
+    Ok(vec![s1, s2, s3])
+}
+
+// ------------------------------------------------------------------------------------------
+// enomem-pud
+
+/// 3 GiB, PUD aligned, page 0 of each GiB touched (each PUD has its PMD table and the PTE
+/// table of slot 0): GiB 0 needs 511 PTE tables, GiB 1's slots 1..=200 the next 200, so
+/// allocation 712 is GiB 1's slot 201.
+const FAIL_AT: u64 = 511 + 200 + 1;
+
+fn enomem_pud_recipe(labs: &ModelLabs, p: FailPolicy) -> Result<(ModelLab, Range), ScenarioError> {
+    let mut lab = labs.open_model(LabConfig::default())?;
+    let r = registered(&mut lab, 3 * PUD_SIZE, PUD_SIZE)?;
+    for g in 0..3 {
+        touch_at(&mut lab, r.start() + g * PUD_SIZE)?;
+    }
+    lab.model.set_alloc_policy(p);
+    Ok((lab, r))
+}
+
+fn enomem_pud_raw(
+    labs: &ModelLabs,
+    label: &str,
+    p: FailPolicy,
+    what: &str,
+) -> Result<Step, ScenarioError> {
+    let (a, r) = enomem_pud_recipe(labs, p)?;
+    let ret = raw_call(&a, r, false);
+    a.model.set_alloc_policy(FailPolicy::Never);
+    let wp = a.model.wp_set(r);
+    let hole = wp.complement_in(r);
+    let verdict = match (&ret, hole.is_empty()) {
+        (Returned::Linux(Ok(())), false) => format!(
+            "the kernel says success while {} are NOT protected: change_pud_range() added the \
+             -ENOMEM of GiB 1 to the entries changed in the other GiBs",
+            mib(hole.bytes())
+        ),
+        (Returned::Linux(Err(e)), _) => format!("the kernel reports {}", errno_name(*e)),
+        (Returned::Proposed(Ok(n)), _) if *n == hole.bytes() => {
+            "the returned figure is exactly the unprotected part".into()
+        }
+        (Returned::Proposed(_), _) => "the returned figure does NOT match the page tables".into(),
+        _ => "everything is protected".into(),
+    };
+    let note = format!(
+        "{what}: {}; true state: protected slots {}, NOT protected {} ({}); {verdict}",
+        ret.describe(),
+        slots(&wp, r.start()),
+        slots(&hole, r.start()),
+        mib(hole.bytes()),
+    );
+    raw_step(&a, label, r, &ret, RangeSet::new(), note)
+}
+
+fn enomem_pud(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
+    let nth = FailPolicy::Nth(FAIL_AT);
+    let budget = FailPolicy::Budget(FAIL_AT - 1);
+    let s1 = enomem_pud_raw(
+        labs,
+        "nth-failure/raw-ioctl",
+        nth,
+        "3 GiB, one page per GiB populated, the page-table allocation for GiB 1 slot 201 fails \
+         (only that one)",
+    )?;
+    let s2 = enomem_pud_raw(
+        labs,
+        "budget/raw-ioctl",
+        budget,
+        "same set-up, every allocation from GiB 1 slot 201 on fails (a limit never raised)",
+    )?;
+    let (b, rb) = enomem_pud_recipe(labs, budget)?;
+    let s3 = engine_step(&b, "budget/exact-engine", rb, stop(), |s| {
+        engine_note(
+            s,
+            rb.start(),
+            "fresh identical set-up, same budget: one raw call per GiB",
+        )
+    })?;
+    b.model.set_alloc_policy(FailPolicy::Never);
+    let s4 = engine_step(&b, "budget/exact-engine-resume", rb, stop(), |s| {
+        engine_note(s, rb.start(), "budget lifted: the same write_protect again")
+    })?;
+    Ok(vec![s1, s2, s3, s4])
+}
+
+// ------------------------------------------------------------------------------------------
+// skip-pinned
+
+/// 64 registered, populated pages; pages [16, 24) pinned like an io_uring fixed buffer.
+fn pinned_recipe(
+    labs: &ModelLabs,
+) -> Result<(ModelLab, Range, Range, crate::PinId), ScenarioError> {
+    let mut lab = labs.open_model(LabConfig::default())?;
+    let r = registered(&mut lab, 64 * PAGE_SIZE, PAGE_SIZE)?;
+    lab.touch(r)?;
+    let buf = Range::from_bounds(r.start() + 16 * PAGE_SIZE, r.start() + 24 * PAGE_SIZE);
+    let pin = match lab.model.pin(buf, PinFlags::IO_URING) {
+        Ok(Progress::Done(p)) => p,
+        Ok(Progress::Blocked(_)) => {
+            return Err(ScenarioError::Setup {
+                what: "pinning the buffer: waits for the monitor".into(),
+                errno: Errno::AGAIN,
+            });
+        }
+        Err(e) => return Err(ScenarioError::setup("pinning the buffer")(e)),
+    };
+    Ok((lab, r, buf, pin))
+}
+
+fn pages_of(set: &RangeSet, base: u64) -> String {
+    if set.is_empty() {
+        return "none".into();
+    }
+    set.offsets_from(base)
+        .iter()
+        .map(|[a, b]| format!("[{}, {})", a / PAGE_SIZE, b / PAGE_SIZE))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn skip_pinned(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
+    // 1. Protect everything, then the "device" writes through the pin.
+    let (a, ra, buf, pin) = pinned_recipe(labs)?;
+    let mut s1 = engine_step(&a, "protect-all", ra, stop(), |_| String::new())?;
+    a.model
+        .dma_write(pin, 0, b"written by the device")
+        .map_err(ScenarioError::setup("DMA write through the pin"))?;
+    let still_wp = a.model.wp_set(buf) == RangeSet::single(buf);
+    let messages = a
+        .uffd()
+        .wait_event(0)
+        .map_err(ScenarioError::setup("polling the uffd"))?;
+    let landed = a.model.peek(buf.start(), 7) == b"written";
+    s1.note = format!(
+        "all 64 pages protected, pages [16, 24) pinned (FOLL_WRITE|FOLL_LONGTERM, like an \
+         io_uring fixed buffer); then a DMA write through the pin: data landed: {landed}, \
+         uffd-wp bit still set: {still_wp}, fault message raised: {messages}. A tracker or \
+         snapshot trusting the protection misses that write"
+    );
+
+    // 2. The exact engine with skip_pinned.
+    let (b, rb, _, _) = pinned_recipe(labs)?;
+    let opts = WpOptions {
+        skip_pinned: true,
+        on_error: OnError::Stop,
+    };
+    let s2 = engine_step(&b, "exact-engine-skip-pinned", rb, opts, |s| {
+        format!(
+            "write_protect with skip_pinned: protected pages {}, skipped (left writable, counted \
+             as protected) {}, bytes not protected {}",
+            pages_of(&s.report.protected, rb.start()),
+            pages_of(&s.report.skipped, rb.start()),
+            s.report.bytes_not_protected()
+        )
+    })?;
+
+    // 3. The proposed kernel call with its skip-pinned mode.
+    let (c, rc, _, _) = pinned_recipe(labs)?;
+    let res = c.uffd().writeprotect_proposed(rc, WpMode::Protect, true);
+    let ret = match c.model.semantics() {
+        Semantics::Linux => Returned::Linux(res.map(drop)),
+        Semantics::Proposed => Returned::Proposed(res),
+    };
+    let skipped = match ret {
+        Returned::Proposed(Ok(_)) => c.model.pinned_pages(rc),
+        _ => RangeSet::new(),
+    };
+    let note = match &ret {
+        Returned::Linux(_) => format!(
+            "{}: Linux 6.18 has no skip-pinned mode (the model's linux kernel lacks the \
+             proposed call: ENOTTY); nothing was protected",
+            ret.describe()
+        ),
+        Returned::Proposed(_) => format!(
+            "the proposed call with skip-pinned: {}; pinned pages {} left writable and counted \
+             as protected",
+            ret.describe(),
+            pages_of(&skipped, rc.start())
+        ),
+    };
+    let s3 = raw_step(&c, "proposed-skip-pinned", rc, &ret, skipped, note)?;
+    Ok(vec![s1, s2, s3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(name: &str, sem: Semantics) -> Outcome {
+        run(name, &ModelLabs::new(sem)).unwrap()
+    }
+
+    #[test]
+    fn every_library_scenario_runs_and_verifies_on_the_model() {
+        for sem in [Semantics::Linux, Semantics::Proposed] {
+            for sc in scenario::SCENARIOS {
+                let o = outcome(sc.name, sem);
+                assert!(
+                    o.all_verified(),
+                    "{} under {sem:?}: {:#?}",
+                    sc.name,
+                    o.results
+                );
+                assert_eq!(o.backend, "model");
+                assert_eq!(o.semantics.as_deref(), Some(sem.name()));
+            }
+            for sc in MODEL_SCENARIOS {
+                let o = outcome(sc.name, sem);
+                assert!(
+                    o.all_verified(),
+                    "{} under {sem:?}: {:#?}",
+                    sc.name,
+                    o.results
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lost_enomem_shapes() {
+        let o = outcome("lost-enomem", Semantics::Linux);
+        let raw = &o.results[0].report;
+        let base = raw.requested.start();
+        assert_eq!(o.results[0].kernel_errno, None, "linux: success");
+        assert_eq!(slots(&raw.not_protected, base), "[257, 512)");
+        let eng = &o.results[1];
+        assert_eq!(eng.kernel_errno, Some(Errno::NOMEM));
+        assert_eq!(slots(&eng.report.protected, base), "[0, 257)");
+        assert!(o.results[2].report.complete());
+
+        let p = outcome("lost-enomem", Semantics::Proposed);
+        let raw = &p.results[0].report;
+        assert_eq!(
+            p.results[0].kernel_errno, None,
+            "proposed: a byte count, no errno"
+        );
+        assert_eq!(
+            slots(&raw.not_protected, raw.requested.start()),
+            "[257, 1024)"
+        );
+    }
+
+    #[test]
+    fn enomem_pud_shapes() {
+        let o = outcome("enomem-pud", Semantics::Linux);
+        let base = o.results[0].report.requested.start();
+        // One failure: success with a hole in GiB 1.
+        assert_eq!(o.results[0].kernel_errno, None);
+        assert_eq!(
+            slots(&o.results[0].report.not_protected, base),
+            "[713, 1024)"
+        );
+        // A budget: success with holes in GiB 1 and GiB 2 (slot 0 of GiB 2 kept its table).
+        assert_eq!(o.results[1].kernel_errno, None);
+        assert_eq!(
+            slots(&o.results[1].report.not_protected, base),
+            "[713, 1024) [1025, 1536)"
+        );
+        assert_eq!(o.results[2].kernel_errno, Some(Errno::NOMEM));
+        assert!(o.results[3].report.complete());
+
+        let p = outcome("enomem-pud", Semantics::Proposed);
+        let pb = p.results[0].report.requested.start();
+        assert_eq!(slots(&p.results[0].report.not_protected, pb), "[713, 1536)");
+        assert!(p.results.iter().all(|s| s.verified));
+    }
+
+    #[test]
+    fn skip_pinned_shapes() {
+        let o = outcome("skip-pinned", Semantics::Proposed);
+        assert!(o.results[0].note.contains("data landed: true"));
+        assert!(o.results[0].note.contains("bit still set: true"));
+        assert!(o.results[0].note.contains("message raised: false"));
+        assert_eq!(o.results[1].report.skipped.pages(), 8);
+        assert_eq!(o.results[1].report.bytes_not_protected(), 0);
+        assert_eq!(o.results[2].report.skipped.pages(), 8);
+        assert_eq!(o.results[2].report.protected.pages(), 56);
+        let l = outcome("skip-pinned", Semantics::Linux);
+        assert_eq!(l.results[2].kernel_errno, Some(Errno::NOTTY));
+        assert!(l.results[2].report.protected.is_empty());
+    }
+}
