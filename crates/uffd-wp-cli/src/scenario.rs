@@ -1,11 +1,31 @@
-//! `uffd-wp scenario`.
+//! `uffd-wp scenario`: on the real kernel (default) or on the reference model.
 
 use uffd_wp::linux::lab::LinuxLabs;
 use uffd_wp::range::PAGE_SIZE;
 use uffd_wp::scenario::{self, LabFactory, Outcome, SCENARIOS};
 use uffd_wp::sys::errno_name;
+use uffd_wp_model::Semantics;
+use uffd_wp_model::lab::{ModelLabs, model_scenarios};
 
 use crate::{CliError, print_json};
+
+/// Where a scenario runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// The real kernel, in this process.
+    Linux,
+    /// The reference model of the kernel side (crate uffd-wp-model).
+    Model,
+}
+
+/// The model's semantics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SemanticsArg {
+    /// What Linux 6.18 does, the lost ENOMEM included.
+    Linux,
+    /// The seed thread's proposal: bytes not protected, skip-pinned mode.
+    Proposed,
+}
 
 /// Arguments of `uffd-wp scenario`.
 #[derive(Debug, clap::Args)]
@@ -18,6 +38,12 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run on the real kernel or on the model.
+    #[arg(long, value_enum, default_value = "linux")]
+    backend: Backend,
+    /// The model's semantics (with --backend model).
+    #[arg(long, value_enum)]
+    semantics: Option<SemanticsArg>,
 }
 
 /// Runs it.
@@ -26,6 +52,9 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         for s in SCENARIOS {
             println!("{:<20} {}", s.name, s.about);
         }
+        for s in model_scenarios() {
+            println!("{:<20} (model only) {}", s.name, s.about);
+        }
         return Ok(());
     }
     let Some(name) = &a.name else {
@@ -33,8 +62,29 @@ pub fn run(a: &Args) -> Result<(), CliError> {
             "name a scenario, or --list to see them".into(),
         ));
     };
-    let factory: &dyn LabFactory = &LinuxLabs;
-    let out = scenario::run(name, factory)?;
+    let out = match a.backend {
+        Backend::Linux => {
+            if a.semantics.is_some() {
+                return Err(CliError::Usage(
+                    "--semantics chooses the model's semantics: use it with --backend model".into(),
+                ));
+            }
+            if model_scenarios().iter().any(|s| s.name == name) {
+                return Err(CliError::Usage(format!(
+                    "scenario {name} runs only on the model: add --backend model"
+                )));
+            }
+            let factory: &dyn LabFactory = &LinuxLabs;
+            scenario::run(name, factory)?
+        }
+        Backend::Model => {
+            let semantics = match a.semantics.unwrap_or(SemanticsArg::Linux) {
+                SemanticsArg::Linux => Semantics::Linux,
+                SemanticsArg::Proposed => Semantics::Proposed,
+            };
+            uffd_wp_model::lab::run(name, &ModelLabs::new(semantics))?
+        }
+    };
     if a.json {
         print_json(&out);
     } else {
@@ -94,12 +144,17 @@ fn print_table(o: &Outcome) {
                 if r.rolled_back { ", rolled back" } else { "" }
             );
         }
+        let truth = if o.backend == "model" {
+            "the model's page tables"
+        } else {
+            "pagemap bit 57"
+        };
         println!(
             "    verified           {}",
             if s.verified {
-                "yes (matches pagemap bit 57)"
+                format!("yes (matches {truth})")
             } else {
-                "NO: the report differs from pagemap bit 57"
+                format!("NO: the report differs from {truth}")
             }
         );
     }
