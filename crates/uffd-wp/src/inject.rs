@@ -230,4 +230,7 @@ impl<M: Mm> Mm for InjectMm<M> {
     fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         self.inner.read_memory(addr, buf)
     }
+    fn clear_soft_dirty(&self) -> Result<(), Errno> {
+        self.inner.clear_soft_dirty()
+    }
 }

@@ -20,6 +20,7 @@ pub mod range;
 pub mod scenario;
 pub mod snapshot;
 pub mod sys;
+pub mod track;
 pub mod workload;
 
 pub use mm::Mm;

@@ -151,4 +151,12 @@ pub trait Mm: Send + Sync {
 
     /// Reads memory of the monitored address space.
     fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
+
+    /// Clears the soft-dirty bit of every page of the address space (`clear_refs` 4: the whole
+    /// process, not a range), so that [`PageState::soft_dirty`] marks the pages written since.
+    /// Backends without soft-dirty tracking (kernels built without `CONFIG_MEM_SOFT_DIRTY`)
+    /// return `EOPNOTSUPP`, the default.
+    fn clear_soft_dirty(&self) -> Result<(), Errno> {
+        Err(Errno::OPNOTSUPP)
+    }
 }

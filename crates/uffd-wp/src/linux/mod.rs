@@ -277,4 +277,19 @@ impl Mm for LinuxMm {
     fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         self.mem.read_exact_at(buf, addr).map_err(|e| errno_of(&e))
     }
+
+    /// `clear_refs` 4 on the target. Without `CONFIG_MEM_SOFT_DIRTY` the kernel accepts the
+    /// write and does nothing useful, so soft-dirty is probed once (a written and an unwritten
+    /// page after a clear) and EOPNOTSUPP returned when it does not work.
+    fn clear_soft_dirty(&self) -> Result<(), Errno> {
+        static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if !*WORKS.get_or_init(features::probe_soft_dirty) {
+            return Err(Errno::OPNOTSUPP);
+        }
+        match self.target {
+            Target::SelfProcess => {
+                std::fs::write("/proc/self/clear_refs", "4").map_err(|e| errno_of(&e))
+            }
+        }
+    }
 }
