@@ -2,6 +2,7 @@
 
 mod probe;
 mod scenario;
+mod track;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,8 @@ enum Command {
     Probe(probe::Args),
     /// Run a built-in scenario and print each step's exact report.
     Scenario(scenario::Args),
+    /// Dirty-tracking epochs over the built-in workload, each beside the writers' ground truth.
+    Track(track::Args),
 }
 
 /// A failure the CLI reports on stderr with a non-zero exit.
@@ -29,6 +32,9 @@ pub enum CliError {
     /// A scenario could not run.
     #[error(transparent)]
     Scenario(#[from] uffd_wp::scenario::ScenarioError),
+    /// Dirty tracking failed.
+    #[error(transparent)]
+    Track(#[from] uffd_wp::track::TrackError),
     /// A report did not match the page tables.
     #[error("{0}")]
     Unverified(String),
@@ -43,6 +49,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Probe(a) => probe::run(&a),
         Command::Scenario(a) => scenario::run(&a),
+        Command::Track(a) => track::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,244 @@
+//! `uffd-wp track`: dirty-tracking epochs over the built-in workload, each epoch's dirty count
+//! beside the workload's own ground truth.
+//!
+//! The writers run for `--interval-ms`, are paused at a page boundary, the tracker ends the
+//! epoch, and the workload says which pages its writers wrote since the previous boundary
+//! (`Workload::take_dirty`); then the writers resume. An epoch is `exact` when the tracker's
+//! dirty set (pinned pages included) equals that truth, page for page. Exit status 1 when any
+//! epoch is not exact.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use uffd_wp::track::{self, Method, Selection, TrackOptions, Tracker};
+use uffd_wp::workload::{Workload, WorkloadConfig};
+
+use crate::{CliError, print_json};
+
+/// Arguments of `uffd-wp track`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Size of the workload's region (suffix K, M, G; a multiple of 2 MiB).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    size: u64,
+    /// Number of epochs.
+    #[arg(long, default_value_t = 10)]
+    epochs: u64,
+    /// Writer threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// How long the writers run in each epoch, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    interval_ms: u64,
+    /// Tracking method (async-wp, sync-wp, soft-dirty); the best the kernel offers by default.
+    #[arg(long, value_parser = parse_method)]
+    method: Option<Method>,
+    /// Back the region with transparent huge pages.
+    #[arg(long)]
+    thp: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses `1G`, `256M`, `64K`, `4096` (an optional `B`/`iB` suffix is accepted).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 1G, 256M, 4096)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    Method::from_name(s).ok_or_else(|| {
+        let names: Vec<_> = Method::ALL.iter().map(|m| m.name()).collect();
+        format!("{s:?}: the methods are {}", names.join(", "))
+    })
+}
+
+/// One epoch of the report.
+#[derive(Debug, Serialize)]
+struct EpochRow {
+    index: u64,
+    /// Pages the tracker reported dirty (pinned included).
+    dirty_pages: u64,
+    /// Pages the writers wrote in the epoch (ground truth).
+    truth_pages: u64,
+    /// `dirty == truth`, page for page.
+    exact: bool,
+    /// Written pages the tracker did not report.
+    missed_pages: u64,
+    /// Reported pages nobody wrote.
+    extra_pages: u64,
+    /// Pinned pages (reported dirty whatever was written).
+    pinned_pages: u64,
+    /// Time of the epoch boundary (scan and re-arm).
+    epoch_us: f64,
+    /// Sync WP: faults served in the epoch.
+    faults: u64,
+}
+
+/// The `--json` output.
+#[derive(Debug, Serialize)]
+struct Output {
+    method: Method,
+    selection: Selection,
+    size: u64,
+    pages: u64,
+    threads: usize,
+    interval_ms: u64,
+    thp: bool,
+    epochs: Vec<EpochRow>,
+    exact: bool,
+    epoch_us_median: f64,
+    epoch_us_max: f64,
+    writes: u64,
+}
+
+/// Runs it.
+pub fn run(a: &Args) -> Result<(), CliError> {
+    if a.size == 0 || a.size % (2 << 20) != 0 {
+        return Err(CliError::Usage(format!(
+            "--size {} is not a positive multiple of 2 MiB",
+            a.size
+        )));
+    }
+    if a.threads == 0 || a.epochs == 0 {
+        return Err(CliError::Usage(
+            "--threads and --epochs must be at least 1".into(),
+        ));
+    }
+    let (mm, selection) = track::open_linux(a.method)?;
+    let w = Workload::start(WorkloadConfig {
+        size: a.size,
+        threads: a.threads,
+        thp: a.thp,
+        ..Default::default()
+    })
+    .map_err(|e| CliError::Usage(format!("starting the workload: {e}")))?;
+    w.take_dirty();
+    let bar = if std::io::stdout().is_terminal() && !a.json {
+        let b = ProgressBar::new(a.epochs);
+        b.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} epochs")
+                .expect("progress template")
+                .progress_chars("=> "),
+        );
+        b.set_message(format!("tracking ({})", selection.method));
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut t = Tracker::start(
+        Arc::new(mm),
+        w.range(),
+        selection.method,
+        TrackOptions::default(),
+    )?;
+    let mut rows = Vec::new();
+    for _ in 0..a.epochs {
+        w.resume();
+        std::thread::sleep(Duration::from_millis(a.interval_ms));
+        w.pause();
+        let e = t.epoch()?;
+        let truth = w.take_dirty();
+        let got = e.all_dirty();
+        rows.push(EpochRow {
+            index: e.index,
+            dirty_pages: got.pages(),
+            truth_pages: truth.pages(),
+            exact: got == truth,
+            missed_pages: truth.difference(&got).pages(),
+            extra_pages: got.difference(&truth).pages(),
+            pinned_pages: e.pinned.pages(),
+            epoch_us: e.elapsed.as_secs_f64() * 1e6,
+            faults: e.faults,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    t.close()?;
+    let writes = w.writes();
+    drop(w);
+
+    let mut us: Vec<f64> = rows.iter().map(|r| r.epoch_us).collect();
+    us.sort_by(f64::total_cmp);
+    let exact = rows.iter().all(|r| r.exact);
+    let out = Output {
+        method: selection.method,
+        selection,
+        size: a.size,
+        pages: a.size / uffd_wp::PAGE_SIZE,
+        threads: a.threads,
+        interval_ms: a.interval_ms,
+        thp: a.thp,
+        exact,
+        epoch_us_median: us[us.len() / 2],
+        epoch_us_max: us[us.len() - 1],
+        writes,
+        epochs: rows,
+    };
+    if a.json {
+        print_json(&out);
+    } else {
+        println!(
+            "method {} ({}); {} MiB, {} writers, {} ms per epoch",
+            out.method,
+            out.selection.reason,
+            a.size >> 20,
+            a.threads,
+            a.interval_ms
+        );
+        println!(
+            "{:>5} {:>10} {:>10} {:>6} {:>7} {:>7} {:>10}",
+            "epoch", "dirty", "truth", "exact", "missed", "extra", "epoch_us"
+        );
+        for r in &out.epochs {
+            println!(
+                "{:>5} {:>10} {:>10} {:>6} {:>7} {:>7} {:>10.0}",
+                r.index,
+                r.dirty_pages,
+                r.truth_pages,
+                r.exact,
+                r.missed_pages,
+                r.extra_pages,
+                r.epoch_us
+            );
+        }
+        println!(
+            "{}: every epoch {}; epoch median {:.0} us, max {:.0} us",
+            if exact { "exact" } else { "NOT EXACT" },
+            if exact {
+                "equals the writers' ground truth"
+            } else {
+                "should equal the writers' ground truth"
+            },
+            out.epoch_us_median,
+            out.epoch_us_max
+        );
+    }
+    if exact {
+        Ok(())
+    } else {
+        Err(CliError::Unverified(
+            "a tracking epoch differs from the workload's ground truth".into(),
+        ))
+    }
+}
