@@ -2,6 +2,7 @@
 
 mod probe;
 mod scenario;
+mod snapshot;
 mod track;
 
 use std::process::ExitCode;
@@ -22,6 +23,8 @@ enum Command {
     Probe(probe::Args),
     /// Run a built-in scenario and print each step's exact report.
     Scenario(scenario::Args),
+    /// Take a live copy-on-write snapshot of the built-in workload and check it with its oracle.
+    Snapshot(snapshot::Args),
     /// Dirty-tracking epochs over the built-in workload, each beside the writers' ground truth.
     Track(track::Args),
 }
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Probe(a) => probe::run(&a),
         Command::Scenario(a) => scenario::run(&a),
+        Command::Snapshot(a) => snapshot::run(&a),
         Command::Track(a) => track::run(&a),
     };
     match res {

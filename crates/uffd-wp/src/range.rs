@@ -340,6 +340,26 @@ impl Serialize for Range {
     }
 }
 
+/// Parses a byte size: a number with an optional binary suffix `K`, `M`, `G` (or `KiB`, `MiB`,
+/// `GiB`), e.g. `256M`, `1G`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let cut = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(cut);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?}: expected a number with an optional K/M/G suffix"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        _ => return Err(format!("size {s:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,6 +381,16 @@ mod tests {
             Err(RangeError::Overflow { .. })
         ));
         assert_eq!(Range::new(P, 2 * P).unwrap(), r(1, 3));
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999G").is_err());
     }
 
     #[test]

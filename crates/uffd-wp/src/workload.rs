@@ -16,8 +16,8 @@
 //! else is a torn copy). For dirty tracking, each writer also records the pages it wrote since
 //! the last epoch boundary: the ground truth a tracker's epoch must equal.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crate::range::{PAGE_SIZE, Range, RangeSet};
@@ -102,6 +102,11 @@ struct Shared {
     /// One bit per page: written since the last epoch boundary.
     dirty: Vec<AtomicU64>,
     pause: AtomicBool,
+    /// Writers sleep here while paused (`true`: paused), so a pause leaves the CPUs free.
+    gate: Mutex<bool>,
+    wake: Condvar,
+    /// Signalled by each writer that parks.
+    all_parked: Condvar,
     parked: AtomicUsize,
     stop: AtomicBool,
     writes: AtomicU64,
@@ -157,6 +162,9 @@ impl Workload {
             versions: (0..pages).map(|_| AtomicU64::new(0)).collect(),
             dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             pause: AtomicBool::new(true),
+            gate: Mutex::new(true),
+            wake: Condvar::new(),
+            all_parked: Condvar::new(),
             parked: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             writes: AtomicU64::new(0),
@@ -172,7 +180,11 @@ impl Workload {
         let threads = (0..cfg.threads)
             .map(|t| {
                 let (m, s) = (Arc::clone(&mapping), Arc::clone(&shared));
-                let seed = cfg.seed.wrapping_add(t as u64).wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+                let seed = cfg
+                    .seed
+                    .wrapping_add(t as u64)
+                    .wrapping_mul(0x2545_F491_4F6C_DD1D)
+                    | 1;
                 std::thread::spawn(move || writer(&m, &s, seed, hot, t as u64, n))
             })
             .collect();
@@ -200,21 +212,29 @@ impl Workload {
         self.shared.writes.load(Ordering::Relaxed)
     }
 
+    /// Sleeps until every writer is parked (the last one to park wakes it): sleeping leaves the
+    /// CPU to writers that still have to reach a page boundary.
     fn wait_parked(&self) {
-        while self.shared.parked.load(Ordering::Acquire) < self.threads.len() {
-            std::thread::yield_now();
+        let n = self.threads.len();
+        let mut g = self.shared.gate.lock().expect("gate");
+        while self.shared.parked.load(Ordering::Acquire) < n {
+            g = self.shared.all_parked.wait(g).expect("gate");
         }
     }
 
     /// Stops the writers at page boundaries and waits until all are parked.
     pub fn pause(&self) {
+        *self.shared.gate.lock().expect("gate") = true;
         self.shared.pause.store(true, Ordering::Release);
         self.wait_parked();
     }
 
     /// Lets the writers go on.
     pub fn resume(&self) {
+        let mut g = self.shared.gate.lock().expect("gate");
+        *g = false;
         self.shared.pause.store(false, Ordering::Release);
+        self.shared.wake.notify_all();
     }
 
     /// Each page's version (only meaningful while paused: the snapshot point).
@@ -267,7 +287,7 @@ impl Workload {
 impl Drop for Workload {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        self.shared.pause.store(false, Ordering::Release);
+        self.resume();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -287,22 +307,20 @@ fn write_page(m: &Mapping, s: &Shared, p: u64) -> Result<(), Errno> {
 /// page (a page's content always matches its version).
 fn writer(m: &Mapping, s: &Shared, mut seed: u64, hot: u64, id: u64, n: u64) {
     let mine = (hot.saturating_sub(id)).div_ceil(n).max(1);
-    let mut is_parked = false;
     loop {
         if s.stop.load(Ordering::Acquire) {
             return;
         }
         if s.pause.load(Ordering::Acquire) {
-            if !is_parked {
-                s.parked.fetch_add(1, Ordering::AcqRel);
-                is_parked = true;
+            let mut g = s.gate.lock().expect("gate");
+            s.parked.fetch_add(1, Ordering::AcqRel);
+            s.all_parked.notify_all();
+            while *g && !s.stop.load(Ordering::Acquire) {
+                g = s.wake.wait(g).expect("gate");
             }
-            std::thread::yield_now();
-            continue;
-        }
-        if is_parked {
+            drop(g);
             s.parked.fetch_sub(1, Ordering::AcqRel);
-            is_parked = false;
+            continue;
         }
         seed ^= seed << 13;
         seed ^= seed >> 7;

@@ -100,6 +100,11 @@ pub struct SnapshotOptions {
     pub unprotected: Unprotected,
     /// Failure policy of the write-protect.
     pub on_error: OnError,
+    /// Write-protect everything *before* the pause while the writers run (a handler thread
+    /// un-protects and records each page they write meanwhile), then, frozen, re-protect only
+    /// those pages. Shortens the pause when protecting the whole range costs more than the
+    /// pages written during it (4 KiB pages); pointless with THP, where protecting is cheap.
+    pub prearm: bool,
 }
 
 impl Default for SnapshotOptions {
@@ -112,6 +117,7 @@ impl Default for SnapshotOptions {
                 attempts: 3,
                 backoff: Duration::from_micros(100),
             },
+            prearm: true,
         }
     }
 }
@@ -150,8 +156,13 @@ pub struct SnapshotReport {
     pub consistent: Option<bool>,
     /// Writers frozen, in microseconds.
     pub pause_us: f64,
+    /// Of which stopping the writers (the [`Quiesce::freeze`] callback).
+    pub freeze_us: f64,
     /// Of which write-protecting.
     pub protect_us: f64,
+    /// Pages written between the pre-arming write-protect and the pause (re-protected in
+    /// the pause); 0 without `prearm`.
+    pub prearm_dirty_pages: u64,
     /// Pages captured.
     pub pages: u64,
     /// Bytes captured.
@@ -234,6 +245,9 @@ pub enum SnapshotError {
         errno: Errno,
     },
 }
+
+/// Bytes un-protected at once by the copier (one TLB flush each).
+const RELEASE_BATCH: u64 = 2 << 20;
 
 const PENDING: u8 = 0;
 const COPYING: u8 = 1;
@@ -341,8 +355,8 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
         }
     }
 
-    /// Copies `r` page by page (claiming each), then un-protects it in one call.
-    fn copy_chunk(&self, r: Range) -> Result<(), SnapshotError> {
+    /// Copies the pages of `r` nobody has claimed yet, in runs.
+    fn copy_unclaimed(&self, r: Range) -> Result<(), SnapshotError> {
         let i0 = self.index(r.start()).expect("chunk inside the snapshot");
         let n = r.pages() as usize;
         // Claim the longest runs of PENDING pages and copy each run with one copy.
@@ -371,8 +385,14 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
             }
             res?;
         }
-        // Pages the handler is copying right now are waited for before un-protecting.
-        for s in &self.state[i0..i0 + n] {
+        Ok(())
+    }
+
+    /// Un-protects `r` once every page of it is copied (waiting for pages the handler is
+    /// copying right now).
+    fn release(&self, r: Range) -> Result<(), SnapshotError> {
+        let i0 = self.index(r.start()).expect("range inside the snapshot");
+        for s in &self.state[i0..i0 + r.pages() as usize] {
             while s.load(Ordering::Acquire) == COPYING {
                 std::hint::spin_loop();
             }
@@ -458,6 +478,34 @@ fn protect_all<M: Mm + ?Sized>(
     })
 }
 
+/// Before the pause: un-protects each page a writer faults on and records it, until `stop`.
+fn prearm_handler<M: Mm + ?Sized>(mm: &M, stop: &AtomicBool) -> Result<RangeSet, SnapshotError> {
+    // Polls without blocking and naps 50 us when idle: a sleeping poll(2) could only be
+    // interrupted by its timeout, and this thread must notice `stop` at once, inside the pause.
+    let mut dirty = RangeSet::new();
+    let uffd_err = |op, addr| move |errno| SnapshotError::Uffd { op, addr, errno };
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        let evs = mm.read_events(64).map_err(uffd_err("read(uffd)", 0))?;
+        if evs.is_empty() {
+            if stopping {
+                return Ok(dirty);
+            }
+            std::thread::sleep(Duration::from_micros(50));
+            continue;
+        }
+        for ev in evs {
+            if let Event::PageFault { address, .. } = ev {
+                let start = address & !(PAGE_SIZE - 1);
+                let page = Range::from_bounds(start, start + PAGE_SIZE);
+                mm.writeprotect(page, WpMode::Unprotect { dontwake: false })
+                    .map_err(uffd_err("UFFDIO_WRITEPROTECT(unprotect)", start))?;
+                dirty.insert(page);
+            }
+        }
+    }
+}
+
 /// Takes a live snapshot of `ranges`. See the module docs.
 pub fn take<M: Mm + ?Sized>(
     mm: &M,
@@ -508,12 +556,49 @@ pub fn take<M: Mm + ?Sized>(
         skip_pinned: true,
         on_error: opts.on_error,
     };
-    let t_pause = Instant::now();
-    quiesce.freeze();
-    guard.frozen = true;
-    let t_protect = Instant::now();
-    let results = protect_all(mm, ranges, opts.protect_threads, &wp_opts);
-    let protect_us = t_protect.elapsed().as_secs_f64() * 1e6;
+    let prearm_dirty_pages;
+    let (t_pause, protect_us, results, freeze_us) = if opts.prearm {
+        // Protect everything while the writers run; pages they write meanwhile are
+        // un-protected by a handler and recorded, and only those are re-protected in the pause.
+        let stop = AtomicBool::new(false);
+        let (res, t_pause, dirty, freeze_us) = std::thread::scope(|s| {
+            let h = s.spawn(|| prearm_handler(mm, &stop));
+            let res = protect_all(mm, ranges, opts.protect_threads, &wp_opts);
+            let t_pause = Instant::now();
+            quiesce.freeze();
+            let freeze_us = t_pause.elapsed().as_secs_f64() * 1e6;
+            stop.store(true, Ordering::Release);
+            let dirty = h.join().expect("prearm handler thread");
+            (res, t_pause, dirty, freeze_us)
+        });
+        guard.frozen = true;
+        let dirty = dirty?;
+        prearm_dirty_pages = dirty.pages();
+        let t_protect = Instant::now();
+        // Phase-1 reports still count: what they could not protect is handled below.
+        let mut results = res;
+        results.extend(protect_all(mm, &dirty, 1, &wp_opts));
+        (
+            t_pause,
+            t_protect.elapsed().as_secs_f64() * 1e6,
+            results,
+            freeze_us,
+        )
+    } else {
+        prearm_dirty_pages = 0;
+        let t_pause = Instant::now();
+        quiesce.freeze();
+        let freeze_us = t_pause.elapsed().as_secs_f64() * 1e6;
+        guard.frozen = true;
+        let t_protect = Instant::now();
+        let results = protect_all(mm, ranges, opts.protect_threads, &wp_opts);
+        (
+            t_pause,
+            t_protect.elapsed().as_secs_f64() * 1e6,
+            results,
+            freeze_us,
+        )
+    };
     let mut skipped = RangeSet::new();
     let mut unprotected = RangeSet::new();
     let mut raw_calls = 0;
@@ -598,13 +683,18 @@ pub fn take<M: Mm + ?Sized>(
     let mut copier = |sh: &Shared<'_, M>| -> Result<(), SnapshotError> {
         let mut done = 0;
         for r in sh.ranges.iter() {
-            for chunk in r.split_at_multiples(chunk_pages * PAGE_SIZE) {
-                if matches!(opts.handler, HandlerMode::Inline { .. }) {
-                    sh.serve_pending()?;
+            // Un-protecting flushes TLBs on every CPU running the writers: do it per 2 MiB,
+            // while faults are polled for every `chunk_pages`.
+            for batch in r.split_at_multiples(RELEASE_BATCH) {
+                for chunk in batch.split_at_multiples(chunk_pages * PAGE_SIZE) {
+                    if matches!(opts.handler, HandlerMode::Inline { .. }) {
+                        sh.serve_pending()?;
+                    }
+                    sh.copy_unclaimed(chunk)?;
+                    done += chunk.pages();
+                    progress(done, total_pages);
                 }
-                sh.copy_chunk(chunk)?;
-                done += chunk.pages();
-                progress(done, total_pages);
+                sh.release(batch)?;
             }
         }
         Ok(())
@@ -647,7 +737,9 @@ pub fn take<M: Mm + ?Sized>(
     let report = SnapshotReport {
         consistent: None,
         pause_us,
+        freeze_us,
         protect_us,
+        prearm_dirty_pages,
         pages: captured / PAGE_SIZE,
         bytes: captured,
         faults_served: faults,

@@ -1,0 +1,185 @@
+//! `uffd-wp snapshot`: a live snapshot of the built-in workload, checked by its oracle.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use uffd_wp::linux::LinuxMm;
+use uffd_wp::range::{PAGE_SIZE, RangeSet, parse_size};
+use uffd_wp::snapshot::{self, FnQuiesce, HandlerMode, SnapshotOptions, Source};
+use uffd_wp::workload::{Workload, WorkloadConfig};
+
+use crate::{CliError, print_json};
+
+/// Arguments of `uffd-wp snapshot`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Size of the built-in workload's region (K, M, G suffixes).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    size: u64,
+    /// Writer threads of the workload.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Back the region with transparent huge pages.
+    #[arg(long)]
+    thp: bool,
+    /// Serve faults from a dedicated thread instead of inline in the copier.
+    #[arg(long)]
+    handler_thread: bool,
+    /// Threads that write-protect during the pause (default: the CPU count for 4 KiB pages,
+    /// 1 with THP, where splitting costs more than it saves).
+    #[arg(long)]
+    protect_threads: Option<usize>,
+    /// Protect the whole range inside the pause instead of pre-arming before it (pre-arming is
+    /// the default for 4 KiB pages; never used with THP).
+    #[arg(long)]
+    no_prearm: bool,
+    /// Write the image to this file (format: docs/snapshot-format.md).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Print the JSON report.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs it.
+pub fn run(a: &Args) -> Result<(), CliError> {
+    if a.size < PAGE_SIZE || a.size % PAGE_SIZE != 0 || a.threads == 0 {
+        return Err(CliError::Usage(format!(
+            "--size must be a non-zero multiple of {PAGE_SIZE} and --threads at least 1"
+        )));
+    }
+    let mm = LinuxMm::open().map_err(|e| CliError::Usage(format!("userfaultfd: {e}")))?;
+    let w = Workload::start(WorkloadConfig {
+        size: a.size,
+        threads: a.threads,
+        thp: a.thp,
+        ..WorkloadConfig::default()
+    })
+    .map_err(|e| {
+        CliError::Usage(format!(
+            "starting the workload: {}",
+            uffd_wp::sys::errno_name(e)
+        ))
+    })?;
+    w.resume();
+    std::thread::sleep(Duration::from_millis(50));
+
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let opts = SnapshotOptions {
+        protect_threads: a.protect_threads.unwrap_or(if a.thp { 1 } else { cpus }),
+        handler: if a.handler_thread {
+            HandlerMode::Thread
+        } else {
+            SnapshotOptions::default().handler
+        },
+        prearm: !a.thp && !a.no_prearm,
+        ..SnapshotOptions::default()
+    };
+    let bar = if std::io::stdout().is_terminal() && !a.json {
+        let b = ProgressBar::new(w.pages());
+        b.set_style(
+            ProgressStyle::with_template("copying {bar:40} {pos}/{len} pages {elapsed}")
+                .expect("progress template"),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let at_freeze = Mutex::new(Vec::new());
+    let q = FnQuiesce(
+        || {
+            w.pause();
+            *at_freeze.lock().expect("versions") = w.versions();
+        },
+        || w.resume(),
+    );
+    let writes_before = w.writes();
+    let (img, mut rep) = snapshot::take(
+        &mm,
+        &RangeSet::single(w.range()),
+        Source::Mapping(w.mapping()),
+        &q,
+        &opts,
+        |done, _| bar.set_position(done),
+    )
+    .map_err(|e| CliError::Usage(format!("snapshot: {e}")))?;
+    bar.finish_and_clear();
+    let writes_during = w.writes() - writes_before;
+    w.pause();
+    let versions = at_freeze.into_inner().expect("versions");
+    let base = w.range().start();
+    let bad = Workload::check_image(&versions, |p| img.page(base + p * PAGE_SIZE));
+    rep.consistent = Some(bad.is_empty());
+    let stored = match &a.out {
+        Some(path) => {
+            let f = std::fs::File::create(path)
+                .map_err(|e| CliError::Usage(format!("creating {}: {e}", path.display())))?;
+            let (stored, _) = img
+                .write_to(std::io::BufWriter::new(f))
+                .map_err(|e| CliError::Usage(format!("writing {}: {e}", path.display())))?;
+            Some(stored)
+        }
+        None => None,
+    };
+    if a.json {
+        let mut v = serde_json::to_value(&rep).expect("report");
+        v["fault_latency_us"] = v["fault_service_us"].clone();
+        v["workload"] = serde_json::json!({
+            "size": a.size, "threads": a.threads, "thp": a.thp,
+            "writes_during_snapshot": writes_during,
+            "inconsistent_pages": bad.len(),
+        });
+        if let Some(s) = stored {
+            v["stored_pages"] = s.into();
+        }
+        print_json(&v);
+    } else {
+        println!(
+            "snapshot of {} MiB ({} writer threads, {}): {}",
+            a.size >> 20,
+            a.threads,
+            if a.thp { "THP" } else { "4 KiB pages" },
+            if bad.is_empty() {
+                "CONSISTENT"
+            } else {
+                "INCONSISTENT"
+            }
+        );
+        println!(
+            "  pause            {:.0} us (stopping writers {:.0} us, write-protect {:.0} us, {} raw calls)",
+            rep.pause_us, rep.freeze_us, rep.protect_us, rep.protect_raw_calls
+        );
+        println!(
+            "  copy             {:.1} ms, {:.0} MB/s",
+            rep.copy_ms, rep.copy_mb_s
+        );
+        println!(
+            "  faults served    {} (p50 {:.1} us, p99 {:.1} us, max {:.1} us)",
+            rep.faults_served,
+            rep.fault_service_us.p50,
+            rep.fault_service_us.p99,
+            rep.fault_service_us.max
+        );
+        println!("  writes meanwhile {writes_during}");
+        println!("  pinned pages     {}", rep.pinned_pages);
+        println!("  not captured     {}", rep.not_captured.len());
+        if let Some(s) = stored {
+            println!(
+                "  image            {} ({} pages stored, zero pages omitted)",
+                a.out.as_ref().expect("out").display(),
+                s
+            );
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Unverified(format!(
+            "{} pages inconsistent with the snapshot point, first: {:?}",
+            bad.len(),
+            &bad[..bad.len().min(3)]
+        )))
+    }
+}
