@@ -219,3 +219,32 @@ fn the_oracle_catches_late_and_torn_pages() {
     let base = w.range().start();
     assert!(!Workload::check_image(&later, |p| img.page(base + p * PAGE_SIZE)).is_empty());
 }
+
+/// The stress run: 4 writer threads, 50 snapshots of 256 MiB, every one checked by the
+/// oracle, alternating handler modes and pre-arming.
+#[test]
+fn stress_50_snapshots_of_256_mib_with_4_writers_are_all_consistent() {
+    let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
+        return;
+    };
+    let w = workload(256 << 20, 4);
+    w.resume();
+    let mut faults = 0;
+    for i in 0..50 {
+        let opts = SnapshotOptions {
+            handler: if i % 2 == 0 {
+                HandlerMode::Inline { chunk_pages: 32 }
+            } else {
+                HandlerMode::Thread
+            },
+            prearm: i % 3 != 0,
+            ..SnapshotOptions::default()
+        };
+        let (img, rep, versions) = run(&mm, &w, &opts);
+        check(&w, &img, &versions);
+        faults += rep.faults_served;
+    }
+    assert!(faults > 0);
+    w.pause();
+    assert_eq!(wp_bits_left(&w), 0);
+}
