@@ -1,5 +1,6 @@
 //! `uffd-wp`: exact, pin-aware userfaultfd write-protection from the command line.
 
+mod bench;
 mod probe;
 mod scenario;
 mod snapshot;
@@ -25,6 +26,8 @@ enum Command {
     Scenario(scenario::Args),
     /// Take a live copy-on-write snapshot of the built-in workload and check it with its oracle.
     Snapshot(snapshot::Args),
+    /// Benchmarks on the real kernel: `bench protect` (exact write_protect against the raw ioctl).
+    Bench(bench::Args),
     /// Dirty-tracking epochs over the built-in workload, each beside the writers' ground truth.
     Track(track::Args),
 }
@@ -35,6 +38,9 @@ pub enum CliError {
     /// A scenario could not run.
     #[error(transparent)]
     Scenario(#[from] uffd_wp::scenario::ScenarioError),
+    /// A benchmark could not run, or a measured report was wrong.
+    #[error(transparent)]
+    Bench(#[from] uffd_wp::bench::BenchError),
     /// Dirty tracking failed.
     #[error(transparent)]
     Track(#[from] uffd_wp::track::TrackError),
@@ -53,6 +59,7 @@ fn main() -> ExitCode {
         Command::Probe(a) => probe::run(&a),
         Command::Scenario(a) => scenario::run(&a),
         Command::Snapshot(a) => snapshot::run(&a),
+        Command::Bench(a) => bench::run(&a),
         Command::Track(a) => track::run(&a),
     };
     match res {

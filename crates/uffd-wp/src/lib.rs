@@ -11,6 +11,7 @@
 //!   the reference model lives in the `uffd-wp-model` crate;
 //! - [`sys`]: the raw kernel interface, the only module with `unsafe`.
 
+pub mod bench;
 pub mod features;
 pub mod inject;
 pub mod linux;

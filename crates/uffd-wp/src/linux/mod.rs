@@ -190,10 +190,18 @@ impl LinuxMm {
     /// The uffd-wp pages of `r` through `PAGEMAP_SCAN`: a page is protected when it is present
     /// or a swap entry/marker and not `PAGE_IS_WRITTEN` (fs/proc/task_mmu.c,
     /// pagemap_page_category: WRITTEN is exactly "no uffd-wp bit").
+    ///
+    /// The kernel is asked for the protected pages only (`!WRITTEN` through
+    /// `category_inverted`), not for every present page with its WRITTEN bit: a page that does
+    /// not match costs the walk only, while each matching page also goes through
+    /// pagemap_scan_output(). Reading back 512 MiB of unprotected 4 KiB pages costs ~0.25 ms
+    /// this way against ~1.4 ms when every page is returned (docs/benchmarks.md).
     fn wp_pages_scan(&self, r: Range) -> Result<RangeSet, Errno> {
         let req = ScanRequest {
             start: r.start(),
             end: r.end(),
+            category_inverted: category::WRITTEN,
+            category_mask: category::WRITTEN,
             category_anyof_mask: category::PRESENT | category::SWAPPED,
             return_mask: category::WRITTEN,
             ..Default::default()
@@ -202,7 +210,6 @@ impl LinuxMm {
         Ok(res
             .regions
             .iter()
-            .filter(|g| g.categories & category::WRITTEN == 0)
             .map(|g| Range::from_bounds(g.start, g.end))
             .collect())
     }
@@ -291,5 +298,99 @@ impl Mm for LinuxMm {
                 std::fs::write("/proc/self/clear_refs", "4").map_err(|e| errno_of(&e))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::range::PAGE_SIZE;
+    use crate::sys::mem::{Backing, Mapping, Thp};
+    use crate::sys::pagemap::bits;
+
+    /// A backend, or a skip naming the feature (a panic with `UFFD_WP_REQUIRE_KERNEL=1`).
+    fn open() -> Option<LinuxMm> {
+        match LinuxMm::open() {
+            Ok(mm) if mm.pagemap_scan && mm.features().contains(Features::WP_UNPOPULATED) => {
+                Some(mm)
+            }
+            res => {
+                let why = match res {
+                    Ok(_) => "PAGEMAP_SCAN and UFFD_FEATURE_WP_UNPOPULATED".to_string(),
+                    Err(e) => format!("userfaultfd: {e}"),
+                };
+                if std::env::var("UFFD_WP_REQUIRE_KERNEL").is_ok_and(|v| v == "1") {
+                    panic!("kernel feature required (UFFD_WP_REQUIRE_KERNEL=1): {why}");
+                }
+                eprintln!("SKIPPED: needs kernel feature {why}");
+                None
+            }
+        }
+    }
+
+    /// Pagemap bit 57 of every page of `r`, read directly.
+    fn bit57(r: Range) -> RangeSet {
+        let pm = Pagemap::open_self().unwrap();
+        let e = pm.entries(r.start(), r.pages()).unwrap();
+        e.iter()
+            .enumerate()
+            .filter(|(_, x)| *x & bits::UFFD_WP != 0)
+            .map(|(i, _)| {
+                let a = r.start() + i as u64 * PAGE_SIZE;
+                Range::from_bounds(a, a + PAGE_SIZE)
+            })
+            .collect()
+    }
+
+    fn pages(r: Range, a: u64, b: u64) -> Range {
+        Range::from_bounds(r.start() + a * PAGE_SIZE, r.start() + b * PAGE_SIZE)
+    }
+
+    /// The PAGEMAP_SCAN read-back (protected pages only) equals pagemap bit 57 over present
+    /// protected and unprotected pages, markers on unpopulated pages, pte_none pages, and a THP
+    /// partly protected (split) or wholly protected.
+    #[test]
+    fn wp_pages_scan_equals_pagemap_bit_57() {
+        let Some(mm) = open() else { return };
+        // 4 KiB pages: [0, 32) populated, [32, 64) not.
+        let m = Mapping::new(64 * PAGE_SIZE, PAGE_SIZE, Backing::Anon, Thp::NoHuge).unwrap();
+        let r = m.range();
+        mm.register(r, RegisterMode::WP).unwrap();
+        m.touch(pages(r, 0, 32), 1).unwrap();
+        mm.writeprotect(pages(r, 8, 40), WpMode::Protect).unwrap();
+        mm.writeprotect(pages(r, 48, 50), WpMode::Protect).unwrap();
+        mm.writeprotect(pages(r, 10, 12), WpMode::Unprotect { dontwake: false })
+            .unwrap();
+        let want: RangeSet = [(8, 10), (12, 40), (48, 50)]
+            .iter()
+            .map(|&(a, b)| pages(r, a, b))
+            .collect();
+        assert_eq!(bit57(r), want, "the kernel's own bits");
+        assert_eq!(mm.wp_pages(r).unwrap(), want);
+        assert_eq!(mm.wp_pages_scan(r).unwrap(), want);
+        // A sub-range starting inside a protected run.
+        let sub = pages(r, 20, 60);
+        assert_eq!(mm.wp_pages(sub).unwrap(), bit57(sub));
+
+        // THP: 3 huge pages; the first wholly protected, one 4 KiB page of the second.
+        let h = Mapping::new(6 << 20, 2 << 20, Backing::Anon, Thp::Huge).unwrap();
+        let hr = h.range();
+        mm.register(hr, RegisterMode::WP).unwrap();
+        h.touch(hr, 1).unwrap();
+        mm.writeprotect(
+            Range::from_bounds(hr.start(), hr.start() + (2 << 20)),
+            WpMode::Protect,
+        )
+        .unwrap();
+        let one = Range::from_bounds(hr.start() + (3 << 20), hr.start() + (3 << 20) + PAGE_SIZE);
+        mm.writeprotect(one, WpMode::Protect).unwrap();
+        let expect = bit57(hr);
+        assert_eq!(
+            expect.bytes(),
+            (2 << 20) + PAGE_SIZE,
+            "the kernel's own bits"
+        );
+        assert_eq!(mm.wp_pages(hr).unwrap(), expect);
+        drop(mm);
     }
 }

@@ -177,13 +177,22 @@ impl Pagemap {
 
     /// `PAGEMAP_SCAN` over the whole request, continuing from `walk_end` while the vector fills.
     /// With `max_pages`, stops once that many pages matched (over all calls).
+    ///
+    /// The first call gets room for a few regions (most read-backs find one or none) and the
+    /// room grows while calls fill it, so a scan does not pay for zeroing a large vector it does
+    /// not need.
     pub fn scan(&self, req: &ScanRequest) -> Result<ScanResult, Errno> {
-        const VEC_LEN: usize = 4096;
+        const VEC_FIRST: usize = 64;
+        const VEC_MAX: usize = 4096;
+        let mut vec_len = VEC_FIRST;
         let mut regions: Vec<Region> = Vec::new();
         let mut cur = *req;
         let mut found = 0u64;
         loop {
-            let r = self.scan_once(&cur, VEC_LEN)?;
+            let r = self.scan_once(&cur, vec_len)?;
+            if r.regions.len() >= vec_len {
+                vec_len = (vec_len * 8).min(VEC_MAX);
+            }
             for reg in r.regions {
                 found += (reg.end - reg.start) / 4096;
                 match regions.last_mut() {
