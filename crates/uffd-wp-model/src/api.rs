@@ -9,9 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use uffd_wp::features::Features;
-use uffd_wp::mm::{
-    Errno, Event, Mm, PageState, RegisterMode, ScanRequest, ScanResult, WpMode, pages_where,
-};
+use uffd_wp::mm::{Errno, Event, Mm, PageState, RegisterMode, ScanRequest, ScanResult, WpMode};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
 use uffd_wp::sys::pagemap::category;
 
@@ -476,9 +474,10 @@ impl Model {
             .collect()
     }
 
-    /// The pages of `r` whose uffd-wp bit is set (a page-table walk).
+    /// The pages of `r` whose uffd-wp bit is set (a page-table walk; the same pages as pagemap
+    /// bit 57).
     pub fn wp_set(&self, r: Range) -> RangeSet {
-        pages_where(r, &self.page_states(r), |s| s.uffd_wp)
+        self.k().wp_ranges(r.start(), r.end())
     }
 
     /// The bytes of `r` not write-protected, pinned pages counting as protected when
@@ -500,13 +499,7 @@ impl Model {
 
     /// The pages of `r` whose folio may be DMA-pinned (the model knows the true pin counts).
     pub fn pinned_pages(&self, r: Range) -> RangeSet {
-        let k = self.k();
-        r.page_iter()
-            .filter(|p| {
-                k.mapped_frame(p.start())
-                    .is_some_and(|f| k.frames.pinned(f))
-            })
-            .collect()
+        self.k().pinned_ranges(r.start(), r.end())
     }
 
     /// Long-term pinned pages (`VmPin` in /proc/PID/status, in pages).

@@ -549,6 +549,50 @@ impl Kernel {
         self.pins.get(&pin).map(|p| p.start)
     }
 
+    /// The pages of `[start, end)` mapping a folio that may be DMA-pinned.
+    pub(crate) fn pinned_ranges(&self, start: u64, end: u64) -> uffd_wp::range::RangeSet {
+        use uffd_wp::range::Range;
+        let mut out = uffd_wp::range::RangeSet::new();
+        if self.pins.is_empty() {
+            return out;
+        }
+        for v in self.vmas_in(start, end) {
+            let (s, e) = (v.start.max(start), v.end.min(end));
+            let mut a = s;
+            while a < e {
+                let next = crate::pt::addr_end(a, e, crate::pt::PMD);
+                match self.pt.pmd(a) {
+                    None => {
+                        a = crate::pt::addr_end(a, e, crate::pt::PUD);
+                        continue;
+                    }
+                    Some(Pmd::Thp(h)) | Some(Pmd::Hugetlb(h)) => {
+                        if self.frames.pinned(h.base) {
+                            out.insert(Range::from_bounds(a, next));
+                        }
+                    }
+                    Some(Pmd::Table(t)) => {
+                        let i0 = pte_index(a);
+                        for (j, p) in t.e[i0..i0 + ((next - a) / PAGE) as usize]
+                            .iter()
+                            .enumerate()
+                        {
+                            if let Pte::Present { frame, .. } = p
+                                && self.frames.pinned(*frame)
+                            {
+                                let at = a + j as u64 * PAGE;
+                                out.insert(Range::from_bounds(at, at + PAGE));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                a = next;
+            }
+        }
+        out
+    }
+
     /// The frame mapped at `a`, if a page is present there.
     pub(crate) fn mapped_frame(&self, a: u64) -> Option<FrameId> {
         match self.pt.pmd(a)? {

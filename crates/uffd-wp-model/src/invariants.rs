@@ -40,7 +40,7 @@ pub(crate) fn check(k: &Kernel) -> Result<(), String> {
                     Pmd::Thp(h) | Pmd::Hugetlb(h) => {
                         let v = k
                             .vma_at(base)
-                            .ok_or(format!("huge entry outside VMAs at {base:#x}"))?;
+                            .ok_or_else(|| format!("huge entry outside VMAs at {base:#x}"))?;
                         let huge_ok = if matches!(m, Pmd::Thp(_)) {
                             v.is_anon()
                         } else {
@@ -61,14 +61,16 @@ pub(crate) fn check(k: &Kernel) -> Result<(), String> {
                         }
                     }
                     Pmd::Table(t) => {
+                        let vmas = k.vmas_in(base, base + PMD);
                         for (i, e) in t.e.iter().enumerate() {
                             if *e == Pte::None {
                                 continue;
                             }
                             let a = base + i as u64 * PAGE;
-                            let v = k
-                                .vma_at(a)
-                                .ok_or(format!("PTE {e:?} outside VMAs at {a:#x}"))?;
+                            let v = vmas
+                                .iter()
+                                .find(|v| v.start <= a && a < v.end)
+                                .ok_or_else(|| format!("PTE {e:?} outside VMAs at {a:#x}"))?;
                             if v.is_hugetlb() {
                                 return Err(format!("PTE in a hugetlb VMA at {a:#x}"));
                             }

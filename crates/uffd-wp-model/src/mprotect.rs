@@ -45,6 +45,7 @@
 //! it leaves pages whose folio may be DMA-pinned (`folio_maybe_dma_pinned()`) untouched.
 
 use uffd_wp::mm::Errno;
+use uffd_wp::range::{Range, RangeSet};
 
 use crate::alloc::Level;
 use crate::kernel::{Kernel, Vma, validate_range};
@@ -346,6 +347,61 @@ impl Kernel {
         } else {
             wp * PAGE
         }
+    }
+
+    /// The write-protected pages of `[start, end)` (uffd-wp bit set on a present page, a swap
+    /// entry or a marker), by a walk of the page tables.
+    pub(crate) fn wp_ranges(&self, start: u64, end: u64) -> RangeSet {
+        let mut out = RangeSet::new();
+        let mut run: Option<u64> = None;
+        let flush = |run: &mut Option<u64>, at: u64, out: &mut RangeSet| {
+            if let Some(s) = run.take() {
+                out.insert(Range::from_bounds(s, at));
+            }
+        };
+        for v in self.vmas_in(start, end) {
+            let (s, e) = (v.start.max(start), v.end.min(end));
+            let mut a = s;
+            while a < e {
+                let next = addr_end(a, e, PMD);
+                match self.pt.pmd(a) {
+                    None => {
+                        let n = addr_end(a, e, PUD);
+                        flush(&mut run, a, &mut out);
+                        a = n;
+                        continue;
+                    }
+                    Some(Pmd::None) => flush(&mut run, a, &mut out),
+                    Some(Pmd::Thp(h)) | Some(Pmd::Hugetlb(h)) => {
+                        if h.wp {
+                            run.get_or_insert(a);
+                        } else {
+                            flush(&mut run, a, &mut out);
+                        }
+                    }
+                    Some(Pmd::HugetlbMarker) => {
+                        run.get_or_insert(a);
+                    }
+                    Some(Pmd::Table(t)) => {
+                        let i0 = pte_index(a);
+                        for (j, p) in t.e[i0..i0 + ((next - a) / PAGE) as usize]
+                            .iter()
+                            .enumerate()
+                        {
+                            let at = a + j as u64 * PAGE;
+                            if p.uffd_wp() {
+                                run.get_or_insert(at);
+                            } else {
+                                flush(&mut run, at, &mut out);
+                            }
+                        }
+                    }
+                }
+                a = next;
+            }
+            flush(&mut run, e, &mut out);
+        }
+        out
     }
 
     /// Pages of `[start, end)` that are mapped and write-protected (or pinned, when

@@ -496,40 +496,45 @@ impl Kernel {
                     protect.push(i);
                 }
             }
-        } else if s.anyof == 0
-            && s.inverted == 0
-            && s.mask == cat::WRITTEN
-            && s.ret_mask == cat::WRITTEN
-        {
-            for (i, e) in entries.iter().enumerate() {
-                if already_wp(*e) {
-                    continue;
-                }
-                let addr = start + i as u64 * PAGE;
-                let mut next = addr + PAGE;
-                ret = s.output(vma_cat | cat::WRITTEN, addr, &mut next);
-                if next == addr {
-                    break;
-                }
-                if s.wp() {
-                    protect.push(i);
-                }
-            }
         } else {
-            for (i, e) in entries.iter().enumerate() {
-                let c = vma_cat | pte_category(s, self, *e);
-                if !s.interesting(c) {
+            // The written-only fast path and the general loop, page by page in the kernel; here
+            // by runs of pages with equal categories, which outputs and truncates identically
+            // (pagemap_scan_output() merges a page into the current region when it continues
+            // it with the same categories).
+            let fast = s.anyof == 0
+                && s.inverted == 0
+                && s.mask == cat::WRITTEN
+                && s.ret_mask == cat::WRITTEN;
+            let cat_of = |e: Pte| -> Option<u64> {
+                if fast {
+                    (!already_wp(e)).then_some(vma_cat | cat::WRITTEN)
+                } else {
+                    let c = vma_cat | pte_category(s, self, e);
+                    s.interesting(c).then_some(c)
+                }
+            };
+            let cats: Vec<Option<u64>> = entries.iter().map(|e| cat_of(*e)).collect();
+            let mut i = 0usize;
+            while i < n {
+                let Some(c) = cats[i] else {
+                    i += 1;
                     continue;
+                };
+                let mut j = i + 1;
+                while j < n && cats[j] == Some(c) {
+                    j += 1;
                 }
                 let addr = start + i as u64 * PAGE;
-                let mut next = addr + PAGE;
+                let mut next = start + j as u64 * PAGE;
                 ret = s.output(c, addr, &mut next);
-                if next == addr {
+                let done = ((next - addr) / PAGE) as usize;
+                if s.wp() && (fast || c & cat::WRITTEN != 0) {
+                    protect.extend(i..i + done);
+                }
+                if done < j - i {
                     break;
                 }
-                if s.wp() && c & cat::WRITTEN != 0 {
-                    protect.push(i);
-                }
+                i = j;
             }
         }
         if !protect.is_empty()

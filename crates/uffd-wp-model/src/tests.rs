@@ -604,3 +604,27 @@ fn scan_max_pages_and_walk_end() {
     assert_eq!(raw.result, Err(Errno::PERM));
     assert_eq!(raw.walk_end, r.end());
 }
+
+#[test]
+fn wp_set_equals_pagemap_bit_57() {
+    let mm = open(Semantics::Linux, UffdConfig::default());
+    let m = mm.model();
+    let r = m
+        .map(3 * PMD_SIZE, PMD_SIZE, MapKind::Anon(Thp::Huge))
+        .unwrap();
+    let h = m.map(2 * PMD_SIZE, PMD_SIZE, MapKind::Hugetlb).unwrap();
+    mm.register(r, RegisterMode::WP).unwrap();
+    mm.register(h, RegisterMode::WP).unwrap();
+    write(m, r.start());
+    write(m, r.start() + PMD_SIZE + 9 * P);
+    write(m, h.start());
+    mm.writeprotect(pages(r, 3, 700), WpMode::Protect).unwrap();
+    mm.writeprotect(h, WpMode::Protect).unwrap();
+    m.madvise(pages(r, 10, 12), Advice::DontNeed).unwrap();
+    for x in [r, h] {
+        assert_eq!(
+            m.wp_set(x),
+            uffd_wp::mm::pages_where(x, &m.page_states(x), |s| s.uffd_wp)
+        );
+    }
+}

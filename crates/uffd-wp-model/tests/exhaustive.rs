@@ -1,0 +1,362 @@
+//! Every page-table allocation of a protect, failed in turn, under both semantics.
+//!
+//! For layouts whose range spans several PMDs, PUDs (and a PGD boundary), each allocation index
+//! the protect needs is failed alone (`FailPolicy::Nth`) and as the start of a budget that never
+//! comes back (`FailPolicy::Budget`). Each time, on a freshly built identical model:
+//! - the exact engine's `WpReport` (protect::write_protect on the model) partitions the request
+//!   and its `protected` set equals the model's true page state;
+//! - under `proposed`, the proposed call's returned bytes-not-protected equal the report's (and
+//!   the true state's);
+//! - under `linux`, one raw call over the whole range is also made, and the cases where it
+//!   returned success while leaving pages unprotected (the lost ENOMEM) are counted.
+
+use uffd_wp::mm::{Errno, Mm, RegisterMode, WpMode};
+use uffd_wp::protect::{OnError, WpOptions, write_protect};
+use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
+use uffd_wp_model::{
+    FailPolicy, MapKind, ModelConfig, ModelMm, PinFlags, Progress, Semantics, Thp, UffdConfig,
+};
+
+const P: u64 = PAGE_SIZE;
+const PGDIR: u64 = 1 << 39;
+
+/// A layout: builds a fresh model and returns the uffd and the range to protect.
+struct Layout {
+    name: &'static str,
+    build: fn(Semantics) -> (ModelMm, Range),
+    /// Check every index (else every `stride`th in debug builds).
+    always_full: bool,
+    /// Has pinned pages: also run with `skip_pinned`.
+    pins: bool,
+}
+
+fn touch(mm: &ModelMm, a: u64) {
+    assert_eq!(mm.model().write(a, b"t").unwrap(), Progress::Done(()));
+}
+
+fn open(sem: Semantics) -> ModelMm {
+    ModelMm::open(ModelConfig::with_semantics(sem), UffdConfig::default()).unwrap()
+}
+
+/// PUD 0's last 3 slots (one populated), PUDs 1 and 2 populated except every 64th slot, PUD 3's
+/// first 3 slots (no PMD table yet).
+fn spans_puds(sem: Semantics) -> (ModelMm, Range) {
+    let mm = open(sem);
+    let m = mm.model();
+    let base = m
+        .map_at(
+            Some(16 * PUD_SIZE),
+            4 * PUD_SIZE,
+            PUD_SIZE,
+            MapKind::Anon(Thp::NoHuge),
+        )
+        .unwrap()
+        .start();
+    let r = Range::from_bounds(
+        base + PUD_SIZE - 3 * PMD_SIZE,
+        base + 3 * PUD_SIZE + 3 * PMD_SIZE,
+    );
+    mm.register(r, RegisterMode::WP).unwrap();
+    touch(&mm, base + PUD_SIZE - PMD_SIZE + 7 * P);
+    for s in 512..1536 {
+        if s % 64 != 5 {
+            touch(&mm, base + s * PMD_SIZE + (s % 512) * P);
+        }
+    }
+    (mm, r)
+}
+
+/// Across a 512 GiB PGD boundary: the upper PGD entry has no PUD table yet.
+fn spans_pgd(sem: Semantics) -> (ModelMm, Range) {
+    let mm = open(sem);
+    let m = mm.model();
+    let b = PGDIR - 4 * PMD_SIZE;
+    let r = m
+        .map_at(Some(b), 8 * PMD_SIZE, PMD_SIZE, MapKind::Anon(Thp::NoHuge))
+        .unwrap();
+    mm.register(r, RegisterMode::WP).unwrap();
+    touch(&mm, b);
+    touch(&mm, b + 2 * PMD_SIZE + P);
+    (mm, r)
+}
+
+/// Several VMAs across a PUD boundary: a THP (split by the partial range), a gap, a memfd, and
+/// anonymous memory with swap entries and a pinned page.
+fn mixed(sem: Semantics) -> (ModelMm, Range) {
+    let mm = open(sem);
+    let m = mm.model();
+    let base = 40 * PUD_SIZE;
+    let thp = m
+        .map_at(
+            Some(base - 4 * PMD_SIZE),
+            2 * PMD_SIZE,
+            PMD_SIZE,
+            MapKind::Anon(Thp::Huge),
+        )
+        .unwrap();
+    touch(&mm, thp.start() + P);
+    touch(&mm, thp.start() + PMD_SIZE + P);
+    let fd = m
+        .map_at(
+            Some(base - PMD_SIZE),
+            2 * PMD_SIZE,
+            PMD_SIZE,
+            MapKind::Memfd,
+        )
+        .unwrap();
+    touch(&mm, fd.start() + 3 * P);
+    let anon = m
+        .map_at(
+            Some(base + PMD_SIZE),
+            3 * PMD_SIZE,
+            PMD_SIZE,
+            MapKind::Anon(Thp::NoHuge),
+        )
+        .unwrap();
+    touch(&mm, anon.start());
+    touch(&mm, anon.start() + P);
+    touch(&mm, anon.start() + 2 * PMD_SIZE);
+    m.madvise(
+        Range::from_bounds(anon.start(), anon.start() + P),
+        uffd_wp_model::Advice::PageOut,
+    )
+    .unwrap();
+    m.pin(
+        Range::from_bounds(anon.start() + P, anon.start() + 2 * P),
+        PinFlags::IO_URING,
+    )
+    .unwrap();
+    for v in [thp, fd, anon] {
+        mm.register(v, RegisterMode::WP).unwrap();
+    }
+    let r = Range::from_bounds(thp.start() + 7 * P, anon.end() - 9 * P);
+    (mm, r)
+}
+
+/// Hugetlb across a PUD boundary, the upper PUD without a PMD table.
+fn hugetlb(sem: Semantics) -> (ModelMm, Range) {
+    let mm = open(sem);
+    let m = mm.model();
+    let base = 64 * PUD_SIZE - 4 * PMD_SIZE;
+    let r = m
+        .map_at(Some(base), 8 * PMD_SIZE, PMD_SIZE, MapKind::Hugetlb)
+        .unwrap();
+    mm.register(r, RegisterMode::WP).unwrap();
+    touch(&mm, base + PMD_SIZE);
+    (mm, r)
+}
+
+/// The kernel-notes recipe (2 GiB, first page and one page per 2 MiB of the second GiB).
+fn recipe(sem: Semantics) -> (ModelMm, Range) {
+    let mm = open(sem);
+    let m = mm.model();
+    let r = m
+        .map_at(
+            Some(8 * PUD_SIZE),
+            2 * PUD_SIZE,
+            PUD_SIZE,
+            MapKind::Anon(Thp::NoHuge),
+        )
+        .unwrap();
+    mm.register(r, RegisterMode::WP).unwrap();
+    touch(&mm, r.start());
+    for s in 512..1024 {
+        touch(&mm, r.start() + s * PMD_SIZE);
+    }
+    (mm, r)
+}
+
+const LAYOUTS: &[Layout] = &[
+    Layout {
+        name: "spans-puds",
+        build: spans_puds,
+        always_full: true,
+        pins: false,
+    },
+    Layout {
+        name: "spans-pgd",
+        build: spans_pgd,
+        always_full: true,
+        pins: false,
+    },
+    Layout {
+        name: "mixed",
+        build: mixed,
+        always_full: true,
+        pins: true,
+    },
+    Layout {
+        name: "hugetlb",
+        build: hugetlb,
+        always_full: true,
+        pins: false,
+    },
+    Layout {
+        name: "lost-enomem-recipe",
+        build: recipe,
+        always_full: false,
+        pins: false,
+    },
+];
+
+fn partition_ok(r: Range, rep: &uffd_wp::WpReport) -> bool {
+    let all = rep.protected.union(&rep.skipped).union(&rep.not_protected);
+    let disjoint = rep.protected.intersection(&rep.skipped).is_empty()
+        && rep.protected.intersection(&rep.not_protected).is_empty()
+        && rep.skipped.intersection(&rep.not_protected).is_empty();
+    disjoint && all == RangeSet::single(r)
+}
+
+/// One case: a fresh model, `policy` set, the engine protects. Returns the report's
+/// bytes-not-protected.
+fn engine_case(l: &Layout, sem: Semantics, policy: FailPolicy, skip_pinned: bool) -> u64 {
+    let (mm, r) = (l.build)(sem);
+    mm.model().set_alloc_policy(policy);
+    let opts = WpOptions {
+        skip_pinned,
+        on_error: OnError::Stop,
+    };
+    let truth_after;
+    let bytes = match write_protect(&mm, r, &opts) {
+        Ok(rep) => {
+            assert!(
+                partition_ok(r, &rep),
+                "{} {sem:?} {policy:?}: not a partition",
+                l.name
+            );
+            truth_after = mm.model().wp_set(r);
+            assert_eq!(
+                rep.protected, truth_after,
+                "{} {sem:?} {policy:?}: report differs from the page tables",
+                l.name
+            );
+            let pinned = mm.model().pinned_pages(r);
+            if skip_pinned {
+                assert_eq!(rep.skipped, pinned);
+            }
+            rep.bytes_not_protected()
+        }
+        Err(e) => {
+            // Nothing protected at all.
+            assert!(
+                mm.model().wp_set(r).is_empty(),
+                "{} {sem:?} {policy:?}: Err({e}) but pages are protected",
+                l.name
+            );
+            r.len()
+        }
+    };
+    mm.model().check_invariants().unwrap();
+    bytes
+}
+
+#[test]
+fn every_allocation_failure_index() {
+    let mut cases = 0u64;
+    let mut lost = 0u64;
+    let mut odd_errnos = 0u64;
+    for l in LAYOUTS {
+        // How many allocations a clean protect of the layout needs.
+        let (mm, r) = (l.build)(Semantics::Linux);
+        let before = mm.model().alloc_stats().attempts;
+        mm.writeprotect(r, WpMode::Protect).unwrap();
+        let n = mm.model().alloc_stats().attempts - before;
+        assert!(n > 0, "{}: the protect allocates nothing", l.name);
+        let stride = if l.always_full || !cfg!(debug_assertions) {
+            1
+        } else {
+            37
+        };
+        for i in (1..=n + 1).step_by(stride) {
+            for policy in [FailPolicy::Nth(i), FailPolicy::Budget(i - 1)] {
+                for sem in [Semantics::Linux, Semantics::Proposed] {
+                    for skip in [false, true] {
+                        if skip && !l.pins {
+                            continue;
+                        }
+                        let report_bytes = engine_case(l, sem, policy, skip);
+                        cases += 1;
+                        match sem {
+                            Semantics::Proposed => {
+                                let (pm, pr) = (l.build)(sem);
+                                pm.model().set_alloc_policy(policy);
+                                let got = pm.writeprotect_proposed(pr, WpMode::Protect, skip);
+                                let truth = pm.model().bytes_not_protected(pr, skip);
+                                match got {
+                                    Ok(b) => {
+                                        assert_eq!(
+                                            b, report_bytes,
+                                            "{} {policy:?} skip={skip}",
+                                            l.name
+                                        );
+                                        assert_eq!(b, truth);
+                                    }
+                                    Err(e) => {
+                                        assert_eq!(e, Errno::NOMEM);
+                                        assert_eq!(
+                                            truth,
+                                            pr.len(),
+                                            "Err only when nothing is protected"
+                                        );
+                                        assert_eq!(report_bytes, pr.len());
+                                    }
+                                }
+                                pm.model().check_invariants().unwrap();
+                                cases += 1;
+                            }
+                            Semantics::Linux if !skip => {
+                                let (lm, lr) = (l.build)(sem);
+                                lm.model().set_alloc_policy(policy);
+                                let raw = lm.writeprotect(lr, WpMode::Protect);
+                                let hole = lm.model().bytes_not_protected(lr, false) > 0;
+                                match raw {
+                                    Ok(()) if hole => lost += 1,
+                                    Err(e) if e != Errno::NOMEM => odd_errnos += 1,
+                                    _ => {}
+                                }
+                                cases += 1;
+                            }
+                            Semantics::Linux => {}
+                        }
+                    }
+                }
+            }
+        }
+        println!("{}: {} allocation indices", l.name, n);
+    }
+    println!(
+        "exhaustive allocation failures: {cases} cases checked; under linux the raw call lost \
+         the ENOMEM (success over a hole) in {lost} cases and returned an errno other than \
+         ENOMEM in {odd_errnos}"
+    );
+    assert!(lost > 0, "the lost ENOMEM must show up");
+}
+
+#[test]
+fn random_failures_with_retry() {
+    // Seeded random failures; the engine's Retry policy either completes or reports exactly.
+    let mut checked = 0;
+    for seed in 0..40u64 {
+        for sem in [Semantics::Linux, Semantics::Proposed] {
+            let (mm, r) = spans_puds(sem);
+            mm.model().set_alloc_policy(FailPolicy::Random {
+                seed,
+                per_million: 50_000,
+            });
+            let opts = WpOptions {
+                skip_pinned: false,
+                on_error: OnError::Retry {
+                    attempts: 2,
+                    backoff: std::time::Duration::ZERO,
+                },
+            };
+            if let Ok(rep) = write_protect(&mm, r, &opts) {
+                assert!(partition_ok(r, &rep));
+                assert_eq!(rep.protected, mm.model().wp_set(r));
+            }
+            mm.model().check_invariants().unwrap();
+            checked += 1;
+        }
+    }
+    println!("random failures with retry: {checked} cases checked");
+}
