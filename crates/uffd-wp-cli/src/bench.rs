@@ -29,6 +29,9 @@ enum What {
     /// Exact write_protect against the raw UFFDIO_WRITEPROTECT, clean and failing half-way,
     /// on 4 KiB pages and on THP.
     Protect(ProtectArgs),
+    /// The dirty tracker's epoch against an mprotect/SIGSEGV tracker's, and the cost of a
+    /// first write under each (1 GiB, 1% written, 4 KiB pages and THP).
+    Track(crate::track::BenchArgs),
 }
 
 /// Arguments of `uffd-wp bench protect`.
@@ -106,6 +109,7 @@ struct Goals {
 pub fn run(a: &Args) -> Result<(), CliError> {
     match &a.what {
         What::Protect(p) => protect(p),
+        What::Track(t) => crate::track::bench(t),
     }
 }
 

@@ -6,6 +6,10 @@
 //! (`Workload::take_dirty`); then the writers resume. An epoch is `exact` when the tracker's
 //! dirty set (pinned pages included) equals that truth, page for page. Exit status 1 when any
 //! epoch is not exact.
+//!
+//! `uffd-wp bench track` (wired in `bench.rs`): the uffd tracker's epoch against an
+//! mprotect/SIGSEGV tracker's over 1 GiB with 1% of the pages written (see
+//! `uffd_wp::track::bench`).
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -14,6 +18,9 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use uffd_wp::range::parse_size;
+use uffd_wp::sys::mem::Thp;
+use uffd_wp::track::bench::{self as tbench, TrackBenchConfig, TrackFigures};
 use uffd_wp::track::{self, Method, Selection, TrackOptions, Tracker};
 use uffd_wp::workload::{Workload, WorkloadConfig};
 
@@ -43,27 +50,6 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-/// Parses `1G`, `256M`, `64K`, `4096` (an optional `B`/`iB` suffix is accepted).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mult) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
-        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 1G, 256M, 4096)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
@@ -241,4 +227,156 @@ pub fn run(a: &Args) -> Result<(), CliError> {
             "a tracking epoch differs from the workload's ground truth".into(),
         ))
     }
+}
+
+/// The goal: a uffd epoch at least this many times faster than an mprotect one.
+const GOAL_EPOCH_RATIO: f64 = 20.0;
+
+/// Arguments of `uffd-wp bench track`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Region size (suffix K, M, G; a multiple of 2 MiB).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Fraction of the pages written per epoch.
+    #[arg(long, default_value_t = 0.01)]
+    fraction: f64,
+    /// Timed rounds per tracker and page kind (medians are reported); one more warm-up round.
+    #[arg(long, default_value_t = 7)]
+    rounds: usize,
+    /// Only this page kind (4k or thp); both by default.
+    #[arg(long, value_parser = parse_kind)]
+    kind: Option<Thp>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_kind(s: &str) -> Result<Thp, String> {
+    match s {
+        "4k" => Ok(Thp::NoHuge),
+        "thp" => Ok(Thp::Huge),
+        _ => Err(format!("{s:?}: the page kinds are 4k and thp")),
+    }
+}
+
+/// The `--json` output of `bench track`.
+#[derive(Debug, Serialize)]
+struct BenchOutput {
+    bench: &'static str,
+    size: u64,
+    fraction: f64,
+    rounds: usize,
+    goals: BenchGoals,
+    /// The 4 KiB figure of `epoch_ratio_vs_mprotect` (THP's when only THP was measured).
+    epoch_ratio_vs_mprotect: f64,
+    #[serde(rename = "4k", skip_serializing_if = "Option::is_none")]
+    small: Option<TrackFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thp: Option<TrackFigures>,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchGoals {
+    epoch_ratio_vs_mprotect: f64,
+}
+
+/// Runs `uffd-wp bench track`.
+pub fn bench(a: &BenchArgs) -> Result<(), CliError> {
+    if a.size == 0 || a.size % (2 << 20) != 0 {
+        return Err(CliError::Usage(format!(
+            "--size {} is not a positive multiple of 2 MiB",
+            a.size
+        )));
+    }
+    if !(a.fraction > 0.0 && a.fraction <= 1.0) {
+        return Err(CliError::Usage(format!(
+            "--fraction {} is not in (0, 1]",
+            a.fraction
+        )));
+    }
+    let show = !a.json && std::io::stdout().is_terminal();
+    let mut out = BenchOutput {
+        bench: "track",
+        size: a.size,
+        fraction: a.fraction,
+        rounds: a.rounds.max(1),
+        goals: BenchGoals {
+            epoch_ratio_vs_mprotect: GOAL_EPOCH_RATIO,
+        },
+        epoch_ratio_vs_mprotect: f64::NAN,
+        small: None,
+        thp: None,
+    };
+    for thp in [Thp::NoHuge, Thp::Huge] {
+        if a.kind.is_some_and(|k| k != thp) {
+            continue;
+        }
+        let cfg = TrackBenchConfig {
+            size: a.size,
+            thp,
+            fraction: a.fraction,
+            rounds: a.rounds.max(1),
+        };
+        let pb = if show {
+            let pb = ProgressBar::new(2 * a.size + 2 * cfg.rounds as u64);
+            pb.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {percent}%")
+                    .expect("progress template")
+                    .progress_chars("=> "),
+            );
+            pb.set_message(format!("bench track {}", tbench::kind_name(thp)));
+            pb
+        } else {
+            ProgressBar::hidden()
+        };
+        let f = tbench::measure(&cfg, |s| match s {
+            tbench::Step::Populated(b) => pb.inc(b),
+            _ => pb.inc(1),
+        })
+        .map_err(|e| CliError::Unverified(e.to_string()))?;
+        pb.finish_and_clear();
+        if out.epoch_ratio_vs_mprotect.is_nan() {
+            out.epoch_ratio_vs_mprotect = f.epoch_ratio_vs_mprotect;
+        }
+        match thp {
+            Thp::Huge => out.thp = Some(f),
+            _ => out.small = Some(f),
+        }
+    }
+    if a.json {
+        print_json(&out);
+        return Ok(());
+    }
+    println!(
+        "dirty tracking: {} MiB, {:.1}% of the pages written per epoch, medians of {} rounds",
+        a.size >> 20,
+        a.fraction * 100.0,
+        out.rounds
+    );
+    for f in [&out.small, &out.thp].into_iter().flatten() {
+        println!("{} ({} dirty pages per epoch):", f.kind, f.dirty_pages);
+        println!(
+            "  epoch boundary: uffd {:.3} ms; mprotect {:.3} ms (re-arm runs {:.3}, whole range {:.3}) -> {:.1}x (goal {GOAL_EPOCH_RATIO}x)",
+            f.uffd_epoch_ms,
+            f.mprotect_epoch_ms,
+            f.mprotect_epoch_pages_ms,
+            f.mprotect_epoch_range_ms,
+            f.epoch_ratio_vs_mprotect
+        );
+        println!(
+            "  first write: uffd async p50 {:.2} us p99 {:.2}; mprotect+SIGSEGV p50 {:.2} us p99 {:.2} -> {:.1}x; plain write p50 {:.2} us",
+            f.uffd_first_write_us.p50,
+            f.uffd_first_write_us.p99,
+            f.mprotect_first_write_us.p50,
+            f.mprotect_first_write_us.p99,
+            f.write_ratio_vs_mprotect,
+            f.plain_write_us.p50
+        );
+        println!(
+            "  whole epoch (first writes + boundary): uffd {:.2} ms; mprotect {:.2} ms -> {:.1}x",
+            f.uffd_epoch_total_ms, f.mprotect_epoch_total_ms, f.epoch_total_ratio_vs_mprotect
+        );
+    }
+    Ok(())
 }

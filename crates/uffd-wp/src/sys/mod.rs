@@ -11,10 +11,12 @@
 //! - [`pagemap`]: `/proc/PID/pagemap` entries and the `PAGEMAP_SCAN` ioctl
 //!   ([pagemap docs](https://docs.kernel.org/admin-guide/mm/pagemap.html)).
 //! - [`mem`]: anonymous and memfd mappings owned by RAII guards, madvise, page touching.
+//! - [`sigsegv`]: the mprotect/SIGSEGV dirty tracker (the benchmarks' baseline).
 #![allow(unsafe_code)]
 
 pub mod mem;
 pub mod pagemap;
+pub mod sigsegv;
 pub mod uffd;
 
 pub use rustix::io::Errno;

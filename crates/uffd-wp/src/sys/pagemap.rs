@@ -180,11 +180,18 @@ impl Pagemap {
     ///
     /// The first call gets room for a few regions (most read-backs find one or none) and the
     /// room grows while calls fill it, so a scan does not pay for zeroing a large vector it does
-    /// not need.
+    /// not need. A `PM_SCAN_WP_MATCHING` scan (a dirty-tracking epoch) starts with the largest.
     pub fn scan(&self, req: &ScanRequest) -> Result<ScanResult, Errno> {
         const VEC_FIRST: usize = 64;
         const VEC_MAX: usize = 4096;
-        let mut vec_len = VEC_FIRST;
+        // A WP_MATCHING scan is a dirty-tracking epoch: many regions are the rule, and every
+        // extra call costs a page-table walk set-up and a TLB flush (~50 us over 1 GiB here),
+        // more than zeroing the largest vector.
+        let mut vec_len = if req.flags & SCAN_WP_MATCHING != 0 {
+            VEC_MAX
+        } else {
+            VEC_FIRST
+        };
         let mut regions: Vec<Region> = Vec::new();
         let mut cur = *req;
         let mut found = 0u64;

@@ -35,6 +35,8 @@
 //! On any error, and when dropped, the tracker un-protects and unregisters everything it armed:
 //! nothing is left write-protected. [`Tracker::close`] does the same and reports failures.
 
+pub mod bench;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
