@@ -126,8 +126,8 @@ impl Kernel {
                     Ok(Step::Retry)
                 }
                 Pmd::Hugetlb(h) => {
-                    if write && h.wp {
-                        if vma.uffd_wp() && !wp_async {
+                    if write && h.wp && vma.uffd_wp() {
+                        if !wp_async {
                             return userfault(true);
                         }
                         *pmd = Pmd::Hugetlb(Huge { wp: false, ..h });
@@ -196,9 +196,7 @@ impl Kernel {
                     *pmd = Pmd::Thp(Huge { base: b, wp: false });
                     return Ok(Step::Retry);
                 }
-                if h.wp {
-                    *pmd = Pmd::Thp(Huge { wp: false, ..h });
-                }
+                // Reused in place: a stale uffd-wp bit stays.
                 Ok(Step::Done(h.base + idx))
             }
             Pmd::Hugetlb(_) | Pmd::HugetlbMarker => Err(Errno::FAULT),
@@ -279,14 +277,17 @@ impl Kernel {
                         if !write {
                             return Ok(Step::Done(frame));
                         }
-                        if wp {
-                            // do_wp_page(): userfaultfd_pte_wp().
-                            if vma.uffd_wp() && !wp_async {
+                        if wp && vma.uffd_wp() {
+                            // do_wp_page(): userfaultfd_pte_wp(); async clears the bit.
+                            if !wp_async {
                                 return userfault(true);
                             }
                             t.e[i] = Pte::Present { frame, wp: false };
                             return Ok(Step::Retry);
                         }
+                        // A stale bit (the VMA is no longer registered for WP) stays on a page
+                        // reused in place (wp_page_reuse()), and goes with a copy
+                        // (wp_page_copy()); seen on the 6.18 machine.
                         let shared_page = frames.map.get(&frame).is_some_and(|f| !f.anon);
                         if is_zero_frame(frame) || (vma.cow() && shared_page) {
                             // wp_page_copy().
@@ -566,10 +567,8 @@ impl Kernel {
                         a = crate::pt::addr_end(a, e, crate::pt::PUD);
                         continue;
                     }
-                    Some(Pmd::Thp(h)) | Some(Pmd::Hugetlb(h)) => {
-                        if self.frames.pinned(h.base) {
-                            out.insert(Range::from_bounds(a, next));
-                        }
+                    Some(Pmd::Thp(h)) | Some(Pmd::Hugetlb(h)) if self.frames.pinned(h.base) => {
+                        out.insert(Range::from_bounds(a, next));
                     }
                     Some(Pmd::Table(t)) => {
                         let i0 = pte_index(a);

@@ -448,6 +448,13 @@ impl Kernel {
         if v.start == addr {
             return;
         }
+        // vma_adjust_trans_huge(): a PMD-mapped THP across the new boundary is split.
+        if addr % PMD != 0
+            && let Some(p) = self.pt.pmd_mut(addr)
+            && matches!(p, Pmd::Thp(_))
+        {
+            Self::split_thp(p);
+        }
         let mut lo = v;
         let mut hi = v;
         lo.end = addr;
@@ -1068,11 +1075,19 @@ impl Kernel {
             }
             basic |= cur.is_hugetlb();
         }
-        // userfaultfd_register_range(): split at the ends, set the new flags (replacing the old
-        // modes) and the context.
-        let s = start.max(first.start);
-        let e = end.min(vmas.last().expect("non-empty").end);
-        self.modify_vmas(s, e, |v| v.uffd = Some(VmaUffd { ctx, mode }));
+        // userfaultfd_register_range(): a VMA already registered here with at least these modes
+        // is left alone; the others are split at the ends and get the new modes (replacing the
+        // old ones) and the context.
+        for cur in &vmas {
+            if cur
+                .uffd
+                .is_some_and(|u| u.ctx == ctx && u.mode & mode == mode)
+            {
+                continue;
+            }
+            let (s, e) = (start.max(cur.start), end.min(cur.end));
+            self.modify_vmas(s, e, |v| v.uffd = Some(VmaUffd { ctx, mode }));
+        }
         let mut ioctls = if basic {
             RANGE_IOCTLS_BASIC
         } else {

@@ -628,3 +628,24 @@ fn wp_set_equals_pagemap_bit_57() {
         );
     }
 }
+
+#[test]
+fn stale_bits_survive_reregistration_and_close() {
+    // Reproduced on the 6.18 machine: WP-protect, re-register MISSING only, close the uffd:
+    // "PWX SW SW SW" stays; then a write to page 0 and a read of page 1: "PWX P SW SW".
+    let m = Model::new(ModelConfig::default());
+    let mm = m.open_uffd(UffdConfig::default()).unwrap();
+    let a = m.map(4 * P, P, MapKind::Anon(Thp::NoHuge)).unwrap();
+    mm.register(a, RegisterMode::WP).unwrap();
+    write(&m, a.start());
+    mm.writeprotect(a, WpMode::Protect).unwrap();
+    assert_eq!(flags(&m, a), "PWX SW SW SW");
+    mm.register(a, RegisterMode::MISSING).unwrap();
+    assert_eq!(flags(&m, a), "PWX SW SW SW");
+    drop(mm);
+    assert_eq!(flags(&m, a), "PWX SW SW SW");
+    write(&m, a.start());
+    m.read(a.start() + P, 1).unwrap();
+    assert_eq!(flags(&m, a), "PWX P SW SW");
+    m.check_invariants().unwrap();
+}
