@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use uffd_wp::bench::{self, PageKind, ProtectBench, ProtectFigures};
-use uffd_wp::range::{PMD_SIZE, PUD_SIZE};
+use uffd_wp::range::{PMD_SIZE, PUD_SIZE, parse_size};
 
 use crate::{CliError, print_json};
 
@@ -56,26 +56,6 @@ struct ProtectArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mult) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
-        Some('g' | 'G') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 1G, 256M, 4096)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_kind(s: &str) -> Result<PageKind, String> {
@@ -268,18 +248,6 @@ fn print_table(o: &ProtectOutput) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("2k"), Ok(2048));
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("1T").is_err());
-        assert!(parse_size("99999999999G").is_err());
-    }
 
     #[test]
     fn kinds_parse() {
