@@ -16,6 +16,7 @@ pub mod features;
 pub mod inject;
 pub mod linux;
 pub mod mm;
+pub mod pins;
 pub mod protect;
 pub mod range;
 pub mod scenario;

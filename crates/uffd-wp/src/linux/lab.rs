@@ -1,12 +1,18 @@
 //! The Linux [`Lab`]: real mappings in this process and a real uffd.
 
+use std::os::fd::OwnedFd;
+
 use crate::inject::{InjectMm, Rule};
 use crate::linux::{Config, LinuxMm};
 use crate::mm::{Errno, Mm};
+use crate::pins::io::read_fixed_serving_faults;
 use crate::range::{Range, RangeSet};
-use crate::scenario::{Lab, LabConfig, LabFactory, MapKind, ScenarioError, Step, raw_results_of};
+use crate::scenario::{
+    Lab, LabConfig, LabFactory, MapKind, PinWrite, ScenarioError, Step, raw_results_of,
+};
 use crate::sys::mem::{Backing, Mapping, Thp};
 use crate::sys::pagemap::{Pagemap, bits};
+use crate::sys::uring::FixedRing;
 
 /// Labs on the real kernel, in this process.
 #[derive(Debug, Default, Clone, Copy)]
@@ -33,6 +39,10 @@ pub struct LinuxLab {
     mm: InjectMm<LinuxMm>,
     pagemap: Pagemap,
     maps: Vec<Mapping>,
+    /// io_uring rings holding fixed buffers over mappings they took from `maps`.
+    rings: Vec<FixedRing>,
+    /// The file `write_through_pin` reads from (a memfd).
+    pin_src: Option<OwnedFd>,
 }
 
 impl LinuxLab {
@@ -57,7 +67,24 @@ impl LinuxLab {
             pagemap: Pagemap::open_self()
                 .map_err(ScenarioError::setup("open /proc/self/pagemap"))?,
             maps: Vec::new(),
+            rings: Vec::new(),
+            pin_src: None,
         })
+    }
+
+    /// The mapping owning `r`, among the lab's and those its rings hold.
+    fn mapping(&self, r: Range) -> Result<&Mapping, ScenarioError> {
+        let owns =
+            |m: &&Mapping| m.range().intersect(&r) == Some(r) && m.holes().clip(r).is_empty();
+        self.maps
+            .iter()
+            .rev()
+            .find(owns)
+            .or_else(|| self.rings.iter().flat_map(|g| g.memory()).find(owns))
+            .ok_or(ScenarioError::Setup {
+                what: format!("no lab mapping holds {r}"),
+                errno: Errno::FAULT,
+            })
     }
 
     /// The mapping owning `r` (newest first: a fully punched mapping's addresses can be
@@ -105,7 +132,7 @@ impl Lab for LinuxLab {
             .map_err(ScenarioError::setup("munmap"))
     }
     fn touch(&mut self, r: Range) -> Result<(), ScenarioError> {
-        self.owner(r)?
+        self.mapping(r)?
             .touch(r, 0x5a)
             .map_err(ScenarioError::setup("touch pages"))
     }
@@ -122,5 +149,83 @@ impl Lab for LinuxLab {
                 Range::from_bounds(a, a + crate::range::PAGE_SIZE)
             })
             .collect())
+    }
+
+    /// `IORING_REGISTER_BUFFERS` of `r` on a new ring, which takes over the mapping holding it.
+    fn pin_fixed_buffer(&mut self, r: Range) -> Result<(), ScenarioError> {
+        let i = self
+            .maps
+            .iter()
+            .rposition(|m| m.range().intersect(&r) == Some(r) && m.holes().clip(r).is_empty())
+            .ok_or(ScenarioError::Setup {
+                what: format!("no lab mapping holds {r}"),
+                errno: Errno::FAULT,
+            })?;
+        let mut ring = FixedRing::new(4).map_err(|errno| ScenarioError::Unavailable {
+            scenario: "pinned-io-uring".into(),
+            backend: "linux".into(),
+            why: format!("io_uring_setup: {}", crate::sys::errno_name(errno)),
+        })?;
+        ring.adopt(self.maps.remove(i));
+        if let Err(errno) = ring.register_buffers(&[r]) {
+            self.maps.extend(ring.take_memory().unwrap_or_default());
+            return Err(ScenarioError::Setup {
+                what: format!("IORING_REGISTER_BUFFERS of {r}"),
+                errno,
+            });
+        }
+        self.rings.push(ring);
+        Ok(())
+    }
+
+    /// `IORING_OP_READ_FIXED` from a memfd holding `data`, serving uffd-wp faults if any.
+    fn write_through_pin(&mut self, addr: u64, data: &[u8]) -> Result<PinWrite, ScenarioError> {
+        let len = u32::try_from(data.len()).map_err(|_| ScenarioError::Setup {
+            what: "write_through_pin: data longer than 4 GiB".into(),
+            errno: Errno::INVAL,
+        })?;
+        let end = addr + u64::from(len);
+        let (ring, index) = self
+            .rings
+            .iter_mut()
+            .find_map(|g| {
+                let i = g
+                    .buffers()
+                    .iter()
+                    .position(|b| b.start() <= addr && end <= b.end())?;
+                Some((g, i as u16))
+            })
+            .ok_or(ScenarioError::Setup {
+                what: format!("no pinned buffer holds {len:#x} bytes at {addr:#x}"),
+                errno: Errno::FAULT,
+            })?;
+        if self.pin_src.is_none() {
+            let fd = rustix::fs::memfd_create("uffd-wp-pin-src", rustix::fs::MemfdFlags::CLOEXEC)
+                .map_err(ScenarioError::setup("memfd_create"))?;
+            self.pin_src = Some(fd);
+        }
+        let src = self.pin_src.as_ref().expect("just set");
+        rustix::io::pwrite(src, data, 0)
+            .map_err(ScenarioError::setup("writing the source file"))?;
+        let w = read_fixed_serving_faults(ring, src, index, addr, len, 0, self.mm.inner().uffd())
+            .map_err(|e| ScenarioError::Setup {
+            what: e.to_string(),
+            errno: e.errno(),
+        })?;
+        let mut back = vec![0u8; data.len()];
+        ring.memory()
+            .iter()
+            .find(|m| m.range().contains(addr))
+            .ok_or(ScenarioError::Setup {
+                what: format!("no ring memory holds {addr:#x}"),
+                errno: Errno::FAULT,
+            })?
+            .read(addr, &mut back)
+            .map_err(ScenarioError::setup("reading the buffer back"))?;
+        Ok(PinWrite {
+            bytes: w.bytes.into(),
+            landed: back == data,
+            wp_faults: w.wp_faults,
+        })
     }
 }

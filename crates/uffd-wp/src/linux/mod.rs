@@ -10,10 +10,11 @@ pub mod lost_enomem;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use crate::features::{self, Features};
 use crate::mm::{Errno, Event, Mm, PageState, RegisterMode, ScanRequest, ScanResult, WpMode};
+use crate::pins::{PinGuard, PinRegistry, PinTarget, RegistryOptions};
 use crate::range::{Range, RangeSet};
 use crate::sys::errno_of;
 use crate::sys::pagemap::{Pagemap, category};
@@ -113,7 +114,7 @@ pub struct LinuxMm {
     pagemap: Pagemap,
     mem: File,
     pagemap_scan: bool,
-    declared_pins: Mutex<RangeSet>,
+    pins: Arc<PinRegistry>,
 }
 
 impl LinuxMm {
@@ -159,7 +160,12 @@ impl LinuxMm {
             pagemap,
             mem,
             pagemap_scan: false,
-            declared_pins: Mutex::new(RangeSet::new()),
+            pins: PinRegistry::new(
+                match target {
+                    Target::SelfProcess => PinTarget::SelfProcess,
+                },
+                RegistryOptions::default(),
+            ),
         };
         mm.pagemap_scan = features::pagemap_scan_works();
         Ok(mm)
@@ -175,16 +181,28 @@ impl LinuxMm {
         self.target
     }
 
-    /// Declares `r` pinned (the application's own DMA or O_DIRECT buffer) until
-    /// [`LinuxMm::undeclare_pin`].
-    pub fn declare_pin(&self, r: Range) {
-        self.declared_pins.lock().expect("pin lock").insert(r);
+    /// The pin registry of the monitored process: declared pins, and the io_uring buffers
+    /// discovered in its `/proc/PID/fdinfo` (see [`crate::pins`]). [`Mm::pinned`] answers from
+    /// it, rescanning per query by default.
+    pub fn pins(&self) -> &Arc<PinRegistry> {
+        &self.pins
     }
 
-    /// Withdraws a declaration made with [`LinuxMm::declare_pin`].
+    /// Declares `r` pinned (the application's own DMA or O_DIRECT buffer) until the guard is
+    /// dropped, panics included.
+    pub fn pin(&self, r: Range) -> PinGuard {
+        self.pins.declare(r)
+    }
+
+    /// Declares `r` pinned without a guard, until [`LinuxMm::undeclare_pin`]. Prefer
+    /// [`LinuxMm::pin`].
+    pub fn declare_pin(&self, r: Range) {
+        self.pins.declare_range(r);
+    }
+
+    /// Withdraws the pages of `r` from the declarations made with [`LinuxMm::declare_pin`].
     pub fn undeclare_pin(&self, r: Range) {
-        let mut p = self.declared_pins.lock().expect("pin lock");
-        *p = p.difference(&RangeSet::single(r));
+        self.pins.undeclare_range(r);
     }
 
     /// The uffd-wp pages of `r` through `PAGEMAP_SCAN`: a page is protected when it is present
@@ -269,8 +287,11 @@ impl Mm for LinuxMm {
         }
     }
 
+    /// Declared plus discovered pins of `r` ([`PinRegistry::pinned`]). A scan failure is its
+    /// errno ([`crate::pins::PinScanError::errno`]); under the registry's strict option,
+    /// unexplained long-term pins are EBUSY (the typed error: [`PinRegistry::refresh`]).
     fn pinned(&self, r: Range) -> Result<RangeSet, Errno> {
-        Ok(self.declared_pins.lock().expect("pin lock").clip(r))
+        self.pins.pinned(r).map_err(|e| e.errno())
     }
 
     fn read_events(&self, max: usize) -> Result<Vec<Event>, Errno> {

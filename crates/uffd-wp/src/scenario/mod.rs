@@ -101,6 +101,44 @@ pub trait Lab {
     /// The uffd-wp pages of `r`, read by a path independent of the engine's read-back
     /// (on Linux: `/proc/self/pagemap` bit 57, even where the engine uses `PAGEMAP_SCAN`).
     fn verify_wp(&self, r: Range) -> Result<RangeSet, ScenarioError>;
+
+    /// Pins `r` (inside one lab mapping) the way an application's io_uring fixed buffer is:
+    /// a long-term, writable pin (`FOLL_WRITE | FOLL_LONGTERM`, on Linux
+    /// `IORING_REGISTER_BUFFERS`), held until the lab is dropped. The backend's
+    /// [`Mm::pinned`] must find it by itself (on Linux: in `/proc/self/fdinfo`), as it would
+    /// an application's.
+    fn pin_fixed_buffer(&mut self, r: Range) -> Result<(), ScenarioError> {
+        let _ = r;
+        Err(self.no_pins())
+    }
+
+    /// Writes `data` at `addr`, inside a buffer pinned with [`Lab::pin_fixed_buffer`], through
+    /// the pin the way the kernel or a device does (on Linux: `IORING_OP_READ_FIXED` from a
+    /// file), never through the page tables; serves any uffd-wp fault it raises.
+    fn write_through_pin(&mut self, addr: u64, data: &[u8]) -> Result<PinWrite, ScenarioError> {
+        let _ = (addr, data);
+        Err(self.no_pins())
+    }
+
+    /// The error of a lab without pins.
+    fn no_pins(&self) -> ScenarioError {
+        ScenarioError::Unavailable {
+            scenario: "pinned-io-uring".into(),
+            backend: self.mm().backend().into(),
+            why: "this lab cannot pin memory (Lab::pin_fixed_buffer)".into(),
+        }
+    }
+}
+
+/// What a write through a pin did ([`Lab::write_through_pin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinWrite {
+    /// Bytes the I/O reported written into memory.
+    pub bytes: u64,
+    /// Whether memory now holds the data written.
+    pub landed: bool,
+    /// uffd-wp faults raised by the write (each was served so the write could finish).
+    pub wp_faults: u32,
 }
 
 /// Opens labs on one backend.
