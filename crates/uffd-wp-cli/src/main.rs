@@ -1,6 +1,7 @@
 //! `uffd-wp`: exact, pin-aware userfaultfd write-protection from the command line.
 
 mod bench;
+mod pins;
 mod probe;
 mod scenario;
 mod snapshot;
@@ -24,6 +25,8 @@ enum Command {
     Probe(probe::Args),
     /// Run a built-in scenario and print each step's exact report.
     Scenario(scenario::Args),
+    /// List the pins of a process (io_uring buffers) and the unexplained part of its VmPin.
+    Pins(pins::Args),
     /// Take a live copy-on-write snapshot of the built-in workload and check it with its oracle.
     Snapshot(snapshot::Args),
     /// Benchmarks on the real kernel: `bench protect` (exact write_protect against the raw ioctl).
@@ -44,6 +47,9 @@ pub enum CliError {
     /// Dirty tracking failed.
     #[error(transparent)]
     Track(#[from] uffd_wp::track::TrackError),
+    /// The pins of a process could not be discovered.
+    #[error(transparent)]
+    Pins(#[from] uffd_wp::pins::PinScanError),
     /// A report did not match the page tables.
     #[error("{0}")]
     Unverified(String),
@@ -54,10 +60,12 @@ pub enum CliError {
 
 fn main() -> ExitCode {
     uffd_wp::linux::lost_enomem::maybe_run_child();
+    uffd_wp::pins::holder::maybe_run_holder();
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Probe(a) => probe::run(&a),
         Command::Scenario(a) => scenario::run(&a),
+        Command::Pins(a) => pins::run(&a),
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Track(a) => track::run(&a),

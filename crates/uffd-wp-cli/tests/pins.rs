@@ -1,0 +1,156 @@
+//! `uffd-wp pins` against a real holder of io_uring registered buffers (the `uffd-wp` binary in
+//! its hidden holder mode) and its errors.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use uffd_wp::pins::holder::{Holder, HolderConfig};
+
+const P: u64 = 4096;
+const BIN: &str = env!("CARGO_BIN_EXE_uffd-wp");
+
+/// Skips with a message naming what is missing, or fails under `UFFD_WP_REQUIRE_KERNEL=1`.
+fn skip(what: &str) {
+    if std::env::var("UFFD_WP_REQUIRE_KERNEL").as_deref() == Ok("1") {
+        panic!("needs {what} (UFFD_WP_REQUIRE_KERNEL=1)");
+    }
+    eprintln!("SKIPPED: needs {what}");
+}
+
+fn holder(pages: u64, buffers: &[[u64; 2]], hide: bool) -> Option<Holder> {
+    let cfg = HolderConfig {
+        pages,
+        buffers: buffers.to_vec(),
+        hide,
+    };
+    match Holder::spawn(Path::new(BIN), &cfg) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            skip(&format!(
+                "io_uring registered buffers in a child process: {e}"
+            ));
+            None
+        }
+    }
+}
+
+fn pins_json(args: &[&str]) -> Value {
+    let out = Command::new(BIN).arg("pins").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "uffd-wp pins {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn pins_lists_another_processes_buffers_with_their_source() {
+    let Some(h) = holder(16, &[[2, 4], [10, 11]], false) else {
+        return;
+    };
+    let fd = h.ready.ring_fd.unwrap();
+    let pid = h.pid().to_string();
+    let v = pins_json(&["--pid", &pid, "--json"]);
+    assert_eq!(v["pid"], h.pid());
+    let pins = v["pins"].as_array().unwrap();
+    assert_eq!(pins.len(), 2, "{v}");
+    for (i, p) in pins.iter().enumerate() {
+        assert_eq!(p["start"], h.ready.buffers[i][0], "addresses as numbers");
+        assert_eq!(p["len"], h.ready.buffers[i][1]);
+        assert_eq!(p["source"], format!("io_uring fd {fd} buffer {i}"));
+        assert_eq!(p["kind"], "long-term");
+    }
+    assert_eq!(v["vm_pin_bytes"], 3 * P);
+    assert_eq!(v["unexplained_bytes"], 0);
+
+    // The table names the same.
+    let out = Command::new(BIN)
+        .args(["pins", "--pid", &pid])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains(&format!("io_uring fd {fd} buffer 1")),
+        "{text}"
+    );
+    assert!(text.contains("VmPin 12288 bytes"), "{text}");
+}
+
+#[test]
+fn pins_reports_unexplained_vm_pin() {
+    let Some(h) = holder(8, &[[0, 4]], true) else {
+        return;
+    };
+    let v = pins_json(&["--pid", &h.pid().to_string(), "--json"]);
+    assert_eq!(v["pins"], Value::Array(vec![]));
+    assert_eq!(v["vm_pin_bytes"], 4 * P);
+    assert_eq!(v["unexplained_bytes"], 4 * P);
+    let out = Command::new(BIN)
+        .args(["pins", "--pid", &h.pid().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("16384 long-term pinned bytes have no known source")
+    );
+}
+
+#[test]
+fn pins_of_itself_by_default() {
+    let v = pins_json(&["--json"]);
+    assert!(v["pid"].as_u64().unwrap() > 0);
+    assert_eq!(v["pins"], Value::Array(vec![]));
+    assert_eq!(v["unexplained_bytes"], 0);
+}
+
+fn failed(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(2), "exit status 2");
+    assert!(out.stdout.is_empty());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn pins_of_a_missing_process_is_a_clear_error() {
+    let mut c = Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    let out = Command::new(BIN)
+        .args(["pins", "--pid", &pid.to_string(), "--json"])
+        .output()
+        .unwrap();
+    let err = failed(&out);
+    assert!(
+        err.contains(&format!("no such process {pid}")) && err.contains("ENOENT"),
+        "{err}"
+    );
+}
+
+/// `uffd-wp pins` run as `nobody` on a root process: a clear error, exit status 2.
+#[test]
+fn pins_without_permission_is_a_clear_error() {
+    let Some(h) = holder(4, &[[0, 1]], false) else {
+        return;
+    };
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["pins", "--pid", &h.pid().to_string(), "--json"]);
+    if root {
+        cmd.uid(65534).gid(65534);
+    }
+    let err = failed(&cmd.output().unwrap());
+    let pid = h.pid();
+    assert!(
+        err.contains(&format!(
+            "no permission to read /proc/{pid}/fd of process {pid}"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("EACCES") || err.contains("EPERM"), "{err}");
+}
