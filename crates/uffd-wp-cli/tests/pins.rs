@@ -1,5 +1,5 @@
 //! `uffd-wp pins` against a real holder of io_uring registered buffers (the `uffd-wp` binary in
-//! its hidden holder mode) and its errors.
+//! its hidden holder mode), its errors, and `uffd-wp scenario pinned-io-uring --json`.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -153,4 +153,40 @@ fn pins_without_permission_is_a_clear_error() {
         "{err}"
     );
     assert!(err.contains("EACCES") || err.contains("EPERM"), "{err}");
+}
+
+#[test]
+fn scenario_pinned_io_uring_json() {
+    let out = Command::new(BIN)
+        .args(["scenario", "pinned-io-uring", "--json"])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("cannot run") {
+            return skip(&format!("io_uring and userfaultfd: {err}"));
+        }
+        panic!("{err}");
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let steps = v["results"].as_array().unwrap();
+    assert_eq!(steps[0]["step"], "trusting");
+    assert_eq!(steps[0]["verified"], true);
+    assert_eq!(
+        steps[0]["report"]["protected"],
+        serde_json::json!([[0, 16 * P]])
+    );
+    let note = steps[0]["note"].as_str().unwrap();
+    assert!(note.contains("data landed: true") && note.contains("WP faults raised: 0"));
+    assert_eq!(steps[1]["step"], "skip-pinned");
+    assert_eq!(steps[1]["verified"], true);
+    assert_eq!(
+        steps[1]["report"]["skipped"],
+        serde_json::json!([[4 * P, 8 * P]])
+    );
+    assert_eq!(
+        steps[1]["report"]["protected"],
+        serde_json::json!([[0, 4 * P], [8 * P, 16 * P]])
+    );
+    assert_eq!(steps[1]["report"]["bytes_not_protected"], 0);
 }

@@ -9,12 +9,14 @@ mod common;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use uffd_wp::linux::lab::LinuxLabs;
 use uffd_wp::linux::{Config, LinuxMm};
 use uffd_wp::mm::{Mm, RegisterMode, ScanRequest};
 use uffd_wp::pins::io::{DirectFile, PinnedRing, read_fixed_serving_faults};
 use uffd_wp::pins::{PinKind, PinScanError, PinSource, discover};
 use uffd_wp::protect::{OnError, WpOptions};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
+use uffd_wp::scenario;
 use uffd_wp::sys::mem::{Backing, Mapping, Thp};
 use uffd_wp::sys::pagemap::{Pagemap, bits, category};
 use uffd_wp::sys::uring::FixedRing;
@@ -350,6 +352,42 @@ fn pin_aware_io_declares_for_exactly_its_lifetime() {
     into.read(dst.start(), &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0x5a), "the O_DIRECT read landed");
     let _ = std::fs::remove_file(&path);
+}
+
+/// `uffd-wp scenario pinned-io-uring` on the real kernel: `trusting` documents the hazard,
+/// `skip-pinned` skips exactly the buffer; both verified against pagemap.
+#[test]
+fn pinned_io_uring_scenario_shapes() {
+    if common::lab(true).is_none() || ring().is_none() {
+        return;
+    }
+    let out = scenario::run("pinned-io-uring", &LinuxLabs).unwrap();
+    assert!(out.all_verified());
+    let t = &out.results[0];
+    assert_eq!(t.label, "trusting");
+    let r = t.report.requested;
+    assert_eq!(r.pages(), scenario::PINNED_PAGES);
+    assert_eq!(t.report.protected, RangeSet::single(r));
+    assert!(t.report.skipped.is_empty());
+    for s in [
+        "data landed: true",
+        "WP faults raised: 0",
+        "still reads back as protected: true",
+    ] {
+        assert!(t.note.contains(s), "{s:?} not in {:?}", t.note);
+    }
+    let k = &out.results[1];
+    assert_eq!(k.label, "skip-pinned");
+    let r = k.report.requested;
+    let (b0, b1) = scenario::PINNED_BUFFER;
+    assert_eq!(k.report.skipped, set(r, &[(b0, b1)]));
+    assert_eq!(
+        k.report.protected,
+        set(r, &[(0, b0), (b1, scenario::PINNED_PAGES)])
+    );
+    assert_eq!(k.report.bytes_not_protected(), 0);
+    let j = serde_json::to_value(&out).unwrap();
+    assert_eq!(j["results"][1]["report"]["skipped"][0][0], b0 * P);
 }
 
 /// Discovery of this process finds its own ring with the buffer addresses the kernel lists.

@@ -6,7 +6,7 @@ use super::{Lab, LabConfig, LabFactory, MapKind, ScenarioError, Step, step};
 use crate::inject::Rule;
 use crate::mm::{Errno, RegisterMode};
 use crate::protect::{OnError, WpOp, WpOptions, unprotect, write_protect};
-use crate::range::{PAGE_SIZE, Range};
+use crate::range::{PAGE_SIZE, Range, RangeSet};
 
 /// A named scenario.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +55,12 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "lost-enomem",
         about: "the kernel's own silent partial failure: success returned, 0.5 GiB unprotected",
         run: lost_enomem,
+    },
+    Scenario {
+        name: "pinned-io-uring",
+        about: "an io_uring fixed buffer written through its pin: no WP fault, page still \
+                protected; skip_pinned leaves the buffer writable",
+        run: pinned_io_uring,
     },
 ];
 
@@ -247,4 +253,64 @@ fn injected_eagain(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
 
 fn lost_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
     f.lost_enomem()
+}
+
+/// The layout of `pinned-io-uring`: this many registered, populated pages...
+pub const PINNED_PAGES: u64 = 16;
+/// ...of which `[4, 8)` are an io_uring fixed buffer...
+pub const PINNED_BUFFER: (u64, u64) = (4, 8);
+/// ...and the write through the pin lands on this page.
+pub const PINNED_WRITE_PAGE: u64 = 5;
+
+/// A lab with the `pinned-io-uring` layout: the range and the pinned buffer.
+fn pinned_lab(f: &dyn LabFactory) -> Result<(Box<dyn Lab>, Range, Range), ScenarioError> {
+    let mut lab = f.open(LabConfig::default())?;
+    let r = registered(lab.as_mut(), PINNED_PAGES, PINNED_PAGES)?;
+    lab.touch(r)?;
+    let buf = pages(r, PINNED_BUFFER.0, PINNED_BUFFER.1);
+    lab.pin_fixed_buffer(buf)?;
+    Ok((lab, r, buf))
+}
+
+fn pinned_io_uring(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    let (b0, b1) = PINNED_BUFFER;
+    let w = PINNED_WRITE_PAGE;
+
+    // 1. Trusting the protection: skip_pinned off, then the kernel writes through the pin.
+    let (mut lab, r, _) = pinned_lab(f)?;
+    let res = write_protect(lab.mm(), r, &WpOptions::default());
+    let page = pages(r, w, w + 1);
+    let data = vec![0xa5u8; P as usize];
+    let pw = lab.write_through_pin(page.start(), &data)?;
+    let still = lab.verify_wp(page)? == RangeSet::single(page);
+    let note = format!(
+        "skip_pinned off: all {PINNED_PAGES} pages protected, pages [{b0}, {b1}) an io_uring \
+         fixed buffer (a long-term pin taken before the protection). IORING_OP_READ_FIXED then \
+         wrote {} bytes into page {w} through the pin: data landed: {}, WP faults raised: {}, \
+         page {w} still reads back as protected: {still}. This is the hazard: a tracker or \
+         snapshot that trusts this report misses that write ('verified' only compares the \
+         report with the page tables, which agree)",
+        pw.bytes, pw.landed, pw.wp_faults
+    );
+    let a = step(lab.as_ref(), "trusting", &note, r, WpOp::Protect, res)?;
+    drop(lab);
+
+    // 2. skip_pinned: the buffer is found as a pin and left writable.
+    let (lab, r, buf) = pinned_lab(f)?;
+    let opts = WpOptions {
+        skip_pinned: true,
+        on_error: OnError::Stop,
+    };
+    let res = write_protect(lab.mm(), r, &opts);
+    let exact = res
+        .as_ref()
+        .is_ok_and(|rep| rep.skipped == RangeSet::single(buf));
+    let note = format!(
+        "skip_pinned on: the pinned pages are found by the backend itself (on Linux in \
+         /proc/self/fdinfo of the ring) and left writable; skipped is exactly the buffer \
+         [{b0}, {b1}): {exact}; they count as protected (bytes not protected 0), the rest is \
+         protected"
+    );
+    let b = step(lab.as_ref(), "skip-pinned", &note, r, WpOp::Protect, res)?;
+    Ok(vec![a, b])
 }

@@ -10,7 +10,7 @@ mod builtin;
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
-pub use builtin::{SCENARIOS, Scenario, find};
+pub use builtin::{PINNED_BUFFER, PINNED_PAGES, PINNED_WRITE_PAGE, SCENARIOS, Scenario, find};
 
 use crate::inject::{InjectMm, Rule};
 use crate::mm::{Errno, Mm};
