@@ -12,8 +12,8 @@ use uffd_wp::mm::{Errno, Mm, RegisterMode, WpMode};
 use uffd_wp::protect::{FailureKind, OnError, WpError, WpOp, WpOptions, WpReport, write_protect};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
 use uffd_wp::scenario::{
-    self, Lab, LabConfig, LabFactory, MapKind as LabMapKind, Outcome, ScenarioError, Step,
-    raw_results_of,
+    self, Lab, LabConfig, LabFactory, MapKind as LabMapKind, Outcome, PinWrite, ScenarioError,
+    Step, raw_results_of,
 };
 use uffd_wp::sys::errno_name;
 
@@ -64,6 +64,8 @@ impl LabFactory for ModelLabs {
 pub struct ModelLab {
     mm: InjectMm<ModelMm>,
     model: Model,
+    /// Long-term pins taken by [`Lab::pin_fixed_buffer`], with their ranges.
+    pins: Vec<(Range, crate::PinId)>,
 }
 
 impl ModelLab {
@@ -81,6 +83,7 @@ impl ModelLab {
         Ok(ModelLab {
             mm: InjectMm::new(mm),
             model,
+            pins: Vec::new(),
         })
     }
 
@@ -144,6 +147,47 @@ impl Lab for ModelLab {
     /// `PAGEMAP_SCAN` read-back.
     fn verify_wp(&self, r: Range) -> Result<RangeSet, ScenarioError> {
         Ok(self.model.wp_set(r))
+    }
+    /// An io_uring fixed buffer is a `FOLL_WRITE | FOLL_LONGTERM` pin.
+    fn pin_fixed_buffer(&mut self, r: Range) -> Result<(), ScenarioError> {
+        match self
+            .model
+            .pin(r, crate::PinFlags::IO_URING)
+            .map_err(ScenarioError::setup(format!("pinning {r}")))?
+        {
+            Progress::Done(id) => {
+                self.pins.push((r, id));
+                Ok(())
+            }
+            Progress::Blocked(_) => Err(ScenarioError::Setup {
+                what: format!("pinning {r}: the pin waits for the monitor"),
+                errno: Errno::AGAIN,
+            }),
+        }
+    }
+    /// `IORING_OP_READ_FIXED` writes through the pin: a DMA/kernel write, no page-table walk,
+    /// so no uffd-wp fault.
+    fn write_through_pin(&mut self, addr: u64, data: &[u8]) -> Result<PinWrite, ScenarioError> {
+        let end = addr + data.len() as u64;
+        let (r, id) = *self
+            .pins
+            .iter()
+            .find(|(r, _)| r.start() <= addr && end <= r.end())
+            .ok_or(ScenarioError::Setup {
+                what: format!(
+                    "no pinned buffer holds {:#x} bytes at {addr:#x}",
+                    data.len()
+                ),
+                errno: Errno::FAULT,
+            })?;
+        self.model
+            .dma_write(id, addr - r.start(), data)
+            .map_err(ScenarioError::setup("DMA write through the pin"))?;
+        Ok(PinWrite {
+            bytes: data.len() as u64,
+            landed: self.model.peek(addr, data.len()) == data,
+            wp_faults: 0,
+        })
     }
 }
 

@@ -6,9 +6,14 @@
 //! pagemap_scan_test_walk() (EPERM with `PM_SCAN_CHECK_WPASYNC`, VMAs without async WP skipped
 //! with `PM_SCAN_WP_MATCHING`), the three PTE loops of pagemap_scan_pmd_entry() (the exclusive-WP
 //! and written-only fast paths treat a none PTE as written and give it a marker; the general
-//! loop does not), THP and hugetlb entries, and holes (missing tables), which
+//! loop agrees since the stable fix below), THP and hugetlb entries, and holes (missing tables), which
 //! `PM_SCAN_WP_MATCHING` write-protects with uffd_wp_range(), page-table allocations and lost
 //! ENOMEM included.
+//!
+//! Unpopulated pages (a none PTE, or no page table at all outside hugetlb) read as
+//! `PAGE_IS_WRITTEN`, as on this project's 6.18.44 kernel, which carries the stable fixes for
+//! the written state of unpopulated PTEs and holes (measured there: in every VMA, registered or
+//! not; plain 6.18 reported them as not written on the general path).
 
 use uffd_wp::mm::{Errno, Region, ScanRequest, ScanResult};
 use uffd_wp::sys::pagemap::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, bits, category as cat};
@@ -187,7 +192,10 @@ fn pte_category(s: &Scan, k: &Kernel, e: Pte) -> u64 {
         }
         Pte::Swap { wp, .. } => cat::SWAPPED | if wp { 0 } else { cat::WRITTEN },
         Pte::Marker => cat::SWAPPED,
-        Pte::None => 0,
+        // An unpopulated PTE reads as written (stable fix "fs/proc/task_mmu: fix PAGEMAP_SCAN
+        // written state for unpopulated ptes", in this project's 6.18.44 kernel, where it holds
+        // for every VMA, registered or not, as measured).
+        Pte::None => cat::WRITTEN,
     }
 }
 
@@ -431,13 +439,20 @@ impl Kernel {
         0
     }
 
-    /// pagemap_scan_pte_hole().
+    /// pagemap_scan_pte_hole(): a range without page tables reads as written, except in
+    /// hugetlb (the stable follow-up fix for holes, in this project's 6.18.44 kernel; measured:
+    /// registered or not).
     fn scan_hole(&mut self, s: &mut Scan, v: &Vma, addr: u64, end: u64) -> i64 {
-        if !s.interesting(s.vma_cat) {
+        let c = if v.is_hugetlb() {
+            s.vma_cat
+        } else {
+            s.vma_cat | cat::WRITTEN
+        };
+        if !s.interesting(c) {
             return 0;
         }
         let mut e = end;
-        let mut ret = s.output(s.vma_cat, addr, &mut e);
+        let mut ret = s.output(c, addr, &mut e);
         if addr == e || !s.wp() {
             return ret;
         }
