@@ -42,11 +42,16 @@
 //! - PFNs (pagemap PFN bits are 0 in the model), soft-dirty (these kernels lack it), and
 //!   timing: the model never runs two things at once.
 //!
-//! Behaviour that the model takes from reading rather than from measurement and that a
-//! differential run should confirm first: unregister of a range registered by another uffd,
-//! unregister not waking blocked WP faults, `MADV_PAGEOUT` of shmem without swap (unmaps,
-//! observed once), the written-only and exclusive-WP fast paths of PAGEMAP_SCAN marking none
-//! PTEs, and the huge zero page on a write fault (6.14+: a THP replaces it).
+//! Checked by hand on this project's machine (Linux 6.18.44, x86_64) and pinned in unit tests:
+//! pagemap bits after protect, read and un-protect of populated pages, markers and zero pages;
+//! shmem `MADV_PAGEOUT` without swap leaving markers; THP and huge-zero-page bits; the
+//! register ioctl masks, register over a gap, ENOENT/EINVAL on gaps; cross-uffd write-protect
+//! (allowed) and unregister (EINVAL); unregister not waking a blocked WP fault while
+//! `UFFDIO_WAKE` does; stale uffd-wp bits surviving re-registration without WP and close;
+//! `PAGEMAP_SCAN` reporting unpopulated PTEs and holes as written on every path (this
+//! kernel's stable fixes) and arming them with `PM_SCAN_WP_MATCHING`. Taken from reading
+//! only, and first in line for the differential test: `MADV_PAGEOUT` with swap, hugetlb
+//! details, file mappings, events (`REMOVE`, `UNMAP`) and `mmap_changing`.
 
 #![deny(unsafe_code)]
 

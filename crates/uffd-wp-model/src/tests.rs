@@ -210,6 +210,8 @@ fn register_and_writeprotect_errnos() {
         .writeprotect(pages(b, 0, 2), WpMode::Unprotect { dontwake: false })
         .unwrap();
     assert_eq!(flags(m, b), "PX PX PX");
+    // ...but not unregister it (measured: EINVAL).
+    assert_eq!(other.unregister(pages(b, 0, 2)), Err(Errno::INVAL));
     // A regular file can be registered for WP only with WP_ASYNC.
     let f = m.map(2 * P, P, MapKind::File { shared: true }).unwrap();
     assert_eq!(mm.register(f, RegisterMode::WP), Err(Errno::INVAL));
@@ -720,4 +722,30 @@ fn scan_of_unpopulated_pages_matches_the_machine() {
         regions(m, d, 0, 0, 0x1ff),
         vec![(0, 1, WRITTEN | PRESENT | category::FILE), (1, 4, WRITTEN)]
     );
+}
+
+#[test]
+fn unregister_does_not_wake_wp_faults() {
+    // Measured on the 6.18 machine: a kernel-mode write blocked on a WP-only range stays
+    // blocked through UFFDIO_UNREGISTER and goes on after UFFDIO_WAKE.
+    let mm = open(Semantics::Linux, UffdConfig::default());
+    let m = mm.model();
+    let a = m.map(P, P, MapKind::Anon(Thp::NoHuge)).unwrap();
+    mm.register(a, RegisterMode::WP).unwrap();
+    write(m, a.start());
+    mm.writeprotect(a, WpMode::Protect).unwrap();
+    let who = Who {
+        tid: 9,
+        kernel: true,
+    };
+    let Progress::Blocked(id) = m.write_as(a.start(), b"hello", who).unwrap() else {
+        panic!("the write should wait")
+    };
+    assert_eq!(mm.read_events(4).unwrap().len(), 1);
+    mm.unregister(a).unwrap();
+    assert!(m.is_waiting(id));
+    assert_eq!(flags(m, a), "PX");
+    mm.wake(a).unwrap();
+    assert_eq!(m.completion(id), Some(Completion::Done));
+    assert_eq!(m.peek(a.start(), 5), b"hello");
 }
