@@ -54,6 +54,7 @@
 //! details, file mappings, events (`REMOVE`, `UNMAP`) and `mmap_changing`.
 
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 mod alloc;
 mod api;
