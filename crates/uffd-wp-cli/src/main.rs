@@ -1,6 +1,7 @@
 //! `uffd-wp`: exact, pin-aware userfaultfd write-protection from the command line.
 
 mod bench;
+mod compare;
 mod pins;
 mod probe;
 mod scenario;
@@ -25,6 +26,11 @@ enum Command {
     Probe(probe::Args),
     /// Run a built-in scenario and print each step's exact report.
     Scenario(scenario::Args),
+    /// Run random operation sequences on the real kernel and on the model and compare them.
+    Compare(compare::Args),
+    /// (internal) The kernel side of `compare`.
+    #[command(hide = true)]
+    CompareWorker,
     /// List the pins of a process (io_uring buffers) and the unexplained part of its VmPin.
     Pins(pins::Args),
     /// Take a live copy-on-write snapshot of the built-in workload and check it with its oracle.
@@ -65,6 +71,8 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Probe(a) => probe::run(&a),
         Command::Scenario(a) => scenario::run(&a),
+        Command::Compare(a) => compare::run(&a),
+        Command::CompareWorker => compare::worker(),
         Command::Pins(a) => pins::run(&a),
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Bench(a) => bench::run(&a),

@@ -126,6 +126,58 @@ impl Mapping {
         Ok(m)
     }
 
+    /// A new mapping at exactly `addr` (`MAP_FIXED_NOREPLACE`: fails with EEXIST if anything is
+    /// mapped there), THP off for anonymous memory.
+    pub fn new_at(addr: u64, len: u64, backing: Backing) -> Result<Mapping, Errno> {
+        let r = Range::new(addr, len).map_err(|_| Errno::INVAL)?;
+        let memfd = match backing {
+            Backing::Anon => None,
+            Backing::Memfd => {
+                let fd = rustix::fs::memfd_create("uffd-wp", rustix::fs::MemfdFlags::CLOEXEC)?;
+                rustix::fs::ftruncate(&fd, len)?;
+                Some(fd)
+            }
+        };
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        let placed = match &memfd {
+            // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so nothing Rust
+            // owns can be affected; the new mapping is owned by the returned guard.
+            None => unsafe {
+                rustix::mm::mmap_anonymous(
+                    addr as *mut c_void,
+                    len as usize,
+                    prot,
+                    MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE | MapFlags::NORESERVE,
+                )
+            },
+            // SAFETY: as above; the memfd is `len` bytes long.
+            Some(fd) => unsafe {
+                rustix::mm::mmap(
+                    addr as *mut c_void,
+                    len as usize,
+                    prot,
+                    MapFlags::SHARED | MapFlags::FIXED_NOREPLACE,
+                    fd,
+                    0,
+                )
+            },
+        }?;
+        let m = Mapping {
+            range: r,
+            holes: RangeSet::new(),
+            backing,
+            _memfd: memfd,
+        };
+        if placed as u64 != addr {
+            // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
+            return Err(Errno::EXIST);
+        }
+        if backing == Backing::Anon {
+            m.madvise(r, Advice::LinuxNoHugepage)?;
+        }
+        Ok(m)
+    }
+
     /// An anonymous private mapping, page aligned, THP left to the system default.
     pub fn anon(len: u64) -> Result<Mapping, Errno> {
         Self::new(len, PAGE_SIZE, Backing::Anon, Thp::Default)

@@ -1,0 +1,198 @@
+//! The kernel side of a case, run in a worker process.
+
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use uffd_wp::mm::{Errno, ScanRequest};
+use uffd_wp::range::{PAGE_SIZE, PUD_SIZE, Range, RangeSet};
+use uffd_wp::sys::mem::{Backing, Mapping, Thp};
+use uffd_wp::sys::pagemap::Pagemap;
+use uffd_wp::sys::uffd::{Msg, Uffd, WP_MODE_WP};
+
+use crate::{ARENA_PAGES, BELOW_PUD, Case, CaseObs, Side};
+
+struct KernelSide {
+    uffd: Uffd,
+    pagemap: Pagemap,
+    base: u64,
+    maps: Vec<Mapping>,
+}
+
+/// The worker's main loop: one JSON [`Case`] per line on stdin, one JSON
+/// `Result<CaseObs, String>` per line on stdout. Each case gets a fresh uffd and fresh mappings
+/// in an arena that straddles a 1 GiB boundary of a 2 GiB reservation.
+pub fn worker_main() -> ! {
+    let arena = match reserve() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("compare worker: reserving the arena: {e}");
+            std::process::exit(2);
+        }
+    };
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let res: Result<CaseObs, String> = serde_json::from_str::<Case>(&line)
+            .map_err(|e| format!("bad case: {e}"))
+            .and_then(|c| {
+                run(&c, arena).map_err(|e| format!("set-up: {}", uffd_wp::sys::errno_name(e)))
+            });
+        let answer = serde_json::to_string(&res).expect("answer serializes");
+        if writeln!(out, "{answer}")
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    std::process::exit(0)
+}
+
+/// Reserves 2 GiB aligned to 1 GiB and leaves the arena (64 pages around the middle boundary)
+/// unmapped inside it, so nothing else lands next to it. The reservation is leaked on purpose:
+/// it lives as long as the worker.
+fn reserve() -> Result<u64, Errno> {
+    let mut r = Mapping::new(2 * PUD_SIZE, PUD_SIZE, Backing::Anon, Thp::NoHuge)?;
+    let boundary = r.range().start() + PUD_SIZE;
+    let base = boundary - BELOW_PUD * PAGE_SIZE;
+    // One written page in each of the two PMDs the arena spans, outside it: their page tables
+    // then exist for the worker's whole life (free_pgtables() keeps tables a neighbouring VMA
+    // still uses), so every case starts from the same page-table state. The model does the same
+    // (crate::GUARD_PAGES).
+    for page in crate::guard_pages(boundary) {
+        r.touch(Range::from_bounds(page, page + PAGE_SIZE), 1)?;
+    }
+    r.punch(Range::from_bounds(base, base + ARENA_PAGES * PAGE_SIZE))?;
+    std::mem::forget(r);
+    Ok(base)
+}
+
+fn run(case: &Case, base: u64) -> Result<CaseObs, Errno> {
+    let uffd = Uffd::create(true, false)?;
+    uffd.api(case.config.features().0)?;
+    let mut side = KernelSide {
+        uffd,
+        pagemap: Pagemap::open_self()?,
+        base,
+        maps: Vec::new(),
+    };
+    let obs = crate::run_case(&mut side, case);
+    // Tear down: closing the uffd releases every registration; the mappings unmap on drop.
+    let KernelSide { uffd, maps, .. } = side;
+    drop(uffd);
+    drop(maps);
+    Ok(obs)
+}
+
+impl KernelSide {
+    fn owner(&self, addr: u64) -> Option<&Mapping> {
+        self.maps
+            .iter()
+            .find(|m| m.range().contains(addr) && !m.holes().contains(addr))
+    }
+}
+
+impl Side for KernelSide {
+    fn base(&self) -> u64 {
+        self.base
+    }
+    fn map(&mut self, r: Range, shmem: bool) -> Result<(), Errno> {
+        let backing = if shmem { Backing::Memfd } else { Backing::Anon };
+        self.maps
+            .push(Mapping::new_at(r.start(), r.len(), backing)?);
+        Ok(())
+    }
+    fn unmap(&mut self, r: Range) -> Result<(), Errno> {
+        for m in &mut self.maps {
+            let owned = RangeSet::single(m.range()).difference(m.holes());
+            for part in owned.clip(r).iter() {
+                m.punch(*part)?;
+            }
+        }
+        Ok(())
+    }
+    fn write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno> {
+        let m = self.owner(addr).ok_or(Errno::FAULT)?;
+        let uffd = &self.uffd;
+        let done = AtomicBool::new(false);
+        let mut faults = Vec::new();
+        let mut result = Ok(());
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                let r = m.write(addr, &[v]);
+                done.store(true, Ordering::Release);
+                r
+            });
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !done.load(Ordering::Acquire) {
+                if Instant::now() > deadline {
+                    // Unregistering wakes the writer (fs/userfaultfd.c, userfaultfd_unregister).
+                    let _ = uffd.unregister(self.base, ARENA_PAGES * PAGE_SIZE);
+                    result = Err(Errno::TIMEDOUT);
+                    break;
+                }
+                if !uffd.poll(1).unwrap_or(false) {
+                    continue;
+                }
+                for msg in uffd.read_msgs(16).unwrap_or_default() {
+                    if let Msg::PageFault { flags, address, .. } = msg {
+                        let page = address & !(PAGE_SIZE - 1);
+                        faults.push((page, flags & 3));
+                        let _ = uffd.writeprotect(page, PAGE_SIZE, 0);
+                    }
+                }
+            }
+            let w = writer.join().expect("writer thread");
+            if result.is_ok() {
+                result = w;
+            }
+        });
+        result.map(|()| faults)
+    }
+    fn dontneed(&mut self, r: Range) -> Result<(), Errno> {
+        let m = self.owner(r.start()).ok_or(Errno::FAULT)?;
+        // Parts of `r` may belong to neighbouring mappings: advise each owner its share.
+        if m.range().intersect(&r) == Some(r) {
+            return m.madvise(r, rustix::mm::Advice::LinuxDontNeed);
+        }
+        for m in &self.maps {
+            let owned = RangeSet::single(m.range()).difference(m.holes());
+            for part in owned.clip(r).iter() {
+                m.madvise(*part, rustix::mm::Advice::LinuxDontNeed)?;
+            }
+        }
+        Ok(())
+    }
+    fn register(&mut self, r: Range) -> Result<(), Errno> {
+        self.uffd.register(r.start(), r.len(), 2).map(drop)
+    }
+    fn unregister(&mut self, r: Range) -> Result<(), Errno> {
+        self.uffd.unregister(r.start(), r.len())
+    }
+    fn protect(&mut self, r: Range, wp: bool) -> Result<(), Errno> {
+        self.uffd
+            .writeprotect(r.start(), r.len(), if wp { WP_MODE_WP } else { 0 })
+    }
+    fn scan(&mut self, req: &ScanRequest, vec_len: usize) -> Result<(Vec<[u64; 3]>, u64), Errno> {
+        let r = self.pagemap.scan_once(req, vec_len)?;
+        Ok((
+            r.regions
+                .iter()
+                .map(|g| [g.start, g.end, g.categories])
+                .collect(),
+            r.walk_end,
+        ))
+    }
+    fn pagemap(&mut self) -> Vec<u64> {
+        self.pagemap
+            .entries(self.base, ARENA_PAGES)
+            .unwrap_or_else(|_| vec![0; ARENA_PAGES as usize])
+    }
+    fn first_byte(&mut self, addr: u64) -> Option<u8> {
+        let mut b = [0u8];
+        self.owner(addr)?.read(addr, &mut b).ok()?;
+        Some(b[0])
+    }
+}

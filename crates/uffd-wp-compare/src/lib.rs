@@ -1,0 +1,610 @@
+//! Differential testing: the reference model (`linux` semantics) against the real kernel.
+//!
+//! A [`Case`] is a feature set and a random sequence of operations on a 64-page arena that
+//! straddles a 1 GiB PUD boundary: map (anonymous or memfd), unmap, CPU write (served by a
+//! handler in sync mode), `MADV_DONTNEED`, register, unregister, raw `UFFDIO_WRITEPROTECT` on
+//! and off, `PAGEMAP_SCAN` with and without `PM_SCAN_WP_MATCHING`. The same sequence runs on
+//! the kernel (in a worker child process, so a hang or a crash cannot take the driver down)
+//! and on the model; after every operation both report the same observables: the return value
+//! or errno, the WP faults delivered, the scan's regions and `walk_end`, and the pagemap
+//! present and uffd-wp bits of every arena page; at the end, the first byte of every present
+//! page. The first difference fails the case, and the case is shrunk (proptest) to a minimal
+//! sequence that still differs.
+//!
+//! Not covered (say so before trusting the model there): THP (the arena is too small to hold a
+//! huge page), swap (these machines have none), io_uring pins, hugetlb, file mappings, and every
+//! page-table allocation failure (the kernel cannot be made to fail one on demand).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use serde::{Deserialize, Serialize};
+use uffd_wp::features::Features;
+use uffd_wp::mm::{Errno, ScanRequest};
+use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
+use uffd_wp::sys::errno_name;
+use uffd_wp::sys::pagemap::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, bits, category};
+
+mod kernel;
+mod model;
+
+pub use kernel::worker_main;
+
+/// Pages in the arena.
+pub const ARENA_PAGES: u64 = 64;
+/// Arena pages below the PUD boundary.
+pub const BELOW_PUD: u64 = 32;
+
+/// Pages written outside the arena, in the two PMDs it spans (the first page of the PMD below
+/// the boundary, the last of the PMD above), so both sides keep those page tables for good.
+pub fn guard_pages(boundary: u64) -> [u64; 2] {
+    use uffd_wp::range::PMD_SIZE;
+    [boundary - PMD_SIZE, boundary + PMD_SIZE - PAGE_SIZE]
+}
+
+/// One operation, addresses in pages from the arena's start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// `mmap` anonymous private (or a memfd, shared) memory at `off` (skipped if it overlaps a
+    /// mapping: both sides see the same skip).
+    Map {
+        /// First page.
+        off: u64,
+        /// Pages.
+        pages: u64,
+        /// A memfd instead of anonymous memory.
+        shmem: bool,
+    },
+    /// `munmap`.
+    Unmap {
+        /// First page.
+        off: u64,
+        /// Pages.
+        pages: u64,
+    },
+    /// A CPU write of one byte to page `off` (skipped if unmapped).
+    Write {
+        /// Page.
+        off: u64,
+    },
+    /// `MADV_DONTNEED` on the mapped parts of the range.
+    DontNeed {
+        /// First page.
+        off: u64,
+        /// Pages.
+        pages: u64,
+    },
+    /// `UFFDIO_REGISTER` in WP mode.
+    Register {
+        /// First page.
+        off: u64,
+        /// Pages.
+        pages: u64,
+    },
+    /// `UFFDIO_UNREGISTER`.
+    Unregister {
+        /// First page.
+        off: u64,
+        /// Pages.
+        pages: u64,
+    },
+    /// Raw `UFFDIO_WRITEPROTECT`, protecting or not.
+    Protect {
+        /// First page.
+        off: u64,
+        /// Pages.
+        pages: u64,
+        /// `MODE_WP`.
+        wp: bool,
+    },
+    /// One `PAGEMAP_SCAN` for written pages (room for 64 regions).
+    Scan {
+        /// First page.
+        off: u64,
+        /// Pages.
+        pages: u64,
+        /// `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`.
+        wp_matching: bool,
+    },
+}
+
+/// The uffd features of a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaseConfig {
+    /// `UFFD_FEATURE_WP_ASYNC` (implies `WP_UNPOPULATED`).
+    pub async_wp: bool,
+    /// `UFFD_FEATURE_WP_UNPOPULATED`.
+    pub unpopulated: bool,
+}
+
+impl CaseConfig {
+    /// The features asked for.
+    pub fn features(self) -> Features {
+        let mut f = Features::PAGEFAULT_FLAG_WP;
+        if self.unpopulated || self.async_wp {
+            f = f.with(Features::WP_UNPOPULATED);
+        }
+        if self.async_wp {
+            f = f.with(Features::WP_ASYNC);
+        }
+        f
+    }
+}
+
+/// A test case.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Case {
+    /// Features.
+    pub config: CaseConfig,
+    /// Operations.
+    pub ops: Vec<Op>,
+}
+
+/// What one operation showed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepObs {
+    /// `"ok"`, `"skipped"` or the errno's name.
+    pub result: String,
+    /// WP faults delivered: (page, `UFFD_PAGEFAULT_FLAG_*`).
+    pub faults: Vec<[u64; 2]>,
+    /// A scan's regions (pages: start, end, categories) and `walk_end` page.
+    pub scan: Option<(Vec<[u64; 3]>, u64)>,
+    /// Per arena page: `.` unmapped or none, `p` present, `P` present and uffd-wp, `m` uffd-wp
+    /// marker or swap entry.
+    pub pages: String,
+}
+
+/// What a whole case showed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaseObs {
+    /// Per operation.
+    pub steps: Vec<StepObs>,
+    /// The first byte of every present page at the end (`-1`: not present).
+    pub content: Vec<i16>,
+}
+
+/// The operations a side (kernel or model) must provide, on absolute addresses.
+pub(crate) trait Side {
+    fn base(&self) -> u64;
+    fn map(&mut self, r: Range, shmem: bool) -> Result<(), Errno>;
+    fn unmap(&mut self, r: Range) -> Result<(), Errno>;
+    /// Writes `v` at `addr`, serving WP faults by un-protecting the page; returns the faults.
+    fn write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno>;
+    fn dontneed(&mut self, r: Range) -> Result<(), Errno>;
+    fn register(&mut self, r: Range) -> Result<(), Errno>;
+    fn unregister(&mut self, r: Range) -> Result<(), Errno>;
+    fn protect(&mut self, r: Range, wp: bool) -> Result<(), Errno>;
+    /// One `PAGEMAP_SCAN`: regions and walk_end.
+    fn scan(&mut self, req: &ScanRequest, vec_len: usize) -> Result<(Vec<[u64; 3]>, u64), Errno>;
+    fn pagemap(&mut self) -> Vec<u64>;
+    fn first_byte(&mut self, addr: u64) -> Option<u8>;
+}
+
+fn result<T>(r: &Result<T, Errno>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => errno_name(*e),
+    }
+}
+
+/// Runs a case on one side. The decisions that depend on the arena's layout (skip a map that
+/// overlaps, write only mapped pages) are taken from the driver's own bookkeeping, so both
+/// sides see exactly the same calls.
+pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
+    let base = side.base();
+    let pr = |off: u64, pages: u64| {
+        let pages = pages.clamp(1, ARENA_PAGES - off.min(ARENA_PAGES - 1));
+        Range::from_bounds(base + off * PAGE_SIZE, base + (off + pages) * PAGE_SIZE)
+    };
+    let mut mapped = RangeSet::new();
+    let mut steps = Vec::new();
+    for (i, op) in case.ops.iter().enumerate() {
+        let mut faults = Vec::new();
+        let mut scan = None;
+        let res: String = match *op {
+            Op::Map { off, pages, shmem } => {
+                let r = pr(off, pages);
+                if !mapped.clip(r).is_empty() {
+                    "skipped".into()
+                } else {
+                    let x = side.map(r, shmem);
+                    if x.is_ok() {
+                        mapped.insert(r);
+                    }
+                    result(&x)
+                }
+            }
+            Op::Unmap { off, pages } => {
+                let r = pr(off, pages);
+                let x = side.unmap(r);
+                if x.is_ok() {
+                    mapped = mapped.difference(&RangeSet::single(r));
+                }
+                result(&x)
+            }
+            Op::Write { off } => {
+                let r = pr(off, 1);
+                if !mapped.covers(&r) {
+                    "skipped".into()
+                } else {
+                    let x = side.write(r.start(), (i % 250) as u8 + 1);
+                    if let Ok(f) = &x {
+                        faults = f
+                            .iter()
+                            .map(|(a, fl)| [(a - base) / PAGE_SIZE, *fl])
+                            .collect();
+                    }
+                    result(&x)
+                }
+            }
+            Op::DontNeed { off, pages } => {
+                let parts = mapped.clip(pr(off, pages));
+                if parts.is_empty() {
+                    "skipped".into()
+                } else {
+                    let mut out = "ok".to_string();
+                    for p in parts.iter() {
+                        let x = side.dontneed(*p);
+                        if x.is_err() {
+                            out = result(&x);
+                        }
+                    }
+                    out
+                }
+            }
+            Op::Register { off, pages } => result(&side.register(pr(off, pages))),
+            Op::Unregister { off, pages } => result(&side.unregister(pr(off, pages))),
+            Op::Protect { off, pages, wp } => result(&side.protect(pr(off, pages), wp)),
+            Op::Scan {
+                off,
+                pages,
+                wp_matching,
+            } => {
+                let r = pr(off, pages);
+                let req = ScanRequest {
+                    flags: if wp_matching {
+                        SCAN_WP_MATCHING | SCAN_CHECK_WPASYNC
+                    } else {
+                        0
+                    },
+                    start: r.start(),
+                    end: r.end(),
+                    category_mask: category::WRITTEN,
+                    return_mask: category::WRITTEN,
+                    ..Default::default()
+                };
+                let x = side.scan(&req, 64);
+                if let Ok((regions, walk_end)) = &x {
+                    let rel = |a: u64| (a - base) / PAGE_SIZE;
+                    scan = Some((
+                        regions
+                            .iter()
+                            .map(|g| [rel(g[0]), rel(g[1]), g[2]])
+                            .collect(),
+                        rel(*walk_end),
+                    ));
+                }
+                result(&x)
+            }
+        };
+        steps.push(StepObs {
+            result: res,
+            faults,
+            scan,
+            pages: pages_string(&side.pagemap()),
+        });
+    }
+    let entries = side.pagemap();
+    let content = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if e & bits::PRESENT != 0 {
+                side.first_byte(base + i as u64 * PAGE_SIZE)
+                    .map_or(-2, i16::from)
+            } else {
+                -1
+            }
+        })
+        .collect();
+    CaseObs { steps, content }
+}
+
+fn pages_string(entries: &[u64]) -> String {
+    entries
+        .iter()
+        .map(|e| {
+            let (present, wp, swap) = (
+                e & bits::PRESENT != 0,
+                e & bits::UFFD_WP != 0,
+                e & bits::SWAPPED != 0,
+            );
+            match (present, wp, swap) {
+                (true, true, _) => 'P',
+                (true, false, _) => 'p',
+                (false, true, _) => 'm',
+                (false, false, true) => 's',
+                _ => '.',
+            }
+        })
+        .collect()
+}
+
+/// The strategy for cases.
+pub fn case_strategy() -> impl Strategy<Value = Case> {
+    let range = (0..ARENA_PAGES, 1..=16u64);
+    let op = prop_oneof![
+        3 => (range.clone(), any::<bool>()).prop_map(|((off, pages), shmem)| Op::Map { off, pages, shmem }),
+        1 => range.clone().prop_map(|(off, pages)| Op::Unmap { off, pages }),
+        4 => (0..ARENA_PAGES).prop_map(|off| Op::Write { off }),
+        1 => range.clone().prop_map(|(off, pages)| Op::DontNeed { off, pages }),
+        3 => range.clone().prop_map(|(off, pages)| Op::Register { off, pages }),
+        1 => range.clone().prop_map(|(off, pages)| Op::Unregister { off, pages }),
+        4 => (range.clone(), prop::bool::weighted(0.75)).prop_map(|((off, pages), wp)| Op::Protect { off, pages, wp }),
+        2 => (range, any::<bool>()).prop_map(|((off, pages), wp_matching)| Op::Scan { off, pages, wp_matching }),
+    ];
+    (
+        any::<bool>(),
+        any::<bool>(),
+        prop::collection::vec(op, 1..24),
+    )
+        .prop_map(|(async_wp, unpopulated, ops)| Case {
+            config: CaseConfig {
+                async_wp,
+                unpopulated,
+            },
+            ops,
+        })
+}
+
+/// A difference between the kernel and the model.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mismatch {
+    /// The (shrunk) case.
+    pub case: Case,
+    /// The first operation whose observations differ (None: the final contents differ, or
+    /// the kernel side failed).
+    pub step: Option<usize>,
+    /// What the kernel showed there.
+    pub kernel: serde_json::Value,
+    /// What the model showed there.
+    pub model: serde_json::Value,
+}
+
+/// The result of [`compare`].
+#[derive(Debug, Clone, Serialize)]
+pub struct CompareReport {
+    /// Cases run.
+    pub cases: u64,
+    /// Operations run (on each side).
+    pub ops: u64,
+    /// Cases that differed.
+    pub mismatches: u64,
+    /// The first mismatch, shrunk.
+    pub first_mismatch: Option<Mismatch>,
+}
+
+/// Why a comparison could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// The kernel worker could not be started or stopped answering.
+    #[error("kernel worker: {0}")]
+    Worker(String),
+    /// proptest could not generate a case.
+    #[error("generating a case: {0}")]
+    Generate(String),
+}
+
+/// Runs cases on the kernel: the worker process.
+#[derive(Debug)]
+pub struct Worker {
+    cmd: Vec<String>,
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+}
+
+impl Worker {
+    /// Starts `cmd[0] cmd[1..]`, which must run [`worker_main`].
+    pub fn spawn(cmd: &[String]) -> Result<Worker, CompareError> {
+        let mut child = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| CompareError::Worker(format!("starting {}: {e}", cmd[0])))?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Worker {
+            cmd: cmd.to_vec(),
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    /// Runs one case on the kernel. A worker that does not answer within 30 s is killed and
+    /// replaced, and the case reported as a kernel-side failure.
+    pub fn run(&mut self, case: &Case) -> Result<Result<CaseObs, String>, CompareError> {
+        let line = serde_json::to_string(case).expect("case serializes");
+        if writeln!(self.stdin, "{line}")
+            .and_then(|()| self.stdin.flush())
+            .is_err()
+        {
+            self.restart()?;
+            return Ok(Err("the kernel worker died".into()));
+        }
+        match self.lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => Ok(serde_json::from_str::<Result<CaseObs, String>>(&l)
+                .unwrap_or_else(|e| Err(format!("bad worker answer: {e}")))),
+            Err(_) => {
+                self.restart()?;
+                Ok(Err("the kernel side hung or crashed".into()))
+            }
+        }
+    }
+
+    fn restart(&mut self) -> Result<(), CompareError> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Worker::spawn(&self.cmd)?;
+        Ok(())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The first difference between two observations of the same case.
+fn diff(
+    k: &Result<CaseObs, String>,
+    m: &CaseObs,
+) -> Option<(Option<usize>, serde_json::Value, serde_json::Value)> {
+    let k = match k {
+        Ok(k) => k,
+        Err(e) => {
+            return Some((
+                None,
+                serde_json::json!({ "error": e }),
+                serde_json::to_value(m).ok()?,
+            ));
+        }
+    };
+    for (i, (a, b)) in k.steps.iter().zip(&m.steps).enumerate() {
+        if a != b {
+            return Some((
+                Some(i),
+                serde_json::to_value(a).expect("obs"),
+                serde_json::to_value(b).expect("obs"),
+            ));
+        }
+    }
+    (k.content != m.content).then(|| {
+        (
+            None,
+            serde_json::json!({ "content": k.content }),
+            serde_json::json!({ "content": m.content }),
+        )
+    })
+}
+
+/// Runs `cases` random cases from `seed` on the kernel (through `worker`) and on the model.
+pub fn compare(
+    cases: u64,
+    seed: u64,
+    worker: &mut Worker,
+    mut progress: impl FnMut(u64),
+) -> Result<CompareReport, CompareError> {
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    let strategy = case_strategy();
+    let mut report = CompareReport {
+        cases: 0,
+        ops: 0,
+        mismatches: 0,
+        first_mismatch: None,
+    };
+    for n in 0..cases {
+        let mut tree = strategy
+            .new_tree(&mut runner)
+            .map_err(|e| CompareError::Generate(e.to_string()))?;
+        let case = tree.current();
+        report.cases += 1;
+        report.ops += case.ops.len() as u64;
+        let check = |w: &mut Worker, c: &Case| -> Result<Option<Mismatch>, CompareError> {
+            let k = w.run(c)?;
+            let m = model::run(c);
+            Ok(diff(&k, &m).map(|(step, kernel, model)| Mismatch {
+                case: c.clone(),
+                step,
+                kernel,
+                model,
+            }))
+        };
+        if let Some(mut found) = check(worker, &case)? {
+            report.mismatches += 1;
+            if report.first_mismatch.is_none() {
+                // Shrink: simplify while it still differs, complicate back when it does not.
+                let mut differs = true;
+                for _ in 0..2000 {
+                    let moved = if differs {
+                        tree.simplify()
+                    } else {
+                        tree.complicate()
+                    };
+                    if !moved {
+                        break;
+                    }
+                    match check(worker, &tree.current())? {
+                        Some(m) => {
+                            found = m;
+                            differs = true;
+                        }
+                        None => differs = false,
+                    }
+                }
+                report.first_mismatch = Some(found);
+            }
+        }
+        progress(n + 1);
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(pages: &str) -> CaseObs {
+        CaseObs {
+            steps: vec![StepObs {
+                result: "ok".into(),
+                faults: vec![],
+                scan: None,
+                pages: pages.into(),
+            }],
+            content: vec![-1],
+        }
+    }
+
+    #[test]
+    fn a_difference_is_found_at_its_step() {
+        let (step, _, _) = diff(&Ok(obs("P.")), &obs("p.")).expect("differs");
+        assert_eq!(step, Some(0));
+        assert!(diff(&Ok(obs("P.")), &obs("P.")).is_none());
+        let (step, k, _) = diff(&Err("hung".into()), &obs("P.")).expect("kernel failure");
+        assert_eq!(step, None);
+        assert_eq!(k["error"], "hung");
+    }
+
+    #[test]
+    fn the_model_side_is_deterministic() {
+        let mut runner = TestRunner::deterministic();
+        for _ in 0..50 {
+            let case = case_strategy().new_tree(&mut runner).unwrap().current();
+            assert_eq!(model::run(&case), model::run(&case));
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The model side of a case.
+
+use uffd_wp::mm::{Errno, Event, Mm, RegisterMode, ScanRequest, WpMode};
+use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range};
+use uffd_wp_model::{
+    Advice, MapKind, Model, ModelConfig, ModelMm, Progress, Semantics, Thp, ThpSysfs, UffdConfig,
+};
+
+use crate::{BELOW_PUD, Case, CaseObs, Side};
+
+struct ModelSide {
+    mm: ModelMm,
+    model: Model,
+    base: u64,
+}
+
+/// Runs a case on a fresh model process (linux semantics, no swap, THP on madvise: this
+/// project's machines).
+pub(crate) fn run(case: &Case) -> CaseObs {
+    let cfg = ModelConfig {
+        semantics: Semantics::Linux,
+        swap: false,
+        thp: ThpSysfs::Madvise,
+        thp_zero_page: true,
+    };
+    let uffd = UffdConfig {
+        features: case.config.features(),
+        user_mode_only: false,
+    };
+    let mm = ModelMm::open(cfg, uffd).expect("the model offers every feature");
+    let model = mm.model().clone();
+    // The kernel worker's reservation around the arena: the rest of the two PMDs the arena
+    // spans, with the guard pages written.
+    let boundary = 4 * PUD_SIZE;
+    let (lo, hi) = (boundary - PMD_SIZE, boundary + PMD_SIZE);
+    let arena_lo = boundary - BELOW_PUD * PAGE_SIZE;
+    let arena_hi = arena_lo + crate::ARENA_PAGES * PAGE_SIZE;
+    for (a, b) in [(lo, arena_lo), (arena_hi, hi)] {
+        model
+            .map_at(Some(a), b - a, PAGE_SIZE, MapKind::Anon(Thp::NoHuge))
+            .expect("guard mapping");
+    }
+    for page in crate::guard_pages(boundary) {
+        let _ = model.write(page, &[1]).expect("guard write");
+    }
+    let mut side = ModelSide {
+        mm,
+        model,
+        base: 4 * PUD_SIZE - BELOW_PUD * PAGE_SIZE,
+    };
+    crate::run_case(&mut side, case)
+}
+
+fn done<T>(p: Result<Progress<T>, Errno>) -> Result<(), Errno> {
+    match p? {
+        Progress::Done(_) => Ok(()),
+        // munmap/madvise only wait for non-cooperative events, which cases never enable.
+        Progress::Blocked(_) => Err(Errno::INTR),
+    }
+}
+
+impl Side for ModelSide {
+    fn base(&self) -> u64 {
+        self.base
+    }
+    fn map(&mut self, r: Range, shmem: bool) -> Result<(), Errno> {
+        let kind = if shmem {
+            MapKind::Memfd
+        } else {
+            MapKind::Anon(Thp::NoHuge)
+        };
+        self.model
+            .map_at(Some(r.start()), r.len(), PAGE_SIZE, kind)
+            .map(drop)
+    }
+    fn unmap(&mut self, r: Range) -> Result<(), Errno> {
+        done(self.model.munmap(r))
+    }
+    fn write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno> {
+        let mut faults = Vec::new();
+        let id = match self.model.write(addr, &[v])? {
+            Progress::Done(()) => return Ok(faults),
+            Progress::Blocked(id) => id,
+        };
+        for _ in 0..64 {
+            for ev in self.mm.read_events(16)? {
+                if let Event::PageFault { flags, address, .. } = ev {
+                    let page = address & !(PAGE_SIZE - 1);
+                    faults.push((page, flags & 3));
+                    self.mm.writeprotect(
+                        Range::from_bounds(page, page + PAGE_SIZE),
+                        WpMode::Unprotect { dontwake: false },
+                    )?;
+                }
+            }
+            if let Some(c) = self.model.completion(id) {
+                return match c {
+                    uffd_wp_model::Completion::Failed(e) => Err(e),
+                    _ => Ok(faults),
+                };
+            }
+        }
+        Err(Errno::TIMEDOUT)
+    }
+    fn dontneed(&mut self, r: Range) -> Result<(), Errno> {
+        done(self.model.madvise(r, Advice::DontNeed))
+    }
+    fn register(&mut self, r: Range) -> Result<(), Errno> {
+        self.mm.register(r, RegisterMode::WP).map(drop)
+    }
+    fn unregister(&mut self, r: Range) -> Result<(), Errno> {
+        self.mm.unregister(r)
+    }
+    fn protect(&mut self, r: Range, wp: bool) -> Result<(), Errno> {
+        let mode = if wp {
+            WpMode::Protect
+        } else {
+            WpMode::Unprotect { dontwake: false }
+        };
+        self.mm.writeprotect(r, mode)
+    }
+    fn scan(&mut self, req: &ScanRequest, vec_len: usize) -> Result<(Vec<[u64; 3]>, u64), Errno> {
+        let raw = self.model.pagemap_scan(req, vec_len);
+        raw.result?;
+        Ok((
+            raw.regions
+                .iter()
+                .map(|g| [g.start, g.end, g.categories])
+                .collect(),
+            raw.walk_end,
+        ))
+    }
+    fn pagemap(&mut self) -> Vec<u64> {
+        self.model.pagemap(Range::from_bounds(
+            self.base,
+            self.base + crate::ARENA_PAGES * PAGE_SIZE,
+        ))
+    }
+    fn first_byte(&mut self, addr: u64) -> Option<u8> {
+        self.model.peek(addr, 1).first().copied()
+    }
+}
