@@ -371,6 +371,7 @@ fn raw_step(
         injected: false,
         verified: lab.verify_wp(r)? == report.protected && returned_ok,
         note,
+        detail: None,
         report,
     })
 }

@@ -709,6 +709,7 @@ impl WireStep {
             },
             verified: self.verified,
             note: self.note,
+            detail: None,
         })
     }
 }
@@ -1111,6 +1112,7 @@ fn engine_step(
         injected: false,
         verified: bit57(pm, r)? == report.protected,
         note: note(kernel_errno, &report),
+        detail: None,
         report,
     })
 }
@@ -1164,6 +1166,7 @@ fn child_run(cfg: &ChildConfig) -> Result<Vec<Step>, ScenarioError> {
         injected: false,
         verified: bit57(&pm, ra)? == report.protected,
         note: raw_note(ra, raw, &report),
+        detail: None,
         report,
     };
 
@@ -1270,6 +1273,7 @@ mod tests {
             },
             verified: true,
             note: "n".into(),
+            detail: None,
         };
         let wire = serde_json::to_string(&WireStep::of(&step)).unwrap();
         let back = serde_json::from_str::<WireStep>(&wire)

@@ -52,6 +52,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: injected_eagain,
     },
     Scenario {
+        name: "snapshot-enomem",
+        about: "a live snapshot whose write-protect fails with ENOMEM: copy in the freeze, or abort clean",
+        run: snapshot_enomem,
+    },
+    Scenario {
         name: "lost-enomem",
         about: "the kernel's own silent partial failure: success returned, 0.5 GiB unprotected",
         run: lost_enomem,
@@ -313,4 +318,81 @@ fn pinned_io_uring(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
     );
     let b = step(lab.as_ref(), "skip-pinned", &note, r, WpOp::Protect, res)?;
     Ok(vec![a, b])
+}
+
+/// The snapshot engine when write-protection fails part-way (ENOMEM on every attempt at the
+/// second half): with `CopyInFreeze` the unprotected half is copied while frozen and the image
+/// is still exact; with `Abort` the engine gives up and leaves nothing protected or registered.
+fn snapshot_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    use crate::range::RangeSet;
+    use crate::snapshot::{self, FnQuiesce, SnapshotOptions, Source, Unprotected};
+    let mut out = Vec::new();
+    for (label, unprotected) in [
+        ("copy-in-freeze", Unprotected::CopyInFreeze),
+        ("abort", Unprotected::Abort),
+    ] {
+        let mut lab = f.open(LabConfig::default())?;
+        let r = lab.map(64 * P, P, MapKind::Anon)?;
+        lab.touch(pages(r, 0, 48))?;
+        lab.inject(Rule::covering(r.start() + 32 * P, Errno::NOMEM));
+        let opts = SnapshotOptions {
+            unprotected,
+            prearm: false,
+            ..SnapshotOptions::default()
+        };
+        let q = FnQuiesce(|| {}, || {});
+        let res = snapshot::take(
+            lab.mm(),
+            &RangeSet::single(r),
+            Source::Mm,
+            &q,
+            &opts,
+            |_, _| {},
+        );
+        let raw = lab.raw_results();
+        let first_err = raw.iter().find(|(e, _)| e.is_some()).copied();
+        // Exact image: every page equals memory, which nobody wrote since the snapshot point.
+        let (image_exact, detail) = match &res {
+            Ok((img, rep)) => {
+                let mut same = true;
+                for p in r.page_iter() {
+                    let mut mem = vec![0u8; P as usize];
+                    lab.mm()
+                        .read_memory(p.start(), &mut mem)
+                        .map_err(ScenarioError::setup("reading memory back"))?;
+                    same &= img.page(p.start()).as_deref() == Some(&mem[..]);
+                }
+                (same, serde_json::to_value(rep).unwrap_or_default())
+            }
+            Err(e) => (true, serde_json::json!({ "error": e.to_string() })),
+        };
+        // Nothing may stay registered: protecting again must fail with ENOENT.
+        lab.reset_injection();
+        let still_registered = lab.mm().writeprotect(r, crate::mm::WpMode::Protect).is_ok();
+        let truth = lab.verify_wp(r)?;
+        let report = crate::protect::WpReport {
+            op: WpOp::Protect,
+            requested: r,
+            not_protected: truth.complement_in(r),
+            protected: truth.clone(),
+            skipped: RangeSet::new(),
+            error: None,
+            rolled_back: false,
+            raw_calls: raw.len() as u32,
+            read_back_bytes: 0,
+        };
+        out.push(Step {
+            label: label.into(),
+            kernel_errno: first_err.and_then(|(e, _)| e),
+            injected: first_err.is_some_and(|(_, i)| i),
+            verified: truth.is_empty() && !still_registered && image_exact,
+            note: match unprotected {
+                Unprotected::Abort => "ENOMEM on every attempt at the second half: the engine aborts, un-protects and unregisters everything (the report shows what is left protected: nothing)".into(),
+                _ => "ENOMEM on every attempt at the second half: those 32 pages are copied while frozen; the image equals memory page for page, and nothing is left protected or registered".into(),
+            },
+            detail: Some(detail),
+            report,
+        });
+    }
+    Ok(out)
 }

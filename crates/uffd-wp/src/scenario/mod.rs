@@ -181,6 +181,8 @@ pub struct Step {
     pub verified: bool,
     /// What the step shows, for people.
     pub note: String,
+    /// Engine-specific results beyond the protection report (a snapshot's report, ...).
+    pub detail: Option<serde_json::Value>,
 }
 
 impl Serialize for Step {
@@ -192,6 +194,9 @@ impl Serialize for Step {
         m.serialize_entry("report", &self.report)?;
         m.serialize_entry("verified", &self.verified)?;
         m.serialize_entry("note", &self.note)?;
+        if let Some(d) = &self.detail {
+            m.serialize_entry("detail", d)?;
+        }
         m.end()
     }
 }
@@ -258,6 +263,7 @@ pub fn step(
         verified: truth == report.protected,
         report,
         note: note.to_string(),
+        detail: None,
     })
 }
 
