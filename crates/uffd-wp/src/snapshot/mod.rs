@@ -15,6 +15,7 @@
 //! there first, copier or fault handler; only a DONE page is ever un-protected. Any failure or
 //! early return un-protects and unregisters everything and resumes the writers (a drop guard).
 
+pub mod bench;
 mod image;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
