@@ -62,7 +62,7 @@ impl LabFactory for ModelLabs {
 /// A modelled process and a uffd on it behind an [`InjectMm`].
 #[derive(Debug)]
 pub struct ModelLab {
-    mm: InjectMm<ModelMm>,
+    mm: std::sync::Arc<InjectMm<ModelMm>>,
     model: Model,
     /// Long-term pins taken by [`Lab::pin_fixed_buffer`], with their ranges.
     pins: Vec<(Range, crate::PinId)>,
@@ -72,7 +72,9 @@ impl ModelLab {
     /// A fresh process with a uffd negotiated like the Linux lab's (WP_UNPOPULATED as `cfg`
     /// says).
     pub fn open(semantics: Semantics, cfg: LabConfig) -> Result<ModelLab, ScenarioError> {
-        let uffd = if cfg.wp_unpopulated {
+        let uffd = if cfg.async_wp {
+            UffdConfig::async_wp()
+        } else if cfg.wp_unpopulated {
             UffdConfig::default()
         } else {
             UffdConfig::without_unpopulated()
@@ -81,7 +83,7 @@ impl ModelLab {
             .map_err(ScenarioError::setup("UFFDIO_API"))?;
         let model = mm.model().clone();
         Ok(ModelLab {
-            mm: InjectMm::new(mm),
+            mm: std::sync::Arc::new(InjectMm::new(mm)),
             model,
             pins: Vec::new(),
         })
@@ -100,7 +102,10 @@ impl ModelLab {
 
 impl Lab for ModelLab {
     fn mm(&self) -> &dyn Mm {
-        &self.mm
+        &*self.mm
+    }
+    fn mm_arc(&self) -> std::sync::Arc<dyn Mm> {
+        self.mm.clone()
     }
     fn inject(&self, rule: Rule) {
         self.mm.add_rule(rule);
@@ -110,7 +115,7 @@ impl Lab for ModelLab {
         self.mm.clear_calls();
     }
     fn raw_results(&self) -> Vec<(Option<Errno>, bool)> {
-        raw_results_of(&self.mm)
+        raw_results_of(&*self.mm)
     }
     fn map(&mut self, len: u64, align: u64, kind: LabMapKind) -> Result<Range, ScenarioError> {
         let k = match kind {

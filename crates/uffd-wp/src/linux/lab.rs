@@ -36,7 +36,7 @@ impl LabFactory for LinuxLabs {
 /// protection) before the mappings are unmapped.
 #[derive(Debug)]
 pub struct LinuxLab {
-    mm: InjectMm<LinuxMm>,
+    mm: std::sync::Arc<InjectMm<LinuxMm>>,
     pagemap: Pagemap,
     maps: Vec<Mapping>,
     /// io_uring rings holding fixed buffers over mappings they took from `maps`.
@@ -46,9 +46,11 @@ pub struct LinuxLab {
 }
 
 impl LinuxLab {
-    /// Opens a lab; `cfg.wp_unpopulated` chooses whether to negotiate WP_UNPOPULATED.
+    /// Opens a lab; `cfg` chooses whether to negotiate WP_UNPOPULATED and WP_ASYNC.
     pub fn open(cfg: LabConfig) -> Result<LinuxLab, ScenarioError> {
-        let c = if cfg.wp_unpopulated {
+        let c = if cfg.async_wp {
+            Config::async_wp()
+        } else if cfg.wp_unpopulated {
             let d = Config::default();
             Config {
                 required: d.required.with(crate::features::Features::WP_UNPOPULATED),
@@ -63,7 +65,7 @@ impl LinuxLab {
             why: e.to_string(),
         })?;
         Ok(LinuxLab {
-            mm: InjectMm::new(mm),
+            mm: std::sync::Arc::new(InjectMm::new(mm)),
             pagemap: Pagemap::open_self()
                 .map_err(ScenarioError::setup("open /proc/self/pagemap"))?,
             maps: Vec::new(),
@@ -103,7 +105,10 @@ impl LinuxLab {
 
 impl Lab for LinuxLab {
     fn mm(&self) -> &dyn Mm {
-        &self.mm
+        &*self.mm
+    }
+    fn mm_arc(&self) -> std::sync::Arc<dyn Mm> {
+        self.mm.clone()
     }
     fn inject(&self, rule: Rule) {
         self.mm.add_rule(rule);
@@ -113,7 +118,7 @@ impl Lab for LinuxLab {
         self.mm.clear_calls();
     }
     fn raw_results(&self) -> Vec<(Option<Errno>, bool)> {
-        raw_results_of(&self.mm)
+        raw_results_of(&*self.mm)
     }
     fn map(&mut self, len: u64, align: u64, kind: MapKind) -> Result<Range, ScenarioError> {
         let (backing, thp) = match kind {

@@ -57,6 +57,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: snapshot_enomem,
     },
     Scenario {
+        name: "track-eagain",
+        about: "dirty tracking with EAGAIN injected: arming retries and tracks exactly, or fails clean",
+        run: track_eagain,
+    },
+    Scenario {
         name: "lost-enomem",
         about: "the kernel's own silent partial failure: success returned, 0.5 GiB unprotected",
         run: lost_enomem,
@@ -164,7 +169,10 @@ fn unpopulated(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
             "no markers: the 12 untouched pages cannot be protected, and the kernel says nothing",
         ),
     ] {
-        let mut lab = f.open(LabConfig { wp_unpopulated })?;
+        let mut lab = f.open(LabConfig {
+            wp_unpopulated,
+            async_wp: false,
+        })?;
         let r = registered(lab.as_mut(), 16, 16)?;
         lab.touch(pages(r, 0, 4))?;
         out.push(protect_step(
@@ -392,6 +400,81 @@ fn snapshot_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
             },
             detail: Some(detail),
             report,
+        });
+    }
+    Ok(out)
+}
+
+/// The dirty tracker (async WP) when `UFFDIO_WRITEPROTECT` says EAGAIN (an event in flight):
+/// once, arming retries and the epochs are exact; always, arming fails and leaves nothing
+/// protected or registered.
+fn track_eagain(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    use crate::range::RangeSet;
+    use crate::track::{Method, TrackOptions, Tracker};
+    let mut out = Vec::new();
+    for (label, times) in [("arm-retry", 1), ("arm-fails", 0)] {
+        let mut lab = f.open(LabConfig {
+            wp_unpopulated: true,
+            async_wp: true,
+        })?;
+        let r = lab.map(64 * P, P, MapKind::Anon)?;
+        lab.touch(pages(r, 0, 16))?;
+        lab.inject(Rule::covering(r.start(), Errno::AGAIN).times(times));
+        let opts = TrackOptions {
+            on_error: RETRY,
+            ..TrackOptions::default()
+        };
+        let raw_before = lab.raw_results();
+        let first_err = raw_before.iter().find(|(e, _)| e.is_some()).copied();
+        let (exact, detail) = match Tracker::start(lab.mm_arc(), r, Method::AsyncWp, opts) {
+            Ok(mut t) => {
+                let mut exact = true;
+                let mut epochs = Vec::new();
+                for (a, b) in [(4u64, 9u64), (20, 21), (40, 64)] {
+                    lab.touch(pages(r, a, b))?;
+                    match t.epoch() {
+                        Ok(e) => {
+                            exact &= e.dirty == RangeSet::single(pages(r, a, b));
+                            epochs.push(serde_json::to_value(&e).unwrap_or_default());
+                        }
+                        Err(e) => {
+                            exact = false;
+                            epochs.push(serde_json::json!({ "error": e.to_string() }));
+                        }
+                    }
+                }
+                exact &= t.close().is_ok();
+                (exact, serde_json::json!({ "epochs": epochs }))
+            }
+            Err(e) => (times == 0, serde_json::json!({ "error": e.to_string() })),
+        };
+        let raw = lab.raw_results();
+        let first_err = first_err.or_else(|| raw.iter().find(|(e, _)| e.is_some()).copied());
+        lab.reset_injection();
+        let still_registered = lab.mm().writeprotect(r, crate::mm::WpMode::Protect).is_ok();
+        let truth = lab.verify_wp(r)?;
+        out.push(Step {
+            label: label.into(),
+            kernel_errno: first_err.and_then(|(e, _)| e),
+            injected: first_err.is_some_and(|(_, i)| i),
+            verified: exact && truth.is_empty() && !still_registered,
+            note: if times == 1 {
+                "EAGAIN once while arming: the retry arms the range, three epochs report exactly the pages written, closing leaves nothing protected".into()
+            } else {
+                "EAGAIN on every attempt: arming fails with a typed error and leaves nothing protected or registered".into()
+            },
+            detail: Some(detail),
+            report: crate::protect::WpReport {
+                op: WpOp::Protect,
+                requested: r,
+                not_protected: truth.complement_in(r),
+                protected: truth,
+                skipped: RangeSet::new(),
+                error: None,
+                rolled_back: false,
+                raw_calls: raw.len() as u32,
+                read_back_bytes: 0,
+            },
         });
     }
     Ok(out)

@@ -34,12 +34,15 @@ pub enum MapKind {
 pub struct LabConfig {
     /// Negotiate `WP_UNPOPULATED` (markers for unpopulated pages).
     pub wp_unpopulated: bool,
+    /// Negotiate `WP_ASYNC` too (dirty tracking): the kernel resolves WP faults itself.
+    pub async_wp: bool,
 }
 
 impl Default for LabConfig {
     fn default() -> Self {
         LabConfig {
             wp_unpopulated: true,
+            async_wp: false,
         }
     }
 }
@@ -86,6 +89,9 @@ impl ScenarioError {
 pub trait Lab {
     /// The backend, behind the injection wrapper.
     fn mm(&self) -> &dyn Mm;
+    /// The same backend as a shared handle, for engines that keep it (the dirty tracker's
+    /// handler thread).
+    fn mm_arc(&self) -> std::sync::Arc<dyn Mm>;
     /// Adds an injection rule.
     fn inject(&self, rule: Rule);
     /// Removes all injection rules and forgets the call log.

@@ -29,6 +29,9 @@ pub fn lab(wp_unpopulated: bool) -> Option<uffd_wp::linux::lab::LinuxLab> {
         } else {
             "userfaultfd with UFFD_FEATURE_PAGEFAULT_FLAG_WP"
         },
-        uffd_wp::linux::lab::LinuxLab::open(uffd_wp::scenario::LabConfig { wp_unpopulated }),
+        uffd_wp::linux::lab::LinuxLab::open(uffd_wp::scenario::LabConfig {
+            wp_unpopulated,
+            async_wp: false,
+        }),
     )
 }
