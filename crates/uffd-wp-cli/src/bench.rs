@@ -11,6 +11,9 @@ use uffd_wp::range::{PMD_SIZE, PUD_SIZE, parse_size};
 
 use crate::{CliError, print_json};
 
+mod plot;
+mod snapshot;
+
 /// The goal for a clean success: exact at most this times the raw call.
 const GOAL_CLEAN: f64 = 1.05;
 /// The goal after a failure half-way.
@@ -32,6 +35,11 @@ enum What {
     /// The dirty tracker's epoch against an mprotect/SIGSEGV tracker's, and the cost of a
     /// first write under each (1 GiB, 1% written, 4 KiB pages and THP).
     Track(crate::track::BenchArgs),
+    /// Live snapshots against fork() (pause), memcpy (copy) and a bare fault handler (fault
+    /// latency), 1 GiB, 4 KiB pages and THP.
+    Snapshot(snapshot::Args),
+    /// An SVG of the ratios in `--json` outputs of the benches against the goals.
+    Plot(plot::Args),
 }
 
 /// Arguments of `uffd-wp bench protect`.
@@ -90,6 +98,8 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     match &a.what {
         What::Protect(p) => protect(p),
         What::Track(t) => crate::track::bench(t),
+        What::Snapshot(s) => snapshot::run(s),
+        What::Plot(p) => plot::run(p),
     }
 }
 

@@ -1,0 +1,118 @@
+//! `uffd-wp bench snapshot --json` on a small region, then `bench plot` of its output: every
+//! snapshot is oracle-checked, the JSON carries the ratios against their goals, the SVG names
+//! each ratio; bad input is refused.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn uffd_wp(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_uffd-wp"))
+        .args(args)
+        .output()
+        .expect("run uffd-wp");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn kernel() -> bool {
+    match uffd_wp::linux::LinuxMm::open() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("UFFD_WP_REQUIRE_KERNEL").as_deref() == Ok("1") {
+                panic!("bench snapshot needs kernel feature userfaultfd: {e}");
+            }
+            eprintln!("SKIPPED bench snapshot: needs kernel feature userfaultfd: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn bench_snapshot_json_and_plot() {
+    if !kernel() {
+        return;
+    }
+    let (code, out, err) = uffd_wp(&[
+        "bench",
+        "snapshot",
+        "--size",
+        "16M",
+        "--runs",
+        "1",
+        "--fault-region",
+        "64M",
+        "--fault-writes",
+        "20",
+        "--fault-rounds",
+        "1",
+        "--no-gcore",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["bench"], "snapshot");
+    assert_eq!(v["goals"]["pause_ratio_vs_fork"]["4k"], 0.5);
+    assert_eq!(v["goals"]["pause_ratio_vs_fork"]["thp"], 0.1);
+    assert_eq!(v["goals"]["copy_ratio_vs_memcpy"], 0.7);
+    assert_eq!(v["goals"]["fault_ratio_vs_raw"], 1.25);
+    for k in ["4k", "thp"] {
+        assert_eq!(v[k]["consistent"], true, "{k}");
+        assert_eq!(v[k]["snapshots"], 6, "{k}: 3 snapshots x 2 rounds");
+        assert!(v[k]["pause_ratio_vs_fork"].as_f64().unwrap() > 0.0);
+        assert!(v[k]["copy_ratio_vs_memcpy"].as_f64().unwrap() > 0.0);
+        assert_eq!(v[k]["gcore"]["status"], "skipped");
+    }
+    assert_eq!(v["4k"]["default_prearm"], true);
+    assert_eq!(v["thp"]["default_prearm"], false);
+    assert_eq!(v["faults"]["consistent"], true);
+    assert!(v["fault_ratio_vs_raw"].as_f64().unwrap() > 0.0);
+    assert!(!v["faults"]["cases"].as_array().unwrap().is_empty());
+
+    let dir = std::env::temp_dir().join(format!("uffd-wp-bench-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("snapshot.json");
+    let svg = dir.join("benchmarks.svg");
+    std::fs::write(&json, &out).unwrap();
+    let (code, _, err) = uffd_wp(&[
+        "bench",
+        "plot",
+        "--input",
+        json.to_str().unwrap(),
+        "--out",
+        svg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    for label in [
+        "snapshot pause / fork() (4k)",
+        "snapshot pause / fork() (thp)",
+        "snapshot copy / memcpy (4k)",
+        "WP fault, engine / bare handler (same CPU)",
+    ] {
+        assert!(text.contains(label), "{label} missing from the SVG");
+    }
+    // Not a bench output: refused.
+    std::fs::write(&json, "{\"bench\": \"other\"}").unwrap();
+    let (code, _, err) = uffd_wp(&[
+        "bench",
+        "plot",
+        "--input",
+        json.to_str().unwrap(),
+        "--out",
+        svg.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, 2);
+    assert!(err.contains("not a bench output"), "{err}");
+}
+
+#[test]
+fn bench_snapshot_refuses_bad_sizes() {
+    let (code, _, err) = uffd_wp(&["bench", "snapshot", "--size", "3M", "--json"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("multiple of 2 MiB"), "{err}");
+}
