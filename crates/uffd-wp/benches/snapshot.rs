@@ -59,7 +59,7 @@ fn pause_and_copy(c: &mut Criterion) {
             b.iter_custom(|n| {
                 (0..n)
                     .map(|_| {
-                        let rep = snapshot_workload(&mm, &w, &opts, true).expect("snapshot");
+                        let (rep, _) = snapshot_workload(&mm, &w, &opts, true).expect("snapshot");
                         us(rep.pause_us)
                     })
                     .sum()
@@ -80,7 +80,7 @@ fn pause_and_copy(c: &mut Criterion) {
         b.iter_custom(|n| {
             (0..n)
                 .map(|_| {
-                    let rep = snapshot_workload(&mm, &w, &base, true).expect("snapshot");
+                    let (rep, _) = snapshot_workload(&mm, &w, &base, true).expect("snapshot");
                     us(rep.copy_ms * 1e3)
                 })
                 .sum()

@@ -239,12 +239,13 @@ fn print_table(o: &Output) {
         println!("  fork()                       {:>9.3} ms", f.fork_ms);
         for v in [&f.prearm, &f.no_prearm] {
             println!(
-                "  pause, {:<11}           {:>9.3} ms (stop writers {:.3}, protect {:.3}; {:.0} pages re-protected) -> {:.3}x fork, {:.3}x without stopping the writers{}",
+                "  pause, {:<11}           {:>9.3} ms (stop writers {:.3}, protect {:.3}; {:.0} pages re-protected; oracle bookkeeping {:.3} excluded) -> {:.3}x fork, {:.3}x without stopping the writers{}",
                 if v.prearm { "pre-armed" } else { "no pre-arm" },
                 v.pause_ms,
                 v.freeze_ms,
                 v.protect_ms,
                 v.prearm_dirty_pages,
+                v.oracle_ms,
                 v.pause_ratio_vs_fork,
                 v.engine_pause_ratio_vs_fork,
                 if v.prearm == f.default_prearm {
