@@ -1,12 +1,15 @@
 //! The Linux backend: [`Mm`] over a real userfaultfd.
 //!
-//! Today the monitored address space is this process's own. Everything that names the address
-//! space goes through [`Target`] (its pagemap, its memory file, its pid), so a remote process
-//! (a uffd taken from the target with pidfd_getfd, memory read through /proc/PID/mem) fits
-//! without touching the engines.
+//! The monitored address space is this process's own ([`LinuxMm::open`]) or another
+//! process's ([`LinuxMm::attach`]: a uffd created inside the target and taken with
+//! pidfd_getfd, see [`remote`]). Everything that names the address space goes through
+//! [`Target`] (its pagemap, its memory, its maps), so the engines run unchanged on both.
 
 pub mod lab;
 pub mod lost_enomem;
+pub mod remote;
+
+pub use remote::{AttachError, AttachReport, RemoteQuiesce};
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -55,6 +58,8 @@ pub enum OpenError {
 pub enum Target {
     /// This process.
     SelfProcess,
+    /// Another process (memory read with process_vm_readv, mappings from /proc/PID/maps).
+    Pid(u32),
 }
 
 /// What to negotiate when opening a [`LinuxMm`].
@@ -130,8 +135,18 @@ impl LinuxMm {
         if missing != Features::empty() {
             return Err(OpenError::Unsupported { missing });
         }
-        let ask = Features(cfg.wanted.0 & offered.0).with(cfg.required);
         let uffd = Uffd::create(true, cfg.user_mode_only).map_err(OpenError::Create)?;
+        Self::from_uffd(uffd, cfg, offered, Target::SelfProcess)
+    }
+
+    /// The backend over a fresh `uffd` (before `UFFDIO_API`) bound to `target`'s mm.
+    fn from_uffd(
+        uffd: Uffd,
+        cfg: Config,
+        offered: Features,
+        target: Target,
+    ) -> Result<LinuxMm, OpenError> {
+        let ask = Features(cfg.wanted.0 & offered.0).with(cfg.required);
         // The kernel answers with every feature it supports, not the ones it enabled
         // (fs/userfaultfd.c, userfaultfd_api(): "report all available features"): what is
         // enabled is what was asked, plus WP_UNPOPULATED, which WP_ASYNC implies.
@@ -144,15 +159,24 @@ impl LinuxMm {
         } else {
             ask
         };
-        let target = Target::SelfProcess;
         let proc_err = |path: &str| {
             let path = path.to_string();
             move |errno| OpenError::Proc { path, errno }
         };
-        let pagemap = Pagemap::open_self().map_err(proc_err("/proc/self/pagemap"))?;
-        let mem = File::open("/proc/self/mem")
+        let proc_dir = match target {
+            Target::SelfProcess => "/proc/self".to_string(),
+            Target::Pid(pid) => format!("/proc/{pid}"),
+        };
+        let pagemap_path = format!("{proc_dir}/pagemap");
+        let pagemap = match target {
+            Target::SelfProcess => Pagemap::open_self(),
+            Target::Pid(pid) => Pagemap::open_pid(pid),
+        }
+        .map_err(proc_err(&pagemap_path))?;
+        let mem_path = format!("{proc_dir}/mem");
+        let mem = File::open(&mem_path)
             .map_err(|e| errno_of(&e))
-            .map_err(proc_err("/proc/self/mem"))?;
+            .map_err(proc_err(&mem_path))?;
         let mut mm = LinuxMm {
             uffd,
             features: enabled,
@@ -163,6 +187,7 @@ impl LinuxMm {
             pins: PinRegistry::new(
                 match target {
                     Target::SelfProcess => PinTarget::SelfProcess,
+                    Target::Pid(pid) => PinTarget::Pid(pid),
                 },
                 RegistryOptions::default(),
             ),
@@ -284,6 +309,7 @@ impl Mm for LinuxMm {
     fn fully_mapped(&self, r: Range) -> Result<bool, Errno> {
         match self.target {
             Target::SelfProcess => crate::sys::mem::fully_mapped(r),
+            Target::Pid(pid) => remote::fully_mapped(pid as i32, r),
         }
     }
 
@@ -303,7 +329,10 @@ impl Mm for LinuxMm {
     }
 
     fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        self.mem.read_exact_at(buf, addr).map_err(|e| errno_of(&e))
+        match self.target {
+            Target::SelfProcess => self.mem.read_exact_at(buf, addr).map_err(|e| errno_of(&e)),
+            Target::Pid(pid) => remote::read_memory(pid, addr, buf),
+        }
     }
 
     /// `clear_refs` 4 on the target. Without `CONFIG_MEM_SOFT_DIRTY` the kernel accepts the
@@ -317,6 +346,9 @@ impl Mm for LinuxMm {
         match self.target {
             Target::SelfProcess => {
                 std::fs::write("/proc/self/clear_refs", "4").map_err(|e| errno_of(&e))
+            }
+            Target::Pid(pid) => {
+                std::fs::write(format!("/proc/{pid}/clear_refs"), "4").map_err(|e| errno_of(&e))
             }
         }
     }

@@ -10,6 +10,7 @@
 //!   [ioctl_userfaultfd(2)](https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html)).
 //! - [`pagemap`]: `/proc/PID/pagemap` entries and the `PAGEMAP_SCAN` ioctl
 //!   ([pagemap docs](https://docs.kernel.org/admin-guide/mm/pagemap.html)).
+//! - [`ptrace`]: ptrace, waitpid on tracees, process_vm_readv, pidfd_getfd (another process).
 //! - [`mem`]: anonymous and memfd mappings owned by RAII guards, madvise, page touching.
 //! - [`sigsegv`]: the mprotect/SIGSEGV dirty tracker (the benchmarks' baseline).
 //! - [`fork`]: `fork(2)` (the snapshot benchmark's baseline); children only `_exit` or `pause`.
@@ -21,6 +22,7 @@ pub mod direct;
 pub mod fork;
 pub mod mem;
 pub mod pagemap;
+pub mod ptrace;
 pub mod sigsegv;
 pub mod uffd;
 pub mod uring;

@@ -29,6 +29,9 @@ pub enum Origin {
     /// `/dev/userfaultfd` and `USERFAULTFD_IOC_NEW` (when the syscall is refused, for example by
     /// `vm.unprivileged_userfaultfd=0` for an unprivileged caller).
     Device,
+    /// Created inside another process and copied here with `pidfd_getfd(2)`: it acts on that
+    /// process's mm.
+    Remote,
 }
 
 /// The kernel's answer to `UFFDIO_API`.
@@ -185,6 +188,15 @@ impl Uffd {
             fd,
             origin: Origin::Device,
         })
+    }
+
+    /// A userfaultfd created in another process and copied here with `pidfd_getfd(2)`
+    /// (before its `UFFDIO_API`).
+    pub fn from_remote(fd: OwnedFd) -> Uffd {
+        Uffd {
+            fd,
+            origin: Origin::Remote,
+        }
     }
 
     /// How this fd was created.
