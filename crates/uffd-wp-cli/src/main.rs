@@ -7,6 +7,7 @@ mod probe;
 mod scenario;
 mod snapshot;
 mod track;
+mod workload;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,9 @@ enum Command {
     Bench(bench::Args),
     /// Dirty-tracking epochs over the built-in workload, each beside the writers' ground truth.
     Track(track::Args),
+    /// The built-in workload in this process, forever: a target for `snapshot --pid` (tests).
+    #[command(hide = true)]
+    Workload(workload::Args),
 }
 
 /// A failure the CLI reports on stderr with a non-zero exit.
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Track(a) => track::run(&a),
+        Command::Workload(a) => workload::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

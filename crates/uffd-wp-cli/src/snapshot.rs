@@ -12,6 +12,8 @@ use uffd_wp::workload::{Workload, WorkloadConfig};
 
 use crate::{CliError, print_json};
 
+mod remote;
+
 /// Arguments of `uffd-wp snapshot`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -41,10 +43,23 @@ pub struct Args {
     /// Print the JSON report.
     #[arg(long)]
     json: bool,
+    /// Snapshot another process instead of the built-in workload (a uffd created inside it
+    /// through ptrace; needs root or CAP_SYS_PTRACE over it). Needs --range.
+    #[arg(long, requires = "range")]
+    pid: Option<u32>,
+    /// With --pid: the range START:LEN to capture (START decimal or 0x hex, LEN with K/M/G).
+    #[arg(long, requires = "pid")]
+    range: Option<String>,
+    /// Tests only: stop making progress at this point and wait to be killed.
+    #[arg(long, hide = true, requires = "pid")]
+    stall_at: Option<remote::StallAt>,
 }
 
 /// Runs it.
 pub fn run(a: &Args) -> Result<(), CliError> {
+    if let (Some(pid), Some(range)) = (a.pid, a.range.as_deref()) {
+        return remote::run(a, pid, range);
+    }
     if a.size < PAGE_SIZE || a.size % PAGE_SIZE != 0 || a.threads == 0 {
         return Err(CliError::Usage(format!(
             "--size must be a non-zero multiple of {PAGE_SIZE} and --threads at least 1"

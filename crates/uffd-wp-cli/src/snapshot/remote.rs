@@ -1,0 +1,210 @@
+//! `uffd-wp snapshot --pid P --range START:LEN`: a live snapshot of another process.
+//!
+//! The remote backend ([`LinuxMm::attach`]: a uffd created inside the target) with the
+//! ptrace quiesce ([`RemoteQuiesce`]) and page reads through process_vm_readv
+//! ([`Source::Mm`]). There is no oracle for a foreign process: `consistent` is `null`.
+//! If this process dies at any point after the attach, the kernel releases the uffd (which
+//! un-protects every page) and detaches the stopped threads: the target runs on.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use uffd_wp::Mm;
+use uffd_wp::linux::{Config, LinuxMm, RemoteQuiesce};
+use uffd_wp::range::{PAGE_SIZE, Range, RangeSet, parse_size};
+use uffd_wp::snapshot::{self, FnQuiesce, HandlerMode, Quiesce, SnapshotOptions, Source};
+
+use super::Args;
+use crate::{CliError, print_json};
+
+/// Where `--stall-at` stops (for the tests that kill the monitor mid-snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StallAt {
+    /// Inside the pause: every thread of the target stopped, nothing protected yet.
+    Freeze,
+    /// In the copy: the range write-protected, the first chunk copied, faults not served.
+    Copy,
+}
+
+/// Prints the marker the tests wait for, then sleeps until killed.
+fn stall(what: &str) -> ! {
+    eprintln!("uffd-wp: STALLED at {what}");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Parses `START:LEN` (START decimal or 0x hex; LEN decimal, 0x hex, or with K/M/G).
+fn parse_range(s: &str) -> Result<Range, CliError> {
+    let bad = |why: String| CliError::Usage(format!("--range {s:?}: {why}"));
+    let (a, l) = s
+        .split_once(':')
+        .ok_or_else(|| bad("expected START:LEN".into()))?;
+    let num = |t: &str| -> Result<u64, String> {
+        match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+            Some(h) => u64::from_str_radix(h, 16).map_err(|e| e.to_string()),
+            None => parse_size(t),
+        }
+    };
+    let start = num(a).map_err(bad)?;
+    let len = num(l).map_err(bad)?;
+    if start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+        return Err(bad(format!(
+            "START and LEN must be multiples of {PAGE_SIZE}, LEN non-zero"
+        )));
+    }
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| bad("overflows".into()))?;
+    Ok(Range::from_bounds(start, end))
+}
+
+/// Runs it.
+pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
+    let r = parse_range(range)?;
+    let (mm, attach) = LinuxMm::attach_with_report(pid, Config::default())
+        .map_err(|e| CliError::Usage(format!("attaching to process {pid}: {e}")))?;
+    match mm.fully_mapped(r) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(CliError::Usage(format!(
+                "{r} is not entirely mapped in process {pid}"
+            )));
+        }
+        Err(e) => {
+            return Err(CliError::Usage(format!(
+                "reading /proc/{pid}/maps: {}",
+                uffd_wp::sys::errno_name(e)
+            )));
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let opts = SnapshotOptions {
+        protect_threads: a.protect_threads.unwrap_or(if a.thp { 1 } else { cpus }),
+        handler: if a.handler_thread {
+            HandlerMode::Thread
+        } else {
+            SnapshotOptions::default().handler
+        },
+        prearm: !a.thp && !a.no_prearm,
+        ..SnapshotOptions::default()
+    };
+    let rq = RemoteQuiesce::new(pid);
+    let q = FnQuiesce(
+        || {
+            rq.freeze();
+            if a.stall_at == Some(StallAt::Freeze) && rq.is_frozen() {
+                stall("freeze");
+            }
+        },
+        || rq.resume(),
+    );
+    let bar = if std::io::stdout().is_terminal() && !a.json {
+        let b = ProgressBar::new(r.pages());
+        b.set_style(
+            ProgressStyle::with_template("copying {bar:40} {pos}/{len} pages {elapsed}")
+                .expect("progress template"),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let stall_copy = a.stall_at == Some(StallAt::Copy);
+    let res = snapshot::take(
+        &mm,
+        &RangeSet::single(r),
+        Source::Mm,
+        &q as &dyn Quiesce,
+        &opts,
+        |done, total| {
+            bar.set_position(done);
+            if stall_copy && done < total {
+                stall("copy");
+            }
+        },
+    );
+    bar.finish_and_clear();
+    if let Some(e) = rq.last_error() {
+        return Err(CliError::Usage(format!("freezing process {pid}: {e}")));
+    }
+    let (img, rep) = res.map_err(|e| CliError::Usage(format!("snapshot of process {pid}: {e}")))?;
+    let freeze = rq.last_stats();
+    let stored = match &a.out {
+        Some(path) => {
+            let f = std::fs::File::create(path)
+                .map_err(|e| CliError::Usage(format!("creating {}: {e}", path.display())))?;
+            let (stored, _) = img
+                .write_to(std::io::BufWriter::new(f))
+                .map_err(|e| CliError::Usage(format!("writing {}: {e}", path.display())))?;
+            Some(stored)
+        }
+        None => None,
+    };
+    if a.json {
+        let mut v = serde_json::to_value(&rep).expect("report");
+        v["fault_latency_us"] = v["fault_service_us"].clone();
+        v["remote"] = serde_json::json!({
+            "pid": pid,
+            "range": [r.start(), r.end()],
+            "attach": attach,
+            "freeze": freeze,
+            "read": "process_vm_readv",
+        });
+        if let Some(s) = stored {
+            v["stored_pages"] = s.into();
+        }
+        print_json(&v);
+    } else {
+        println!(
+            "snapshot of {} MiB of process {pid} at {:#x} (no oracle: consistency not checked)",
+            r.len() >> 20,
+            r.start()
+        );
+        println!(
+            "  attach           {:.0} us (thread {} stopped {:.0} us, syscall site {:?})",
+            attach.total_us, attach.tid, attach.stopped_us, attach.site
+        );
+        println!(
+            "  pause            {:.0} us (stopping {} threads {:.0} us, write-protect {:.0} us, {} raw calls)",
+            rep.pause_us, freeze.threads, rep.freeze_us, rep.protect_us, rep.protect_raw_calls
+        );
+        println!(
+            "  copy             {:.1} ms, {:.0} MB/s (process_vm_readv)",
+            rep.copy_ms, rep.copy_mb_s
+        );
+        println!(
+            "  faults served    {} (p50 {:.1} us, p99 {:.1} us, max {:.1} us)",
+            rep.faults_served,
+            rep.fault_service_us.p50,
+            rep.fault_service_us.p99,
+            rep.fault_service_us.max
+        );
+        println!("  not captured     {}", rep.not_captured.len());
+        if let Some(s) = stored {
+            println!(
+                "  image            {} ({} pages stored, zero pages omitted)",
+                a.out.as_ref().expect("out").display(),
+                s
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ranges() {
+        let r = parse_range("0x7f0000000000:64M").unwrap();
+        assert_eq!((r.start(), r.len()), (0x7f00_0000_0000, 64 << 20));
+        let r = parse_range("4096:8192").unwrap();
+        assert_eq!((r.start(), r.len()), (4096, 8192));
+        assert!(parse_range("4096").is_err());
+        assert!(parse_range("4095:4096").is_err());
+        assert!(parse_range("4096:0").is_err());
+        assert!(parse_range("0xffffffffffff0000:1G").is_err());
+    }
+}
