@@ -1,0 +1,619 @@
+//! The remote backend on the real kernel, against `uffd-wp workload` child processes: attach
+//! (a uffd created inside the target), write-protect from here and receive the target's WP
+//! faults, a remote snapshot, and THE KILL TESTS: a monitor process SIGKILLed mid-snapshot (in
+//! the copy, and inside the freeze) leaves the target running, writing, not stopped and with
+//! nothing write-protected.
+//!
+//! Needs root (ptrace of a process this test does not own as a tracer-to-be is fine as root;
+//! pidfd_getfd needs PTRACE_MODE_ATTACH) and a kernel with pidfd_getfd (5.6+): otherwise each
+//! test is skipped with a message, or fails under `UFFD_WP_REQUIRE_KERNEL=1`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use uffd_wp::Mm;
+use uffd_wp::linux::remote::{self, SyscallSite};
+use uffd_wp::linux::{AttachError, Config, LinuxMm, RemoteQuiesce};
+use uffd_wp::mm::{Event, RegisterMode, WpMode};
+use uffd_wp::range::{PAGE_SIZE, Range};
+use uffd_wp::snapshot::Image;
+use uffd_wp::workload::{PageVerdict, check_page};
+
+const BIN: &str = env!("CARGO_BIN_EXE_uffd-wp");
+/// Upper bound for anything awaited from a child (a failure, not a measurement).
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Skips with a message naming what is missing, or fails under `UFFD_WP_REQUIRE_KERNEL=1`.
+fn skip(what: &str) {
+    if std::env::var("UFFD_WP_REQUIRE_KERNEL").as_deref() == Ok("1") {
+        panic!("remote backend test needs {what} (UFFD_WP_REQUIRE_KERNEL=1)");
+    }
+    eprintln!("SKIPPED remote backend test: needs {what}");
+}
+
+fn euid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .expect("effective uid")
+}
+
+/// A `uffd-wp workload` child: its region, and its write counts as they are printed.
+struct Workload {
+    child: Child,
+    pid: u32,
+    range: Range,
+    threads: usize,
+    writes: Receiver<u64>,
+}
+
+impl Workload {
+    fn spawn(size: &str, threads: usize) -> Workload {
+        let mut child = Command::new(BIN)
+            .args([
+                "workload",
+                "--size",
+                size,
+                "--threads",
+                &threads.to_string(),
+            ])
+            .args(["--interval-ms", "20"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn uffd-wp workload");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut head = String::new();
+        out.read_line(&mut head).expect("workload header");
+        let v: Value = serde_json::from_str(&head).unwrap_or_else(|e| panic!("{head:?}: {e}"));
+        let start = v["start"].as_u64().expect("start");
+        let len = v["len"].as_u64().expect("len");
+        let pid = v["pid"].as_u64().expect("pid") as u32;
+        assert_eq!(pid, child.id());
+        let (tx, writes) = channel();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { return };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if let Some(n) = v["writes"].as_u64()
+                    && tx.send(n).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Workload {
+            child,
+            pid,
+            range: Range::from_bounds(start, start + len),
+            threads,
+            writes,
+        }
+    }
+
+    /// The next write count it prints (panics if it stops printing).
+    fn next_writes(&self) -> u64 {
+        match self.writes.recv_timeout(PATIENCE) {
+            Ok(n) => n,
+            Err(RecvTimeoutError::Timeout) => panic!("workload {} stopped reporting", self.pid),
+            Err(RecvTimeoutError::Disconnected) => panic!("workload {} exited", self.pid),
+        }
+    }
+
+    /// Waits until its write count grows past the latest value it printed, proving its writers
+    /// run; returns (latest before, grown value).
+    fn assert_writing(&self) -> (u64, u64) {
+        // Drain what is already buffered: the latest value is the baseline.
+        let mut base = self.next_writes();
+        while let Ok(n) = self.writes.try_recv() {
+            base = n;
+        }
+        let t0 = Instant::now();
+        loop {
+            let n = self.next_writes();
+            if n > base {
+                return (base, n);
+            }
+            assert!(
+                t0.elapsed() < PATIENCE,
+                "workload {} writes stuck at {base}",
+                self.pid
+            );
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The state letters of every thread of `pid`.
+fn thread_states(pid: u32) -> Vec<(i32, char)> {
+    let pid = pid as i32;
+    remote::thread_ids(pid)
+        .expect("list threads")
+        .into_iter()
+        .filter_map(|t| Some((t, remote::thread_state(pid, t)?)))
+        .collect()
+}
+
+/// Whether some VMA overlapping `r` carries the `uw` (VM_UFFD_WP) flag, from /proc/PID/smaps.
+fn smaps_uw(pid: u32, r: Range) -> bool {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("read smaps");
+    let mut overlaps = false;
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            overlaps = a < r.end() && r.start() < b;
+            continue;
+        }
+        if overlaps
+            && let Some(flags) = line.strip_prefix("VmFlags:")
+            && flags.split_whitespace().any(|f| f == "uw")
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Pages of `r` with pagemap bit 57 (uffd-wp) set, read from /proc/PID/pagemap directly.
+fn bit57_pages(pid: u32, r: Range) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(format!("/proc/{pid}/pagemap")).expect("open pagemap");
+    let mut buf = vec![0u8; (r.pages() * 8) as usize];
+    f.read_exact_at(&mut buf, r.start() / PAGE_SIZE * 8)
+        .expect("read pagemap");
+    buf.chunks_exact(8)
+        .filter(|c| u64::from_ne_bytes((*c).try_into().unwrap()) & (1 << 57) != 0)
+        .count() as u64
+}
+
+/// Attaches, or returns `None` after a skip when this machine cannot (no root, no ptrace, no
+/// pidfd_getfd). Any other failure fails the test.
+fn attach(pid: u32, tid: Option<u32>) -> Option<(LinuxMm, remote::AttachReport)> {
+    if euid() != 0 {
+        skip("root (ptrace and pidfd_getfd of another process)");
+        return None;
+    }
+    match LinuxMm::attach_thread(pid, tid, Config::default()) {
+        Ok(x) => Some(x),
+        Err(e @ AttachError::Permission { .. }) => {
+            skip(&format!("ptrace permission: {e}"));
+            None
+        }
+        Err(e @ AttachError::Os { errno, .. }) if errno == uffd_wp::mm::Errno::NOSYS => {
+            skip(&format!("pidfd_getfd (5.6+): {e}"));
+            None
+        }
+        Err(e @ AttachError::UnsupportedArch { .. }) => {
+            skip(&format!("x86_64: {e}"));
+            None
+        }
+        Err(e) => panic!("attach to {pid}: {e}"),
+    }
+}
+
+/// The target's writes arrive as WP faults on the monitor's uffd; protection set from here is
+/// exactly what the target's page tables say; releasing the uffd leaves nothing protected.
+#[test]
+fn attach_protects_and_receives_the_targets_faults() {
+    let w = Workload::spawn("16M", 2);
+    let Some((mm, rep)) = attach(w.pid, None) else {
+        return;
+    };
+    eprintln!("attach: {rep:?}");
+    assert_eq!(rep.pid, w.pid as i32);
+    assert_eq!(rep.tid, w.pid as i32, "the leader runs the injected calls");
+    // The target's copy of the uffd is closed: fd `target_fd` is gone or something else.
+    let link = std::fs::read_link(format!("/proc/{}/fd/{}", w.pid, rep.target_fd));
+    assert!(
+        !matches!(&link, Ok(p) if p.to_string_lossy().contains("userfaultfd")),
+        "the target still holds the uffd: {link:?}"
+    );
+    let r = w.range;
+    let half = Range::from_bounds(r.start(), r.start() + r.len() / 2);
+    mm.register(r, RegisterMode::WP)
+        .expect("register the target's region");
+    assert!(smaps_uw(w.pid, r), "VM_UFFD_WP set on the target's VMA");
+    mm.writeprotect(half, WpMode::Protect)
+        .expect("write-protect");
+    // Nobody un-protects yet: the kernel's own bits say exactly the first half (prefilled).
+    assert_eq!(bit57_pages(w.pid, half), half.pages());
+    assert_eq!(
+        bit57_pages(w.pid, Range::from_bounds(half.end(), r.end())),
+        0
+    );
+    assert_eq!(mm.wp_pages(r).unwrap().pages(), half.pages());
+
+    let tids: Vec<i32> = remote::thread_ids(w.pid as i32).unwrap();
+    let mut served = 0;
+    while served < 50 {
+        assert!(mm.wait_event(PATIENCE.as_millis() as i32).expect("poll"));
+        for ev in mm.read_events(16).expect("read") {
+            let Event::PageFault {
+                flags,
+                address,
+                tid,
+            } = ev
+            else {
+                panic!("unexpected event {ev:?}");
+            };
+            assert_eq!(flags & 2, 2, "a WP fault: {ev:?}");
+            assert!(half.contains(address), "{address:#x} outside {half}");
+            assert!(
+                tids.contains(&(tid as i32)),
+                "fault from thread {tid}, not one of {tids:?}"
+            );
+            let page = address & !(PAGE_SIZE - 1);
+            mm.writeprotect(
+                Range::from_bounds(page, page + PAGE_SIZE),
+                WpMode::Unprotect { dontwake: false },
+            )
+            .expect("un-protect and wake");
+            served += 1;
+        }
+    }
+    assert_eq!(
+        bit57_pages(w.pid, half) + served,
+        half.pages(),
+        "exactly the served pages were un-protected"
+    );
+    // Dropping the monitor's (only) reference releases the context: nothing stays protected.
+    drop(mm);
+    assert!(!smaps_uw(w.pid, r), "VM_UFFD_WP gone after release");
+    assert_eq!(bit57_pages(w.pid, r), 0, "PTE bits cleared by the release");
+    w.assert_writing();
+}
+
+/// A thread interrupted in user space (a busy writer) runs the calls at a `syscall` found in
+/// the vDSO, and resumes intact: the workload goes on writing.
+#[test]
+fn attach_through_a_busy_thread_uses_the_vdso() {
+    // One writer: once the write count grows it has left its start-up futex wait for good
+    // (it never makes a system call again), so it is interrupted in user space.
+    let mut w = Workload::spawn("8M", 1);
+    w.assert_writing();
+    let writer = remote::thread_ids(w.pid as i32)
+        .unwrap()
+        .into_iter()
+        .find(|t| *t != w.pid as i32)
+        .expect("a writer thread");
+    let Some((mm, rep)) = attach(w.pid, Some(writer as u32)) else {
+        return;
+    };
+    eprintln!("attach via writer: {rep:?}");
+    assert_eq!(rep.tid, writer);
+    assert_eq!(rep.site, SyscallSite::Vdso, "a writer runs in user space");
+    mm.register(w.range, RegisterMode::WP).unwrap();
+    mm.writeprotect(w.range, WpMode::Protect).unwrap();
+    assert!(mm.wait_event(PATIENCE.as_millis() as i32).unwrap());
+    drop(mm);
+    w.assert_writing();
+    assert!(w.alive());
+    assert_eq!(bit57_pages(w.pid, w.range), 0);
+}
+
+/// A thread blocked in read(2) is interrupted, runs the calls at the `syscall` it entered the
+/// kernel through, and its read is restarted as if nothing happened: `cat` still echoes.
+#[test]
+fn attach_restarts_an_interrupted_blocking_call() {
+    let mut cat = Command::new("cat")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn cat");
+    let pid = cat.id();
+    // Wait until cat is blocked in read(2) (syscall 0) on its stdin.
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .unwrap_or_default()
+        .starts_with("0 ")
+    {
+        assert!(t0.elapsed() < PATIENCE, "cat never blocked in read");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let attached = attach(pid, None);
+    let mut stdin: ChildStdin = cat.stdin.take().unwrap();
+    let mut out = BufReader::new(cat.stdout.take().unwrap());
+    if let Some((mm, rep)) = attached {
+        eprintln!("attach to cat: {rep:?}");
+        assert_eq!(rep.site, SyscallSite::Interrupted);
+        drop(mm);
+        let state = remote::thread_state(pid as i32, pid as i32);
+        assert!(
+            !matches!(state, Some('t' | 'T')),
+            "cat left stopped: {state:?}"
+        );
+        writeln!(stdin, "hello through a restarted read").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, "hello through a restarted read\n");
+    }
+    drop(stdin);
+    let status = cat.wait().unwrap();
+    assert!(status.success(), "cat exited with {status}");
+}
+
+/// Typed errors, and the target is left running: no such process; a target another tracer
+/// holds (EPERM), here the freeze of this very test on another thread.
+#[test]
+fn attach_errors_are_typed_and_leave_the_target_running() {
+    if euid() != 0 {
+        return skip("root");
+    }
+    // A pid that does not exist: above pid_max.
+    let max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    match LinuxMm::attach(max + 1, Config::default()) {
+        Err(AttachError::NoSuchProcess { .. }) => {}
+        other => panic!("expected NoSuchProcess, got {other:?}"),
+    }
+    let w = Workload::spawn("4M", 1);
+    let q = RemoteQuiesce::new(w.pid);
+    let stats = match q.try_freeze() {
+        Ok(s) => s,
+        Err(e) => return skip(&format!("ptrace: {e}")),
+    };
+    assert_eq!(stats.threads, 2, "the leader and one writer");
+    assert!(
+        thread_states(w.pid).iter().all(|(_, s)| *s == 't'),
+        "{:?}",
+        thread_states(w.pid)
+    );
+    let pid = w.pid;
+    let other = std::thread::spawn(move || LinuxMm::attach(pid, Config::default()).map(drop))
+        .join()
+        .unwrap();
+    match other {
+        Err(AttachError::Permission { errno, .. }) => {
+            assert_eq!(errno, uffd_wp::mm::Errno::PERM)
+        }
+        other => panic!("expected Permission, got {other:?}"),
+    }
+    q.try_resume().unwrap();
+    assert!(
+        thread_states(w.pid)
+            .iter()
+            .all(|(_, s)| *s != 't' && *s != 'T'),
+        "{:?}",
+        thread_states(w.pid)
+    );
+    w.assert_writing();
+    // A quiesce dropped while frozen resumes the target.
+    let q = RemoteQuiesce::new(w.pid);
+    q.try_freeze().unwrap();
+    drop(q);
+    assert!(thread_states(w.pid).iter().all(|(_, s)| *s != 't'));
+    w.assert_writing();
+}
+
+/// `uffd-wp snapshot --pid` of a running workload completes, its image is a point-in-time copy
+/// (every page a whole version of itself, except at most one page per writer, caught mid-write
+/// by the ptrace freeze), and the target runs on with nothing protected.
+#[test]
+fn remote_snapshot_of_a_running_workload() {
+    if euid() != 0 {
+        return skip("root");
+    }
+    let w = Workload::spawn("64M", 2);
+    let dir = std::env::temp_dir().join(format!("uffd-wp-remote-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img_path = dir.join("snap.img");
+    let range = format!("{}:{}", w.range.start(), w.range.len());
+    let out = Command::new(BIN)
+        .args([
+            "snapshot",
+            "--pid",
+            &w.pid.to_string(),
+            "--range",
+            &range,
+            "--json",
+        ])
+        .arg("--out")
+        .arg(&img_path)
+        .output()
+        .expect("run uffd-wp snapshot --pid");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains("permission denied") {
+        return skip(&format!("ptrace permission: {stderr}"));
+    }
+    assert!(out.status.success(), "snapshot --pid failed: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    eprintln!(
+        "remote snapshot: pause {} us (freeze {} us), attach {} us, copy {} MB/s, faults {}",
+        v["pause_us"],
+        v["freeze_us"],
+        v["remote"]["attach"]["total_us"],
+        v["copy_mb_s"],
+        v["faults_served"]
+    );
+    assert!(v["consistent"].is_null(), "no oracle for a foreign process");
+    assert_eq!(v["pages"].as_u64(), Some(w.range.pages()));
+    assert_eq!(v["not_captured"].as_array().map(Vec::len), Some(0));
+    assert_eq!(v["remote"]["pid"].as_u64(), Some(u64::from(w.pid)));
+    assert_eq!(
+        v["remote"]["freeze"]["threads"].as_u64(),
+        Some(w.threads as u64 + 1)
+    );
+    assert!(v["fault_latency_us"]["p50"].is_number());
+
+    let img = Image::read_from(std::io::BufReader::new(
+        std::fs::File::open(&img_path).unwrap(),
+    ))
+    .expect("read the image");
+    let mut torn = Vec::new();
+    for p in 0..w.range.pages() {
+        let data = img
+            .page(w.range.start() + p * PAGE_SIZE)
+            .expect("page in image");
+        // The version is unknown; only check the page is a whole version of page p.
+        let v0 = u64::from_ne_bytes(data[..8].try_into().unwrap());
+        if check_page(p, v0, &data) != PageVerdict::Consistent {
+            torn.push(p);
+        }
+    }
+    assert!(
+        torn.len() <= w.threads,
+        "{} pages torn (at most one per writer can be caught mid-write): {:?}",
+        torn.len(),
+        &torn[..torn.len().min(8)]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!smaps_uw(w.pid, w.range));
+    assert_eq!(bit57_pages(w.pid, w.range), 0);
+    assert!(
+        thread_states(w.pid)
+            .iter()
+            .all(|(_, s)| *s != 't' && *s != 'T'),
+        "{:?}",
+        thread_states(w.pid)
+    );
+    w.assert_writing();
+}
+
+/// Runs `uffd-wp snapshot --pid` against `w`, stalled at `at`, waits for its marker, checks
+/// the state mid-snapshot with `during`, SIGKILLs it, and checks the target is released.
+fn kill_monitor_mid_snapshot(w: &mut Workload, at: &str, during: impl FnOnce(&Workload)) {
+    let range = format!("{}:{}", w.range.start(), w.range.len());
+    let mut mon = Command::new(BIN)
+        .args(["snapshot", "--pid", &w.pid.to_string(), "--range", &range])
+        .args(["--json", "--stall-at", at])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the monitor");
+    let mut err = BufReader::new(mon.stderr.take().unwrap());
+    let marker = format!("STALLED at {at}");
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = err.read_line(&mut line).expect("monitor stderr");
+        assert!(n > 0, "monitor exited before stalling: {seen}");
+        seen.push_str(&line);
+        if line.contains(&marker) {
+            break;
+        }
+    }
+    during(w);
+    mon.kill().expect("SIGKILL the monitor");
+    let status = mon.wait().expect("reap the monitor");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the monitor died of SIGKILL"
+    );
+    // The monitor is reaped: its exit released the uffd (fput at exit) and detached its
+    // tracees (exit_ptrace) before it became a zombie.
+    let states = thread_states(w.pid);
+    assert!(
+        states.iter().all(|(_, s)| *s != 't' && *s != 'T'),
+        "target left stopped: {states:?}"
+    );
+    assert!(!smaps_uw(w.pid, w.range), "VM_UFFD_WP left on the VMA");
+    let left = bit57_pages(w.pid, w.range);
+    eprintln!("after the monitor's death: {left} pages with pagemap bit 57 (uffd-wp)");
+    assert_eq!(
+        left, 0,
+        "userfaultfd_release -> userfaultfd_clear_vma clears the PTE bits"
+    );
+    assert!(w.alive(), "the target died");
+    let (a, b) = w.assert_writing();
+    eprintln!("target writes went on: {a} -> {b}");
+}
+
+/// THE KILL TEST, in the copy: the range is write-protected, faults go unserved (writers block
+/// on them), and the monitor is SIGKILLed. The kernel's release of the uffd un-protects
+/// everything and wakes the blocked writers.
+#[test]
+fn monitor_killed_mid_copy_leaves_the_target_running_and_unprotected() {
+    if euid() != 0 {
+        return skip("root");
+    }
+    let mut w = Workload::spawn("64M", 2);
+    kill_monitor_mid_snapshot(&mut w, "copy", |w| {
+        assert!(smaps_uw(w.pid, w.range), "mid-snapshot: VMA registered");
+        let p = bit57_pages(w.pid, w.range);
+        eprintln!("mid-copy: {p} of {} pages write-protected", w.range.pages());
+        assert!(p > 0, "mid-snapshot: pages write-protected");
+    });
+}
+
+/// THE KILL TEST, inside the pause: every thread of the target is ptrace-stopped when the
+/// monitor is SIGKILLed; the kernel detaches them and they run on.
+#[test]
+fn monitor_killed_in_the_freeze_leaves_the_target_running() {
+    if euid() != 0 {
+        return skip("root");
+    }
+    let mut w = Workload::spawn("16M", 2);
+    kill_monitor_mid_snapshot(&mut w, "freeze", |w| {
+        let states = thread_states(w.pid);
+        assert_eq!(states.len(), w.threads + 1);
+        assert!(
+            states.iter().all(|(_, s)| *s == 't'),
+            "mid-freeze: every thread in a tracing stop: {states:?}"
+        );
+        assert!(smaps_uw(w.pid, w.range), "registered before the pause");
+    });
+}
+
+/// process_vm_readv against /proc/PID/mem over the same frozen 256 MiB: same bytes; figures
+/// printed (the backend reads with process_vm_readv).
+#[test]
+fn remote_read_throughput() {
+    if euid() != 0 {
+        return skip("root");
+    }
+    use std::os::unix::fs::FileExt;
+    let w = Workload::spawn("256M", 1);
+    let q = RemoteQuiesce::new(w.pid);
+    if let Err(e) = q.try_freeze() {
+        return skip(&format!("ptrace: {e}"));
+    }
+    let r = w.range;
+    let chunk = 1 << 20;
+    let mut a = vec![0u8; r.len() as usize];
+    let mut b = vec![0u8; r.len() as usize];
+    let mem = std::fs::File::open(format!("/proc/{}/mem", w.pid)).unwrap();
+    let mut figures = Vec::new();
+    for round in 0..3 {
+        let t = Instant::now();
+        for (i, c) in a.chunks_mut(chunk).enumerate() {
+            remote::read_remote(w.pid as i32, r.start() + (i * chunk) as u64, c).unwrap();
+        }
+        let vm = r.len() as f64 / t.elapsed().as_secs_f64() / 1e6;
+        let t = Instant::now();
+        for (i, c) in b.chunks_mut(chunk).enumerate() {
+            mem.read_exact_at(c, r.start() + (i * chunk) as u64)
+                .unwrap();
+        }
+        let pm = r.len() as f64 / t.elapsed().as_secs_f64() / 1e6;
+        figures.push((round, vm, pm));
+        assert!(a == b, "both paths read the same bytes of a frozen target");
+    }
+    for (round, vm, pm) in figures {
+        eprintln!(
+            "round {round}: process_vm_readv {vm:.0} MB/s, /proc/PID/mem {pm:.0} MB/s (1 MiB reads, 256 MiB)"
+        );
+    }
+    q.try_resume().unwrap();
+}
