@@ -157,7 +157,7 @@ fn draw(rows: &[Row], out: &std::path::Path) -> Result<(), String> {
     let e = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", out.display());
     let n = rows.len();
     let height = 90 + 34 * n as u32;
-    let root = SVGBackend::new(out, (960, height)).into_drawing_area();
+    let root = SVGBackend::new(out, (1100, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let (lo, hi) = x_range(rows);
     let mut chart = ChartBuilder::on(&root)
@@ -166,7 +166,7 @@ fn draw(rows: &[Row], out: &std::path::Path) -> Result<(), String> {
             ("sans-serif", 18),
         )
         .margin(12)
-        .margin_right(40)
+        .margin_right(250)
         .x_label_area_size(36)
         .y_label_area_size(300)
         .build_cartesian_2d((lo..hi).log_scale(), (0..n as i32 - 1).into_segmented())
@@ -224,15 +224,14 @@ fn draw(rows: &[Row], out: &std::path::Path) -> Result<(), String> {
             fmt_ratio(r.goal),
             if r.met() { "" } else { "  MISSED" }
         );
-        // Right of whichever is further right, the bar's end or the goal.
-        let x = r.value.max(r.goal).max(1.0) * 1.15;
-        chart
-            .draw_series(std::iter::once(Text::new(
-                text,
-                (x, SegmentValue::CenterOf(i)),
-                ("sans-serif", 12).into_font().color(&BLACK),
-            )))
-            .map_err(|x| e(&x))?;
+        // In a column right of the plot, level with the bar.
+        let (px, py) = chart.backend_coord(&(hi, SegmentValue::CenterOf(i)));
+        root.draw(&Text::new(
+            text,
+            (px + 10, py - 7),
+            ("sans-serif", 13).into_font().color(&BLACK),
+        ))
+        .map_err(|x| e(&x))?;
     }
     root.present().map_err(|x| e(&x))?;
     Ok(())
