@@ -38,11 +38,13 @@ pub fn time_fork() -> Result<Duration, Errno> {
     Ok(took)
 }
 
+/// Waits for the child `pid`. ECHILD (another thread's `waitpid(-1)` reaped it first) means it
+/// is gone too.
 fn reap(pid: i32) -> Result<(), Errno> {
     let pid = Pid::from_raw(pid).ok_or(Errno::SRCH)?;
     loop {
         match waitpid(Some(pid), WaitOptions::empty()) {
-            Ok(_) => return Ok(()),
+            Ok(_) | Err(Errno::CHILD) => return Ok(()),
             Err(Errno::INTR) => continue,
             Err(e) => return Err(e),
         }
