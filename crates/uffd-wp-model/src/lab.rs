@@ -365,6 +365,7 @@ fn raw_step(
         rolled_back: false,
         raw_calls: 1,
         read_back_bytes: r.len(),
+        unexplained_pinned_bytes: 0,
     };
     let returned_ok = match ret {
         Returned::Proposed(Ok(n)) => *n == report.bytes_not_protected(),

@@ -221,6 +221,9 @@ impl<M: Mm> Mm for InjectMm<M> {
     fn pinned(&self, r: Range) -> Result<RangeSet, Errno> {
         self.inner.pinned(r)
     }
+    fn unexplained_pinned_bytes(&self) -> u64 {
+        self.inner.unexplained_pinned_bytes()
+    }
     fn read_events(&self, max: usize) -> Result<Vec<Event>, Errno> {
         self.inner.read_events(max)
     }

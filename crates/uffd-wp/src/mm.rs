@@ -143,6 +143,14 @@ pub trait Mm: Send + Sync {
     /// model, the true pin counts). Pinned pages can be written without a WP fault.
     fn pinned(&self, r: Range) -> Result<RangeSet, Errno>;
 
+    /// Long-term pinned bytes of the monitored process that no known source explains (a pin
+    /// the backend cannot place, so any page might be under it), as of the last
+    /// [`Mm::pinned`]. Reports that depend on pins carry it. 0 when every pin is known (the
+    /// model knows them all).
+    fn unexplained_pinned_bytes(&self) -> u64 {
+        0
+    }
+
     /// Pending uffd events, at most `max`, without blocking.
     fn read_events(&self, max: usize) -> Result<Vec<Event>, Errno>;
 

@@ -240,6 +240,10 @@ pub struct WpReport {
     pub raw_calls: u32,
     /// Bytes whose state was read back from the page tables.
     pub read_back_bytes: u64,
+    /// With `skip_pinned`: long-term pinned bytes of the monitored process that no known source
+    /// explains ([`Mm::unexplained_pinned_bytes`]). Non-zero means `skipped` may be incomplete:
+    /// some pinned page of the request may be reported protected although a device can write it.
+    pub unexplained_pinned_bytes: u64,
 }
 
 impl WpReport {
@@ -282,6 +286,7 @@ impl Serialize for WpReport {
         m.serialize_entry("rolled_back", &self.rolled_back)?;
         m.serialize_entry("raw_calls", &self.raw_calls)?;
         m.serialize_entry("read_back_bytes", &self.read_back_bytes)?;
+        m.serialize_entry("unexplained_pinned_bytes", &self.unexplained_pinned_bytes)?;
         m.end()
     }
 }
@@ -384,6 +389,11 @@ pub fn write_protect<M: Mm + ?Sized>(
     } else {
         RangeSet::new()
     };
+    let unexplained_pinned_bytes = if opts.skip_pinned {
+        mm.unexplained_pinned_bytes()
+    } else {
+        0
+    };
     let targets = RangeSet::single(range).difference(&skipped);
     let before = match opts.on_error {
         OnError::Rollback => Some(w.read_back_set(&targets)?),
@@ -456,6 +466,7 @@ pub fn write_protect<M: Mm + ?Sized>(
         rolled_back,
         raw_calls: w.raw_calls,
         read_back_bytes: w.read_back_bytes,
+        unexplained_pinned_bytes,
     };
     match &report.error {
         Some(e) if report.protected.is_empty() && report.skipped.is_empty() => Err(e.clone()),
@@ -519,6 +530,7 @@ pub fn unprotect<M: Mm + ?Sized>(
         rolled_back: false,
         raw_calls: w.raw_calls,
         read_back_bytes: w.read_back_bytes,
+        unexplained_pinned_bytes: 0,
     };
     match &report.error {
         // Nothing un-protected at all: the whole request is still protected.

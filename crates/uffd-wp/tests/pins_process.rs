@@ -150,6 +150,30 @@ fn unexplained_vm_pin_is_reported_and_strict_refuses() {
     assert_eq!(strict.pinned(r).unwrap(), RangeSet::single(r));
     assert_eq!(strict.unexplained_bytes(), 0);
 
+    // The exact engine says so too: a remote backend on the holder finds nothing to skip, and
+    // its report carries the pinned bytes nobody can place.
+    if let Some(mm) = common::need(
+        "ptrace and pidfd_getfd (attach to another process)",
+        uffd_wp::linux::LinuxMm::attach(h.pid(), uffd_wp::linux::Config::default()),
+    ) {
+        use uffd_wp::mm::{Mm, RegisterMode};
+        mm.register(r, RegisterMode::WP).unwrap();
+        let opts = uffd_wp::WpOptions {
+            skip_pinned: true,
+            on_error: uffd_wp::OnError::Stop,
+        };
+        let rep = uffd_wp::write_protect(&mm, r, &opts).unwrap();
+        assert!(rep.skipped.is_empty(), "nothing known to skip");
+        assert_eq!(rep.unexplained_pinned_bytes, 4 * P);
+        assert_eq!(rep.to_json()["unexplained_pinned_bytes"], 4 * P);
+        let plain = uffd_wp::write_protect(&mm, r, &uffd_wp::WpOptions::default()).unwrap();
+        assert_eq!(
+            plain.unexplained_pinned_bytes, 0,
+            "only skip_pinned looks at pins"
+        );
+        uffd_wp::unprotect(&mm, r, uffd_wp::OnError::Stop).unwrap();
+    }
+
     // The keeper holds the ring: its fdinfo lists the buffer (of the holder's address space),
     // its own VmPin is 0, and the fast path does not even walk its fds.
     let keeper = h.ready.keeper_pid.expect("keeper");

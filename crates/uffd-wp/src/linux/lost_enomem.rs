@@ -706,6 +706,7 @@ impl WireStep {
                 rolled_back: self.rolled_back,
                 raw_calls: self.raw_calls,
                 read_back_bytes: self.read_back_bytes,
+                unexplained_pinned_bytes: 0,
             },
             verified: self.verified,
             note: self.note,
@@ -1102,6 +1103,7 @@ fn engine_step(
                 rolled_back: false,
                 raw_calls: mm.log.lock().expect("log lock").len() as u32,
                 read_back_bytes: r.len(),
+                unexplained_pinned_bytes: 0,
             }
         }
     };
@@ -1159,6 +1161,7 @@ fn child_run(cfg: &ChildConfig) -> Result<Vec<Step>, ScenarioError> {
         rolled_back: false,
         raw_calls: 1,
         read_back_bytes: ra.len(),
+        unexplained_pinned_bytes: 0,
     };
     let step1 = Step {
         label: "raw-ioctl".into(),
@@ -1270,6 +1273,7 @@ mod tests {
                 rolled_back: false,
                 raw_calls: 1,
                 read_back_bytes: LEN,
+                unexplained_pinned_bytes: 0,
             },
             verified: true,
             note: "n".into(),

@@ -320,6 +320,10 @@ impl Mm for LinuxMm {
         self.pins.pinned(r).map_err(|e| e.errno())
     }
 
+    fn unexplained_pinned_bytes(&self) -> u64 {
+        self.pins.unexplained_bytes()
+    }
+
     fn read_events(&self, max: usize) -> Result<Vec<Event>, Errno> {
         self.uffd.read_msgs(max)
     }

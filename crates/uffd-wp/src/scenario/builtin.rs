@@ -388,6 +388,7 @@ fn snapshot_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
             rolled_back: false,
             raw_calls: raw.len() as u32,
             read_back_bytes: 0,
+            unexplained_pinned_bytes: 0,
         };
         out.push(Step {
             label: label.into(),
@@ -474,6 +475,7 @@ fn track_eagain(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
                 rolled_back: false,
                 raw_calls: raw.len() as u32,
                 read_back_bytes: 0,
+                unexplained_pinned_bytes: 0,
             },
         });
     }

@@ -257,6 +257,7 @@ pub fn step(
                 rolled_back: false,
                 raw_calls: raw.len() as u32,
                 read_back_bytes: range.len(),
+                unexplained_pinned_bytes: 0,
             }
         }
     };

@@ -174,6 +174,10 @@ pub struct SnapshotReport {
     pub fault_service_us: Percentiles,
     /// Pinned pages: left unprotected, copied last, possibly torn.
     pub pinned_pages: u64,
+    /// Long-term pinned bytes of the process that no known source explains: non-zero means
+    /// a page the image holds as consistent may have been written by a device after the
+    /// snapshot point ([`Mm::unexplained_pinned_bytes`]).
+    pub unexplained_pinned_bytes: u64,
     /// Pages copied during the freeze because they could not be protected.
     pub copied_in_freeze_pages: u64,
     /// Pages not captured (offsets are absolute addresses), with why.
@@ -746,6 +750,7 @@ pub fn take<M: Mm + ?Sized>(
         faults_served: faults,
         fault_service_us: Percentiles::of_ns(service),
         pinned_pages: skipped.pages(),
+        unexplained_pinned_bytes: mm.unexplained_pinned_bytes(),
         copied_in_freeze_pages: copied_in_freeze,
         not_captured,
         copy_ms: copy_s * 1e3,

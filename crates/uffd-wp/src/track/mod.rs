@@ -420,6 +420,10 @@ pub struct Epoch {
     /// Pages pinned at the boundary: dirty whatever the page tables say (a pin can write them
     /// without any fault).
     pub pinned: RangeSet,
+    /// Long-term pinned bytes of the process that no known source explains, at the boundary
+    /// ([`Mm::unexplained_pinned_bytes`]): non-zero means some written page may be missing
+    /// from `dirty` and `pinned` (a device may write under a pin nobody can place).
+    pub unexplained_pinned_bytes: u64,
     /// Time the epoch boundary took (scan and re-arm).
     pub elapsed: Duration,
     /// Sync WP: faults the handler served during the epoch (0 for the other methods).
@@ -444,6 +448,7 @@ impl Serialize for Epoch {
         m.serialize_entry("pinned_pages", &self.pinned.pages())?;
         m.serialize_entry("dirty", &self.dirty.offsets_from(base))?;
         m.serialize_entry("pinned", &self.pinned.offsets_from(base))?;
+        m.serialize_entry("unexplained_pinned_bytes", &self.unexplained_pinned_bytes)?;
         m.serialize_entry("elapsed_us", &(self.elapsed.as_secs_f64() * 1e6))?;
         m.serialize_entry("faults", &self.faults)?;
         m.end()
@@ -703,6 +708,7 @@ impl<M: Mm + ?Sized + 'static> Tracker<M> {
                     range: self.range,
                     dirty,
                     pinned,
+                    unexplained_pinned_bytes: self.mm.unexplained_pinned_bytes(),
                     elapsed: t0.elapsed(),
                     faults,
                 })
