@@ -26,9 +26,10 @@ pub struct Args {
     /// Back the region with transparent huge pages.
     #[arg(long)]
     thp: bool,
-    /// Serve faults from a dedicated thread instead of inline in the copier.
+    /// Serve faults inline in the copier (polling between chunks) instead of from a dedicated
+    /// handler thread (the default: faster here unless the copier shares the writer's CPU).
     #[arg(long)]
-    handler_thread: bool,
+    handler_inline: bool,
     /// Threads that write-protect during the pause (default: the CPU count for 4 KiB pages,
     /// 1 with THP, where splitting costs more than it saves).
     #[arg(long)]
@@ -84,8 +85,8 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let opts = SnapshotOptions {
         protect_threads: a.protect_threads.unwrap_or(if a.thp { 1 } else { cpus }),
-        handler: if a.handler_thread {
-            HandlerMode::Thread
+        handler: if a.handler_inline {
+            HandlerMode::Inline { chunk_pages: 32 }
         } else {
             SnapshotOptions::default().handler
         },

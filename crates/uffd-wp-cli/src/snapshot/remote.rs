@@ -82,8 +82,8 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let opts = SnapshotOptions {
         protect_threads: a.protect_threads.unwrap_or(if a.thp { 1 } else { cpus }),
-        handler: if a.handler_thread {
-            HandlerMode::Thread
+        handler: if a.handler_inline {
+            HandlerMode::Inline { chunk_pages: 32 }
         } else {
             SnapshotOptions::default().handler
         },
