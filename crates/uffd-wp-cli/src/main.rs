@@ -36,7 +36,7 @@ enum Command {
     Pins(pins::Args),
     /// Take a live copy-on-write snapshot of the built-in workload and check it with its oracle.
     Snapshot(snapshot::Args),
-    /// Benchmarks on the real kernel: `bench protect` (exact write_protect against the raw ioctl).
+    /// Benchmarks, each against its alternative in the same run: `bench protect`, `bench track`, `bench snapshot`, `bench plot`.
     Bench(bench::Args),
     /// Dirty-tracking epochs over the built-in workload, each beside the writers' ground truth.
     Track(track::Args),
