@@ -190,3 +190,50 @@ fn scenario_pinned_io_uring_json() {
     );
     assert_eq!(steps[1]["report"]["bytes_not_protected"], 0);
 }
+
+/// The seed's semantics on both backends: the same layout (16 pages, an io_uring fixed buffer
+/// over pages [4, 8)) gives the same `skip_pinned` report on the real kernel and on the model
+/// (where `proposed` skips pinned pages natively), and under both model semantics.
+#[test]
+fn skip_pinned_reports_agree_between_the_kernel_and_the_model() {
+    let run = |extra: &[&str]| -> Option<Value> {
+        let mut args = vec!["scenario", "pinned-io-uring", "--json"];
+        args.extend_from_slice(extra);
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("cannot run"), "{err}");
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).unwrap())
+    };
+    let Some(linux) = run(&[]) else {
+        return skip("io_uring and userfaultfd for scenario pinned-io-uring");
+    };
+    let fields = [
+        "protected",
+        "skipped",
+        "not_protected",
+        "bytes_not_protected",
+        "error",
+    ];
+    for semantics in ["linux", "proposed"] {
+        let model =
+            run(&["--backend", "model", "--semantics", semantics]).expect("the model runs it");
+        for (k, m) in linux["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(model["results"].as_array().unwrap())
+        {
+            assert_eq!(k["step"], m["step"]);
+            for f in fields {
+                assert_eq!(
+                    k["report"][f], m["report"][f],
+                    "{semantics} {}: {f}",
+                    k["step"]
+                );
+            }
+        }
+    }
+}
