@@ -10,7 +10,7 @@ use uffd_wp::sys::mem::{Backing, Mapping, Thp};
 use uffd_wp::sys::pagemap::Pagemap;
 use uffd_wp::sys::uffd::{Msg, Uffd, WP_MODE_WP};
 
-use crate::{ARENA_PAGES, BELOW_PUD, Case, CaseObs, Side};
+use crate::{ARENA_PAGES, BELOW_PUD, Case, CaseObs, MapKind, Side};
 
 struct KernelSide {
     uffd: Uffd,
@@ -87,6 +87,17 @@ fn run(case: &Case, base: u64) -> Result<CaseObs, Errno> {
 }
 
 impl KernelSide {
+    /// `madvise` on `r`, each owning mapping its share.
+    fn advise(&self, r: Range, advice: rustix::mm::Advice) -> Result<(), Errno> {
+        for m in &self.maps {
+            let owned = RangeSet::single(m.range()).difference(m.holes());
+            for part in owned.clip(r).iter() {
+                m.madvise(*part, advice)?;
+            }
+        }
+        Ok(())
+    }
+
     fn owner(&self, addr: u64) -> Option<&Mapping> {
         self.maps
             .iter()
@@ -98,8 +109,13 @@ impl Side for KernelSide {
     fn base(&self) -> u64 {
         self.base
     }
-    fn map(&mut self, r: Range, shmem: bool) -> Result<(), Errno> {
-        let backing = if shmem { Backing::Memfd } else { Backing::Anon };
+    fn map(&mut self, r: Range, kind: MapKind) -> Result<(), Errno> {
+        let backing = match kind {
+            MapKind::Anon => Backing::Anon,
+            MapKind::Shmem => Backing::Memfd,
+            MapKind::FilePrivate => Backing::File { shared: false },
+            MapKind::FileShared => Backing::File { shared: true },
+        };
         self.maps
             .push(Mapping::new_at(r.start(), r.len(), backing)?);
         Ok(())
@@ -152,18 +168,10 @@ impl Side for KernelSide {
         result.map(|()| faults)
     }
     fn dontneed(&mut self, r: Range) -> Result<(), Errno> {
-        let m = self.owner(r.start()).ok_or(Errno::FAULT)?;
-        // Parts of `r` may belong to neighbouring mappings: advise each owner its share.
-        if m.range().intersect(&r) == Some(r) {
-            return m.madvise(r, rustix::mm::Advice::LinuxDontNeed);
-        }
-        for m in &self.maps {
-            let owned = RangeSet::single(m.range()).difference(m.holes());
-            for part in owned.clip(r).iter() {
-                m.madvise(*part, rustix::mm::Advice::LinuxDontNeed)?;
-            }
-        }
-        Ok(())
+        self.advise(r, rustix::mm::Advice::LinuxDontNeed)
+    }
+    fn pageout(&mut self, r: Range) -> Result<(), Errno> {
+        self.advise(r, rustix::mm::Advice::LinuxPageOut)
     }
     fn register(&mut self, r: Range) -> Result<(), Errno> {
         self.uffd.register(r.start(), r.len(), 2).map(drop)

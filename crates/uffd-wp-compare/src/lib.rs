@@ -1,8 +1,8 @@
 //! Differential testing: the reference model (`linux` semantics) against the real kernel.
 //!
 //! A [`Case`] is a feature set and a random sequence of operations on a 64-page arena that
-//! straddles a 1 GiB PUD boundary: map (anonymous or memfd), unmap, CPU write (served by a
-//! handler in sync mode), `MADV_DONTNEED`, register, unregister, raw `UFFDIO_WRITEPROTECT` on
+//! straddles a 1 GiB PUD boundary: map (anonymous, memfd, regular file private or shared),
+//! unmap, CPU write (served by a handler in sync mode), `MADV_DONTNEED`, `MADV_PAGEOUT`, register, unregister, raw `UFFDIO_WRITEPROTECT` on
 //! and off, `PAGEMAP_SCAN` with and without `PM_SCAN_WP_MATCHING`. The same sequence runs on
 //! the kernel (in a worker child process, so a hang or a crash cannot take the driver down)
 //! and on the model; after every operation both report the same observables: the return value
@@ -12,7 +12,7 @@
 //! sequence that still differs.
 //!
 //! Not covered (say so before trusting the model there): THP (the arena is too small to hold a
-//! huge page), swap (these machines have none), io_uring pins, hugetlb, file mappings, and every
+//! huge page), swap (these machines have none), io_uring pins, hugetlb, and every
 //! page-table allocation failure (the kernel cannot be made to fail one on demand).
 
 use std::io::{BufRead, BufReader, Write};
@@ -57,8 +57,8 @@ pub enum Op {
         off: u64,
         /// Pages.
         pages: u64,
-        /// A memfd instead of anonymous memory.
-        shmem: bool,
+        /// What backs it.
+        kind: MapKind,
     },
     /// `munmap`.
     Unmap {
@@ -74,6 +74,14 @@ pub enum Op {
     },
     /// `MADV_DONTNEED` on the mapped parts of the range.
     DontNeed {
+        /// First page.
+        off: u64,
+        /// Pages.
+        pages: u64,
+    },
+    /// `MADV_PAGEOUT` on the anonymous parts of the range (these machines have no swap, so the
+    /// pages stay; on shmem the kernel's outcome varies from run to run).
+    PageOut {
         /// First page.
         off: u64,
         /// Pages.
@@ -111,6 +119,19 @@ pub enum Op {
         /// `PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`.
         wp_matching: bool,
     },
+}
+
+/// What backs a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapKind {
+    /// Private anonymous memory.
+    Anon,
+    /// A memfd (shmem), shared.
+    Shmem,
+    /// A regular file, private (uffd-wp cannot register it).
+    FilePrivate,
+    /// A regular file, shared (uffd-wp cannot register it).
+    FileShared,
 }
 
 /// The uffd features of a case.
@@ -171,11 +192,12 @@ pub struct CaseObs {
 /// The operations a side (kernel or model) must provide, on absolute addresses.
 pub(crate) trait Side {
     fn base(&self) -> u64;
-    fn map(&mut self, r: Range, shmem: bool) -> Result<(), Errno>;
+    fn map(&mut self, r: Range, kind: MapKind) -> Result<(), Errno>;
     fn unmap(&mut self, r: Range) -> Result<(), Errno>;
     /// Writes `v` at `addr`, serving WP faults by un-protecting the page; returns the faults.
     fn write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno>;
     fn dontneed(&mut self, r: Range) -> Result<(), Errno>;
+    fn pageout(&mut self, r: Range) -> Result<(), Errno>;
     fn register(&mut self, r: Range) -> Result<(), Errno>;
     fn unregister(&mut self, r: Range) -> Result<(), Errno>;
     fn protect(&mut self, r: Range, wp: bool) -> Result<(), Errno>;
@@ -202,19 +224,25 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
         Range::from_bounds(base + off * PAGE_SIZE, base + (off + pages) * PAGE_SIZE)
     };
     let mut mapped = RangeSet::new();
+    // PAGEOUT only on anonymous memory: without swap, the kernel sometimes leaves a shmem page
+    // mapped and sometimes not (reclaim's own decision), which no model can predict.
+    let mut anon = RangeSet::new();
     let mut steps = Vec::new();
     for (i, op) in case.ops.iter().enumerate() {
         let mut faults = Vec::new();
         let mut scan = None;
         let res: String = match *op {
-            Op::Map { off, pages, shmem } => {
+            Op::Map { off, pages, kind } => {
                 let r = pr(off, pages);
                 if !mapped.clip(r).is_empty() {
                     "skipped".into()
                 } else {
-                    let x = side.map(r, shmem);
+                    let x = side.map(r, kind);
                     if x.is_ok() {
                         mapped.insert(r);
+                        if kind == MapKind::Anon {
+                            anon.insert(r);
+                        }
                     }
                     result(&x)
                 }
@@ -224,6 +252,7 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
                 let x = side.unmap(r);
                 if x.is_ok() {
                     mapped = mapped.difference(&RangeSet::single(r));
+                    anon = anon.difference(&RangeSet::single(r));
                 }
                 result(&x)
             }
@@ -242,14 +271,21 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
                     result(&x)
                 }
             }
-            Op::DontNeed { off, pages } => {
-                let parts = mapped.clip(pr(off, pages));
+            Op::DontNeed { off, pages } | Op::PageOut { off, pages } => {
+                let within = match op {
+                    Op::DontNeed { .. } => &mapped,
+                    _ => &anon,
+                };
+                let parts = within.clip(pr(off, pages));
                 if parts.is_empty() {
                     "skipped".into()
                 } else {
                     let mut out = "ok".to_string();
                     for p in parts.iter() {
-                        let x = side.dontneed(*p);
+                        let x = match op {
+                            Op::DontNeed { .. } => side.dontneed(*p),
+                            _ => side.pageout(*p),
+                        };
                         if x.is_err() {
                             out = result(&x);
                         }
@@ -339,10 +375,11 @@ fn pages_string(entries: &[u64]) -> String {
 pub fn case_strategy() -> impl Strategy<Value = Case> {
     let range = (0..ARENA_PAGES, 1..=16u64);
     let op = prop_oneof![
-        3 => (range.clone(), any::<bool>()).prop_map(|((off, pages), shmem)| Op::Map { off, pages, shmem }),
+        3 => (range.clone(), prop_oneof![4 => Just(MapKind::Anon), 3 => Just(MapKind::Shmem), 1 => Just(MapKind::FilePrivate), 1 => Just(MapKind::FileShared)]).prop_map(|((off, pages), kind)| Op::Map { off, pages, kind }),
         1 => range.clone().prop_map(|(off, pages)| Op::Unmap { off, pages }),
         4 => (0..ARENA_PAGES).prop_map(|off| Op::Write { off }),
         1 => range.clone().prop_map(|(off, pages)| Op::DontNeed { off, pages }),
+        1 => range.clone().prop_map(|(off, pages)| Op::PageOut { off, pages }),
         3 => range.clone().prop_map(|(off, pages)| Op::Register { off, pages }),
         1 => range.clone().prop_map(|(off, pages)| Op::Unregister { off, pages }),
         4 => (range.clone(), prop::bool::weighted(0.75)).prop_map(|((off, pages), wp)| Op::Protect { off, pages, wp }),

@@ -63,11 +63,12 @@ impl Side for ModelSide {
     fn base(&self) -> u64 {
         self.base
     }
-    fn map(&mut self, r: Range, shmem: bool) -> Result<(), Errno> {
-        let kind = if shmem {
-            MapKind::Memfd
-        } else {
-            MapKind::Anon(Thp::NoHuge)
+    fn map(&mut self, r: Range, kind: crate::MapKind) -> Result<(), Errno> {
+        let kind = match kind {
+            crate::MapKind::Anon => MapKind::Anon(Thp::NoHuge),
+            crate::MapKind::Shmem => MapKind::Memfd,
+            crate::MapKind::FilePrivate => MapKind::File { shared: false },
+            crate::MapKind::FileShared => MapKind::File { shared: true },
         };
         self.model
             .map_at(Some(r.start()), r.len(), PAGE_SIZE, kind)
@@ -104,6 +105,9 @@ impl Side for ModelSide {
     }
     fn dontneed(&mut self, r: Range) -> Result<(), Errno> {
         done(self.model.madvise(r, Advice::DontNeed))
+    }
+    fn pageout(&mut self, r: Range) -> Result<(), Errno> {
+        done(self.model.madvise(r, Advice::PageOut))
     }
     fn register(&mut self, r: Range) -> Result<(), Errno> {
         self.mm.register(r, RegisterMode::WP).map(drop)

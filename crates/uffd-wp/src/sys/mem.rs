@@ -20,6 +20,30 @@ pub enum Backing {
     Anon,
     /// `MAP_SHARED` of a memfd (shmem).
     Memfd,
+    /// A new, unnamed regular file (`O_TMPFILE` in the temporary directory), mapped shared or
+    /// private. uffd-wp cannot register it (only anonymous, shmem and hugetlb memory): kept for
+    /// tests that check the kernel says so.
+    File {
+        /// `MAP_SHARED` (else `MAP_PRIVATE`).
+        shared: bool,
+    },
+}
+
+/// The file behind a mapping of `len` bytes of `backing`, and whether it is mapped shared.
+fn backing_file(backing: Backing, len: u64) -> Result<Option<(OwnedFd, bool)>, Errno> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = match backing {
+        Backing::Anon => return Ok(None),
+        Backing::Memfd => rustix::fs::memfd_create("uffd-wp", rustix::fs::MemfdFlags::CLOEXEC)?,
+        Backing::File { .. } => rustix::fs::open(
+            std::env::temp_dir(),
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?,
+    };
+    rustix::fs::ftruncate(&fd, len)?;
+    let shared = !matches!(backing, Backing::File { shared: false });
+    Ok(Some((fd, shared)))
 }
 
 /// An owned mapping. Unmaps what it still owns when dropped.
@@ -28,7 +52,7 @@ pub struct Mapping {
     range: Range,
     holes: RangeSet,
     backing: Backing,
-    _memfd: Option<OwnedFd>,
+    _file: Option<OwnedFd>,
 }
 
 /// Transparent huge pages for a new anonymous mapping.
@@ -51,14 +75,7 @@ impl Mapping {
         if len == 0 || len % PAGE_SIZE != 0 || !align.is_power_of_two() || align < PAGE_SIZE {
             return Err(Errno::INVAL);
         }
-        let memfd = match backing {
-            Backing::Anon => None,
-            Backing::Memfd => {
-                let fd = rustix::fs::memfd_create("uffd-wp", rustix::fs::MemfdFlags::CLOEXEC)?;
-                rustix::fs::ftruncate(&fd, len)?;
-                Some(fd)
-            }
-        };
+        let file = backing_file(backing, len)?;
         // Reserve len + align of address space, then place the real mapping at an aligned
         // address inside it with MAP_FIXED, and give back the rest.
         let slack = if align > PAGE_SIZE { align } else { 0 };
@@ -75,7 +92,7 @@ impl Mapping {
         }? as u64;
         let start = (base + align - 1) & !(align - 1);
         let prot = ProtFlags::READ | ProtFlags::WRITE;
-        let placed = match &memfd {
+        let placed = match &file {
             // SAFETY: [start, start+len) lies inside the reservation made above, which this
             // function owns; MAP_FIXED replaces only that reservation.
             None => unsafe {
@@ -86,13 +103,13 @@ impl Mapping {
                     MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
                 )
             },
-            // SAFETY: as above; the memfd is at least `len` bytes long.
-            Some(fd) => unsafe {
+            // SAFETY: as above; the file is at least `len` bytes long.
+            Some((fd, shared)) => unsafe {
                 rustix::mm::mmap(
                     start as *mut c_void,
                     len_us,
                     prot,
-                    MapFlags::SHARED | MapFlags::FIXED,
+                    share(*shared) | MapFlags::FIXED,
                     fd,
                     0,
                 )
@@ -116,7 +133,7 @@ impl Mapping {
             range: Range::from_bounds(start, start + len),
             holes: RangeSet::new(),
             backing,
-            _memfd: memfd,
+            _file: file.map(|(fd, _)| fd),
         };
         match thp {
             Thp::Default => {}
@@ -130,16 +147,9 @@ impl Mapping {
     /// mapped there), THP off for anonymous memory.
     pub fn new_at(addr: u64, len: u64, backing: Backing) -> Result<Mapping, Errno> {
         let r = Range::new(addr, len).map_err(|_| Errno::INVAL)?;
-        let memfd = match backing {
-            Backing::Anon => None,
-            Backing::Memfd => {
-                let fd = rustix::fs::memfd_create("uffd-wp", rustix::fs::MemfdFlags::CLOEXEC)?;
-                rustix::fs::ftruncate(&fd, len)?;
-                Some(fd)
-            }
-        };
+        let file = backing_file(backing, len)?;
         let prot = ProtFlags::READ | ProtFlags::WRITE;
-        let placed = match &memfd {
+        let placed = match &file {
             // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so nothing Rust
             // owns can be affected; the new mapping is owned by the returned guard.
             None => unsafe {
@@ -150,13 +160,13 @@ impl Mapping {
                     MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE | MapFlags::NORESERVE,
                 )
             },
-            // SAFETY: as above; the memfd is `len` bytes long.
-            Some(fd) => unsafe {
+            // SAFETY: as above; the file is `len` bytes long.
+            Some((fd, shared)) => unsafe {
                 rustix::mm::mmap(
                     addr as *mut c_void,
                     len as usize,
                     prot,
-                    MapFlags::SHARED | MapFlags::FIXED_NOREPLACE,
+                    share(*shared) | MapFlags::FIXED_NOREPLACE,
                     fd,
                     0,
                 )
@@ -166,7 +176,7 @@ impl Mapping {
             range: r,
             holes: RangeSet::new(),
             backing,
-            _memfd: memfd,
+            _file: file.map(|(fd, _)| fd),
         };
         if placed as u64 != addr {
             // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
@@ -297,6 +307,14 @@ impl Drop for Mapping {
             // SAFETY: this is memory the mapping still owns; after drop nothing refers to it.
             let _ = unsafe { rustix::mm::munmap(r.start() as *mut c_void, r.len() as usize) };
         }
+    }
+}
+
+fn share(shared: bool) -> MapFlags {
+    if shared {
+        MapFlags::SHARED
+    } else {
+        MapFlags::PRIVATE
     }
 }
 
