@@ -205,6 +205,8 @@ pub(crate) trait Side {
     fn scan(&mut self, req: &ScanRequest, vec_len: usize) -> Result<(Vec<[u64; 3]>, u64), Errno>;
     fn pagemap(&mut self) -> Vec<u64>;
     fn first_byte(&mut self, addr: u64) -> Option<u8>;
+    /// Called after every operation: the model checks its internal invariants here.
+    fn after_op(&mut self) {}
 }
 
 fn result<T>(r: &Result<T, Errno>) -> String {
@@ -328,6 +330,7 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
                 result(&x)
             }
         };
+        side.after_op();
         steps.push(StepObs {
             result: res,
             faults,
@@ -397,6 +400,68 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
             },
             ops,
         })
+}
+
+/// Decodes fuzzer bytes into a case: the first byte picks the features, then every 4 bytes
+/// make one operation (kind, first page, pages, flag).
+pub fn case_from_bytes(data: &[u8]) -> Case {
+    let cfg = data.first().copied().unwrap_or(0);
+    let ops = data
+        .get(1..)
+        .unwrap_or(&[])
+        .chunks_exact(4)
+        .take(64)
+        .map(|c| {
+            let (off, pages, flag) = (
+                u64::from(c[1]) % ARENA_PAGES,
+                1 + u64::from(c[2]) % 16,
+                c[3],
+            );
+            match c[0] % 10 {
+                0 => Op::Map {
+                    off,
+                    pages,
+                    kind: [
+                        MapKind::Anon,
+                        MapKind::Shmem,
+                        MapKind::FilePrivate,
+                        MapKind::FileShared,
+                    ][usize::from(flag % 4)],
+                },
+                1 => Op::Unmap { off, pages },
+                2 | 3 => Op::Write { off },
+                4 => Op::DontNeed { off, pages },
+                5 => Op::PageOut { off, pages },
+                6 => Op::Register { off, pages },
+                7 => Op::Unregister { off, pages },
+                8 => Op::Protect {
+                    off,
+                    pages,
+                    wp: flag % 4 != 0,
+                },
+                _ => Op::Scan {
+                    off,
+                    pages,
+                    wp_matching: flag % 2 == 1,
+                },
+            }
+        })
+        .collect();
+    Case {
+        config: CaseConfig {
+            async_wp: cfg & 1 != 0,
+            unpopulated: cfg & 2 != 0,
+        },
+        ops,
+    }
+}
+
+/// The fuzz target's body (fuzz/fuzz_targets/model_ops.rs), also run on its corpus by a
+/// regular test: any operation sequence on the model must not panic, must keep the model's
+/// invariants after every operation, and the exact engine's report over the arena afterwards
+/// must partition it and equal the model's page tables. Returns what went wrong.
+pub fn fuzz_model(data: &[u8]) -> Result<(), String> {
+    model::fuzz(&case_from_bytes(data), data.last().copied().unwrap_or(0))
 }
 
 /// A difference between the kernel and the model.

@@ -14,9 +14,9 @@ struct ModelSide {
     base: u64,
 }
 
-/// Runs a case on a fresh model process (linux semantics, no swap, THP on madvise: this
-/// project's machines).
-pub(crate) fn run(case: &Case) -> CaseObs {
+/// A fresh model process with the kernel worker's surroundings (linux semantics, no swap, THP
+/// on madvise: this project's machines).
+fn fresh(config: crate::CaseConfig) -> ModelSide {
     let cfg = ModelConfig {
         semantics: Semantics::Linux,
         swap: false,
@@ -24,7 +24,7 @@ pub(crate) fn run(case: &Case) -> CaseObs {
         thp_zero_page: true,
     };
     let uffd = UffdConfig {
-        features: case.config.features(),
+        features: config.features(),
         user_mode_only: false,
     };
     let mm = ModelMm::open(cfg, uffd).expect("the model offers every feature");
@@ -43,12 +43,63 @@ pub(crate) fn run(case: &Case) -> CaseObs {
     for page in crate::guard_pages(boundary) {
         let _ = model.write(page, &[1]).expect("guard write");
     }
-    let mut side = ModelSide {
+    ModelSide {
         mm,
         model,
-        base: 4 * PUD_SIZE - BELOW_PUD * PAGE_SIZE,
+        base: arena_lo,
+    }
+}
+
+/// Runs a case on a fresh model process.
+pub(crate) fn run(case: &Case) -> CaseObs {
+    crate::run_case(&mut fresh(case.config), case)
+}
+
+/// The fuzz check: run the case (invariants checked after every operation by
+/// [`Side::after_op`]), then the exact engine over the whole arena.
+pub(crate) fn fuzz(case: &Case, policy: u8) -> Result<(), String> {
+    use uffd_wp::protect::{OnError, WpOptions, write_protect};
+    let mut side = fresh(case.config);
+    crate::run_case(&mut side, case);
+    let arena = Range::from_bounds(side.base, side.base + crate::ARENA_PAGES * PAGE_SIZE);
+    let opts = WpOptions {
+        skip_pinned: policy & 1 != 0,
+        on_error: match policy / 2 % 3 {
+            0 => OnError::Stop,
+            1 => OnError::Retry {
+                attempts: 1,
+                backoff: std::time::Duration::ZERO,
+            },
+            _ => OnError::Rollback,
+        },
     };
-    crate::run_case(&mut side, case)
+    let truth_after = |side: &ModelSide| side.model.wp_set(arena);
+    match write_protect(&side.mm, arena, &opts) {
+        Ok(rep) => {
+            let all = rep.protected.union(&rep.skipped).union(&rep.not_protected);
+            if all != uffd_wp::range::RangeSet::single(arena)
+                || !rep.protected.intersection(&rep.not_protected).is_empty()
+                || !rep.skipped.intersection(&rep.protected).is_empty()
+            {
+                return Err(format!("the report does not partition the arena: {rep:?}"));
+            }
+            let truth = truth_after(&side);
+            if rep.protected != truth {
+                return Err(format!(
+                    "report {:?} != page tables {truth:?}",
+                    rep.protected
+                ));
+            }
+        }
+        Err(e) => {
+            if !truth_after(&side).is_empty() && matches!(opts.on_error, OnError::Rollback) {
+                return Err(format!(
+                    "Err({e}) after a rollback, yet pages are protected"
+                ));
+            }
+        }
+    }
+    side.model.check_invariants()
 }
 
 fn done<T>(p: Result<Progress<T>, Errno>) -> Result<(), Errno> {
@@ -142,5 +193,10 @@ impl Side for ModelSide {
     }
     fn first_byte(&mut self, addr: u64) -> Option<u8> {
         self.model.peek(addr, 1).first().copied()
+    }
+    fn after_op(&mut self) {
+        if let Err(e) = self.model.check_invariants() {
+            panic!("model invariant violated: {e}");
+        }
     }
 }
