@@ -106,3 +106,48 @@ fn sync_epochs_on_the_model() {
     t.close().unwrap();
     assert_eq!(model.wp_set(r), RangeSet::new());
 }
+
+/// The soft-dirty fallback, which this project's kernels cannot run (no
+/// `CONFIG_MEM_SOFT_DIRTY`), on the model with soft-dirty on: every epoch equals the pages
+/// written; and without the config the tracker refuses it.
+#[test]
+fn soft_dirty_epochs_on_the_model() {
+    let cfg = ModelConfig {
+        soft_dirty: true,
+        ..ModelConfig::default()
+    };
+    let mm = Arc::new(ModelMm::open(cfg, UffdConfig::default()).unwrap());
+    let model = mm.model().clone();
+    let r = model
+        .map(256 * PAGE_SIZE, PAGE_SIZE, MapKind::Anon(Thp::NoHuge))
+        .unwrap();
+    let mut t = Tracker::start(
+        Arc::clone(&mm),
+        r,
+        Method::SoftDirty,
+        TrackOptions::default(),
+    )
+    .unwrap();
+    for (k, idx) in [&[0u64, 3, 200][..], &[3, 4, 255], &[]]
+        .into_iter()
+        .enumerate()
+    {
+        for &i in idx {
+            assert!(matches!(
+                model.write(page(r, i).start(), &[k as u8 + 1]).unwrap(),
+                Progress::Done(())
+            ));
+        }
+        let e = t.epoch().unwrap();
+        assert_eq!(e.method, Method::SoftDirty);
+        assert_eq!(e.dirty, pages(r, idx), "epoch {k}");
+    }
+    t.close().unwrap();
+
+    let plain = Arc::new(ModelMm::open(ModelConfig::default(), UffdConfig::default()).unwrap());
+    let r = plain
+        .model()
+        .map(16 * PAGE_SIZE, PAGE_SIZE, MapKind::Anon(Thp::NoHuge))
+        .unwrap();
+    assert!(Tracker::start(plain, r, Method::SoftDirty, TrackOptions::default()).is_err());
+}

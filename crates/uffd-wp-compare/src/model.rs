@@ -22,6 +22,7 @@ fn fresh(config: crate::CaseConfig) -> ModelSide {
         swap: false,
         thp: ThpSysfs::Madvise,
         thp_zero_page: true,
+        soft_dirty: false,
     };
     let uffd = UffdConfig {
         features: config.features(),

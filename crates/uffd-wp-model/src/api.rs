@@ -687,6 +687,12 @@ impl Mm for ModelMm {
         "model"
     }
 
+    /// `clear_refs` 4, with `ModelConfig::soft_dirty`; EOPNOTSUPP without (as on this project's
+    /// kernels).
+    fn clear_soft_dirty(&self) -> Result<(), Errno> {
+        self.model.k().clear_soft_dirty()
+    }
+
     fn features(&self) -> Features {
         self.features
     }

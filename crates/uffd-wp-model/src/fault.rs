@@ -387,7 +387,12 @@ impl Kernel {
                     let off = (a % PAGE) as usize;
                     let n = (PAGE as usize - off).min(data.len() - *done);
                     match self.fault_in(a, true, kernel)? {
-                        Ok(f) => self.frames.write(f, off, &data[*done..*done + n]),
+                        Ok(f) => {
+                            self.frames.write(f, off, &data[*done..*done + n]);
+                            if self.cfg.soft_dirty {
+                                self.sd_pages.insert(a & !(PAGE - 1));
+                            }
+                        }
                         Err(b) => return Ok(Some(b)),
                     }
                     *done += n;
@@ -412,6 +417,9 @@ impl Kernel {
                 while *next < *end {
                     if let Err(b) = self.fault_in(*next, *write, kernel)? {
                         return Ok(Some(b));
+                    }
+                    if *write && self.cfg.soft_dirty {
+                        self.sd_pages.insert(*next);
                     }
                     *next += PAGE;
                 }

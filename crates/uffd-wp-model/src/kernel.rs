@@ -76,6 +76,10 @@ pub struct ModelConfig {
     /// `/sys/kernel/mm/transparent_hugepage/use_zero_page`: a read fault on a THP-eligible range
     /// maps the huge zero page.
     pub thp_zero_page: bool,
+    /// `CONFIG_MEM_SOFT_DIRTY`: pagemap bit 55 and `clear_refs` 4. Off by default, as on this
+    /// project's kernels; on, the model follows fs/proc/task_mmu.c (a new VMA is soft-dirty as
+    /// a whole, `VM_SOFTDIRTY`; a write marks its page; clearing resets both).
+    pub soft_dirty: bool,
 }
 
 impl Default for ModelConfig {
@@ -85,6 +89,7 @@ impl Default for ModelConfig {
             swap: true,
             thp: ThpSysfs::Madvise,
             thp_zero_page: true,
+            soft_dirty: false,
         }
     }
 }
@@ -366,6 +371,10 @@ pub(crate) struct Kernel {
     pub pins: BTreeMap<u64, PinRec>,
     pub next_pin: u64,
     pub alive: bool,
+    /// Soft-dirty state (with `cfg.soft_dirty`): VMAs created since the last clear
+    /// (`VM_SOFTDIRTY`) and pages written since.
+    pub sd_vmas: uffd_wp::range::RangeSet,
+    pub sd_pages: std::collections::BTreeSet<u64>,
 }
 
 /// How to zap (`struct zap_details`).
@@ -409,7 +418,26 @@ impl Kernel {
             pins: BTreeMap::new(),
             next_pin: 1,
             alive: true,
+            sd_vmas: uffd_wp::range::RangeSet::new(),
+            sd_pages: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// Whether pagemap shows `a` soft-dirty (pagemap_pte_range(): `VM_SOFTDIRTY` or the PTE's
+    /// own bit).
+    pub(crate) fn soft_dirty_at(&self, a: u64) -> bool {
+        self.cfg.soft_dirty
+            && (self.sd_vmas.contains(a) || self.sd_pages.contains(&(a & !(PAGE - 1))))
+    }
+
+    /// `clear_refs` 4 (clear_soft_dirty()): EOPNOTSUPP-like refusal without the config.
+    pub(crate) fn clear_soft_dirty(&mut self) -> Result<(), Errno> {
+        if !self.cfg.soft_dirty {
+            return Err(Errno::OPNOTSUPP);
+        }
+        self.sd_vmas = uffd_wp::range::RangeSet::new();
+        self.sd_pages.clear();
+        Ok(())
     }
 
     // ------------------------------------------------------------------------------------
@@ -606,7 +634,11 @@ impl Kernel {
                 uffd: None,
             },
         );
-        Ok(Range::from_bounds(start, start + len))
+        let r = Range::from_bounds(start, start + len);
+        if self.cfg.soft_dirty {
+            self.sd_vmas.insert(r);
+        }
+        Ok(r)
     }
 
     /// `munmap()`: returns the number of `UFFD_EVENT_UNMAP` messages queued (the caller blocks

@@ -201,9 +201,18 @@ fn pte_category(s: &Scan, k: &Kernel, e: Pte) -> u64 {
 
 impl Kernel {
     /// One pagemap entry (pte_to_pagemap_entry(), pagemap_pmd_range(),
-    /// pagemap_hugetlb_range()). PFN bits are left 0; soft-dirty is never set (this project's
-    /// kernels lack CONFIG_MEM_SOFT_DIRTY).
+    /// pagemap_hugetlb_range()). PFN bits are left 0; soft-dirty (bit 55) only with
+    /// `ModelConfig::soft_dirty` (this project's kernels lack CONFIG_MEM_SOFT_DIRTY).
     pub(crate) fn pagemap_entry(&self, a: u64) -> u64 {
+        let e = self.pagemap_entry_no_sd(a);
+        if self.vma_at(a).is_some() && self.soft_dirty_at(a) {
+            e | bits::SOFT_DIRTY
+        } else {
+            e
+        }
+    }
+
+    fn pagemap_entry_no_sd(&self, a: u64) -> u64 {
         if self.vma_at(a).is_none() {
             return 0;
         }
