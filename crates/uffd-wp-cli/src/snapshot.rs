@@ -82,17 +82,7 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     w.resume();
     std::thread::sleep(Duration::from_millis(50));
 
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let opts = SnapshotOptions {
-        protect_threads: a.protect_threads.unwrap_or(if a.thp { 1 } else { cpus }),
-        handler: if a.handler_inline {
-            HandlerMode::Inline { chunk_pages: 32 }
-        } else {
-            SnapshotOptions::default().handler
-        },
-        prearm: !a.thp && !a.no_prearm,
-        ..SnapshotOptions::default()
-    };
+    let opts = options(a);
     let bar = if std::io::stdout().is_terminal() && !a.json {
         let b = ProgressBar::new(w.pages());
         b.set_style(
@@ -128,28 +118,14 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     let base = w.range().start();
     let bad = Workload::check_image(&versions, |p| img.page(base + p * PAGE_SIZE));
     rep.consistent = Some(bad.is_empty());
-    let stored = match &a.out {
-        Some(path) => {
-            let f = std::fs::File::create(path)
-                .map_err(|e| CliError::Usage(format!("creating {}: {e}", path.display())))?;
-            let (stored, _) = img
-                .write_to(std::io::BufWriter::new(f))
-                .map_err(|e| CliError::Usage(format!("writing {}: {e}", path.display())))?;
-            Some(stored)
-        }
-        None => None,
-    };
+    let stored = write_image(&img, a.out.as_deref())?;
     if a.json {
-        let mut v = serde_json::to_value(&rep).expect("report");
-        v["fault_latency_us"] = v["fault_service_us"].clone();
+        let mut v = report_json(&rep, stored);
         v["workload"] = serde_json::json!({
             "size": a.size, "threads": a.threads, "thp": a.thp,
             "writes_during_snapshot": writes_during,
             "inconsistent_pages": bad.len(),
         });
-        if let Some(s) = stored {
-            v["stored_pages"] = s.into();
-        }
         print_json(&v);
     } else {
         println!(
@@ -168,26 +144,15 @@ pub fn run(a: &Args) -> Result<(), CliError> {
             rep.pause_us, rep.freeze_us, rep.protect_us, rep.protect_raw_calls
         );
         println!(
+            "  pre-armed        {} (pages written meanwhile, re-protected in the pause: {})",
+            opts.prearm, rep.prearm_dirty_pages
+        );
+        println!(
             "  copy             {:.1} ms, {:.0} MB/s",
             rep.copy_ms, rep.copy_mb_s
         );
-        println!(
-            "  faults served    {} (p50 {:.1} us, p99 {:.1} us, max {:.1} us)",
-            rep.faults_served,
-            rep.fault_service_us.p50,
-            rep.fault_service_us.p99,
-            rep.fault_service_us.max
-        );
         println!("  writes meanwhile {writes_during}");
-        println!("  pinned pages     {}", rep.pinned_pages);
-        println!("  not captured     {}", rep.not_captured.len());
-        if let Some(s) = stored {
-            println!(
-                "  image            {} ({} pages stored, zero pages omitted)",
-                a.out.as_ref().expect("out").display(),
-                s
-            );
-        }
+        print_common(&rep, stored, a.out.as_deref());
     }
     if bad.is_empty() {
         Ok(())
@@ -197,5 +162,69 @@ pub fn run(a: &Args) -> Result<(), CliError> {
             bad.len(),
             &bad[..bad.len().min(3)]
         )))
+    }
+}
+
+/// The engine options the flags ask for (the same for this process and another one).
+fn options(a: &Args) -> SnapshotOptions {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    SnapshotOptions {
+        protect_threads: a.protect_threads.unwrap_or(if a.thp { 1 } else { cpus }),
+        handler: if a.handler_inline {
+            HandlerMode::Inline { chunk_pages: 32 }
+        } else {
+            SnapshotOptions::default().handler
+        },
+        prearm: !a.thp && !a.no_prearm,
+        ..SnapshotOptions::default()
+    }
+}
+
+/// Writes the image to `--out` if given; returns the pages stored.
+fn write_image(
+    img: &snapshot::Image,
+    out: Option<&std::path::Path>,
+) -> Result<Option<u64>, CliError> {
+    let Some(path) = out else { return Ok(None) };
+    let f = std::fs::File::create(path)
+        .map_err(|e| CliError::Usage(format!("creating {}: {e}", path.display())))?;
+    let (stored, _) = img
+        .write_to(std::io::BufWriter::new(f))
+        .map_err(|e| CliError::Usage(format!("writing {}: {e}", path.display())))?;
+    Ok(Some(stored))
+}
+
+/// The report as JSON, with the issue's `fault_latency_us` (the handler-side service time) and
+/// the pages stored in the image.
+fn report_json(rep: &snapshot::SnapshotReport, stored: Option<u64>) -> serde_json::Value {
+    let mut v = serde_json::to_value(rep).expect("report");
+    v["fault_latency_us"] = v["fault_service_us"].clone();
+    if let Some(s) = stored {
+        v["stored_pages"] = s.into();
+    }
+    v
+}
+
+/// The report lines both paths print after their own header and pause line.
+fn print_common(
+    rep: &snapshot::SnapshotReport,
+    stored: Option<u64>,
+    out: Option<&std::path::Path>,
+) {
+    println!(
+        "  faults served    {} (p50 {:.1} us, p99 {:.1} us, max {:.1} us)",
+        rep.faults_served,
+        rep.fault_service_us.p50,
+        rep.fault_service_us.p99,
+        rep.fault_service_us.max
+    );
+    println!("  pinned pages     {}", rep.pinned_pages);
+    println!("  not captured     {}", rep.not_captured.len());
+    if let (Some(s), Some(path)) = (stored, out) {
+        println!(
+            "  image            {} ({} pages stored, zero pages omitted)",
+            path.display(),
+            s
+        );
     }
 }

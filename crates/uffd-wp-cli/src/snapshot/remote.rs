@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use uffd_wp::Mm;
 use uffd_wp::linux::{Config, LinuxMm, RemoteQuiesce};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet, parse_size};
-use uffd_wp::snapshot::{self, FnQuiesce, HandlerMode, Quiesce, SnapshotOptions, Source};
+use uffd_wp::snapshot::{self, FnQuiesce, Quiesce, Source};
 
 use super::Args;
 use crate::{CliError, print_json};
@@ -79,17 +79,7 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
             )));
         }
     }
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let opts = SnapshotOptions {
-        protect_threads: a.protect_threads.unwrap_or(if a.thp { 1 } else { cpus }),
-        handler: if a.handler_inline {
-            HandlerMode::Inline { chunk_pages: 32 }
-        } else {
-            SnapshotOptions::default().handler
-        },
-        prearm: !a.thp && !a.no_prearm,
-        ..SnapshotOptions::default()
-    };
+    let opts = super::options(a);
     let rq = RemoteQuiesce::new(pid);
     let q = FnQuiesce(
         || {
@@ -130,20 +120,9 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
     }
     let (img, rep) = res.map_err(|e| CliError::Usage(format!("snapshot of process {pid}: {e}")))?;
     let freeze = rq.last_stats();
-    let stored = match &a.out {
-        Some(path) => {
-            let f = std::fs::File::create(path)
-                .map_err(|e| CliError::Usage(format!("creating {}: {e}", path.display())))?;
-            let (stored, _) = img
-                .write_to(std::io::BufWriter::new(f))
-                .map_err(|e| CliError::Usage(format!("writing {}: {e}", path.display())))?;
-            Some(stored)
-        }
-        None => None,
-    };
+    let stored = super::write_image(&img, a.out.as_deref())?;
     if a.json {
-        let mut v = serde_json::to_value(&rep).expect("report");
-        v["fault_latency_us"] = v["fault_service_us"].clone();
+        let mut v = super::report_json(&rep, stored);
         v["remote"] = serde_json::json!({
             "pid": pid,
             "range": [r.start(), r.end()],
@@ -151,9 +130,6 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
             "freeze": freeze,
             "read": "process_vm_readv",
         });
-        if let Some(s) = stored {
-            v["stored_pages"] = s.into();
-        }
         print_json(&v);
     } else {
         println!(
@@ -173,21 +149,7 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
             "  copy             {:.1} ms, {:.0} MB/s (process_vm_readv)",
             rep.copy_ms, rep.copy_mb_s
         );
-        println!(
-            "  faults served    {} (p50 {:.1} us, p99 {:.1} us, max {:.1} us)",
-            rep.faults_served,
-            rep.fault_service_us.p50,
-            rep.fault_service_us.p99,
-            rep.fault_service_us.max
-        );
-        println!("  not captured     {}", rep.not_captured.len());
-        if let Some(s) = stored {
-            println!(
-                "  image            {} ({} pages stored, zero pages omitted)",
-                a.out.as_ref().expect("out").display(),
-                s
-            );
-        }
+        super::print_common(&rep, stored, a.out.as_deref());
     }
     Ok(())
 }
