@@ -16,7 +16,16 @@ struct KernelSide {
     uffd: Uffd,
     pagemap: Pagemap,
     base: u64,
+    pages: u64,
+    thp: bool,
     maps: Vec<Mapping>,
+}
+
+/// The two arenas of the worker: the small one across the PUD boundary, the THP one.
+#[derive(Clone, Copy)]
+struct Arenas {
+    small: u64,
+    thp: u64,
 }
 
 /// The worker's main loop: one JSON [`Case`] per line on stdin, one JSON
@@ -53,7 +62,7 @@ pub fn worker_main() -> ! {
 /// Reserves 2 GiB aligned to 1 GiB and leaves the arena (64 pages around the middle boundary)
 /// unmapped inside it, so nothing else lands next to it. The reservation is leaked on purpose:
 /// it lives as long as the worker.
-fn reserve() -> Result<u64, Errno> {
+fn reserve() -> Result<Arenas, Errno> {
     let mut r = Mapping::new(2 * PUD_SIZE, PUD_SIZE, Backing::Anon, Thp::NoHuge)?;
     let boundary = r.range().start() + PUD_SIZE;
     let base = boundary - BELOW_PUD * PAGE_SIZE;
@@ -65,17 +74,25 @@ fn reserve() -> Result<u64, Errno> {
         r.touch(Range::from_bounds(page, page + PAGE_SIZE), 1)?;
     }
     r.punch(Range::from_bounds(base, base + ARENA_PAGES * PAGE_SIZE))?;
+    let thp = boundary - crate::THP_ARENA_BELOW_PUD;
+    r.punch(Range::from_bounds(
+        thp,
+        thp + crate::THP_ARENA_PAGES * PAGE_SIZE,
+    ))?;
     std::mem::forget(r);
-    Ok(base)
+    Ok(Arenas { small: base, thp })
 }
 
-fn run(case: &Case, base: u64) -> Result<CaseObs, Errno> {
+fn run(case: &Case, arenas: Arenas) -> Result<CaseObs, Errno> {
     let uffd = Uffd::create(true, false)?;
     uffd.api(case.config.features().0)?;
+    let thp = case.config.thp;
     let mut side = KernelSide {
         uffd,
         pagemap: Pagemap::open_self()?,
-        base,
+        base: if thp { arenas.thp } else { arenas.small },
+        pages: crate::arena_pages(thp),
+        thp,
         maps: Vec::new(),
     };
     let obs = crate::run_case(&mut side, case);
@@ -111,6 +128,7 @@ impl Side for KernelSide {
     }
     fn map(&mut self, r: Range, kind: MapKind) -> Result<(), Errno> {
         let backing = match kind {
+            MapKind::Anon if self.thp => Backing::AnonHuge,
             MapKind::Anon => Backing::Anon,
             MapKind::Shmem => Backing::Memfd,
             MapKind::FilePrivate => Backing::File { shared: false },
@@ -145,7 +163,7 @@ impl Side for KernelSide {
             while !done.load(Ordering::Acquire) {
                 if Instant::now() > deadline {
                     // Unregistering wakes the writer (fs/userfaultfd.c, userfaultfd_unregister).
-                    let _ = uffd.unregister(self.base, ARENA_PAGES * PAGE_SIZE);
+                    let _ = uffd.unregister(self.base, self.pages * PAGE_SIZE);
                     result = Err(Errno::TIMEDOUT);
                     break;
                 }
@@ -195,8 +213,8 @@ impl Side for KernelSide {
     }
     fn pagemap(&mut self) -> Vec<u64> {
         self.pagemap
-            .entries(self.base, ARENA_PAGES)
-            .unwrap_or_else(|_| vec![0; ARENA_PAGES as usize])
+            .entries(self.base, self.pages)
+            .unwrap_or_else(|_| vec![0; self.pages as usize])
     }
     fn first_byte(&mut self, addr: u64) -> Option<u8> {
         let mut b = [0u8];

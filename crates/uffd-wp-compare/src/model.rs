@@ -12,6 +12,8 @@ struct ModelSide {
     mm: ModelMm,
     model: Model,
     base: u64,
+    pages: u64,
+    thp: bool,
 }
 
 /// A fresh model process with the kernel worker's surroundings (linux semantics, no swap, THP
@@ -44,10 +46,17 @@ fn fresh(config: crate::CaseConfig) -> ModelSide {
     for page in crate::guard_pages(boundary) {
         let _ = model.write(page, &[1]).expect("guard write");
     }
+    let thp = config.thp;
     ModelSide {
         mm,
         model,
-        base: arena_lo,
+        base: if thp {
+            boundary - crate::THP_ARENA_BELOW_PUD
+        } else {
+            arena_lo
+        },
+        pages: crate::arena_pages(thp),
+        thp,
     }
 }
 
@@ -62,7 +71,7 @@ pub(crate) fn fuzz(case: &Case, policy: u8) -> Result<(), String> {
     use uffd_wp::protect::{OnError, WpOptions, write_protect};
     let mut side = fresh(case.config);
     crate::run_case(&mut side, case);
-    let arena = Range::from_bounds(side.base, side.base + crate::ARENA_PAGES * PAGE_SIZE);
+    let arena = Range::from_bounds(side.base, side.base + side.pages * PAGE_SIZE);
     let opts = WpOptions {
         skip_pinned: policy & 1 != 0,
         on_error: match policy / 2 % 3 {
@@ -117,6 +126,7 @@ impl Side for ModelSide {
     }
     fn map(&mut self, r: Range, kind: crate::MapKind) -> Result<(), Errno> {
         let kind = match kind {
+            crate::MapKind::Anon if self.thp => MapKind::Anon(Thp::Huge),
             crate::MapKind::Anon => MapKind::Anon(Thp::NoHuge),
             crate::MapKind::Shmem => MapKind::Memfd,
             crate::MapKind::FilePrivate => MapKind::File { shared: false },
@@ -189,7 +199,7 @@ impl Side for ModelSide {
     fn pagemap(&mut self) -> Vec<u64> {
         self.model.pagemap(Range::from_bounds(
             self.base,
-            self.base + crate::ARENA_PAGES * PAGE_SIZE,
+            self.base + self.pages * PAGE_SIZE,
         ))
     }
     fn first_byte(&mut self, addr: u64) -> Option<u8> {

@@ -18,6 +18,9 @@ use crate::range::{PAGE_SIZE, Range, RangeSet};
 pub enum Backing {
     /// `MAP_PRIVATE | MAP_ANONYMOUS`.
     Anon,
+    /// `MAP_PRIVATE | MAP_ANONYMOUS` with `MADV_HUGEPAGE` (for [`Mapping::new_at`]; `new` takes
+    /// its THP advice separately).
+    AnonHuge,
     /// `MAP_SHARED` of a memfd (shmem).
     Memfd,
     /// A new, unnamed regular file (`O_TMPFILE` in the temporary directory), mapped shared or
@@ -33,7 +36,7 @@ pub enum Backing {
 fn backing_file(backing: Backing, len: u64) -> Result<Option<(OwnedFd, bool)>, Errno> {
     use rustix::fs::{Mode, OFlags};
     let fd = match backing {
-        Backing::Anon => return Ok(None),
+        Backing::Anon | Backing::AnonHuge => return Ok(None),
         Backing::Memfd => rustix::fs::memfd_create("uffd-wp", rustix::fs::MemfdFlags::CLOEXEC)?,
         Backing::File { .. } => rustix::fs::open(
             std::env::temp_dir(),
@@ -144,7 +147,7 @@ impl Mapping {
     }
 
     /// A new mapping at exactly `addr` (`MAP_FIXED_NOREPLACE`: fails with EEXIST if anything is
-    /// mapped there), THP off for anonymous memory.
+    /// mapped there), THP off for [`Backing::Anon`], on for [`Backing::AnonHuge`].
     pub fn new_at(addr: u64, len: u64, backing: Backing) -> Result<Mapping, Errno> {
         let r = Range::new(addr, len).map_err(|_| Errno::INVAL)?;
         let file = backing_file(backing, len)?;
@@ -182,8 +185,10 @@ impl Mapping {
             // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
             return Err(Errno::EXIST);
         }
-        if backing == Backing::Anon {
-            m.madvise(r, Advice::LinuxNoHugepage)?;
+        match backing {
+            Backing::Anon => m.madvise(r, Advice::LinuxNoHugepage)?,
+            Backing::AnonHuge => m.madvise(r, Advice::LinuxHugepage)?,
+            _ => {}
         }
         Ok(m)
     }
