@@ -103,6 +103,50 @@ fn run(case: &Case, arenas: Arenas) -> Result<CaseObs, Errno> {
     Ok(obs)
 }
 
+/// Runs `f` on another thread while this one serves the WP faults it raises (un-protecting the
+/// faulting page); gives up after 5 s, unregistering the arena (which wakes the waiter).
+fn serving<T: Send>(
+    uffd: &Uffd,
+    base: u64,
+    pages: u64,
+    f: impl FnOnce() -> Result<T, Errno> + Send,
+) -> (Result<T, Errno>, Vec<(u64, u64)>) {
+    let done = AtomicBool::new(false);
+    let mut faults = Vec::new();
+    let mut timed_out = false;
+    let res = std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            let r = f();
+            done.store(true, Ordering::Release);
+            r
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done.load(Ordering::Acquire) {
+            if Instant::now() > deadline {
+                // Unregistering wakes the waiter (fs/userfaultfd.c, userfaultfd_unregister).
+                let _ = uffd.unregister(base, pages * PAGE_SIZE);
+                timed_out = true;
+                break;
+            }
+            if !uffd.poll(1).unwrap_or(false) {
+                continue;
+            }
+            for msg in uffd.read_msgs(16).unwrap_or_default() {
+                if let Msg::PageFault { flags, address, .. } = msg {
+                    let page = address & !(PAGE_SIZE - 1);
+                    faults.push((page, flags & 3));
+                    let _ = uffd.writeprotect(page, PAGE_SIZE, 0);
+                }
+            }
+        }
+        worker.join().expect("worker thread")
+    });
+    if timed_out {
+        return (Err(Errno::TIMEDOUT), faults);
+    }
+    (res, faults)
+}
+
 impl KernelSide {
     /// `madvise` on `r`, each owning mapping its share.
     fn advise(&self, r: Range, advice: rustix::mm::Advice) -> Result<(), Errno> {
@@ -149,41 +193,31 @@ impl Side for KernelSide {
     }
     fn write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno> {
         let m = self.owner(addr).ok_or(Errno::FAULT)?;
-        let uffd = &self.uffd;
-        let done = AtomicBool::new(false);
-        let mut faults = Vec::new();
-        let mut result = Ok(());
-        std::thread::scope(|s| {
-            let writer = s.spawn(|| {
-                let r = m.write(addr, &[v]);
-                done.store(true, Ordering::Release);
-                r
-            });
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !done.load(Ordering::Acquire) {
-                if Instant::now() > deadline {
-                    // Unregistering wakes the writer (fs/userfaultfd.c, userfaultfd_unregister).
-                    let _ = uffd.unregister(self.base, self.pages * PAGE_SIZE);
-                    result = Err(Errno::TIMEDOUT);
-                    break;
-                }
-                if !uffd.poll(1).unwrap_or(false) {
-                    continue;
-                }
-                for msg in uffd.read_msgs(16).unwrap_or_default() {
-                    if let Msg::PageFault { flags, address, .. } = msg {
-                        let page = address & !(PAGE_SIZE - 1);
-                        faults.push((page, flags & 3));
-                        let _ = uffd.writeprotect(page, PAGE_SIZE, 0);
-                    }
-                }
-            }
-            let w = writer.join().expect("writer thread");
-            if result.is_ok() {
-                result = w;
-            }
+        let (res, faults) = serving(&self.uffd, self.base, self.pages, || m.write(addr, &[v]));
+        res.map(|()| faults)
+    }
+    fn pin_write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno> {
+        use uffd_wp::sys::uring::FixedRing;
+        let i = self
+            .maps
+            .iter()
+            .position(|m| m.range().contains(addr) && !m.holes().contains(addr))
+            .ok_or(Errno::FAULT)?;
+        let page = Range::from_bounds(addr, addr + PAGE_SIZE);
+        let mut ring = FixedRing::new(2)?;
+        ring.adopt(self.maps.remove(i));
+        let (reg, faults) = serving(&self.uffd, self.base, self.pages, || {
+            ring.register_buffers(&[page])
         });
-        result.map(|()| faults)
+        let res = reg.and_then(|()| {
+            let src = rustix::fs::memfd_create("uffd-wp-src", rustix::fs::MemfdFlags::CLOEXEC)?;
+            rustix::io::pwrite(&src, &[v; 8], 0)?;
+            let n = ring.read_fixed(rustix::fd::AsFd::as_fd(&src), 0, addr, 8, 0);
+            let _ = ring.unregister_buffers();
+            n.and_then(|n| if n == 8 { Ok(()) } else { Err(Errno::IO) })
+        });
+        self.maps.extend(ring.take_memory()?);
+        res.map(|()| faults)
     }
     fn dontneed(&mut self, r: Range) -> Result<(), Errno> {
         self.advise(r, rustix::mm::Advice::LinuxDontNeed)

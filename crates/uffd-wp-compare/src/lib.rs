@@ -101,6 +101,14 @@ pub enum Op {
         /// Pages.
         pages: u64,
     },
+    /// An io_uring fixed buffer over page `off` (a `FOLL_WRITE | FOLL_LONGTERM` pin, which
+    /// faults the page in for write first), `IORING_OP_READ_FIXED` of 8 bytes into it through
+    /// the pin (no page-table access, no WP fault), then the buffer unregistered. Anonymous and
+    /// shmem pages only.
+    PinWrite {
+        /// Page.
+        off: u64,
+    },
     /// `UFFDIO_REGISTER` in WP mode.
     Register {
         /// First page.
@@ -216,6 +224,9 @@ pub(crate) trait Side {
     fn write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno>;
     fn dontneed(&mut self, r: Range) -> Result<(), Errno>;
     fn pageout(&mut self, r: Range) -> Result<(), Errno>;
+    /// Pins the page at `addr`, writes 8 bytes of `v` at `addr` through the pin, unpins;
+    /// serves WP faults the pin raises. Returns the faults.
+    fn pin_write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno>;
     fn register(&mut self, r: Range) -> Result<(), Errno>;
     fn unregister(&mut self, r: Range) -> Result<(), Errno>;
     fn protect(&mut self, r: Range, wp: bool) -> Result<(), Errno>;
@@ -250,6 +261,8 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
     // PAGEOUT only on anonymous memory: without swap, the kernel sometimes leaves a shmem page
     // mapped and sometimes not (reclaim's own decision), which no model can predict.
     let mut anon = RangeSet::new();
+    // Long-term pins of regular-file pages are refused by the kernel: pin only these.
+    let mut pinnable = RangeSet::new();
     let mut steps = Vec::new();
     for (i, op) in case.ops.iter().enumerate() {
         let mut faults = Vec::new();
@@ -266,6 +279,9 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
                         if kind == MapKind::Anon {
                             anon.insert(r);
                         }
+                        if matches!(kind, MapKind::Anon | MapKind::Shmem) {
+                            pinnable.insert(r);
+                        }
                     }
                     result(&x)
                 }
@@ -276,8 +292,24 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
                 if x.is_ok() {
                     mapped = mapped.difference(&RangeSet::single(r));
                     anon = anon.difference(&RangeSet::single(r));
+                    pinnable = pinnable.difference(&RangeSet::single(r));
                 }
                 result(&x)
+            }
+            Op::PinWrite { off } => {
+                let r = pr(off, 1);
+                if !pinnable.covers(&r) {
+                    "skipped".into()
+                } else {
+                    let x = side.pin_write(r.start(), (i % 250) as u8 + 1);
+                    if let Ok(f) = &x {
+                        faults = f
+                            .iter()
+                            .map(|(a, fl)| [(a - base) / PAGE_SIZE, *fl])
+                            .collect();
+                    }
+                    result(&x)
+                }
             }
             Op::Write { off } => {
                 let r = pr(off, 1);
@@ -402,6 +434,7 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
         3 => (range.clone(), prop_oneof![4 => Just(MapKind::Anon), 3 => Just(MapKind::Shmem), 1 => Just(MapKind::FilePrivate), 1 => Just(MapKind::FileShared)]).prop_map(|((off, pages), kind)| Op::Map { off, pages, kind }),
         1 => range.clone().prop_map(|(off, pages)| Op::Unmap { off, pages }),
         4 => (0..ARENA_PAGES).prop_map(|off| Op::Write { off }),
+        1 => (0..ARENA_PAGES).prop_map(|off| Op::PinWrite { off }),
         1 => range.clone().prop_map(|(off, pages)| Op::DontNeed { off, pages }),
         1 => range.clone().prop_map(|(off, pages)| Op::PageOut { off, pages }),
         3 => range.clone().prop_map(|(off, pages)| Op::Register { off, pages }),
@@ -440,7 +473,7 @@ pub fn case_from_bytes(data: &[u8]) -> Case {
                 1 + u64::from(c[2]) % 16,
                 c[3],
             );
-            match c[0] % 10 {
+            match c[0] % 11 {
                 0 => Op::Map {
                     off,
                     pages,
@@ -457,6 +490,7 @@ pub fn case_from_bytes(data: &[u8]) -> Case {
                 5 => Op::PageOut { off, pages },
                 6 => Op::Register { off, pages },
                 7 => Op::Unregister { off, pages },
+                10 => Op::PinWrite { off },
                 8 => Op::Protect {
                     off,
                     pages,

@@ -3,7 +3,8 @@
 use uffd_wp::mm::{Errno, Event, Mm, RegisterMode, ScanRequest, WpMode};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range};
 use uffd_wp_model::{
-    Advice, MapKind, Model, ModelConfig, ModelMm, Progress, Semantics, Thp, ThpSysfs, UffdConfig,
+    Advice, MapKind, Model, ModelConfig, ModelMm, PinFlags, Progress, Semantics, Thp, ThpSysfs,
+    UffdConfig,
 };
 
 use crate::{BELOW_PUD, Case, CaseObs, Side};
@@ -120,6 +121,35 @@ fn done<T>(p: Result<Progress<T>, Errno>) -> Result<(), Errno> {
     }
 }
 
+impl ModelSide {
+    /// Serves WP faults (un-protecting the page) until access `id` completes.
+    fn serve_until(
+        &mut self,
+        id: uffd_wp_model::AccessId,
+        faults: &mut Vec<(u64, u64)>,
+    ) -> Result<uffd_wp_model::Completion, Errno> {
+        for _ in 0..64 {
+            for ev in self.mm.read_events(16)? {
+                if let Event::PageFault { flags, address, .. } = ev {
+                    let page = address & !(PAGE_SIZE - 1);
+                    faults.push((page, flags & 3));
+                    self.mm.writeprotect(
+                        Range::from_bounds(page, page + PAGE_SIZE),
+                        WpMode::Unprotect { dontwake: false },
+                    )?;
+                }
+            }
+            if let Some(c) = self.model.completion(id) {
+                return match c {
+                    uffd_wp_model::Completion::Failed(e) => Err(e),
+                    c => Ok(c),
+                };
+            }
+        }
+        Err(Errno::TIMEDOUT)
+    }
+}
+
 impl Side for ModelSide {
     fn base(&self) -> u64 {
         self.base
@@ -141,29 +171,24 @@ impl Side for ModelSide {
     }
     fn write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno> {
         let mut faults = Vec::new();
-        let id = match self.model.write(addr, &[v])? {
-            Progress::Done(()) => return Ok(faults),
-            Progress::Blocked(id) => id,
-        };
-        for _ in 0..64 {
-            for ev in self.mm.read_events(16)? {
-                if let Event::PageFault { flags, address, .. } = ev {
-                    let page = address & !(PAGE_SIZE - 1);
-                    faults.push((page, flags & 3));
-                    self.mm.writeprotect(
-                        Range::from_bounds(page, page + PAGE_SIZE),
-                        WpMode::Unprotect { dontwake: false },
-                    )?;
-                }
-            }
-            if let Some(c) = self.model.completion(id) {
-                return match c {
-                    uffd_wp_model::Completion::Failed(e) => Err(e),
-                    _ => Ok(faults),
-                };
-            }
+        match self.model.write(addr, &[v])? {
+            Progress::Done(()) => Ok(faults),
+            Progress::Blocked(id) => self.serve_until(id, &mut faults).map(|_| faults),
         }
-        Err(Errno::TIMEDOUT)
+    }
+    fn pin_write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno> {
+        let mut faults = Vec::new();
+        let page = Range::from_bounds(addr, addr + PAGE_SIZE);
+        let pin = match self.model.pin(page, PinFlags::IO_URING)? {
+            Progress::Done(p) => p,
+            Progress::Blocked(id) => match self.serve_until(id, &mut faults)? {
+                uffd_wp_model::Completion::Pinned(p) => uffd_wp_model::PinId(p),
+                _ => return Err(Errno::FAULT),
+            },
+        };
+        let res = self.model.dma_write(pin, 0, &[v; 8]);
+        self.model.unpin(pin)?;
+        res.map(|()| faults)
     }
     fn dontneed(&mut self, r: Range) -> Result<(), Errno> {
         done(self.model.madvise(r, Advice::DontNeed))
