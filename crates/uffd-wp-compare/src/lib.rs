@@ -296,27 +296,19 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
                 }
                 result(&x)
             }
-            Op::PinWrite { off } => {
+            Op::Write { off } | Op::PinWrite { off } => {
                 let r = pr(off, 1);
-                if !pinnable.covers(&r) {
+                let pin = matches!(op, Op::PinWrite { .. });
+                let allowed = if pin { &pinnable } else { &mapped };
+                if !allowed.covers(&r) {
                     "skipped".into()
                 } else {
-                    let x = side.pin_write(r.start(), (i % 250) as u8 + 1);
-                    if let Ok(f) = &x {
-                        faults = f
-                            .iter()
-                            .map(|(a, fl)| [(a - base) / PAGE_SIZE, *fl])
-                            .collect();
-                    }
-                    result(&x)
-                }
-            }
-            Op::Write { off } => {
-                let r = pr(off, 1);
-                if !mapped.covers(&r) {
-                    "skipped".into()
-                } else {
-                    let x = side.write(r.start(), (i % 250) as u8 + 1);
+                    let v = (i % 250) as u8 + 1;
+                    let x = if pin {
+                        side.pin_write(r.start(), v)
+                    } else {
+                        side.write(r.start(), v)
+                    };
                     if let Ok(f) = &x {
                         faults = f
                             .iter()
