@@ -67,10 +67,10 @@ pub enum SnapshotBenchError {
         /// Inconsistent pages.
         pages: usize,
     },
-    /// A fault-latency round saw fewer faults than writes: the copier un-protected pages
-    /// before the writer reached them (a bigger region is needed).
-    #[error("{what}: {faults} faults for {writes} writes (the copier overtook the writer)")]
-    Overtaken {
+    /// A fault-latency round served a different number of faults than it timed writes to
+    /// write-protected pages (each must fault exactly once).
+    #[error("{what}: {faults} faults served for {writes} writes to write-protected pages")]
+    FaultCount {
         /// Which case.
         what: String,
         /// Faults served.
@@ -679,8 +679,8 @@ pub struct FaultCase {
     pub server: Server,
     /// Where it ran.
     pub placement: Placement,
-    /// Timed writes that faulted (all of them for the bare handlers; for the engine, those the
-    /// copier had not un-protected first).
+    /// Timed writes that faulted: all of them (the engine's copier waits for the writer
+    /// before it un-protects the writer's pages).
     pub samples: usize,
     /// Timed writes.
     pub writes: usize,
@@ -724,18 +724,28 @@ pub struct FaultFigures {
     pub consistent: bool,
 }
 
+/// Inline chunk of the engine's fault-latency rounds, pages.
+const INLINE_CHUNK: u32 = 32;
+
+/// How close (pages from the end) an engine round's copier may come before it waits for the
+/// writer of `n` pages: the pages written, the chunks an inline copier is let through (one per
+/// fault at most) and a release batch.
+fn guard_pages(n: usize) -> u64 {
+    n as u64 * (1 + u64::from(INLINE_CHUNK)) + super::RELEASE_BATCH / PAGE_SIZE
+}
+
 /// The pages the writer writes: the last `n` of `r`, last first.
 fn fault_pages(r: Range, n: usize) -> Vec<u64> {
     (1..=n as u64).map(|i| r.end() - i * PAGE_SIZE).collect()
 }
 
-/// Starts the writer of an engine round and holds the copier until the writer is writing.
+/// Starts the writer of an engine round and holds the copier back until the writer is done.
 #[derive(Debug, Default)]
 struct Gate {
     /// The pause is over: the writer may write.
     go: AtomicBool,
-    /// The writer is about to write its first page (or gave up).
-    started: AtomicBool,
+    /// The writer has written all its pages (or gave up).
+    done: AtomicBool,
 }
 
 /// Pinned to `cpu`, waits for `gate.go` (if any), then writes one byte (flipped) into each
@@ -752,7 +762,6 @@ fn timed_writes(
         while !g.go.load(Ordering::Acquire) {
             std::thread::yield_now();
         }
-        g.started.store(true, Ordering::Release);
     }
     let m = w.mapping();
     let mut out = Vec::with_capacity(pages.len());
@@ -833,7 +842,7 @@ fn raw_round(
             h?;
             let faults = served.load(Ordering::Relaxed);
             if faults != pages.len() as u64 {
-                return Err(SnapshotBenchError::Overtaken {
+                return Err(SnapshotBenchError::FaultCount {
                     what: format!("bare handler (busy {busy})"),
                     faults,
                     writes: pages.len() as u64,
@@ -873,9 +882,12 @@ fn engine_round(
     let (lat, snap) = std::thread::scope(|s| {
         let writer = s.spawn(|| {
             let r = timed_writes(w, pages, wcpu, Some(&gate));
-            gate.started.store(true, Ordering::Release);
+            gate.done.store(true, Ordering::Release);
             r
         });
+        let uffd = mm.uffd();
+        let inline = matches!(handler, HandlerMode::Inline { .. });
+        let guard_pages = guard_pages(pages.len());
         let snap = Pinned::to(hcpu).and_then(|pin| {
             let r = take(
                 mm,
@@ -883,10 +895,18 @@ fn engine_round(
                 Source::Mapping(w.mapping()),
                 &q,
                 &opts,
-                // After its first chunk, the copier waits for the writer to be writing, so a
-                // writer slow to get a CPU does not find everything copied already.
-                |_, _| {
-                    while !gate.started.load(Ordering::Acquire) {
+                // Once the copier comes within one release batch of the writer's pages, it
+                // waits for the writer, so every timed write faults however the two are
+                // scheduled (left running, it would copy and un-protect those pages first).
+                // Before that it copies as in any snapshot. While it waits, a handler thread
+                // serves the faults; an inline copier is let through one chunk whenever a
+                // fault is pending, since it serves faults before each chunk.
+                |done, total| {
+                    let tail = total.saturating_sub(guard_pages);
+                    while done >= tail
+                        && !gate.done.load(Ordering::Acquire)
+                        && !(inline && uffd.poll(0).unwrap_or(true))
+                    {
                         std::thread::yield_now();
                     }
                 },
@@ -900,22 +920,18 @@ fn engine_round(
         (writer.join().expect("writer thread"), snap)
     });
     let (img, rep) = snap?;
-    let mut lat = lat?;
+    let lat = lat?;
     let what = format!("fault-latency snapshot ({handler:?})");
     let versions = at_freeze.into_inner().expect("versions");
     check(w, &img, &versions, &what)?;
-    // The copier un-protects ascending, the writer writes descending: once the copier has
-    // released a page the writer reaches, every later write lands behind it too, so the writes
-    // that faulted are exactly the first `faults_served` (each page faults at most once, and a
-    // fault resolved by the copier's release is still read and counted).
-    if rep.faults_served > lat.len() as u64 || rep.faults_served == 0 {
-        return Err(SnapshotBenchError::Overtaken {
+    // The copier waited for the writer: each timed write faulted once and was served.
+    if rep.faults_served != lat.len() as u64 {
+        return Err(SnapshotBenchError::FaultCount {
             what,
             faults: rep.faults_served,
             writes: lat.len() as u64,
         });
     }
-    lat.truncate(rep.faults_served as usize);
     Ok(lat)
 }
 
@@ -979,28 +995,20 @@ impl FaultBench {
             Placement::Unpinned => (None, None),
         };
         let (mm, w, pages) = (&self.mm, &self.w, &self.pages[..]);
-        // A round whose writer lost the race with the copier (scheduling on a loaded 2-vCPU
-        // guest) measured nothing: run it again, a few times at most.
-        let mut attempts = 0;
-        loop {
-            let res = match server {
-                Server::RawPoll => raw_round(mm, w, pages, false, wcpu, hcpu),
-                Server::RawBusy => raw_round(mm, w, pages, true, wcpu, hcpu),
-                Server::EngineInline => engine_round(
-                    mm,
-                    w,
-                    pages,
-                    HandlerMode::Inline { chunk_pages: 32 },
-                    wcpu,
-                    hcpu,
-                ),
-                Server::EngineThread => engine_round(mm, w, pages, HandlerMode::Thread, wcpu, hcpu),
-            };
-            attempts += 1;
-            match res {
-                Err(SnapshotBenchError::Overtaken { .. }) if attempts < 5 => continue,
-                other => return other,
-            }
+        match server {
+            Server::RawPoll => raw_round(mm, w, pages, false, wcpu, hcpu),
+            Server::RawBusy => raw_round(mm, w, pages, true, wcpu, hcpu),
+            Server::EngineInline => engine_round(
+                mm,
+                w,
+                pages,
+                HandlerMode::Inline {
+                    chunk_pages: INLINE_CHUNK,
+                },
+                wcpu,
+                hcpu,
+            ),
+            Server::EngineThread => engine_round(mm, w, pages, HandlerMode::Thread, wcpu, hcpu),
         }
     }
 
@@ -1017,9 +1025,12 @@ pub fn measure_faults(
     mut progress: impl FnMut(Step),
 ) -> Result<FaultFigures, SnapshotBenchError> {
     let n = cfg.writes.max(1);
-    if cfg.region % PMD_SIZE != 0 || cfg.region < 4 * n as u64 * PAGE_SIZE {
+    // The copier must have room to copy before it waits for the writer.
+    let min = 2 * guard_pages(n) * PAGE_SIZE;
+    if cfg.region % PMD_SIZE != 0 || cfg.region < min {
         return Err(SnapshotBenchError::Params(format!(
-            "fault region {:#x} must be a multiple of 2 MiB and at least 4x the {n} pages written",
+            "fault region {:#x} must be a multiple of 2 MiB and at least {min:#x} bytes for \
+             {n} pages written",
             cfg.region
         )));
     }
@@ -1176,10 +1187,7 @@ mod tests {
         let placements = if allowed_cpus().len() > 1 { 3 } else { 2 };
         assert_eq!(f.cases.len(), 4 * placements);
         for c in &f.cases {
-            match c.server {
-                Server::RawPoll | Server::RawBusy => assert_eq!(c.samples, 20, "{c:?}"),
-                _ => assert!((1..=20).contains(&c.samples), "{c:?}"),
-            }
+            assert_eq!((c.samples, c.writes), (20, 20), "{c:?}");
         }
         eprintln!("{f:#?}");
         assert_eq!(f.snapshots, 2 * 2 * placements);

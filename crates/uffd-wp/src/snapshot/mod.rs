@@ -255,7 +255,7 @@ pub enum SnapshotError {
 }
 
 /// Bytes un-protected at once by the copier (one TLB flush each).
-const RELEASE_BATCH: u64 = 2 << 20;
+pub(crate) const RELEASE_BATCH: u64 = 2 << 20;
 
 const PENDING: u8 = 0;
 const COPYING: u8 = 1;
