@@ -62,14 +62,19 @@ fn run(
         Source::Mapping(w.mapping()),
         &q,
         opts,
-        // After its first chunk (nothing un-protected yet), the copier waits until a writer
-        // has written or hit a protected page, so every snapshot of a running workload races
-        // with its writers, however slowly they wake (an inline copier serves the fault).
+        // After its first chunk (nothing un-protected yet: the copier releases whole 2 MiB
+        // batches), the copier waits until a writer has written a page, so every snapshot of a
+        // running workload races with its writers however slowly they wake, and serves at
+        // least one fault. Every page is protected until then, so that write faulted and a
+        // handler thread served it; an inline copier serves faults itself, so it is let go
+        // once one is pending. (Had the copier gone on, a release of the faulting page would
+        // have woken the writer and withdrawn the unread fault message.)
         |_, _| {
             if std::mem::take(&mut first) {
+                let inline = matches!(opts.handler, HandlerMode::Inline { .. });
                 wait_until("a writer to write during the snapshot", || {
                     w.writes() > at_resume.load(Ordering::Relaxed)
-                        || mm.wait_event(1).unwrap_or(true)
+                        || (inline && mm.wait_event(1).unwrap_or(true))
                 });
             }
         },
