@@ -212,10 +212,20 @@ impl Workload {
         self.shared.writes.load(Ordering::Relaxed)
     }
 
-    /// Sleeps until every writer is parked (the last one to park wakes it): sleeping leaves the
-    /// CPU to writers that still have to reach a page boundary.
+    /// Waits until every writer is parked: first spinning (yielding the CPU to writers that
+    /// still have to reach a page boundary) for up to 1 ms, as a safepoint does, since a
+    /// writer parks within one page write and a sleeping waiter would pay a cross-CPU wake-up
+    /// (tens of microseconds on these guests) inside the pause; then sleeping (the last writer
+    /// to park wakes it).
     fn wait_parked(&self) {
         let n = self.threads.len();
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(1) {
+            if self.shared.parked.load(Ordering::Acquire) >= n {
+                return;
+            }
+            std::thread::yield_now();
+        }
         let mut g = self.shared.gate.lock().expect("gate");
         while self.shared.parked.load(Ordering::Acquire) < n {
             g = self.shared.all_parked.wait(g).expect("gate");

@@ -27,7 +27,7 @@ pub use image::{Image, ImageError};
 
 use crate::mm::{Errno, Event, Mm, RegisterMode, WpMode};
 use crate::protect::{OnError, WpError, WpOptions, WpReport, write_protect};
-use crate::range::{PAGE_SIZE, Range, RangeSet};
+use crate::range::{PAGE_SIZE, PMD_SIZE, Range, RangeSet};
 use crate::sys::errno_name;
 use crate::sys::mem::Mapping;
 
@@ -486,38 +486,118 @@ fn protect_all<M: Mm + ?Sized>(
     })
 }
 
-/// Before the pause: un-protects each page a writer faults on and records it, until `stop`.
-fn prearm_handler<M: Mm + ?Sized>(mm: &M, stop: &AtomicBool) -> Result<RangeSet, SnapshotError> {
-    // Polls without blocking and naps 50 us when idle: a sleeping poll(2) could only be
-    // interrupted by its timeout, and this thread must notice `stop` at once, inside the pause.
-    let mut dirty = RangeSet::new();
+/// The pre-arm handler's state, shared with the thread taking the snapshot.
+#[derive(Default)]
+struct Prearm {
+    /// Set (inside the pause) to end the handler: it reads no event after seeing it.
+    stop: AtomicBool,
+    /// What the handler un-protected, recorded *before* each un-protect (and its wake-up of
+    /// the writer), and the handler's error if it failed. Held while the handler reads and
+    /// serves events, so whoever holds it after setting `stop` sees the final record.
+    record: std::sync::Mutex<(RangeSet, Option<SnapshotError>)>,
+}
+
+/// Before the pause: un-protects what a writer faults on and records it, until `stop`. A page
+/// inside a huge page gets its whole huge page un-protected (within the snapshot's range): a
+/// 4 KiB un-protect would split the PMD, making the pause's re-protect and every later fault
+/// cost 4 KiB page tables.
+fn prearm_handler<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, st: &Prearm) {
+    // Waits in poll(2) for 1 ms at most between rounds: a fault wakes it at once, and
+    // whoever stops it never waits for the wait (see `Prearm::record`).
     let uffd_err = |op, addr| move |errno| SnapshotError::Uffd { op, addr, errno };
-    loop {
-        let stopping = stop.load(Ordering::Acquire);
+    let serve = |dirty: &mut RangeSet| -> Result<bool, SnapshotError> {
         let evs = mm.read_events(64).map_err(uffd_err("read(uffd)", 0))?;
-        if evs.is_empty() {
-            if stopping {
-                return Ok(dirty);
-            }
-            std::thread::sleep(Duration::from_micros(50));
-            continue;
-        }
-        for ev in evs {
-            if let Event::PageFault { address, .. } = ev {
+        for ev in &evs {
+            if let Event::PageFault { address, .. } = *ev {
                 let start = address & !(PAGE_SIZE - 1);
-                let page = Range::from_bounds(start, start + PAGE_SIZE);
-                mm.writeprotect(page, WpMode::Unprotect { dontwake: false })
+                let block = unprotect_block(mm, ranges, start)
+                    .map_err(uffd_err("PAGEMAP_SCAN(PAGE_IS_HUGE)", start))?;
+                dirty.insert(block);
+                mm.writeprotect(block, WpMode::Unprotect { dontwake: false })
                     .map_err(uffd_err("UFFDIO_WRITEPROTECT(unprotect)", start))?;
-                dirty.insert(page);
             }
+        }
+        Ok(!evs.is_empty())
+    };
+    loop {
+        {
+            let mut rec = st.record.lock().expect("pre-arm record");
+            if st.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let (dirty, err) = &mut *rec;
+            match serve(dirty) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    *err = Some(e);
+                    return;
+                }
+            }
+        }
+        if let Err(errno) = mm.wait_event(1) {
+            st.record.lock().expect("pre-arm record").1 = Some(uffd_err("poll(uffd)", 0)(errno));
+            return;
         }
     }
+}
+
+/// What the pre-arm handler un-protects for a fault on the page at `page`: the page, or the
+/// whole huge page holding it, clipped to the snapshot range holding it.
+fn unprotect_block<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, page: u64) -> Result<Range, Errno> {
+    let one = Range::from_bounds(page, page + PAGE_SIZE);
+    let huge = mm.scan(&crate::mm::ScanRequest {
+        start: page,
+        end: page + PAGE_SIZE,
+        category_mask: crate::sys::pagemap::category::HUGE,
+        return_mask: crate::sys::pagemap::category::HUGE,
+        ..Default::default()
+    })?;
+    if huge.regions.is_empty() {
+        return Ok(one);
+    }
+    let pmd = page & !(PMD_SIZE - 1);
+    let within = ranges
+        .iter()
+        .find(|r| r.contains(page))
+        .copied()
+        .unwrap_or(one);
+    Ok(Range::from_bounds(
+        pmd.max(within.start()),
+        (pmd + PMD_SIZE).min(within.end()),
+    ))
 }
 
 /// Takes a live snapshot of `ranges`. See the module docs.
 pub fn take<M: Mm + ?Sized>(
     mm: &M,
     ranges: &RangeSet,
+    source: Source<'_>,
+    quiesce: &dyn Quiesce,
+    opts: &SnapshotOptions,
+    progress: impl FnMut(u64, u64),
+) -> Result<(Image, SnapshotReport), SnapshotError> {
+    // The scope outlives the pause, so the pre-arm handler is joined after it.
+    let prearm = Prearm::default();
+    std::thread::scope(|s| take_in(s, &prearm, mm, ranges, source, quiesce, opts, progress))
+}
+
+/// Sets the pre-arm handler's `stop` when dropped, on every path out of [`take_in`] (the
+/// scope joins the handler after it).
+struct StopPrearm<'a>(&'a Prearm);
+
+impl Drop for StopPrearm<'_> {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::Release);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn take_in<'scope, 'env, M: Mm + ?Sized>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    st: &'env Prearm,
+    mm: &'env M,
+    ranges: &'env RangeSet,
     source: Source<'_>,
     quiesce: &dyn Quiesce,
     opts: &SnapshotOptions,
@@ -581,23 +661,26 @@ pub fn take<M: Mm + ?Sized>(
     let (t_pause, protect_us, results, freeze_us) = if opts.prearm {
         // Protect everything while the writers run; pages they write meanwhile are
         // un-protected by a handler and recorded, and only those are re-protected in the pause.
-        let stop = AtomicBool::new(false);
-        let (res, t_pause, dirty, freeze_us) = std::thread::scope(|s| {
-            let h = s.spawn(|| prearm_handler(mm, &stop));
-            let res = protect_all(mm, &to_protect, opts.protect_threads, &wp_opts);
-            let t_pause = Instant::now();
-            quiesce.freeze();
-            let freeze_us = t_pause.elapsed().as_secs_f64() * 1e6;
-            stop.store(true, Ordering::Release);
-            let dirty = h.join().expect("prearm handler thread");
-            (res, t_pause, dirty, freeze_us)
-        });
+        //
+        // The handler is not joined inside the pause (it may be napping): once the writers
+        // are frozen no fault is pending (a writer in a fault cannot park), so taking its
+        // record after setting `stop` is enough, and it reads no event after that. It is
+        // joined after the pause, before the copy's own handling of faults starts.
+        let stopper = StopPrearm(st);
+        scope.spawn(move || prearm_handler(mm, ranges, st));
+        let mut results = protect_all(mm, &to_protect, opts.protect_threads, &wp_opts);
+        let t_pause = Instant::now();
+        quiesce.freeze();
         guard.frozen = true;
-        let dirty = dirty?;
+        let freeze_us = t_pause.elapsed().as_secs_f64() * 1e6;
+        drop(stopper);
+        let (dirty, err) = std::mem::take(&mut *st.record.lock().expect("pre-arm record"));
+        if let Some(e) = err {
+            return Err(e);
+        }
         prearm_dirty_pages = dirty.pages();
         let t_protect = Instant::now();
         // Phase-1 reports still count: what they could not protect is handled below.
-        let mut results = res;
         results.extend(protect_all(mm, &dirty.difference(&pinned), 1, &wp_opts));
         (
             t_pause,
@@ -775,4 +858,94 @@ pub fn take<M: Mm + ?Sized>(
         handler: opts.handler,
     };
     Ok((image, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linux::LinuxMm;
+    use crate::sys::pagemap::category;
+    use crate::workload::{Workload, WorkloadConfig};
+
+    fn need<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) if std::env::var("UFFD_WP_REQUIRE_KERNEL").is_ok_and(|v| v == "1") => {
+                panic!("kernel feature {what} required (UFFD_WP_REQUIRE_KERNEL=1): {e}")
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: needs kernel feature {what}: {e}");
+                None
+            }
+        }
+    }
+
+    /// The pre-arm handler frees a whole huge page (clipped to the snapshot's range) for a
+    /// fault inside one, so the huge page is not split, and a single 4 KiB page otherwise.
+    #[test]
+    fn prearm_unprotects_the_huge_page_around_a_fault() {
+        let Some(mm) = need("userfaultfd", LinuxMm::open()) else {
+            return;
+        };
+        for thp in [true, false] {
+            let w = Workload::start(WorkloadConfig {
+                size: 8 << 20,
+                threads: 0,
+                thp,
+                ..WorkloadConfig::default()
+            })
+            .unwrap();
+            let r = w.range();
+            let huge: u64 = mm
+                .scan(&crate::mm::ScanRequest {
+                    start: r.start(),
+                    end: r.end(),
+                    category_mask: category::HUGE,
+                    return_mask: category::HUGE,
+                    ..Default::default()
+                })
+                .unwrap()
+                .regions
+                .iter()
+                .map(|g| g.end - g.start)
+                .sum();
+            let expect_huge = if thp { r.len() } else { 0 };
+            let Some(()) = need(
+                "transparent huge pages (madvise)",
+                if huge == expect_huge {
+                    Ok(())
+                } else {
+                    Err(format!("{huge:#x} of {:#x} bytes in huge pages", r.len()))
+                },
+            ) else {
+                return;
+            };
+            let pmd = r.start() + 2 * PMD_SIZE;
+            let page = pmd + 5 * PAGE_SIZE;
+            let one = Range::from_bounds(page, page + PAGE_SIZE);
+            let whole = RangeSet::single(r);
+            let block = unprotect_block(&mm, &whole, page).unwrap();
+            assert_eq!(
+                block,
+                if thp {
+                    Range::from_bounds(pmd, pmd + PMD_SIZE)
+                } else {
+                    one
+                },
+                "thp {thp}"
+            );
+            // A snapshot range starting inside the huge page: the block is clipped to it.
+            let part = RangeSet::single(Range::from_bounds(pmd + 4 * PAGE_SIZE, r.end()));
+            let clipped = unprotect_block(&mm, &part, page).unwrap();
+            assert_eq!(
+                clipped,
+                if thp {
+                    Range::from_bounds(pmd + 4 * PAGE_SIZE, pmd + PMD_SIZE)
+                } else {
+                    one
+                },
+                "thp {thp}"
+            );
+        }
+    }
 }
