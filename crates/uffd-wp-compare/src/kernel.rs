@@ -212,7 +212,10 @@ impl Side for KernelSide {
         let res = reg.and_then(|()| {
             let src = rustix::fs::memfd_create("uffd-wp-src", rustix::fs::MemfdFlags::CLOEXEC)?;
             rustix::io::pwrite(&src, &[v; 8], 0)?;
-            let n = ring.read_fixed(rustix::fd::AsFd::as_fd(&src), 0, addr, 8, 0);
+            let n = ring.fixed(
+                rustix::fd::AsFd::as_fd(&src),
+                uffd_wp::sys::uring::FixedIo::read(0, addr, 8, 0),
+            );
             let _ = ring.unregister_buffers();
             n.and_then(|n| if n == 8 { Ok(()) } else { Err(Errno::IO) })
         });

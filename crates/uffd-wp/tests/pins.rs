@@ -19,7 +19,7 @@ use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
 use uffd_wp::scenario;
 use uffd_wp::sys::mem::{Backing, Mapping, Thp};
 use uffd_wp::sys::pagemap::{Pagemap, bits, category};
-use uffd_wp::sys::uring::FixedRing;
+use uffd_wp::sys::uring::{FixedIo, FixedRing};
 use uffd_wp::write_protect;
 
 const P: u64 = PAGE_SIZE;
@@ -285,15 +285,26 @@ fn pin_aware_io_declares_for_exactly_its_lifetime() {
     let data = vec![0x3cu8; P as usize];
     let src = source(&data);
     assert_eq!(
-        pr.read_fixed(&src, 0, buf.start(), P as u32, 0).unwrap(),
+        pr.fixed(&src, FixedIo::read(0, buf.start(), P as u32, 0))
+            .unwrap(),
         P as u32
     );
     let mut back = vec![0u8; P as usize];
     pr.memory()[0].read(buf.start(), &mut back).unwrap();
     assert_eq!(back, data);
+    // And back out through the ring into another file.
+    let dst = source(&vec![0u8; P as usize]);
+    assert_eq!(
+        pr.fixed(&dst, FixedIo::write(0, buf.start(), P as u32, 0))
+            .unwrap(),
+        P as u32
+    );
+    let mut out = vec![0u8; P as usize];
+    rustix::io::pread(&dst, &mut out, 0).unwrap();
+    assert_eq!(out, data);
     // Outside the buffer: a typed error, nothing submitted.
     let e = pr
-        .read_fixed(&src, 0, pages(r, 5, 6).start(), P as u32, 0)
+        .fixed(&src, FixedIo::read(0, pages(r, 5, 6).start(), P as u32, 0))
         .unwrap_err();
     assert_eq!(e.errno(), rustix::io::Errno::FAULT);
     pr.unregister().unwrap();

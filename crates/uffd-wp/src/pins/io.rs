@@ -19,7 +19,7 @@ use std::sync::Arc;
 use super::{PinGuard, PinKind, PinRegistry};
 use crate::range::Range;
 use crate::sys::mem::Mapping;
-use crate::sys::uring::{Completion, FixedRing};
+use crate::sys::uring::{Completion, FixedIo, FixedRing};
 use crate::sys::{Errno, direct, errno_name};
 
 /// Why a pin-aware I/O operation failed.
@@ -175,7 +175,8 @@ impl PinnedRing {
         &self.ring
     }
 
-    fn io_err(op: &'static str, addr: u64, len: u32) -> impl FnOnce(Errno) -> PinIoError {
+    fn io_err(io: FixedIo) -> impl FnOnce(Errno) -> PinIoError {
+        let (op, addr, len) = (io.op.name(), io.addr, io.len);
         move |errno| match errno {
             Errno::FAULT => PinIoError::NotOwned {
                 op,
@@ -191,48 +192,16 @@ impl PinnedRing {
         }
     }
 
-    /// `IORING_OP_READ_FIXED` of `len` bytes of `file` at `offset` into `addr` (inside buffer
-    /// `index`), waiting for it: bytes read.
-    pub fn read_fixed(
-        &mut self,
-        file: impl AsFd,
-        index: u16,
-        addr: u64,
-        len: u32,
-        offset: u64,
-    ) -> Result<u32, PinIoError> {
-        self.ring
-            .read_fixed(file.as_fd(), index, addr, len, offset)
-            .map_err(Self::io_err("READ_FIXED", addr, len))
+    /// A fixed-buffer request on `file`, waiting for it: bytes transferred.
+    pub fn fixed(&mut self, file: impl AsFd, io: FixedIo) -> Result<u32, PinIoError> {
+        self.ring.fixed(file.as_fd(), io).map_err(Self::io_err(io))
     }
 
-    /// `IORING_OP_WRITE_FIXED` of `[addr, addr + len)` (inside buffer `index`) to `file` at
-    /// `offset`, waiting for it: bytes written.
-    pub fn write_fixed(
-        &mut self,
-        file: impl AsFd,
-        index: u16,
-        addr: u64,
-        len: u32,
-        offset: u64,
-    ) -> Result<u32, PinIoError> {
+    /// Submits a fixed-buffer request without waiting; returns its `user_data`.
+    pub fn submit_fixed(&mut self, file: impl AsFd, io: FixedIo) -> Result<u64, PinIoError> {
         self.ring
-            .write_fixed(file.as_fd(), index, addr, len, offset)
-            .map_err(Self::io_err("WRITE_FIXED", addr, len))
-    }
-
-    /// Submits a `READ_FIXED` without waiting; returns its `user_data`.
-    pub fn submit_read_fixed(
-        &mut self,
-        file: impl AsFd,
-        index: u16,
-        addr: u64,
-        len: u32,
-        offset: u64,
-    ) -> Result<u64, PinIoError> {
-        self.ring
-            .submit_read_fixed(file.as_fd(), index, addr, len, offset)
-            .map_err(Self::io_err("READ_FIXED", addr, len))
+            .submit_fixed(file.as_fd(), io)
+            .map_err(Self::io_err(io))
     }
 
     /// A completion, if one is ready.
@@ -344,16 +313,15 @@ pub fn read_fixed_serving_faults(
     uffd: &crate::sys::uffd::Uffd,
 ) -> Result<ThroughPin, PinIoError> {
     use rustix::event::{PollFd, PollFlags, poll};
+    let io = FixedIo::read(index, addr, len, offset);
     let ud = ring
-        .submit_read_fixed(file.as_fd(), index, addr, len, offset)
-        .map_err(PinnedRing::io_err("READ_FIXED", addr, len))?;
+        .submit_fixed(file.as_fd(), io)
+        .map_err(PinnedRing::io_err(io))?;
     let mut wp_faults = 0;
     loop {
         while let Some(c) = ring.try_complete() {
             if c.user_data == ud {
-                let bytes = c
-                    .result
-                    .map_err(PinnedRing::io_err("READ_FIXED", addr, len))?;
+                let bytes = c.result.map_err(PinnedRing::io_err(io))?;
                 return Ok(ThroughPin { bytes, wp_faults });
             }
         }

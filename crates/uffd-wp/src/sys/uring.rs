@@ -19,6 +19,63 @@ use super::mem::Mapping;
 use super::{Errno, errno_of};
 use crate::range::Range;
 
+/// Which way a fixed-buffer request moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fixed {
+    /// `IORING_OP_READ_FIXED`: from the file into memory, which the kernel writes through
+    /// the buffer's pin.
+    Read,
+    /// `IORING_OP_WRITE_FIXED`: from memory into the file.
+    Write,
+}
+
+impl Fixed {
+    /// The opcode's name, for errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fixed::Read => "READ_FIXED",
+            Fixed::Write => "WRITE_FIXED",
+        }
+    }
+}
+
+/// One fixed-buffer request: `len` bytes at `addr`, inside registered buffer `index`, to or
+/// from a file at `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedIo {
+    /// Direction.
+    pub op: Fixed,
+    /// Registered buffer index.
+    pub index: u16,
+    /// Memory address (inside the buffer).
+    pub addr: u64,
+    /// Bytes.
+    pub len: u32,
+    /// File offset.
+    pub offset: u64,
+}
+
+impl FixedIo {
+    /// A read of `len` bytes of the file at `offset` into `addr` (inside buffer `index`).
+    pub fn read(index: u16, addr: u64, len: u32, offset: u64) -> FixedIo {
+        FixedIo {
+            op: Fixed::Read,
+            index,
+            addr,
+            len,
+            offset,
+        }
+    }
+
+    /// A write of `[addr, addr + len)` (inside buffer `index`) to the file at `offset`.
+    pub fn write(index: u16, addr: u64, len: u32, offset: u64) -> FixedIo {
+        FixedIo {
+            op: Fixed::Write,
+            ..FixedIo::read(index, addr, len, offset)
+        }
+    }
+}
+
 /// The outcome of one completed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
@@ -204,38 +261,20 @@ impl FixedRing {
         }
     }
 
-    /// Submits `IORING_OP_READ_FIXED`: reads `len` bytes of `file` at `offset` into
-    /// `[addr, addr + len)`, which must lie inside buffer `index` (EFAULT otherwise). The kernel
-    /// writes the memory through the pin. Returns the request's `user_data`.
-    pub fn submit_read_fixed(
-        &mut self,
-        file: BorrowedFd<'_>,
-        index: u16,
-        addr: u64,
-        len: u32,
-        offset: u64,
-    ) -> Result<u64, Errno> {
-        self.check_in_buffer(index, addr, len)?;
-        let e = opcode::ReadFixed::new(types::Fd(file.as_raw_fd()), addr as *mut u8, len, index)
-            .offset(offset)
-            .build();
-        self.push(e)
-    }
-
-    /// Submits `IORING_OP_WRITE_FIXED`: writes `[addr, addr + len)` (inside buffer `index`) to
-    /// `file` at `offset`. Returns the request's `user_data`.
-    pub fn submit_write_fixed(
-        &mut self,
-        file: BorrowedFd<'_>,
-        index: u16,
-        addr: u64,
-        len: u32,
-        offset: u64,
-    ) -> Result<u64, Errno> {
-        self.check_in_buffer(index, addr, len)?;
-        let e = opcode::WriteFixed::new(types::Fd(file.as_raw_fd()), addr as *const u8, len, index)
-            .offset(offset)
-            .build();
+    /// Submits a fixed-buffer request on `file`; `[io.addr, io.addr + io.len)` must lie
+    /// inside buffer `io.index` (EFAULT otherwise). For a read the kernel writes the memory
+    /// through the pin. Returns the request's `user_data`.
+    pub fn submit_fixed(&mut self, file: BorrowedFd<'_>, io: FixedIo) -> Result<u64, Errno> {
+        self.check_in_buffer(io.index, io.addr, io.len)?;
+        let fd = types::Fd(file.as_raw_fd());
+        let e = match io.op {
+            Fixed::Read => opcode::ReadFixed::new(fd, io.addr as *mut u8, io.len, io.index)
+                .offset(io.offset)
+                .build(),
+            Fixed::Write => opcode::WriteFixed::new(fd, io.addr as *const u8, io.len, io.index)
+                .offset(io.offset)
+                .build(),
+        };
         self.push(e)
     }
 
@@ -281,29 +320,9 @@ impl FixedRing {
         }
     }
 
-    /// `IORING_OP_READ_FIXED`, waiting for its completion: bytes read.
-    pub fn read_fixed(
-        &mut self,
-        file: BorrowedFd<'_>,
-        index: u16,
-        addr: u64,
-        len: u32,
-        offset: u64,
-    ) -> Result<u32, Errno> {
-        let ud = self.submit_read_fixed(file, index, addr, len, offset)?;
-        self.wait_for(ud)
-    }
-
-    /// `IORING_OP_WRITE_FIXED`, waiting for its completion: bytes written.
-    pub fn write_fixed(
-        &mut self,
-        file: BorrowedFd<'_>,
-        index: u16,
-        addr: u64,
-        len: u32,
-        offset: u64,
-    ) -> Result<u32, Errno> {
-        let ud = self.submit_write_fixed(file, index, addr, len, offset)?;
+    /// A fixed-buffer request, waiting for its completion: bytes transferred.
+    pub fn fixed(&mut self, file: BorrowedFd<'_>, io: FixedIo) -> Result<u32, Errno> {
+        let ud = self.submit_fixed(file, io)?;
         self.wait_for(ud)
     }
 
