@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use crate::features::Features;
 use crate::mm::{Errno, Event, Mm, PageState, RegisterMode, ScanRequest, ScanResult, WpMode};
 use crate::range::{Range, RangeSet};
+use crate::sys::mem::Mapping;
 
 /// Which raw call a rule fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +233,15 @@ impl<M: Mm> Mm for InjectMm<M> {
     }
     fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         self.inner.read_memory(addr, buf)
+    }
+    fn read_memory_into(
+        &self,
+        addr: u64,
+        dst: &Mapping,
+        dst_addr: u64,
+        len: u64,
+    ) -> Result<(), Errno> {
+        self.inner.read_memory_into(addr, dst, dst_addr, len)
     }
     fn clear_soft_dirty(&self) -> Result<(), Errno> {
         self.inner.clear_soft_dirty()

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::features::Features;
 use crate::range::{Range, RangeSet};
 pub use crate::sys::Errno;
+use crate::sys::mem::Mapping;
 pub use crate::sys::pagemap::{Region, ScanRequest, ScanResult};
 pub use crate::sys::uffd::Msg as Event;
 
@@ -159,6 +160,21 @@ pub trait Mm: Send + Sync {
 
     /// Reads memory of the monitored address space.
     fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
+
+    /// Reads `len` bytes at `addr` of the monitored address space into `[dst_addr, dst_addr +
+    /// len)` of `dst`, a mapping of this process (a snapshot image). This default goes
+    /// through a buffer; a backend that can copy straight into `dst` overrides it.
+    fn read_memory_into(
+        &self,
+        addr: u64,
+        dst: &Mapping,
+        dst_addr: u64,
+        len: u64,
+    ) -> Result<(), Errno> {
+        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Errno::NOMEM)?];
+        self.read_memory(addr, &mut buf)?;
+        dst.write(dst_addr, &buf)
+    }
 
     /// Clears the soft-dirty bit of every page of the address space (`clear_refs` 4: the whole
     /// process, not a range), so that [`PageState::soft_dirty`] marks the pages written since.

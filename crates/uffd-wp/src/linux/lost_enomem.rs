@@ -882,6 +882,15 @@ impl Mm for Watched<'_> {
     fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         self.inner.read_memory(addr, buf)
     }
+    fn read_memory_into(
+        &self,
+        addr: u64,
+        dst: &Mapping,
+        dst_addr: u64,
+        len: u64,
+    ) -> Result<(), Errno> {
+        self.inner.read_memory_into(addr, dst, dst_addr, len)
+    }
 }
 
 /// Faults in 512 KiB of stack below the caller's frame, so the limited phase grows none.

@@ -12,6 +12,7 @@ pub mod remote;
 pub use remote::{AttachError, AttachReport, RemoteQuiesce};
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use crate::mm::{Errno, Event, Mm, PageState, RegisterMode, ScanRequest, ScanResu
 use crate::pins::{PinGuard, PinRegistry, PinTarget, RegistryOptions};
 use crate::range::{Range, RangeSet};
 use crate::sys::errno_of;
+use crate::sys::mem::Mapping;
 use crate::sys::pagemap::{Pagemap, category};
 use crate::sys::uffd::Uffd;
 
@@ -339,6 +341,35 @@ impl Mm for LinuxMm {
         }
     }
 
+    /// One copy, straight into `dst`: `pread` of /proc/self/mem, or `process_vm_readv` from
+    /// the target (looping over short reads); EFAULT at unmapped memory either way.
+    fn read_memory_into(
+        &self,
+        addr: u64,
+        dst: &Mapping,
+        dst_addr: u64,
+        len: u64,
+    ) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < len {
+            let left = usize::try_from(len - done).map_err(|_| Errno::NOMEM)?;
+            let n = match self.target {
+                // /proc/self/mem says EIO for unmapped memory; process_vm_readv says EFAULT.
+                Target::SelfProcess => dst
+                    .read_from_file(dst_addr + done, self.mem.as_fd(), addr + done, left)
+                    .map_err(|e| if e == Errno::IO { Errno::FAULT } else { e })?,
+                Target::Pid(pid) => {
+                    dst.read_from_process(dst_addr + done, pid as i32, addr + done, left)?
+                }
+            };
+            if n == 0 {
+                return Err(Errno::FAULT);
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     /// `clear_refs` 4 on the target. Without `CONFIG_MEM_SOFT_DIRTY` the kernel accepts the
     /// write and does nothing useful, so soft-dirty is probed once (a written and an unwritten
     /// page after a clear) and EOPNOTSUPP returned when it does not work.
@@ -383,6 +414,46 @@ mod tests {
                 None
             }
         }
+    }
+
+    /// `read_memory_into` copies straight into a mapping, write-protected pages included (no
+    /// fault), across several calls' worth of bytes; unmapped memory is EFAULT; a destination
+    /// outside the mapping is refused before any copy.
+    #[test]
+    fn read_memory_into_copies_exactly_and_refuses_bad_ranges() {
+        let Some(mm) = open() else { return };
+        let src = Mapping::new(64 * PAGE_SIZE, PAGE_SIZE, Backing::Anon, Thp::NoHuge).unwrap();
+        let dst = Mapping::new(64 * PAGE_SIZE, PAGE_SIZE, Backing::Anon, Thp::NoHuge).unwrap();
+        let data: Vec<u8> = (0..64 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        src.write(src.range().start(), &data).unwrap();
+        mm.register(src.range(), RegisterMode::WP).unwrap();
+        mm.writeprotect(src.range(), WpMode::Protect).unwrap();
+        let (s0, d0) = (src.range().start(), dst.range().start());
+        mm.read_memory_into(s0 + 3, &dst, d0 + 5, 60 * PAGE_SIZE)
+            .unwrap();
+        let mut back = vec![0u8; 60 * PAGE_SIZE as usize];
+        dst.read(d0 + 5, &mut back).unwrap();
+        assert_eq!(back[..], data[3..3 + back.len()]);
+        assert_eq!(
+            bit57(src.range()),
+            RangeSet::single(src.range()),
+            "still protected"
+        );
+        // The source runs past its mapping into a guard gap: EFAULT.
+        let mut gap = Mapping::new(2 * PAGE_SIZE, PAGE_SIZE, Backing::Anon, Thp::NoHuge).unwrap();
+        let hole = gap.range().start() + PAGE_SIZE;
+        gap.punch(Range::from_bounds(hole, hole + PAGE_SIZE))
+            .unwrap();
+        assert_eq!(
+            mm.read_memory_into(hole, &dst, d0, PAGE_SIZE),
+            Err(Errno::FAULT)
+        );
+        // The destination runs past its mapping: refused.
+        assert!(
+            mm.read_memory_into(s0, &dst, d0 + 63 * PAGE_SIZE, 2 * PAGE_SIZE)
+                .is_err()
+        );
+        mm.unregister(src.range()).unwrap();
     }
 
     /// Pagemap bit 57 of every page of `r`, read directly.

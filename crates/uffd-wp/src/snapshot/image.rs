@@ -86,6 +86,18 @@ impl Image {
         self.buf.copy_from(dst, src, addr, len as usize)
     }
 
+    /// Copies `len` bytes at `addr` of `mm`'s address space into the image, straight into its
+    /// slot where the backend can ([`Mm::read_memory_into`]).
+    pub fn copy_from_mm<M: crate::mm::Mm + ?Sized>(
+        &self,
+        mm: &M,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), Errno> {
+        let dst = self.slot(addr).ok_or(Errno::FAULT)?;
+        mm.read_memory_into(addr, &self.buf, dst, len)
+    }
+
     /// Stores `data` as the content at `addr`.
     pub fn store(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
         let dst = self.slot(addr).ok_or(Errno::FAULT)?;

@@ -284,11 +284,7 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
         let err = |errno| SnapshotError::Copy { addr, len, errno };
         match self.source {
             Source::Mapping(m) => self.image.copy_from_mapping(m, addr, len).map_err(err),
-            Source::Mm => {
-                let mut buf = vec![0u8; len as usize];
-                self.mm.read_memory(addr, &mut buf).map_err(err)?;
-                self.image.store(addr, &buf).map_err(err)
-            }
+            Source::Mm => self.image.copy_from_mm(self.mm, addr, len).map_err(err),
         }
     }
 

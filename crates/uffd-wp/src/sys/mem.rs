@@ -6,7 +6,7 @@
 //! [madvise(2)](https://man7.org/linux/man-pages/man2/madvise.2.html).
 
 use std::ffi::c_void;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::mm::{Advice, MapFlags, MsyncFlags, ProtFlags};
 
@@ -265,6 +265,62 @@ impl Mapping {
         // untouched anonymous page maps the zero page).
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
         Ok(())
+    }
+
+    /// `process_vm_readv(2)` of up to `len` bytes at `remote` in process `pid` straight into
+    /// `[addr, addr + len)` of this mapping. Returns the bytes read (short when the remote
+    /// range runs into unmapped memory).
+    pub fn read_from_process(
+        &self,
+        addr: u64,
+        pid: i32,
+        remote: u64,
+        len: usize,
+    ) -> Result<usize, Errno> {
+        self.check_bytes(addr, len)?;
+        let local = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        };
+        let remote = libc::iovec {
+            iov_base: remote as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: the local iovec lies inside memory this mapping owns and keeps mapped (checked
+        // above), plain bytes no Rust reference points to; the remote one is only an address in
+        // the other process, checked by the kernel.
+        let rc = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        if rc < 0 {
+            return Err(super::errno_of(&std::io::Error::last_os_error()));
+        }
+        Ok(rc as usize)
+    }
+
+    /// `pread(2)` of up to `len` bytes of `file` at `offset` straight into `[addr, addr + len)`
+    /// of this mapping. Returns the bytes read.
+    pub fn read_from_file(
+        &self,
+        addr: u64,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> Result<usize, Errno> {
+        self.check_bytes(addr, len)?;
+        let offset = i64::try_from(offset).map_err(|_| Errno::INVAL)?;
+        // SAFETY: the destination lies inside memory this mapping owns and keeps mapped (checked
+        // above), plain bytes no Rust reference points to; `file` is a live descriptor.
+        let rc = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                addr as *mut libc::c_void,
+                len,
+                offset as libc::off_t,
+            )
+        };
+        if rc < 0 {
+            return Err(super::errno_of(&std::io::Error::last_os_error()));
+        }
+        Ok(rc as usize)
     }
 
     /// Copies `len` bytes from `src_addr` in `src` to `dst_addr` in this mapping (memcpy
