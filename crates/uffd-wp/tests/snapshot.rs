@@ -308,3 +308,39 @@ fn prearmed_snapshots_of_huge_pages_are_consistent_and_re_protect_whole_huge_pag
         assert_eq!(wp_bits_left(&w), 0);
     }
 }
+
+/// An un-protect failing while the writers run (the pre-arm handler's, or the copier's
+/// release if no writer faulted before the pause): the snapshot fails with the errno and the
+/// operation, never hangs on a writer left in a fault, and leaves the writers running with
+/// nothing write-protected.
+#[test]
+fn a_failing_unprotect_fails_the_snapshot_cleanly() {
+    let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
+        return;
+    };
+    let mm = InjectMm::new(mm);
+    let w = workload(32 << 20, 2);
+    w.resume();
+    mm.add_rule(Rule {
+        protect: false,
+        ..Rule::nth(1, Errno::NOMEM, 0)
+    });
+    let q = FnQuiesce(|| w.pause(), || w.resume());
+    let err = snapshot::take(
+        &mm,
+        &RangeSet::single(w.range()),
+        Source::Mapping(w.mapping()),
+        &q,
+        &SnapshotOptions::default(),
+        |_, _| {},
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("ENOMEM") && msg.contains("unprotect"), "{msg}");
+    let before = w.writes();
+    wait_until("the writers to go on after the failure", || {
+        w.writes() > before
+    });
+    w.pause();
+    assert_eq!(wp_bits_left(&w), 0);
+}

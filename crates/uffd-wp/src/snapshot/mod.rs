@@ -506,14 +506,22 @@ fn prearm_handler<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, st: &Prearm) {
         for ev in &evs {
             if let Event::PageFault { address, .. } = *ev {
                 let start = address & !(PAGE_SIZE - 1);
-                let block = unprotect_block(mm, ranges, start)
-                    .map_err(uffd_err("PAGEMAP_SCAN(PAGE_IS_HUGE)", start))?;
+                let block = unprotect_block(mm, ranges, start);
                 dirty.insert(block);
                 mm.writeprotect(block, WpMode::Unprotect { dontwake: false })
                     .map_err(uffd_err("UFFDIO_WRITEPROTECT(unprotect)", start))?;
             }
         }
         Ok(!evs.is_empty())
+    };
+    // A writer may be waiting in a fault this handler can no longer serve, and the freeze
+    // would wait for it: un-protect (and wake) everything; the snapshot fails on the recorded
+    // error once the writers are frozen.
+    let fail = |err: &mut Option<SnapshotError>, e: SnapshotError| {
+        for r in ranges.iter() {
+            let _ = mm.writeprotect(*r, WpMode::Unprotect { dontwake: false });
+        }
+        *err = Some(e);
     };
     loop {
         {
@@ -525,22 +533,20 @@ fn prearm_handler<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, st: &Prearm) {
             match serve(dirty) {
                 Ok(true) => continue,
                 Ok(false) => {}
-                Err(e) => {
-                    *err = Some(e);
-                    return;
-                }
+                Err(e) => return fail(err, e),
             }
         }
         if let Err(errno) = mm.wait_event(1) {
-            st.record.lock().expect("pre-arm record").1 = Some(uffd_err("poll(uffd)", 0)(errno));
-            return;
+            let mut rec = st.record.lock().expect("pre-arm record");
+            return fail(&mut rec.1, uffd_err("poll(uffd)", 0)(errno));
         }
     }
 }
 
-/// What the pre-arm handler un-protects for a fault on the page at `page`: the page, or the
-/// whole huge page holding it, clipped to the snapshot range holding it.
-fn unprotect_block<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, page: u64) -> Result<Range, Errno> {
+/// What the pre-arm handler un-protects for a fault on the page at `page`: the whole huge
+/// page holding it, clipped to the snapshot range holding it, or else (also when the scan
+/// that tells fails: one page is always right) the page.
+fn unprotect_block<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, page: u64) -> Range {
     let one = Range::from_bounds(page, page + PAGE_SIZE);
     let huge = mm.scan(&crate::mm::ScanRequest {
         start: page,
@@ -548,9 +554,9 @@ fn unprotect_block<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, page: u64) -> Resu
         category_mask: crate::sys::pagemap::category::HUGE,
         return_mask: crate::sys::pagemap::category::HUGE,
         ..Default::default()
-    })?;
-    if huge.regions.is_empty() {
-        return Ok(one);
+    });
+    if !huge.is_ok_and(|h| !h.regions.is_empty()) {
+        return one;
     }
     let pmd = page & !(PMD_SIZE - 1);
     let within = ranges
@@ -558,10 +564,7 @@ fn unprotect_block<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, page: u64) -> Resu
         .find(|r| r.contains(page))
         .copied()
         .unwrap_or(one);
-    Ok(Range::from_bounds(
-        pmd.max(within.start()),
-        (pmd + PMD_SIZE).min(within.end()),
-    ))
+    Range::from_bounds(pmd.max(within.start()), (pmd + PMD_SIZE).min(within.end()))
 }
 
 /// Takes a live snapshot of `ranges`. See the module docs.
@@ -920,7 +923,7 @@ mod tests {
             let page = pmd + 5 * PAGE_SIZE;
             let one = Range::from_bounds(page, page + PAGE_SIZE);
             let whole = RangeSet::single(r);
-            let block = unprotect_block(&mm, &whole, page).unwrap();
+            let block = unprotect_block(&mm, &whole, page);
             assert_eq!(
                 block,
                 if thp {
@@ -932,7 +935,7 @@ mod tests {
             );
             // A snapshot range starting inside the huge page: the block is clipped to it.
             let part = RangeSet::single(Range::from_bounds(pmd + 4 * PAGE_SIZE, r.end()));
-            let clipped = unprotect_block(&mm, &part, page).unwrap();
+            let clipped = unprotect_block(&mm, &part, page);
             assert_eq!(
                 clipped,
                 if thp {
