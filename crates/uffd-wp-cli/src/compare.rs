@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use uffd_wp_compare::{Worker, compare};
+use uffd_wp_compare::{Env, Worker, compare};
 
 use crate::{CliError, print_json};
 
@@ -20,14 +20,31 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Set the machine up first (root): enable a 256 MiB swapfile in the temporary directory
+    /// if no swap is active, so that swap cases run. Undone when the run ends.
+    #[arg(long)]
+    setup: bool,
+    /// Run the one case in this JSON file (as printed in a mismatch's `case`) on both sides
+    /// and print both sides' observations step by step.
+    #[arg(long, value_name = "FILE")]
+    replay: Option<std::path::PathBuf>,
 }
 
 /// Runs it.
 pub fn run(a: &Args) -> Result<(), CliError> {
+    let mut setup = uffd_wp_compare::MachineSetup::new();
+    if a.setup {
+        setup
+            .swap(&std::env::temp_dir(), 256)
+            .map_err(|e| CliError::Usage(format!("--setup: {e}")))?;
+    }
     let exe = std::env::current_exe()
         .map_err(|e| CliError::Usage(format!("locating the uffd-wp binary: {e}")))?;
     let cmd = vec![exe.to_string_lossy().into_owned(), "compare-worker".into()];
     let mut worker = Worker::spawn(&cmd).map_err(|e| CliError::Usage(e.to_string()))?;
+    if let Some(path) = &a.replay {
+        return replay(path, &mut worker);
+    }
     let bar = if std::io::stderr().is_terminal() && !a.json {
         let b = ProgressBar::new(a.cases);
         b.set_style(
@@ -38,7 +55,13 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     } else {
         ProgressBar::hidden()
     };
-    let report = compare(a.cases, a.seed, &mut worker, |n| bar.set_position(n))
+    let env = Env::detect();
+    if !env.swap {
+        eprintln!(
+            "note: no active swap (/proc/swaps): swap cases skipped (MADV_PAGEOUT runs without swap); --setup makes a swapfile (root)"
+        );
+    }
+    let report = compare(a.cases, a.seed, env, &mut worker, |n| bar.set_position(n))
         .map_err(|e| CliError::Usage(e.to_string()))?;
     bar.finish_and_clear();
     if a.json {
@@ -60,6 +83,50 @@ pub fn run(a: &Args) -> Result<(), CliError> {
             "{} of {} cases differ between the kernel and the model",
             report.mismatches, report.cases
         )))
+    }
+}
+
+/// `--replay FILE`: one case on both sides, every step side by side.
+fn replay(path: &std::path::Path, worker: &mut Worker) -> Result<(), CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("reading {}: {e}", path.display())))?;
+    let case: uffd_wp_compare::Case = serde_json::from_str(&text)
+        .map_err(|e| CliError::Usage(format!("{}: not a case: {e}", path.display())))?;
+    let (kernel, model) =
+        uffd_wp_compare::replay(&case, worker).map_err(|e| CliError::Usage(e.to_string()))?;
+    let kernel = kernel.map_err(|e| CliError::Unverified(format!("kernel side: {e}")))?;
+    let mut same = kernel == model;
+    for (i, op) in case.ops.iter().enumerate() {
+        let (k, m) = (&kernel.steps[i], &model.steps[i]);
+        println!("{i:3} {op:?}");
+        if k == m {
+            println!(
+                "    both   {} {:?} {:?} {}",
+                k.result, k.faults, k.scan, k.pages
+            );
+        } else {
+            println!(
+                "    kernel {} {:?} {:?} {}",
+                k.result, k.faults, k.scan, k.pages
+            );
+            println!(
+                "    model  {} {:?} {:?} {}",
+                m.result, m.faults, m.scan, m.pages
+            );
+        }
+    }
+    if kernel.content != model.content {
+        println!("content kernel {:?}", kernel.content);
+        println!("content model  {:?}", model.content);
+    }
+    same &= kernel.content == model.content;
+    println!("{}", if same { "same" } else { "DIFFERENT" });
+    if same {
+        Ok(())
+    } else {
+        Err(CliError::Unverified(
+            "the kernel and the model differ".into(),
+        ))
     }
 }
 

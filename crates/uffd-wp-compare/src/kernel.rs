@@ -32,6 +32,10 @@ struct Arenas {
 /// `Result<CaseObs, String>` per line on stdout. Each case gets a fresh uffd and fresh mappings
 /// in an arena that straddles a 1 GiB boundary of a 2 GiB reservation.
 pub fn worker_main() -> ! {
+    if let Err(e) = pin_to_one_cpu() {
+        eprintln!("compare worker: pinning to one CPU: {e}");
+        std::process::exit(2);
+    }
     let arena = match reserve() {
         Ok(a) => a,
         Err(e) => {
@@ -46,6 +50,14 @@ pub fn worker_main() -> ! {
         let res: Result<CaseObs, String> = serde_json::from_str::<Case>(&line)
             .map_err(|e| format!("bad case: {e}"))
             .and_then(|c| {
+                // The model would be told the wrong thing about MADV_PAGEOUT.
+                if c.config.swap != crate::swap_active() {
+                    return Err(format!(
+                        "the case wants swap {} but /proc/swaps says {}",
+                        c.config.swap,
+                        crate::swap_active()
+                    ));
+                }
                 run(&c, arena).map_err(|e| format!("set-up: {}", uffd_wp::sys::errno_name(e)))
             });
         let answer = serde_json::to_string(&res).expect("answer serializes");
@@ -57,6 +69,26 @@ pub fn worker_main() -> ! {
         }
     }
     std::process::exit(0)
+}
+
+/// Pins the worker (every thread it will start inherits it) to the first CPU it may run on.
+///
+/// `MADV_PAGEOUT` only reclaims a folio it can take off the LRU (folio_isolate_lru() in
+/// madvise_cold_or_pageout_pte_range(), mm/madvise.c), and a freshly faulted-in folio waits in
+/// the per-CPU `lru_add` batch of the CPU that faulted it (folio_add_lru(), mm/swap.c) until
+/// that batch is drained; madvise_pageout() drains only the calling CPU's batches
+/// (lru_add_drain()). With the fault served on one thread and the madvise made on another, the
+/// page was swapped out or left present depending on where the scheduler ran them (11 of 60
+/// runs of one case left it present). On one CPU every batch is drained first: seen 60 of 60.
+fn pin_to_one_cpu() -> Result<(), Errno> {
+    use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
+    let allowed = sched_getaffinity(None)?;
+    let cpu = (0..CpuSet::MAX_CPU)
+        .find(|&c| allowed.is_set(c))
+        .ok_or(Errno::INVAL)?;
+    let mut one = CpuSet::new();
+    one.set(cpu);
+    sched_setaffinity(None, &one)
 }
 
 /// Reserves 2 GiB aligned to 1 GiB and leaves the arena (64 pages around the middle boundary)

@@ -13,9 +13,17 @@
 //!
 //! A quarter of the cases run in a second, 2 MiB-aligned THP arena ([`CaseConfig::thp`]).
 //!
-//! Not covered (say so before trusting the model there): swap (these machines have none),
-//! io_uring pins, hugetlb, and every
-//! page-table allocation failure (the kernel cannot be made to fail one on demand).
+//! With a swap area active ([`Env::detect`]; [`MachineSetup`] makes one), every case runs with
+//! swap: anonymous `MADV_PAGEOUT` swaps pages out on the kernel and on the model
+//! ([`CaseConfig::swap`]), and the pagemap swap and uffd-wp bits of swap entries, the scan's
+//! `SWAPPED`/`WRITTEN` categories, WP faults on swapped pages and the contents read back after
+//! swap-in are compared. Two kernel behaviours had to be pinned down for that (DESIGN.md): the
+//! kernel worker runs on one CPU (a page faulted in on another CPU sits in that CPU's LRU batch,
+//! which `MADV_PAGEOUT` cannot reclaim: the outcome varied from run to run), and a THP reached
+//! by `MADV_PAGEOUT` is split, its all-zero pages remapped to the shared zero page.
+//!
+//! Not covered (say so before trusting the model there): `MADV_PAGEOUT` of shmem, hugetlb, and
+//! every page-table allocation failure (the kernel cannot be made to fail one on demand).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -34,8 +42,10 @@ use uffd_wp::sys::pagemap::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, bits, category
 
 mod kernel;
 mod model;
+mod setup;
 
 pub use kernel::worker_main;
+pub use setup::{MachineSetup, SetupError};
 
 /// Pages in the arena.
 pub const ARENA_PAGES: u64 = 64;
@@ -167,6 +177,11 @@ pub struct CaseConfig {
     /// [`THP_SCALE`] so operations cover parts of huge pages and whole ones.
     #[serde(default)]
     pub thp: bool,
+    /// A swap device is active: anonymous `MADV_PAGEOUT` really swaps pages out (the kernel
+    /// worker refuses the case if `/proc/swaps` lists none; the model runs with
+    /// `ModelConfig::swap`).
+    #[serde(default)]
+    pub swap: bool,
 }
 
 impl CaseConfig {
@@ -181,6 +196,28 @@ impl CaseConfig {
         }
         f
     }
+}
+
+/// What the machine offers beyond the defaults, which decides the kinds of cases generated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Env {
+    /// A swap device is active (`/proc/swaps` lists one): every case runs with swap.
+    pub swap: bool,
+}
+
+impl Env {
+    /// What this machine offers now.
+    pub fn detect() -> Env {
+        Env {
+            swap: swap_active(),
+        }
+    }
+}
+
+/// Whether `/proc/swaps` lists an active swap area.
+pub fn swap_active() -> bool {
+    std::fs::read_to_string("/proc/swaps")
+        .is_ok_and(|s| s.lines().skip(1).any(|l| !l.trim().is_empty()))
 }
 
 /// A test case.
@@ -211,7 +248,8 @@ pub struct StepObs {
 pub struct CaseObs {
     /// Per operation.
     pub steps: Vec<StepObs>,
-    /// The first byte of every present page at the end (`-1`: not present).
+    /// The first byte of every present or swapped page at the end, read by a CPU read (a
+    /// swapped page is swapped back in; `-1`: neither present nor swapped).
     pub content: Vec<i16>,
 }
 
@@ -233,6 +271,7 @@ pub(crate) trait Side {
     /// One `PAGEMAP_SCAN`: regions and walk_end.
     fn scan(&mut self, req: &ScanRequest, vec_len: usize) -> Result<(Vec<[u64; 3]>, u64), Errno>;
     fn pagemap(&mut self) -> Vec<u64>;
+    /// A CPU read of the byte at `addr` (which faults the page in, swapping it in if need be).
     fn first_byte(&mut self, addr: u64) -> Option<u8>;
     /// Called after every operation: the model checks its internal invariants here.
     fn after_op(&mut self) {}
@@ -269,7 +308,8 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
         let mut scan = None;
         let res: String = match *op {
             Op::Map { off, pages, kind } => {
-                let r = pr(off, pages);
+                // In the THP arena a map may cover a whole huge page (up to 512 pages).
+                let r = pr(off, if case.config.thp { pages * 2 } else { pages });
                 if !mapped.clip(r).is_empty() {
                     "skipped".into()
                 } else {
@@ -388,7 +428,7 @@ pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
         .iter()
         .enumerate()
         .map(|(i, e)| {
-            if e & bits::PRESENT != 0 {
+            if e & (bits::PRESENT | bits::SWAPPED) != 0 {
                 side.first_byte(base + i as u64 * PAGE_SIZE)
                     .map_or(-2, i16::from)
             } else {
@@ -420,15 +460,17 @@ fn pages_string(entries: &[u64]) -> String {
 }
 
 /// The strategy for cases.
-pub fn case_strategy() -> impl Strategy<Value = Case> {
+pub fn case_strategy(env: Env) -> impl Strategy<Value = Case> {
     let range = (0..ARENA_PAGES, 1..=16u64);
+    // With swap, MADV_PAGEOUT has more to show: more of it.
+    let pageout: u32 = if env.swap { 3 } else { 1 };
     let op = prop_oneof![
         3 => (range.clone(), prop_oneof![4 => Just(MapKind::Anon), 3 => Just(MapKind::Shmem), 1 => Just(MapKind::FilePrivate), 1 => Just(MapKind::FileShared)]).prop_map(|((off, pages), kind)| Op::Map { off, pages, kind }),
         1 => range.clone().prop_map(|(off, pages)| Op::Unmap { off, pages }),
         4 => (0..ARENA_PAGES).prop_map(|off| Op::Write { off }),
         1 => (0..ARENA_PAGES).prop_map(|off| Op::PinWrite { off }),
         1 => range.clone().prop_map(|(off, pages)| Op::DontNeed { off, pages }),
-        1 => range.clone().prop_map(|(off, pages)| Op::PageOut { off, pages }),
+        pageout => range.clone().prop_map(|(off, pages)| Op::PageOut { off, pages }),
         3 => range.clone().prop_map(|(off, pages)| Op::Register { off, pages }),
         1 => range.clone().prop_map(|(off, pages)| Op::Unregister { off, pages }),
         4 => (range.clone(), prop::bool::weighted(0.75)).prop_map(|((off, pages), wp)| Op::Protect { off, pages, wp }),
@@ -440,11 +482,12 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
         prop::bool::weighted(0.25),
         prop::collection::vec(op, 1..24),
     )
-        .prop_map(|(async_wp, unpopulated, thp, ops)| Case {
+        .prop_map(move |(async_wp, unpopulated, thp, ops)| Case {
             config: CaseConfig {
                 async_wp,
                 unpopulated,
                 thp,
+                swap: env.swap,
             },
             ops,
         })
@@ -501,6 +544,7 @@ pub fn case_from_bytes(data: &[u8]) -> Case {
             async_wp: cfg & 1 != 0,
             unpopulated: cfg & 2 != 0,
             thp: cfg & 4 != 0,
+            swap: cfg & 8 != 0,
         },
         ops,
     }
@@ -531,6 +575,8 @@ pub struct Mismatch {
 /// The result of [`compare`].
 #[derive(Debug, Clone, Serialize)]
 pub struct CompareReport {
+    /// Whether the cases ran with swap (anonymous `MADV_PAGEOUT` swapping pages out).
+    pub swap: bool,
     /// Cases run.
     pub cases: u64,
     /// Operations run (on each side).
@@ -658,10 +704,19 @@ fn diff(
     })
 }
 
+/// Runs one case on both sides: the kernel's observations (or why it failed) and the model's.
+pub fn replay(
+    case: &Case,
+    worker: &mut Worker,
+) -> Result<(Result<CaseObs, String>, CaseObs), CompareError> {
+    Ok((worker.run(case)?, model::run(case)))
+}
+
 /// Runs `cases` random cases from `seed` on the kernel (through `worker`) and on the model.
 pub fn compare(
     cases: u64,
     seed: u64,
+    env: Env,
     worker: &mut Worker,
     mut progress: impl FnMut(u64),
 ) -> Result<CompareReport, CompareError> {
@@ -671,8 +726,9 @@ pub fn compare(
         Config::default(),
         TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
     );
-    let strategy = case_strategy();
+    let strategy = case_strategy(env);
     let mut report = CompareReport {
+        swap: env.swap,
         cases: 0,
         ops: 0,
         mismatches: 0,
@@ -755,7 +811,10 @@ mod tests {
     fn the_model_side_is_deterministic() {
         let mut runner = TestRunner::deterministic();
         for _ in 0..50 {
-            let case = case_strategy().new_tree(&mut runner).unwrap().current();
+            let case = case_strategy(Env::default())
+                .new_tree(&mut runner)
+                .unwrap()
+                .current();
             assert_eq!(model::run(&case), model::run(&case));
         }
     }

@@ -17,12 +17,12 @@ struct ModelSide {
     thp: bool,
 }
 
-/// A fresh model process with the kernel worker's surroundings (linux semantics, no swap, THP
-/// on madvise: this project's machines).
+/// A fresh model process with the kernel worker's surroundings (linux semantics, swap as the
+/// case says, THP on madvise: this project's machines).
 fn fresh(config: crate::CaseConfig) -> ModelSide {
     let cfg = ModelConfig {
         semantics: Semantics::Linux,
-        swap: false,
+        swap: config.swap,
         thp: ThpSysfs::Madvise,
         thp_zero_page: true,
         soft_dirty: false,
@@ -228,7 +228,11 @@ impl Side for ModelSide {
         ))
     }
     fn first_byte(&mut self, addr: u64) -> Option<u8> {
-        self.model.peek(addr, 1).first().copied()
+        // A read never waits: only WP is registered, and reads do not raise WP faults.
+        match self.model.read(addr, 1).ok()? {
+            Progress::Done(b) => b.first().copied(),
+            Progress::Blocked(_) => None,
+        }
     }
     fn after_op(&mut self) {
         if let Err(e) = self.model.check_invariants() {

@@ -13,8 +13,8 @@ use uffd_wp::range::Range;
 
 use crate::alloc::{Level, PtAllocator};
 use crate::pt::{
-    FrameId, Frames, HPAGE_NR, PAGE, PGDIR, PMD, PUD, PageData, PageTables, Pmd, Pte, addr_end,
-    is_zero_frame, pgd_index, pmd_index, pte_index, pud_index,
+    FrameId, Frames, HPAGE_NR, PAGE, PGDIR, PMD, PUD, PageData, PageTables, Pmd, Pte, ZERO_FRAME,
+    addr_end, is_zero_frame, pgd_index, pmd_index, pte_index, pud_index,
 };
 
 /// Which kernel the model is.
@@ -934,8 +934,8 @@ impl Kernel {
 
     /// `MADV_PAGEOUT` (mm/madvise.c madvise_pageout(), madvise_cold_or_pageout_pte_range(),
     /// then reclaim): anonymous pages go to swap (if there is swap) unless pinned; shmem and file
-    /// pages are unmapped (a wr-protected one leaves a uffd-wp marker); a THP partly in the
-    /// range is split first.
+    /// pages are unmapped (a wr-protected one leaves a uffd-wp marker); a THP the call reaches
+    /// is split first (see [`Kernel::split_anon_folio`]).
     pub(crate) fn pageout(&mut self, start: u64, len: u64) -> Result<(), Errno> {
         let (end, gap) = self.madvise_check(start, len)?;
         for v in self.vmas_in(start, end) {
@@ -950,34 +950,120 @@ impl Kernel {
         if gap { Err(Errno::NOMEM) } else { Ok(()) }
     }
 
+    /// The head of the large folio `f` belongs to, if it belongs to one.
+    fn large_folio_head(&self, f: FrameId) -> Option<FrameId> {
+        let head = self.frames.map.get(&f)?.folio;
+        if head != f {
+            return Some(head);
+        }
+        (f % HPAGE_NR == 0
+            && (1..HPAGE_NR).any(|i| self.frames.map.get(&(f + i)).is_some_and(|t| t.folio == f)))
+        .then_some(f)
+    }
+
+    /// split_folio() of the anonymous THP `head`, PTE-mapped by the table of the PMD at
+    /// `pmd_base` (mm/huge_memory.c __folio_split()): its pages become small folios, and every
+    /// mapped page that is all zeros is replaced by the shared zero page, keeping its uffd-wp
+    /// bit (remap_page() with `RMP_USE_SHARED_ZEROPAGE` -> try_to_map_unused_to_zeropage(),
+    /// mm/migrate.c; seen on the 6.18 machine: such pages stay present, and a later
+    /// `MADV_PAGEOUT` skips them).
+    fn split_anon_folio(&mut self, pmd_base: u64, head: FrameId) {
+        for i in 0..HPAGE_NR {
+            if let Some(f) = self.frames.map.get_mut(&(head + i))
+                && f.folio == head
+            {
+                f.folio = head + i;
+            }
+        }
+        // Pages no longer mapped (zapped from the THP before) are freed with the split.
+        for i in 0..HPAGE_NR {
+            self.frames.maybe_free(head + i);
+        }
+        let Some(Pmd::Table(t)) = self.pt.pmd_mut(pmd_base) else {
+            return;
+        };
+        let mut zeroed = Vec::new();
+        for e in t.e.iter_mut() {
+            if let Pte::Present { frame, wp } = *e
+                && (head..head + HPAGE_NR).contains(&frame)
+                && self
+                    .frames
+                    .map
+                    .get(&frame)
+                    .is_some_and(|f| f.anon && f.data.is_zero())
+            {
+                *e = Pte::Present {
+                    frame: ZERO_FRAME,
+                    wp,
+                };
+                zeroed.push(frame);
+            }
+        }
+        for f in zeroed {
+            self.frames.unmap_one(f);
+        }
+    }
+
     fn pageout_vma(&mut self, v: &Vma, s: u64, e: u64) {
         let mut a = s;
         while a < e {
             let next = addr_end(a, e, PMD);
+            let pmd_base = a & !(PMD - 1);
+            let whole = a == pmd_base && next == pmd_base + PMD;
             let swap = self.cfg.swap;
             let Some(pmd) = self.pt.pmd_mut(a) else {
                 a = addr_end(a, e, PUD);
                 continue;
             };
             if let Pmd::Thp(h) = *pmd {
-                if is_zero_frame(h.base) {
+                if is_zero_frame(h.base) || self.frames.pinned(h.base) {
+                    // The huge zero page has no folio to reclaim (is_huge_zero_pmd()); a pinned
+                    // THP cannot be split (can_split_folio()) nor swapped.
                     a = next;
                     continue;
                 }
-                if next - a != PMD {
-                    // split_folio(): the PMD and the folio are split.
-                    Self::split_thp(pmd);
-                    for i in 0..HPAGE_NR {
-                        if let Some(f) = self.frames.map.get_mut(&(h.base + i)) {
-                            f.folio = h.base + i;
-                        }
-                    }
-                } else if swap && !self.frames.pinned(h.base) {
-                    // The whole THP is reclaimed; its PMD is split on the way to swap.
-                    Self::split_thp(pmd);
-                } else {
+                if whole && !swap {
                     a = next;
                     continue;
+                }
+                // Part of the THP: split_folio() in madvise_cold_or_pageout_pte_range(). All of
+                // it, with swap: shrink_folio_list() cannot get a THP-sized swap cluster from a
+                // swap device that is not an SSD (thp_swpout_fallback in /proc/vmstat: this
+                // project's swapfile on a rotational disk) and falls back to
+                // split_folio_to_list(); either way the PMD is split and the folio with it.
+                Self::split_thp(pmd);
+                self.split_anon_folio(pmd_base, h.base);
+            }
+            let Some(Pmd::Table(t)) = self.pt.pmd_mut(a) else {
+                a = next;
+                continue;
+            };
+            // PTE-mapped THPs with a page in the range: split first, like a PMD-mapped one
+            // (madvise_folio_pte_batch() short of the folio -> split_folio(); all of it -> the
+            // reclaim fallback above, with swap).
+            let mut heads = Vec::new();
+            for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
+                if let Pte::Present { frame, .. } = t.e[i]
+                    && !is_zero_frame(frame)
+                    && !heads.contains(&frame)
+                {
+                    heads.push(frame);
+                }
+            }
+            let heads: Vec<FrameId> = {
+                let mut hs = Vec::new();
+                for f in heads {
+                    if let Some(h) = self.large_folio_head(f)
+                        && !hs.contains(&h)
+                    {
+                        hs.push(h);
+                    }
+                }
+                hs
+            };
+            for h in heads {
+                if !self.frames.pinned(h) && (swap || !whole) {
+                    self.split_anon_folio(pmd_base, h);
                 }
             }
             let Some(Pmd::Table(t)) = self.pt.pmd_mut(a) else {

@@ -230,6 +230,14 @@ pub(crate) enum PageData {
 }
 
 impl PageData {
+    /// Whether every byte is zero (`pages_identical()` with the zero page).
+    pub(crate) fn is_zero(&self) -> bool {
+        match self {
+            PageData::Zero => true,
+            PageData::Bytes(b) => b.iter().all(|x| *x == 0),
+        }
+    }
+
     pub(crate) fn read(&self, off: usize, buf: &mut [u8]) {
         match self {
             PageData::Zero => buf.fill(0),
