@@ -94,6 +94,12 @@ impl Kernel {
         };
         let thp_ok = self.thp_eligible(&vma, page);
         let zero_thp = self.cfg.thp_zero_page;
+        // vmf_anon_prepare(): a write that may install an anonymous page (do_anonymous_page(),
+        // do_cow_fault(), wp_page_copy()), or any fault reaching do_huge_pmd_anonymous_page().
+        let thp_fault = thp_ok && matches!(self.pt.pmd(page), None | Some(Pmd::None));
+        if vma.anon_vma.is_none() && vma.cow() && (write || thp_fault) {
+            self.anon_vma_prepare(page);
+        }
         let Self {
             pt,
             alloc,

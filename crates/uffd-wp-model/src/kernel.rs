@@ -197,6 +197,10 @@ pub struct Vma {
     pub thp: Thp,
     /// Registration, if any.
     pub uffd: Option<VmaUffd>,
+    /// The `anon_vma` (an id), set by the first fault that installs an anonymous page or, for
+    /// a THP-eligible block, reaches do_huge_pmd_anonymous_page() (vmf_anon_prepare()); two
+    /// VMAs with different ones never merge (is_mergeable_anon_vma(), mm/vma.c).
+    pub anon_vma: Option<u64>,
 }
 
 impl Vma {
@@ -365,6 +369,7 @@ pub(crate) struct Kernel {
     next_slot: u64,
     pub ctxs: BTreeMap<u64, Ctx>,
     next_ctx: u64,
+    next_anon_vma: u64,
     pub pending: BTreeMap<u64, Pending>,
     pub completed: BTreeMap<u64, Completion>,
     pub next_access: u64,
@@ -412,6 +417,7 @@ impl Kernel {
             next_slot: 1,
             ctxs: BTreeMap::new(),
             next_ctx: 1,
+            next_anon_vma: 1,
             pending: BTreeMap::new(),
             completed: BTreeMap::new(),
             next_access: 1,
@@ -505,6 +511,11 @@ impl Kernel {
     }
 
     /// Sets a VMA attribute over `[start, end)`, splitting VMAs at the ends.
+    ///
+    /// Then merges what has become mergeable, as vma_modify() does for each VMA it changes
+    /// (with its neighbours before and after). Merging the whole range and its two neighbours
+    /// gives the same VMAs: two adjacent VMAs only become mergeable when one of them is
+    /// modified (a fault can set an `anon_vma`, which only makes merging less likely).
     fn modify_vmas(&mut self, start: u64, end: u64, f: impl Fn(&mut Vma)) {
         self.split_at(start);
         self.split_at(end);
@@ -513,6 +524,79 @@ impl Kernel {
             if let Some(v) = self.vmas.get_mut(&k) {
                 f(v);
             }
+        }
+        self.merge_vmas(start, end);
+    }
+
+    /// Whether `b`, which starts where `a` ends, can be merged into `a`
+    /// (is_mergeable_vma() and is_mergeable_anon_vma(), mm/vma.c 6.18): same flags (THP
+    /// advice, uffd modes), same uffd context, same file with contiguous offsets, and
+    /// compatible `anon_vma`s (equal, or at most one set: no fork here, so
+    /// vma_had_uncowed_parents() is false). Anonymous VMAs' offsets are their addresses, so
+    /// always contiguous. Each hugetlb mapping is its own file here.
+    fn mergeable(a: &Vma, b: &Vma) -> bool {
+        let pages = (a.end - a.start) / PAGE;
+        let backing = match (a.backing, b.backing) {
+            (Backing::Anon, Backing::Anon) => true,
+            (Backing::Shmem { obj, pgoff }, Backing::Shmem { obj: o2, pgoff: p2 }) => {
+                obj == o2 && pgoff + pages == p2
+            }
+            (
+                Backing::File { obj, pgoff, shared },
+                Backing::File {
+                    obj: o2,
+                    pgoff: p2,
+                    shared: s2,
+                },
+            ) => obj == o2 && shared == s2 && pgoff + pages == p2,
+            _ => false,
+        };
+        let anon = match (a.anon_vma, b.anon_vma) {
+            (Some(x), Some(y)) => x == y,
+            _ => true,
+        };
+        a.end == b.start && backing && anon && a.thp == b.thp && a.uffd == b.uffd
+    }
+
+    /// Merges every mergeable pair of adjacent VMAs from the one before `start` to the one
+    /// after `end`.
+    fn merge_vmas(&mut self, start: u64, end: u64) {
+        let from = self
+            .vmas
+            .range(..start)
+            .next_back()
+            .map_or(start, |(k, _)| *k);
+        let mut keys: Vec<u64> = self.vmas.range(from..=end).map(|(k, _)| *k).collect();
+        if let Some((k, _)) = self.vmas.range(end + 1..).next() {
+            keys.push(*k);
+        }
+        let mut cur: Option<u64> = None;
+        for k in keys {
+            let Some(b) = self.vmas.get(&k).copied() else {
+                continue;
+            };
+            if let Some(ka) = cur
+                && let Some(a) = self.vmas.get_mut(&ka)
+                && Self::mergeable(a, &b)
+            {
+                a.end = b.end;
+                a.anon_vma = a.anon_vma.or(b.anon_vma);
+                self.vmas.remove(&k);
+                continue;
+            }
+            cur = Some(k);
+        }
+    }
+
+    /// anon_vma_prepare() for the VMA containing `addr`.
+    pub(crate) fn anon_vma_prepare(&mut self, addr: u64) {
+        let id = self.next_anon_vma;
+        if let Some((_, v)) = self.vmas.range_mut(..=addr).next_back()
+            && addr < v.end
+            && v.anon_vma.is_none()
+        {
+            v.anon_vma = Some(id);
+            self.next_anon_vma += 1;
         }
     }
 
@@ -632,8 +716,11 @@ impl Kernel {
                 backing,
                 thp,
                 uffd: None,
+                anon_vma: None,
             },
         );
+        // vma_merge_new_range() in __mmap_region().
+        self.merge_vmas(start, start + len);
         let r = Range::from_bounds(start, start + len);
         if self.cfg.soft_dirty {
             self.sd_vmas.insert(r);

@@ -749,3 +749,49 @@ fn unregister_does_not_wake_wp_faults() {
     assert_eq!(m.completion(id), Some(Completion::Done));
     assert_eq!(m.peek(a.start(), 5), b"hello");
 }
+
+/// VMAs merge as on the 6.18 machine (checked there with /proc/self/maps and smaps): two
+/// adjacent fresh anonymous maps with the same advice become one VMA, which a THP can then
+/// back; two that each got an `anon_vma` first stay apart even once their flags agree.
+#[test]
+fn adjacent_vmas_merge_unless_their_anon_vmas_differ() {
+    let mm = open(Semantics::Linux, UffdConfig::default());
+    let m = mm.model();
+    let span = |a: u64, b: u64| {
+        m.vmas()
+            .iter()
+            .filter(|v| v.start < b && v.end > a)
+            .map(|v| (v.start - a, v.end - a))
+            .collect::<Vec<_>>()
+    };
+    let half = PMD_SIZE / 2;
+    let x = m
+        .map(4 * PMD_SIZE, PMD_SIZE, MapKind::Anon(Thp::NoHuge))
+        .unwrap()
+        .start();
+    let at = |a: u64, t| {
+        m.map_at(Some(a), half, P, MapKind::Anon(Thp::Default))
+            .unwrap();
+        m.madvise(Range::new(a, half).unwrap(), t).unwrap();
+    };
+    // Fresh and fresh: one VMA, backed by a THP at the first write.
+    at(x, Advice::HugePage);
+    at(x + half, Advice::HugePage);
+    assert_eq!(span(x, x + PMD_SIZE), vec![(0, PMD_SIZE)]);
+    write(m, x);
+    assert!(
+        m.page_states(Range::new(x, PMD_SIZE).unwrap())
+            .iter()
+            .all(|s| s.present)
+    );
+    // Each written while their advice differed: two anon_vmas, never merged.
+    let y = x + 2 * PMD_SIZE;
+    at(y, Advice::HugePage);
+    write(m, y);
+    at(y + half, Advice::NoHugePage);
+    write(m, y + half);
+    assert_eq!(span(y, y + PMD_SIZE).len(), 2);
+    m.madvise(Range::new(y + half, half).unwrap(), Advice::HugePage)
+        .unwrap();
+    assert_eq!(span(y, y + PMD_SIZE), vec![(0, half), (half, PMD_SIZE)]);
+}
