@@ -26,10 +26,11 @@ pub struct Args {
     /// Back the region with transparent huge pages.
     #[arg(long)]
     thp: bool,
-    /// Serve faults inline in the copier (polling between chunks) instead of from a dedicated
-    /// handler thread (the default: faster here unless the copier shares the writer's CPU).
-    #[arg(long)]
-    handler_inline: bool,
+    /// Who serves WP faults during the copy: `inline` (the copier polls between chunks of 32
+    /// pages), `thread` (a handler thread in poll(2)) or `hybrid` (both; the default, fastest
+    /// wherever the writer runs: docs/benchmarks.md).
+    #[arg(long, value_enum)]
+    handler: Option<Handler>,
     /// Threads that write-protect during the pause (default: the CPU count for 4 KiB pages,
     /// 1 with THP, where splitting costs more than it saves).
     #[arg(long)]
@@ -165,15 +166,24 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     }
 }
 
+/// `--handler`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Handler {
+    Inline,
+    Thread,
+    Hybrid,
+}
+
 /// The engine options the flags ask for (the same for this process and another one).
 fn options(a: &Args) -> SnapshotOptions {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     SnapshotOptions {
         protect_threads: a.protect_threads.unwrap_or(if a.thp { 1 } else { cpus }),
-        handler: if a.handler_inline {
-            HandlerMode::Inline { chunk_pages: 32 }
-        } else {
-            SnapshotOptions::default().handler
+        handler: match a.handler {
+            None => SnapshotOptions::default().handler,
+            Some(Handler::Inline) => HandlerMode::Inline { chunk_pages: 32 },
+            Some(Handler::Thread) => HandlerMode::Thread,
+            Some(Handler::Hybrid) => HandlerMode::Hybrid { chunk_pages: 32 },
         },
         prearm: !a.thp && !a.no_prearm,
         ..SnapshotOptions::default()

@@ -105,13 +105,17 @@ fn workload(size: u64, threads: usize) -> Workload {
 }
 
 #[test]
-fn snapshots_of_a_running_workload_are_consistent_in_both_handler_modes() {
+fn snapshots_of_a_running_workload_are_consistent_in_every_handler_mode() {
     let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
         return;
     };
     let w = workload(32 << 20, 2);
     w.resume();
-    for handler in [HandlerMode::Inline { chunk_pages: 32 }, HandlerMode::Thread] {
+    for handler in [
+        HandlerMode::Inline { chunk_pages: 32 },
+        HandlerMode::Thread,
+        HandlerMode::Hybrid { chunk_pages: 32 },
+    ] {
         for protect_threads in [1, 2] {
             std::thread::sleep(Duration::from_millis(5));
             let opts = SnapshotOptions {
@@ -263,12 +267,13 @@ fn stress_50_snapshots_of_256_mib_with_4_writers_are_all_consistent() {
     let mut faults = 0;
     for i in 0..50 {
         let opts = SnapshotOptions {
-            handler: if i % 2 == 0 {
-                HandlerMode::Inline { chunk_pages: 32 }
-            } else {
-                HandlerMode::Thread
+            handler: match i % 3 {
+                0 => HandlerMode::Inline { chunk_pages: 32 },
+                1 => HandlerMode::Thread,
+                _ => HandlerMode::Hybrid { chunk_pages: 32 },
             },
-            prearm: i % 3 != 0,
+            // Not in step with the handler modes, so each mode runs with and without.
+            prearm: i % 4 != 0,
             ..SnapshotOptions::default()
         };
         let (img, rep, versions) = run(&mm, &w, &opts);

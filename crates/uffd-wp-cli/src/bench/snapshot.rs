@@ -316,8 +316,8 @@ fn print_table(o: &Output) {
             verdict(f.fault_ratio_vs_raw <= GOAL_FAULT)
         );
         println!(
-            "  engine thread / raw poll: same CPU {:.2}x, other CPU {:.2}x; engine default / raw poll unpinned {:.2}x; fastest: {}",
-            f.thread_ratio_same_cpu, f.thread_ratio_other_cpu, f.ratio_unpinned, f.fastest
+            "  engine default / raw poll unpinned {:.2}x; fastest: {}",
+            f.ratio_unpinned, f.fastest
         );
     }
 }

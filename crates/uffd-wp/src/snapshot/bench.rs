@@ -604,15 +604,19 @@ pub enum Server {
     EngineInline,
     /// The snapshot engine, [`HandlerMode::Thread`]: a handler thread sleeping in `poll(2)`.
     EngineThread,
+    /// The snapshot engine, [`HandlerMode::Hybrid`] (32 pages): a handler thread, and the
+    /// copier polling between chunks.
+    EngineHybrid,
 }
 
 impl Server {
     /// Every server, in report order.
-    pub const ALL: [Server; 4] = [
+    pub const ALL: [Server; 5] = [
         Server::RawPoll,
         Server::RawBusy,
         Server::EngineInline,
         Server::EngineThread,
+        Server::EngineHybrid,
     ];
 
     /// The report name.
@@ -622,7 +626,31 @@ impl Server {
             Server::RawBusy => "raw-busy",
             Server::EngineInline => "engine-inline",
             Server::EngineThread => "engine-thread",
+            Server::EngineHybrid => "engine-hybrid",
         }
+    }
+
+    /// The engine's handler mode, for an engine server.
+    pub fn handler(self) -> Option<HandlerMode> {
+        match self {
+            Server::RawPoll | Server::RawBusy => None,
+            Server::EngineInline => Some(HandlerMode::Inline {
+                chunk_pages: INLINE_CHUNK,
+            }),
+            Server::EngineThread => Some(HandlerMode::Thread),
+            Server::EngineHybrid => Some(HandlerMode::Hybrid {
+                chunk_pages: INLINE_CHUNK,
+            }),
+        }
+    }
+
+    /// The server that runs [`SnapshotOptions::default`]'s handler.
+    pub fn engine_default() -> Server {
+        let d = SnapshotOptions::default().handler;
+        Server::ALL
+            .into_iter()
+            .find(|s| s.handler() == Some(d))
+            .expect("the default handler is benchmarked")
     }
 }
 
@@ -703,15 +731,12 @@ pub struct FaultFigures {
     pub cases: Vec<FaultCase>,
     /// The case with the lowest p50.
     pub fastest: String,
-    /// Engine default ([`SnapshotOptions::default`]'s handler, inline) p50 over the bare
-    /// poll handler's p50, at each placement.
+    /// The server running [`SnapshotOptions::default`]'s handler.
+    pub engine_default: Server,
+    /// Engine default p50 over the bare poll handler's p50, writer and handler on one CPU.
     pub ratio_same_cpu: f64,
     /// The same, handler on the other CPU.
     pub ratio_other_cpu: f64,
-    /// The engine's handler thread over the bare poll handler, same CPU.
-    pub thread_ratio_same_cpu: f64,
-    /// The engine's handler thread over the bare poll handler, other CPU.
-    pub thread_ratio_other_cpu: f64,
     /// Engine default over the bare poll handler, neither pinned.
     pub ratio_unpinned: f64,
     /// The worse of `ratio_same_cpu` and `ratio_other_cpu` (goal: at most 1.25).
@@ -886,7 +911,10 @@ fn engine_round(
             r
         });
         let uffd = mm.uffd();
-        let inline = matches!(handler, HandlerMode::Inline { .. });
+        let inline = matches!(
+            handler,
+            HandlerMode::Inline { .. } | HandlerMode::Hybrid { .. }
+        );
         let guard_pages = guard_pages(pages.len());
         let snap = Pinned::to(hcpu).and_then(|pin| {
             let r = take(
@@ -998,17 +1026,10 @@ impl FaultBench {
         match server {
             Server::RawPoll => raw_round(mm, w, pages, false, wcpu, hcpu),
             Server::RawBusy => raw_round(mm, w, pages, true, wcpu, hcpu),
-            Server::EngineInline => engine_round(
-                mm,
-                w,
-                pages,
-                HandlerMode::Inline {
-                    chunk_pages: INLINE_CHUNK,
-                },
-                wcpu,
-                hcpu,
-            ),
-            Server::EngineThread => engine_round(mm, w, pages, HandlerMode::Thread, wcpu, hcpu),
+            engine => {
+                let handler = engine.handler().expect("an engine server");
+                engine_round(mm, w, pages, handler, wcpu, hcpu)
+            }
         }
     }
 
@@ -1052,7 +1073,7 @@ pub fn measure_faults(
             // Rotate the order from round to round so the cases share the noise.
             let (server, placement, _, _) = cases[(i + round) % k];
             let lat = fb.run(server, placement)?;
-            if matches!(server, Server::EngineInline | Server::EngineThread) {
+            if server.handler().is_some() {
                 snapshots += 1;
             }
             if keep {
@@ -1086,7 +1107,7 @@ pub fn measure_faults(
     let best = |engine: bool| {
         cases
             .iter()
-            .filter(|c| matches!(c.server, Server::EngineInline | Server::EngineThread) == engine)
+            .filter(|c| c.server.handler().is_some() == engine)
             .map(|c| c.latency_us.p50)
             .fold(f64::INFINITY, f64::min)
     };
@@ -1095,9 +1116,10 @@ pub fn measure_faults(
         .min_by(|a, b| a.latency_us.p50.total_cmp(&b.latency_us.p50))
         .map(|c| format!("{} {}", c.server.name(), c.placement.name()))
         .unwrap_or_default();
+    let default = Server::engine_default();
     let (rs, ro) = (
-        ratio(Server::EngineInline, Placement::SameCpu),
-        ratio(Server::EngineInline, Placement::OtherCpu),
+        ratio(default, Placement::SameCpu),
+        ratio(default, Placement::OtherCpu),
     );
     Ok(FaultFigures {
         region: cfg.region,
@@ -1107,9 +1129,8 @@ pub fn measure_faults(
         fastest,
         ratio_same_cpu: rs,
         ratio_other_cpu: ro,
-        thread_ratio_same_cpu: ratio(Server::EngineThread, Placement::SameCpu),
-        thread_ratio_other_cpu: ratio(Server::EngineThread, Placement::OtherCpu),
-        ratio_unpinned: ratio(Server::EngineInline, Placement::Unpinned),
+        ratio_unpinned: ratio(default, Placement::Unpinned),
+        engine_default: default,
         fault_ratio_vs_raw: if ro.is_nan() { rs } else { rs.max(ro) },
         best_engine_vs_best_raw: best(true) / best(false),
         cases,

@@ -77,6 +77,31 @@ pub enum HandlerMode {
     },
     /// A dedicated thread sleeps in poll(2) on the uffd and serves each fault.
     Thread,
+    /// Both: a handler thread sleeps in poll(2), and the copier also reads the uffd
+    /// (non-blocking) between chunks of `chunk_pages` pages; whichever runs first serves the
+    /// fault. A writer on an idle CPU wakes the thread there; a writer sharing the copier's CPU
+    /// is served by the copier without waiting for the thread to be scheduled.
+    Hybrid {
+        /// Pages copied between two polls by the copier.
+        chunk_pages: u32,
+    },
+}
+
+impl HandlerMode {
+    /// The copier's chunk between two polls, if the copier polls.
+    fn inline_chunk(self) -> Option<u64> {
+        match self {
+            HandlerMode::Inline { chunk_pages } | HandlerMode::Hybrid { chunk_pages } => {
+                Some(u64::from(chunk_pages.max(1)))
+            }
+            HandlerMode::Thread => None,
+        }
+    }
+
+    /// Whether a handler thread serves faults.
+    fn has_thread(self) -> bool {
+        !matches!(self, HandlerMode::Inline { .. })
+    }
 }
 
 /// What to do with pages that could not be write-protected.
@@ -114,8 +139,10 @@ impl Default for SnapshotOptions {
             protect_threads: 1,
             // Measured (docs/benchmarks.md, Snapshots): with nothing pinned to a CPU, a sleeping
             // handler thread is woken on the faulting writer's idle CPU, while the busy inline
-            // copier needs a cross-CPU wake-up: better p99 in every run, better p50 in most.
-            handler: HandlerMode::Thread,
+            // copier needs a cross-CPU wake-up (31-32 us p50 against 49-50); the copier's own
+            // polls serve the faults the thread is too slow for (p99 with the handler on the
+            // copier's CPU 0.2-0.6 ms against 2.3-3 ms for the thread alone).
+            handler: HandlerMode::Hybrid { chunk_pages: 32 },
             unprotected: Unprotected::CopyInFreeze,
             on_error: OnError::Retry {
                 attempts: 3,
@@ -339,7 +366,10 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
         Ok(())
     }
 
-    /// Serves every pending event without blocking.
+    /// Serves every pending event without blocking, until a read finds none. That last read
+    /// is not wasted: measured (docs/benchmarks.md), stopping after a batch that was not full
+    /// made the inline copier's faults on the writer's CPU 3x slower (9.5 -> 26-28 us p50),
+    /// since the extra syscall is where the woken writer gets the CPU back from the copier.
     fn serve_pending(&self) -> Result<(), SnapshotError> {
         loop {
             let evs = self
@@ -778,10 +808,8 @@ fn take_in<'scope, 'env, M: Mm + ?Sized>(
     // --- The copy ---
     let t_copy = Instant::now();
     let stop = AtomicBool::new(false);
-    let chunk_pages = match opts.handler {
-        HandlerMode::Inline { chunk_pages } => u64::from(chunk_pages.max(1)),
-        HandlerMode::Thread => 64,
-    };
+    let polls = opts.handler.inline_chunk();
+    let chunk_pages = polls.unwrap_or(64);
     let mut copier = |sh: &Shared<'_, M>| -> Result<(), SnapshotError> {
         let mut done = 0;
         for r in sh.ranges.iter() {
@@ -789,7 +817,7 @@ fn take_in<'scope, 'env, M: Mm + ?Sized>(
             // while faults are polled for every `chunk_pages`.
             for batch in r.split_at_multiples(RELEASE_BATCH) {
                 for chunk in batch.split_at_multiples(chunk_pages * PAGE_SIZE) {
-                    if matches!(opts.handler, HandlerMode::Inline { .. }) {
+                    if polls.is_some() {
                         sh.serve_pending()?;
                     }
                     sh.copy_unclaimed(chunk)?;
@@ -801,9 +829,10 @@ fn take_in<'scope, 'env, M: Mm + ?Sized>(
         }
         Ok(())
     };
-    let copy_result = match opts.handler {
-        HandlerMode::Inline { .. } => copier(&sh),
-        HandlerMode::Thread => std::thread::scope(|s| {
+    let copy_result = if !opts.handler.has_thread() {
+        copier(&sh)
+    } else {
+        std::thread::scope(|s| {
             let handler = s.spawn(|| -> Result<(), SnapshotError> {
                 while !stop.load(Ordering::Acquire) {
                     if mm.wait_event(20).unwrap_or(false) {
@@ -816,7 +845,7 @@ fn take_in<'scope, 'env, M: Mm + ?Sized>(
             stop.store(true, Ordering::Release);
             let h = handler.join().expect("fault handler thread");
             r.and(h)
-        }),
+        })
     };
     copy_result?;
     // Pinned pages last (the pinning I/O may still write them: flagged).
