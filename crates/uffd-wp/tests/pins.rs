@@ -449,3 +449,59 @@ fn scanning_a_missing_process_is_a_typed_error() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A snapshot of memory holding an io_uring fixed buffer: the buffer is never write-protected
+/// (a write through the pin would raise no fault), so while the copier runs its pages are
+/// writable and every other page is protected; it is copied last and counted in
+/// `pinned_pages`; nothing is left protected afterwards.
+#[test]
+fn snapshots_skip_pinned_buffers_copy_them_last_and_count_them() {
+    use uffd_wp::snapshot::{self, FnQuiesce, SnapshotOptions, Source};
+    let Some(mm) = common::need("userfaultfd", LinuxMm::open()) else {
+        return;
+    };
+    let Some(_) = ring() else { return };
+    let reg = Arc::clone(mm.pins());
+    let mut pr = PinnedRing::new(&reg, 8).unwrap();
+    let m = Mapping::new(64 * P, P, Backing::Anon, Thp::NoHuge).unwrap();
+    let r = m.range();
+    for (i, p) in r.page_iter().enumerate() {
+        m.write(p.start(), &[i as u8 + 1; 64]).unwrap();
+    }
+    pr.adopt(m);
+    let buf = pages(r, 16, 24);
+    pr.register(&[buf]).unwrap();
+    let mapping = &pr.memory()[0];
+    let mut during = None;
+    let (img, rep) = snapshot::take(
+        &mm,
+        &RangeSet::single(r),
+        Source::Mapping(mapping),
+        &FnQuiesce(|| {}, || {}),
+        &SnapshotOptions::default(),
+        |_, _| {
+            // Before the first release: everything still as the pause left it.
+            if during.is_none() {
+                during = Some(bit57(r));
+            }
+        },
+    )
+    .unwrap();
+    let during = during.expect("the copier reported progress");
+    assert_eq!(
+        during,
+        RangeSet::single(r).difference(&RangeSet::single(buf)),
+        "during the copy every page but the pinned ones is protected"
+    );
+    assert_eq!(rep.pinned_pages, 8, "{rep:?}");
+    assert_eq!(rep.pages, 64);
+    assert!(rep.not_captured.is_empty());
+    for (i, p) in r.page_iter().enumerate() {
+        assert_eq!(
+            img.page(p.start()).unwrap()[..64],
+            [i as u8 + 1; 64],
+            "page {i}"
+        );
+    }
+    assert!(bit57(r).is_empty(), "nothing left protected");
+}

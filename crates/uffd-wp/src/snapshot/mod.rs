@@ -12,7 +12,8 @@
 //!    they are left unprotected, copied last, and counted as possibly torn.
 //!
 //! Each page moves PENDING -> COPYING -> DONE exactly once (an atomic per page), whoever gets
-//! there first, copier or fault handler; only a DONE page is ever un-protected. Any failure or
+//! there first, copier or fault handler; only a DONE page is ever un-protected (a pinned page
+//! waits in LAST, which neither copies, until everything else is copied). Any failure or
 //! early return un-protects and unregisters everything and resumes the writers (a drop guard).
 
 pub mod bench;
@@ -287,6 +288,9 @@ pub(crate) const RELEASE_BATCH: u64 = 2 << 20;
 const PENDING: u8 = 0;
 const COPYING: u8 = 1;
 const DONE: u8 = 2;
+/// A pinned page, never write-protected: neither the copier nor the handler copies it; it is
+/// copied after everything else.
+const LAST: u8 = 3;
 
 /// The state the copier and the fault handler share.
 struct Shared<'a, M: Mm + ?Sized> {
@@ -333,7 +337,7 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
                     self.state[i].store(DONE, Ordering::Release);
                     return res.map(|()| true);
                 }
-                Err(DONE) => return Ok(false),
+                Err(DONE | LAST) => return Ok(false),
                 Err(_) => std::hint::spin_loop(),
             }
         }
@@ -797,7 +801,7 @@ fn take_in<'scope, 'env, M: Mm + ?Sized>(
     for r in skipped.iter() {
         for p in r.page_iter() {
             if let Some(i) = sh.index(p.start()) {
-                sh.state[i].store(COPYING, Ordering::Release);
+                sh.state[i].store(LAST, Ordering::Release);
             }
         }
     }
