@@ -81,6 +81,11 @@ struct ProtectOutput {
     runs: usize,
     pud_offset: u64,
     goals: Goals,
+    /// The page kind whose figures also stand at the top level (`raw_ms`, `exact_ms`, `ratio`,
+    /// `partial_*`, as the issue spells them): 4k unless `--kind thp`.
+    headline_kind: &'static str,
+    #[serde(flatten)]
+    headline: Option<ProtectFigures>,
     #[serde(rename = "4k", skip_serializing_if = "Option::is_none")]
     small: Option<ProtectFigures>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +133,8 @@ fn protect(a: &ProtectArgs) -> Result<(), CliError> {
             ratio: GOAL_CLEAN,
             partial_ratio: GOAL_PARTIAL,
         },
+        headline_kind: "4k",
+        headline: None,
         small: None,
         thp: None,
     };
@@ -140,6 +147,10 @@ fn protect(a: &ProtectArgs) -> Result<(), CliError> {
             PageKind::Small => out.small = Some(figs),
             PageKind::Thp => out.thp = Some(figs),
         }
+    }
+    out.headline = out.small.clone().or_else(|| out.thp.clone());
+    if out.small.is_none() {
+        out.headline_kind = "thp";
     }
     if a.json {
         print_json(&out);

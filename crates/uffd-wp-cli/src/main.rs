@@ -69,6 +69,8 @@ pub enum CliError {
 }
 
 fn main() -> ExitCode {
+    // `uffd-wp ... --json | head` ends quietly, like any Unix tool, instead of panicking.
+    let _ = uffd_wp::sys::signal::default_sigpipe();
     uffd_wp::linux::lost_enomem::maybe_run_child();
     uffd_wp::pins::holder::maybe_run_holder();
     let cli = Cli::parse();

@@ -302,6 +302,15 @@ impl Returned {
             Returned::Proposed(r) => r.err(),
         }
     }
+    /// What the call returned, as the step's `detail.kernel_returned`: `{"errno": null |
+    /// "ENOMEM"}` for the Linux ioctl, `{"bytes_not_protected": N}` (or `"errno"`) for the
+    /// proposed one.
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            Returned::Proposed(Ok(n)) => serde_json::json!({ "bytes_not_protected": n }),
+            _ => serde_json::json!({ "errno": self.errno().map(errno_name) }),
+        }
+    }
     fn describe(&self) -> String {
         match self {
             Returned::Linux(r) => format!("UFFDIO_WRITEPROTECT returned {}", result_name(r.err())),
@@ -377,7 +386,12 @@ fn raw_step(
         injected: false,
         verified: lab.verify_wp(r)? == report.protected && returned_ok,
         note,
-        detail: None,
+        // The value the call returned beside the true state, for programs (the note says it
+        // for people).
+        detail: Some(serde_json::json!({
+            "kernel_returned": ret.to_json(),
+            "true_bytes_not_protected": report.bytes_not_protected(),
+        })),
         report,
     })
 }
@@ -776,11 +790,25 @@ mod tests {
         );
         assert_eq!(o.results[2].kernel_errno, Some(Errno::NOMEM));
         assert!(o.results[3].report.complete());
+        // The JSON detail: what the ioctl returned (success) beside the true hole.
+        let d = o.results[0]
+            .detail
+            .as_ref()
+            .expect("raw steps carry a detail");
+        assert_eq!(d["kernel_returned"]["errno"], serde_json::Value::Null);
+        assert_eq!(d["true_bytes_not_protected"], 311 * PMD_SIZE);
 
         let p = outcome("enomem-pud", Semantics::Proposed);
         let pb = p.results[0].report.requested.start();
         assert_eq!(slots(&p.results[0].report.not_protected, pb), "[713, 1536)");
         assert!(p.results.iter().all(|s| s.verified));
+        // Under the proposal the call returns exactly the bytes left unprotected.
+        let d = p.results[0]
+            .detail
+            .as_ref()
+            .expect("raw steps carry a detail");
+        assert_eq!(d["kernel_returned"]["bytes_not_protected"], 823 * PMD_SIZE);
+        assert_eq!(d["true_bytes_not_protected"], 823 * PMD_SIZE);
     }
 
     #[test]

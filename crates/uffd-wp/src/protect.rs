@@ -9,7 +9,7 @@
 //! gaps silently, leaves unpopulated anonymous pages unprotected without `WP_UNPOPULATED`, and
 //! on 6.18 can even return 0 after a page-table allocation failure: change_pmd_range() returns
 //! -ENOMEM for one PUD, but change_pud_range() *adds* that to the pages changed in the following
-//! PUDs, so a positive sum hides it (mm/mprotect.c; see `docs/kernel.md`).
+//! PUDs, so a positive sum hides it (mm/mprotect.c; DESIGN.md, "Exactness by construction").
 //!
 //! The engine makes a clean return trustworthy by construction instead of reading everything
 //! back:

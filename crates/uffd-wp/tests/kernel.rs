@@ -73,6 +73,43 @@ fn every_builtin_scenario_verifies_on_linux() {
     }
 }
 
+/// The policy steps of `injected-enomem` on the real kernel: each says what the policy did.
+#[test]
+fn injected_enomem_steps_stop_retry_and_roll_back() {
+    if common::lab(true).is_none() {
+        return;
+    }
+    let out = scenario::run("injected-enomem", &LinuxLabs).unwrap();
+    let [stop, retry, rollback] = &out.results[..] else {
+        panic!("three steps: {:?}", out.results);
+    };
+    for s in [stop, retry, rollback] {
+        assert!(s.verified, "{}", s.label);
+        assert_eq!(s.kernel_errno, Some(Errno::NOMEM), "{}", s.label);
+        assert!(s.injected, "{}", s.label);
+    }
+    let r = stop.report.requested;
+    assert_eq!(stop.report.protected, set(r, &[(0, 32)]));
+    assert_eq!(stop.report.not_protected, set(r, &[(32, 64)]));
+    assert_eq!(
+        stop.report.error.as_ref().unwrap().kind(),
+        FailureKind::NoMemory
+    );
+    assert!(!stop.report.rolled_back);
+    // Each policy runs in a fresh mapping of its own.
+    assert_eq!(
+        retry.report.protected,
+        RangeSet::single(retry.report.requested)
+    );
+    assert!(retry.report.error.is_none(), "the retry succeeded");
+    assert!(rollback.report.protected.is_empty());
+    assert!(rollback.report.rolled_back, "the step says it rolled back");
+    assert_eq!(
+        rollback.report.error.as_ref().unwrap().kind(),
+        FailureKind::NoMemory
+    );
+}
+
 #[test]
 fn clean_protect_is_trusted_without_read_back() {
     let Some(mut lab) = common::lab(true) else {

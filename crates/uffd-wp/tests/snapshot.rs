@@ -292,6 +292,9 @@ fn prearmed_snapshots_of_huge_pages_are_consistent_and_re_protect_whole_huge_pag
     let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
         return;
     };
+    if common::thp().is_none() {
+        return;
+    }
     for _ in 0..3 {
         let w = Workload::start(WorkloadConfig {
             size: 32 << 20,

@@ -102,7 +102,12 @@ fn protect_step(
     opts: WpOptions,
 ) -> Result<Step, ScenarioError> {
     let res = write_protect(lab.mm(), r, &opts);
-    step(lab, label, note, r, WpOp::Protect, res)
+    // A rollback that leaves nothing protected returns Err (the contract); the step's report,
+    // rebuilt from the read-back, still says the rollback happened.
+    let rolled_back = matches!(opts.on_error, OnError::Rollback) && res.is_err();
+    let mut s = step(lab, label, note, r, WpOp::Protect, res)?;
+    s.report.rolled_back |= rolled_back;
+    Ok(s)
 }
 
 fn clean(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {

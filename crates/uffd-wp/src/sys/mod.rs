@@ -16,6 +16,7 @@
 //! - [`fork`]: `fork(2)` (the snapshot benchmark's baseline); children only `_exit` or `pause`.
 //! - [`uring`]: io_uring fixed buffers over memory the ring owns (the `io-uring` crate).
 //! - [`direct`]: `O_DIRECT` reads and writes into memory a mapping owns.
+//! - [`signal`]: process-wide signal dispositions (`SIGPIPE` for the command line).
 #![allow(unsafe_code)]
 
 pub mod direct;
@@ -23,6 +24,7 @@ pub mod fork;
 pub mod mem;
 pub mod pagemap;
 pub mod ptrace;
+pub mod signal;
 pub mod sigsegv;
 pub mod uffd;
 pub mod uring;

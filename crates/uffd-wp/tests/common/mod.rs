@@ -35,3 +35,17 @@ pub fn lab(wp_unpopulated: bool) -> Option<uffd_wp::linux::lab::LinuxLab> {
         }),
     )
 }
+
+/// Transparent huge pages on `madvise` or `always`, or a skip naming them.
+pub fn thp() -> Option<()> {
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            if s.contains("[never]") {
+                Err(format!("THP is off: {}", s.trim()))
+            } else {
+                Ok(())
+            }
+        });
+    need("transparent huge pages (madvise or always)", mode)
+}
