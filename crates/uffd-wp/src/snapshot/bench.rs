@@ -238,9 +238,9 @@ pub fn snapshot_workload(
     Ok((rep, oracle))
 }
 
-/// Times a memcpy of the whole workload region into a fresh populated buffer (the engine's
-/// own copy routine, [`Image::copy_from_mapping`], in one call). With `live`, the writers run
-/// meanwhile. Returns MB/s (10^6 bytes).
+/// Times a memcpy of the whole workload region into a fresh populated buffer (the C
+/// library's `memcpy` in one call, [`Image::memcpy_from_mapping`]: at this size it streams by
+/// itself). With `live`, the writers run meanwhile. Returns MB/s (10^6 bytes).
 pub fn memcpy_mb_s(w: &Workload, live: bool) -> Result<f64, SnapshotBenchError> {
     let r = w.range();
     let img = Image::new(&RangeSet::single(r)).map_err(setup("allocating the memcpy buffer"))?;
@@ -249,7 +249,7 @@ pub fn memcpy_mb_s(w: &Workload, live: bool) -> Result<f64, SnapshotBenchError> 
         std::thread::sleep(Duration::from_millis(20));
     }
     let t = Instant::now();
-    let res = img.copy_from_mapping(w.mapping(), r.start(), r.len());
+    let res = img.memcpy_from_mapping(w.mapping(), r.start(), r.len());
     let d = t.elapsed();
     if live {
         w.pause();
@@ -1206,12 +1206,18 @@ mod tests {
         )
         .unwrap();
         let placements = if allowed_cpus().len() > 1 { 3 } else { 2 };
-        assert_eq!(f.cases.len(), 4 * placements);
+        assert_eq!(f.cases.len(), Server::ALL.len() * placements);
         for c in &f.cases {
             assert_eq!((c.samples, c.writes), (20, 20), "{c:?}");
         }
         eprintln!("{f:#?}");
-        assert_eq!(f.snapshots, 2 * 2 * placements);
+        let engines = Server::ALL.iter().filter(|s| s.handler().is_some()).count();
+        assert_eq!(
+            f.snapshots,
+            2 * engines * placements,
+            "warm-up + 1 round each"
+        );
+        assert_eq!(f.engine_default, Server::engine_default());
         assert!(f.fault_ratio_vs_raw > 0.0);
     }
 

@@ -80,10 +80,18 @@ impl Image {
         Some(self.buf.range().start() + self.offsets[i] + (addr - r.start()))
     }
 
-    /// Copies `len` bytes at `addr` of `src` (a mapping of this process) into the image.
+    /// Copies `len` bytes at `addr` of `src` (a mapping of this process) into the image, with
+    /// streaming stores ([`Mapping::copy_from`]: the image is not read again soon).
     pub fn copy_from_mapping(&self, src: &Mapping, addr: u64, len: u64) -> Result<(), Errno> {
         let dst = self.slot(addr).ok_or(Errno::FAULT)?;
         self.buf.copy_from(dst, src, addr, len as usize)
+    }
+
+    /// Copies like [`Image::copy_from_mapping`] with the C library's `memcpy` (the
+    /// benchmarks' baseline).
+    pub fn memcpy_from_mapping(&self, src: &Mapping, addr: u64, len: u64) -> Result<(), Errno> {
+        let dst = self.slot(addr).ok_or(Errno::FAULT)?;
+        self.buf.memcpy_from(dst, src, addr, len as usize)
     }
 
     /// Copies `len` bytes at `addr` of `mm`'s address space into the image, straight into its

