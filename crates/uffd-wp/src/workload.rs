@@ -249,11 +249,21 @@ impl Workload {
 
     /// Each page's version (only meaningful while paused: the snapshot point).
     pub fn versions(&self) -> Vec<u64> {
-        self.shared
-            .versions
-            .iter()
-            .map(|v| v.load(Ordering::Acquire))
-            .collect()
+        let mut v = Vec::new();
+        self.versions_into(&mut v);
+        v
+    }
+
+    /// [`Workload::versions`] into `out` (cleared first): with `out` allocated and touched
+    /// beforehand, taking the table inside a freeze costs no allocation and no page fault.
+    pub fn versions_into(&self, out: &mut Vec<u64>) {
+        out.clear();
+        out.extend(
+            self.shared
+                .versions
+                .iter()
+                .map(|v| v.load(Ordering::Acquire)),
+        );
     }
 
     /// The pages written since the last call, and a new epoch starts (call while paused).
