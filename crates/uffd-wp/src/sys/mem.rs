@@ -466,3 +466,40 @@ unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
     // SAFETY: sfence has no preconditions; it orders the streaming stores before later ones.
     unsafe { _mm_sfence() };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::range::PAGE_SIZE;
+
+    /// The streaming copy and its memcpy fallback (an unaligned destination, a length that is
+    /// not a multiple of 64) copy exactly the bytes asked for and nothing around them.
+    #[test]
+    fn copy_from_streams_or_falls_back_and_copies_exactly() {
+        let src = Mapping::new(16 * PAGE_SIZE, PAGE_SIZE, Backing::Anon, Thp::NoHuge).unwrap();
+        let dst = Mapping::new(16 * PAGE_SIZE, PAGE_SIZE, Backing::Anon, Thp::NoHuge).unwrap();
+        let data: Vec<u8> = (0..16 * PAGE_SIZE).map(|i| (i % 253) as u8 + 1).collect();
+        src.write(src.range().start(), &data).unwrap();
+        let (s0, d0) = (src.range().start(), dst.range().start());
+        // (source offset, destination offset, length): streamed, then the two fallbacks.
+        for (so, doff, len) in [(0, 0, 8 * PAGE_SIZE), (64, 3, 4096), (7, 4096, 4000)] {
+            dst.write(d0, &vec![0u8; (16 * PAGE_SIZE) as usize])
+                .unwrap();
+            dst.copy_from(d0 + doff, &src, s0 + so, len as usize)
+                .unwrap();
+            let mut back = vec![0u8; (16 * PAGE_SIZE) as usize];
+            dst.read(d0, &mut back).unwrap();
+            let (a, b) = (doff as usize, (doff + len) as usize);
+            assert_eq!(back[a..b], data[so as usize..so as usize + len as usize]);
+            assert!(
+                back[..a].iter().chain(&back[b..]).all(|x| *x == 0),
+                "{so} {doff} {len}"
+            );
+        }
+        // Past the end of the destination: refused (EFAULT) before any copy.
+        assert_eq!(
+            dst.copy_from(d0 + 15 * PAGE_SIZE, &src, s0, 2 * PAGE_SIZE as usize),
+            Err(Errno::FAULT)
+        );
+    }
+}
