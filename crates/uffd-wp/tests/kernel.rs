@@ -40,6 +40,15 @@ fn assert_exact(lab: &LinuxLab, rep: &WpReport) {
     );
 }
 
+/// The tests of this binary map, punch and unmap memory in one address space. A hole punched
+/// for a test (a gap the kernel must skip) can be filled by another test's mmap running in
+/// parallel (an io_uring ring's pages fit a 1-page hole: seen once in a lib test). They are
+/// fast, so they run one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn registered(lab: &mut LinuxLab, n: u64, reg: (u64, u64)) -> Range {
     let r = lab.map(n * P, P, MapKind::Anon).unwrap();
     lab.mm()
@@ -50,6 +59,7 @@ fn registered(lab: &mut LinuxLab, n: u64, reg: (u64, u64)) -> Range {
 
 #[test]
 fn every_builtin_scenario_verifies_on_linux() {
+    let _serial = serial();
     if common::lab(true).is_none() {
         return;
     }
@@ -76,6 +86,7 @@ fn every_builtin_scenario_verifies_on_linux() {
 /// The policy steps of `injected-enomem` on the real kernel: each says what the policy did.
 #[test]
 fn injected_enomem_steps_stop_retry_and_roll_back() {
+    let _serial = serial();
     if common::lab(true).is_none() {
         return;
     }
@@ -112,6 +123,7 @@ fn injected_enomem_steps_stop_retry_and_roll_back() {
 
 #[test]
 fn clean_protect_is_trusted_without_read_back() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(true) else {
         return;
     };
@@ -130,6 +142,7 @@ fn clean_protect_is_trusted_without_read_back() {
 
 #[test]
 fn unregistered_tail_reports_enoent_and_the_protected_prefix() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(true) else {
         return;
     };
@@ -161,6 +174,7 @@ fn rep_json_error(v: &serde_json::Value) -> serde_json::Value {
 
 #[test]
 fn a_gap_is_reported_not_protected_although_the_kernel_succeeds() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(true) else {
         return;
     };
@@ -179,6 +193,7 @@ fn a_gap_is_reported_not_protected_although_the_kernel_succeeds() {
 
 #[test]
 fn unpopulated_pages_without_markers_are_not_protected() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(false) else {
         return;
     };
@@ -206,6 +221,7 @@ fn injected(errno: Errno, on_error: OnError, times: u32) -> Option<(LinuxLab, Ra
 
 #[test]
 fn stop_reports_the_prefix_the_kernel_protected() {
+    let _serial = serial();
     let Some((_, r, rep)) = injected(Errno::NOMEM, OnError::Stop, 1) else {
         return;
     };
@@ -217,6 +233,7 @@ fn stop_reports_the_prefix_the_kernel_protected() {
 
 #[test]
 fn retry_completes_after_a_transient_enomem() {
+    let _serial = serial();
     let retry = OnError::Retry {
         attempts: 2,
         backoff: Duration::from_millis(1),
@@ -232,6 +249,7 @@ fn retry_completes_after_a_transient_enomem() {
 
 #[test]
 fn retry_gives_up_after_its_attempts() {
+    let _serial = serial();
     let retry = OnError::Retry {
         attempts: 2,
         backoff: Duration::from_millis(1),
@@ -255,6 +273,7 @@ fn retry_gives_up_after_its_attempts() {
 
 #[test]
 fn retry_does_not_retry_enoent() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(true) else {
         return;
     };
@@ -273,6 +292,7 @@ fn retry_does_not_retry_enoent() {
 
 #[test]
 fn rollback_undoes_only_what_this_call_protected() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(true) else {
         return;
     };
@@ -294,6 +314,7 @@ fn rollback_undoes_only_what_this_call_protected() {
 
 #[test]
 fn rollback_with_nothing_left_is_an_error_and_changes_nothing() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(true) else {
         return;
     };
@@ -314,6 +335,7 @@ fn rollback_with_nothing_left_is_an_error_and_changes_nothing() {
 
 #[test]
 fn eagain_stop_fails_whole_and_retry_completes() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(true) else {
         return;
     };
@@ -338,6 +360,7 @@ fn eagain_stop_fails_whole_and_retry_completes() {
 
 #[test]
 fn skip_pinned_leaves_declared_pins_writable() {
+    let _serial = serial();
     let Some(mm) = common::need("userfaultfd", LinuxMm::open()) else {
         return;
     };
@@ -365,6 +388,7 @@ fn skip_pinned_leaves_declared_pins_writable() {
 
 #[test]
 fn bad_ranges_are_refused_before_any_kernel_call() {
+    let _serial = serial();
     use uffd_wp::protect::{WpOp, check_range};
     for (start, len, want) in [
         (0x1001, P, RangeError::UnalignedStart(0x1001)),
@@ -388,6 +412,7 @@ fn bad_ranges_are_refused_before_any_kernel_call() {
 
 #[test]
 fn unmapped_and_unregistered_ranges_fail_and_change_nothing() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(true) else {
         return;
     };
@@ -411,6 +436,7 @@ fn unmapped_and_unregistered_ranges_fail_and_change_nothing() {
 
 #[test]
 fn unsupported_feature_is_a_typed_error() {
+    let _serial = serial();
     if common::need("userfaultfd", LinuxMm::open()).is_none() {
         return;
     }
@@ -426,12 +452,14 @@ fn unsupported_feature_is_a_typed_error() {
 
 #[test]
 fn unknown_scenario_is_a_typed_error() {
+    let _serial = serial();
     let e = scenario::run("no-such-scenario", &LinuxLabs).unwrap_err();
     assert!(matches!(e, ScenarioError::Unknown { .. }));
 }
 
 #[test]
 fn pagemap_scan_read_back_equals_pagemap_bit_57() {
+    let _serial = serial();
     let Some(mut lab) = common::lab(true) else {
         return;
     };
@@ -496,6 +524,7 @@ proptest! {
     /// policies: the report always partitions the request and equals pagemap bit 57.
     #[test]
     fn reports_partition_the_request_and_match_the_page_tables(l in layout()) {
+        let _serial = serial();
         let Some(mut lab) = common::lab(l.wp_unpopulated) else { return Ok(()) };
         let r = lab.map(l.pages * P, P, MapKind::Anon).unwrap();
         for &(a, b) in &l.registered {
