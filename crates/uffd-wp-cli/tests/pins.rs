@@ -237,3 +237,57 @@ fn skip_pinned_reports_agree_between_the_kernel_and_the_model() {
         }
     }
 }
+
+/// `uffd-wp snapshot --pid` of a process holding an io_uring fixed buffer: the buffer's pages
+/// are found from the target's fdinfo, left writable, copied last and reported as pinned; the
+/// snapshot completes (before session 3 a pinned page hung the copier) and leaves nothing
+/// protected. Needs root (ptrace and pidfd_getfd of another process).
+#[test]
+fn remote_snapshot_skips_another_processes_pinned_buffer() {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
+            l.split_whitespace().nth(2)?.parse::<u32>().ok()
+        });
+    if uid != Some(0) {
+        return skip("root (ptrace and pidfd_getfd of another process)");
+    }
+    let Some(h) = holder(16, &[[2, 4]], false) else {
+        return;
+    };
+    let start = h.ready.buffers[0][0] - 2 * P;
+    let mut child = Command::new(BIN)
+        .args(["snapshot", "--pid", &h.pid().to_string(), "--range"])
+        .arg(format!("{start}:{}", 16 * P))
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A hang is a failure, not a wait.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("uffd-wp snapshot --pid hung on a pinned buffer");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "snapshot --pid: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pages"], 16, "{v}");
+    assert_eq!(v["pinned_pages"], 2, "the buffer's pages: {v}");
+    assert_eq!(v["not_captured"].as_array().map(Vec::len), Some(0), "{v}");
+    // Nothing of the target is left write-protected.
+    let pm = uffd_wp::sys::pagemap::Pagemap::open_pid(h.pid()).unwrap();
+    let left = pm
+        .entries(start, 16)
+        .unwrap()
+        .iter()
+        .filter(|e| *e & uffd_wp::sys::pagemap::bits::UFFD_WP != 0)
+        .count();
+    assert_eq!(left, 0);
+}
