@@ -66,6 +66,16 @@ fn bench_snapshot_json_and_plot() {
         assert!(v[k]["copy_ratio_vs_memcpy"].as_f64().unwrap() > 0.0);
         assert_eq!(v[k]["gcore"]["status"], "skipped");
     }
+    assert_eq!(v["pause_ratio_vs_fork"], v["4k"]["pause_ratio_vs_fork"]);
+    assert_eq!(
+        v["pause_ratio_vs_fork_thp"],
+        v["thp"]["pause_ratio_vs_fork"]
+    );
+    assert_eq!(
+        v["copy_ratio_vs_memcpy_thp"],
+        v["thp"]["copy_ratio_vs_memcpy"]
+    );
+    assert_eq!(v["faults"]["engine_default"], "engine-hybrid");
     assert_eq!(v["4k"]["default_prearm"], true);
     assert_eq!(v["thp"]["default_prearm"], false);
     assert_eq!(v["faults"]["consistent"], true);

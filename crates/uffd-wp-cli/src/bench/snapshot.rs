@@ -87,6 +87,11 @@ struct Output {
     pause_ratio_vs_fork: f64,
     copy_ratio_vs_memcpy: f64,
     fault_ratio_vs_raw: f64,
+    /// The THP figures beside them (a THP miss is not hidden behind the 4 KiB headline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pause_ratio_vs_fork_thp: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    copy_ratio_vs_memcpy_thp: Option<f64>,
     /// `SnapshotOptions::default().handler`.
     engine_default_handler: String,
     #[serde(rename = "4k", skip_serializing_if = "Option::is_none")]
@@ -145,6 +150,8 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         },
         pause_ratio_vs_fork: f64::NAN,
         copy_ratio_vs_memcpy: f64::NAN,
+        pause_ratio_vs_fork_thp: None,
+        copy_ratio_vs_memcpy_thp: None,
         fault_ratio_vs_raw: f64::NAN,
         engine_default_handler: format!("{:?}", SnapshotOptions::default().handler),
         small: None,
@@ -184,7 +191,11 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         }
         match kind {
             PageKind::Small => out.small = Some(f),
-            PageKind::Thp => out.thp = Some(f),
+            PageKind::Thp => {
+                out.pause_ratio_vs_fork_thp = Some(f.pause_ratio_vs_fork);
+                out.copy_ratio_vs_memcpy_thp = Some(f.copy_ratio_vs_memcpy);
+                out.thp = Some(f);
+            }
         }
     }
     if !a.no_faults {
