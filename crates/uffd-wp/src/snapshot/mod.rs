@@ -140,9 +140,10 @@ impl Default for SnapshotOptions {
             protect_threads: 1,
             // Measured (docs/benchmarks.md, Snapshots): with nothing pinned to a CPU, a sleeping
             // handler thread is woken on the faulting writer's idle CPU, while the busy inline
-            // copier needs a cross-CPU wake-up (31-32 us p50 against 49-50); the copier's own
-            // polls serve the faults the thread is too slow for (p99 with the handler on the
-            // copier's CPU 0.2-0.6 ms against 2.3-3 ms for the thread alone).
+            // copier needs a cross-CPU wake-up (p50 30-34 us against 40-50 for inline; the
+            // thread alone 28-32); the copier's own polls serve the faults the thread is too
+            // slow for (p99 with the handler on the copier's CPU 0.2-0.6 ms against 2.1-3.1 ms
+            // for the thread alone). Five runs, session 3.
             handler: HandlerMode::Hybrid { chunk_pages: 32 },
             unprotected: Unprotected::CopyInFreeze,
             on_error: OnError::Retry {
@@ -360,7 +361,7 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
     /// A fault inside a huge page gets the whole huge page copied and un-protected: a 4 KiB
     /// un-protect would split the PMD, and the random writes of a live workload would then
     /// fault once per 4 KiB page instead of once per huge page (measured: 9-18 k faults per
-    /// live copy of 1 GiB of THP before, at most one per huge page now).
+    /// live copy of 1 GiB of THP in session 2, 505 now: at most one per huge page and writer).
     fn serve(&self, ev: Event) -> Result<(), SnapshotError> {
         let Event::PageFault { address, .. } = ev else {
             return Ok(());

@@ -363,7 +363,7 @@ impl Mapping {
     /// destination's cache lines are not read first nor kept in the cache. For a copy made of
     /// many medium pieces (a snapshot copies 128-256 KiB at a time) this runs at the speed of
     /// one large `memcpy`, which streams by itself above a size threshold, while `memcpy` of
-    /// the pieces does not (measured here: 10-11.5 GB/s against 6.4-7.6 GB/s for 128 KiB-2 MiB
+    /// the pieces does not (measured here: 9.7-11.5 GB/s against 6.4-7.6 GB/s for 128 KiB-2 MiB
     /// pieces and 11.4-12.2 GB/s for one 1 GiB `memcpy`). The stores are fenced before it
     /// returns, so they are visible to any thread that later learns the copy is done.
     pub fn copy_from(
