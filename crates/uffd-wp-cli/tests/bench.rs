@@ -1,6 +1,8 @@
-//! `uffd-wp bench snapshot --json` on a small region, then `bench plot` of its output: every
-//! snapshot is oracle-checked, the JSON carries the ratios against their goals, the SVG names
-//! each ratio; bad input is refused.
+//! The benches from the command line, on small sizes: `bench snapshot --json` then `bench plot`
+//! of its output (every snapshot is oracle-checked, the JSON carries the ratios against their
+//! goals, the SVG names each ratio), `bench protect --json` (the issue's flat fields beside each
+//! page kind's figures; each measurement is checked against pagemap inside the bench); bad
+//! input is refused.
 
 use std::process::Command;
 
@@ -23,9 +25,9 @@ fn kernel() -> bool {
         Ok(_) => true,
         Err(e) => {
             if std::env::var("UFFD_WP_REQUIRE_KERNEL").as_deref() == Ok("1") {
-                panic!("bench snapshot needs kernel feature userfaultfd: {e}");
+                panic!("the benches need kernel feature userfaultfd: {e}");
             }
-            eprintln!("SKIPPED bench snapshot: needs kernel feature userfaultfd: {e}");
+            eprintln!("SKIPPED bench test: needs kernel feature userfaultfd: {e}");
             false
         }
     }
@@ -123,6 +125,51 @@ fn bench_snapshot_json_and_plot() {
 #[test]
 fn bench_snapshot_refuses_bad_sizes() {
     let (code, _, err) = uffd_wp(&["bench", "snapshot", "--size", "3M", "--json"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("multiple of 2 MiB"), "{err}");
+}
+
+#[test]
+fn bench_protect_json_has_the_issue_fields_for_both_kinds() {
+    if !kernel() {
+        return;
+    }
+    let (code, out, err) = uffd_wp(&["bench", "protect", "--size", "8M", "--runs", "2", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["bench"], "protect");
+    assert_eq!(v["headline_kind"], "4k");
+    for k in [
+        "raw_ms",
+        "exact_ms",
+        "ratio",
+        "partial_raw_ms",
+        "partial_exact_ms",
+        "partial_ratio",
+    ] {
+        let top = v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+        assert!(top > 0.0, "{k}");
+        assert_eq!(v[k], v["4k"][k], "the top level is the 4k figures");
+        assert!(v["thp"][k].as_f64().unwrap() > 0.0, "thp {k}");
+    }
+    let r = v["exact_ms"].as_f64().unwrap() / v["raw_ms"].as_f64().unwrap();
+    assert!((r - v["ratio"].as_f64().unwrap()).abs() < 1e-9);
+    // The partial run's read-back covers the half the injected failure left uncertain.
+    assert_eq!(v["4k"]["partial_read_back_bytes"], 4 << 20);
+
+    let (code, out, err) = uffd_wp(&[
+        "bench", "protect", "--size", "4M", "--runs", "1", "--kind", "thp", "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["headline_kind"], "thp");
+    assert_eq!(v["ratio"], v["thp"]["ratio"]);
+    assert!(v.get("4k").is_none());
+}
+
+#[test]
+fn bench_protect_refuses_bad_sizes() {
+    let (code, _, err) = uffd_wp(&["bench", "protect", "--size", "3M", "--json"]);
     assert_eq!(code, 2);
     assert!(err.contains("multiple of 2 MiB"), "{err}");
 }

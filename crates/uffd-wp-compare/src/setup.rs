@@ -93,6 +93,42 @@ pub(crate) fn meminfo(field: &str) -> Option<u64> {
         .ok()
 }
 
+/// The swapfile a process with this pid makes.
+fn swapfile_name(pid: u32) -> String {
+    format!("uffd-wp-compare-{pid}.swap")
+}
+
+/// Turns off and removes the swapfiles in `dir` left by runs that were killed before they
+/// could undo their set-up (a SIGKILL skips `Drop`): their pid no longer exists. Without this
+/// a killed run's swap would stay on for good, and later runs would take it for the machine's.
+fn reap_stale_swapfiles(dir: &Path) -> Result<(), SetupError> {
+    let Ok(swaps) = std::fs::read_to_string("/proc/swaps") else {
+        return Ok(());
+    };
+    for line in swaps.lines().skip(1) {
+        let Some(file) = line.split_whitespace().next() else {
+            continue;
+        };
+        let path = Path::new(file);
+        let stale = path.parent() == Some(dir)
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("uffd-wp-compare-")?.strip_suffix(".swap"))
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if stale {
+            run("swapoff", &[file])?;
+            std::fs::remove_file(path).map_err(|source| SetupError::Io {
+                what: "removing a stale swapfile",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
 impl MachineSetup {
     /// Nothing changed yet.
     pub fn new() -> MachineSetup {
@@ -102,13 +138,14 @@ impl MachineSetup {
     /// Makes a swapfile of `mib` MiB in `dir` and enables it, unless a swap area is already
     /// active (then nothing is changed).
     pub fn swap(&mut self, dir: &Path, mib: u64) -> Result<(), SetupError> {
+        reap_stale_swapfiles(dir)?;
         if crate::swap_active() {
             return Ok(());
         }
         if !is_root() {
             return Err(SetupError::NotRoot { feature: "swap" });
         }
-        let path = dir.join(format!("uffd-wp-compare-{}.swap", std::process::id()));
+        let path = dir.join(swapfile_name(std::process::id()));
         let io = |what, source| SetupError::Io {
             what,
             path: path.clone(),
