@@ -1,13 +1,13 @@
 //! `uffd-wp bench <what>`: benchmarks on the real kernel. `protect` compares the exact
-//! write-protect engine with the raw `UFFDIO_WRITEPROTECT` (see `uffd_wp::bench`).
+//! write-protect engine with the raw `UFFDIO_WRITEPROTECT` (see `uffd_wp_bench::protect`).
 
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use uffd_wp::bench::{self, PageKind, ProtectBench, ProtectFigures};
 use uffd_wp::range::{PMD_SIZE, PUD_SIZE, parse_size};
+use uffd_wp_bench::protect::{self as bench, PageKind, ProtectBench, ProtectFigures};
 
 use crate::{CliError, print_json};
 

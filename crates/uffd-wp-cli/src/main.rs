@@ -53,13 +53,13 @@ pub enum CliError {
     Scenario(#[from] uffd_wp::scenario::ScenarioError),
     /// A benchmark could not run, or a measured report was wrong.
     #[error(transparent)]
-    Bench(#[from] uffd_wp::bench::BenchError),
+    Bench(#[from] uffd_wp_bench::protect::BenchError),
     /// Dirty tracking failed.
     #[error(transparent)]
-    Track(#[from] uffd_wp::track::TrackError),
+    Track(#[from] uffd_wp::engine::track::TrackError),
     /// The pins of a process could not be discovered.
     #[error(transparent)]
-    Pins(#[from] uffd_wp::pins::PinScanError),
+    Pins(#[from] uffd_wp::backend::pins::PinScanError),
     /// A report did not match the page tables.
     #[error("{0}")]
     Unverified(String),
@@ -71,8 +71,8 @@ pub enum CliError {
 fn main() -> ExitCode {
     // `uffd-wp ... --json | head` ends quietly, like any Unix tool, instead of panicking.
     let _ = uffd_wp::sys::signal::default_sigpipe();
-    uffd_wp::linux::lost_enomem::maybe_run_child();
-    uffd_wp::pins::holder::maybe_run_holder();
+    uffd_wp::scenario::lost_enomem::maybe_run_child();
+    uffd_wp::testing::holder::maybe_run_holder();
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Probe(a) => probe::run(&a),

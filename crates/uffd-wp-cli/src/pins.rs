@@ -2,7 +2,7 @@
 //! its `VmPin`.
 
 use serde::Serialize;
-use uffd_wp::pins::{Pin, discover};
+use uffd_wp::backend::pins::{Pin, discover};
 
 use crate::{CliError, print_json};
 

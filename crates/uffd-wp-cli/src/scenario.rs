@@ -1,7 +1,7 @@
 //! `uffd-wp scenario`: on the real kernel (default) or on the reference model.
 
-use uffd_wp::linux::lab::LinuxLabs;
 use uffd_wp::range::PAGE_SIZE;
+use uffd_wp::scenario::LinuxLabs;
 use uffd_wp::scenario::{self, LabFactory, Outcome, SCENARIOS};
 use uffd_wp::sys::errno_name;
 use uffd_wp_model::Semantics;

@@ -5,10 +5,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use uffd_wp::linux::LinuxMm;
+use uffd_wp::backend::linux::LinuxMm;
+use uffd_wp::engine::snapshot::{self, HandlerMode, SnapshotOptions, Source};
 use uffd_wp::range::{PAGE_SIZE, RangeSet, parse_size};
-use uffd_wp::snapshot::{self, FnQuiesce, HandlerMode, SnapshotOptions, Source};
-use uffd_wp::workload::{Workload, WorkloadConfig};
+use uffd_wp::seam::FnQuiesce;
+use uffd_wp_bench::workload::{Workload, WorkloadConfig};
 
 use crate::{CliError, print_json};
 

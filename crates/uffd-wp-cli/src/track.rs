@@ -9,7 +9,7 @@
 //!
 //! `uffd-wp bench track` (wired in `bench.rs`): the uffd tracker's epoch against an
 //! mprotect/SIGSEGV tracker's over 1 GiB with 1% of the pages written (see
-//! `uffd_wp::track::bench`).
+//! `uffd_wp_bench::track`).
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -18,11 +18,11 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use uffd_wp::engine::track::{self, Method, Selection, TrackOptions, Tracker};
 use uffd_wp::range::parse_size;
 use uffd_wp::sys::mem::Thp;
-use uffd_wp::track::bench::{self as tbench, TrackBenchConfig, TrackFigures};
-use uffd_wp::track::{self, Method, Selection, TrackOptions, Tracker};
-use uffd_wp::workload::{Workload, WorkloadConfig};
+use uffd_wp_bench::track::{self as tbench, TrackBenchConfig, TrackFigures};
+use uffd_wp_bench::workload::{Workload, WorkloadConfig};
 
 use crate::{CliError, print_json};
 

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use uffd_wp::range::parse_size;
-use uffd_wp::workload::{Workload, WorkloadConfig};
+use uffd_wp_bench::workload::{Workload, WorkloadConfig};
 
 use crate::CliError;
 

@@ -21,7 +21,7 @@ fn uffd_wp(args: &[&str]) -> (i32, String, String) {
 }
 
 fn kernel() -> bool {
-    match uffd_wp::linux::LinuxMm::open() {
+    match uffd_wp::backend::linux::LinuxMm::open() {
         Ok(_) => true,
         Err(e) => {
             if std::env::var("UFFD_WP_REQUIRE_KERNEL").as_deref() == Ok("1") {

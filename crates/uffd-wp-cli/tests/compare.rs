@@ -52,7 +52,7 @@ fn compare(cases: u32, seed: u32) -> serde_json::Value {
 #[test]
 fn model_matches_the_kernel_on_2000_random_cases() {
     let _one = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    if uffd_wp::linux::LinuxMm::open().is_err() {
+    if uffd_wp::backend::linux::LinuxMm::open().is_err() {
         return skip("kernel feature userfaultfd");
     }
     compare(2000, 2026);
@@ -61,7 +61,7 @@ fn model_matches_the_kernel_on_2000_random_cases() {
 #[test]
 fn model_matches_the_kernel_with_swap() {
     let _one = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    if uffd_wp::linux::LinuxMm::open().is_err() {
+    if uffd_wp::backend::linux::LinuxMm::open().is_err() {
         return skip("kernel feature userfaultfd");
     }
     // Restored when dropped, panic or not.
@@ -79,7 +79,7 @@ fn model_matches_the_kernel_with_swap() {
 #[test]
 fn setup_reaps_a_killed_runs_swapfile() {
     let _one = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    if uffd_wp::linux::LinuxMm::open().is_err() {
+    if uffd_wp::backend::linux::LinuxMm::open().is_err() {
         return skip("kernel feature userfaultfd");
     }
     // No process has pid 4194304 (above pid_max's largest possible value, 2^22).

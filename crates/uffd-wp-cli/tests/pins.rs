@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use uffd_wp::pins::holder::{Holder, HolderConfig};
+use uffd_wp::testing::holder::{Holder, HolderConfig};
 
 const P: u64 = 4096;
 const BIN: &str = env!("CARGO_BIN_EXE_uffd-wp");
@@ -287,7 +287,7 @@ fn remote_snapshot_skips_another_processes_pinned_buffer() {
         .entries(start, 16)
         .unwrap()
         .iter()
-        .filter(|e| *e & uffd_wp::sys::pagemap::bits::UFFD_WP != 0)
+        .filter(|e| *e & uffd_wp::seam::bits::UFFD_WP != 0)
         .count();
     assert_eq!(left, 0);
 }

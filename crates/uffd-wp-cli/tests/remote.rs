@@ -14,13 +14,13 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use uffd_wp::Mm;
-use uffd_wp::linux::remote::{self, SyscallSite};
-use uffd_wp::linux::{AttachError, Config, LinuxMm, RemoteQuiesce};
-use uffd_wp::mm::{Event, RegisterMode, WpMode};
+use uffd_wp::backend::linux::remote::{self, SyscallSite};
+use uffd_wp::backend::linux::{AttachError, Config, LinuxMm, RemoteQuiesce};
+use uffd_wp::engine::snapshot::Image;
 use uffd_wp::range::{PAGE_SIZE, Range};
-use uffd_wp::snapshot::Image;
-use uffd_wp::workload::{PageVerdict, check_page};
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{Event, RegisterMode, WpMode};
+use uffd_wp_bench::workload::{PageVerdict, check_page};
 
 const BIN: &str = env!("CARGO_BIN_EXE_uffd-wp");
 /// Upper bound for anything awaited from a child (a failure, not a measurement).
@@ -197,7 +197,7 @@ fn attach(pid: u32, tid: Option<u32>) -> Option<(LinuxMm, remote::AttachReport)>
             skip(&format!("ptrace permission: {e}"));
             None
         }
-        Err(e @ AttachError::Os { errno, .. }) if errno == uffd_wp::mm::Errno::NOSYS => {
+        Err(e @ AttachError::Os { errno, .. }) if errno == uffd_wp::seam::Errno::NOSYS => {
             skip(&format!("pidfd_getfd (5.6+): {e}"));
             None
         }
@@ -391,7 +391,7 @@ fn attach_errors_are_typed_and_leave_the_target_running() {
         .unwrap();
     match other {
         Err(AttachError::Permission { errno, .. }) => {
-            assert_eq!(errno, uffd_wp::mm::Errno::PERM)
+            assert_eq!(errno, uffd_wp::seam::Errno::PERM)
         }
         other => panic!("expected Permission, got {other:?}"),
     }

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use serde_json::Value;
-use uffd_wp::track::{Method, Selection};
+use uffd_wp::engine::track::{Method, Selection};
 
 fn track(args: &[&str]) -> (i32, Value, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_uffd-wp"))

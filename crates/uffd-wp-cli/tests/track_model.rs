@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
+use uffd_wp::engine::track::{Method, TrackOptions, Tracker};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
-use uffd_wp::track::{Method, TrackOptions, Tracker};
 use uffd_wp_model::{MapKind, ModelConfig, ModelMm, PinFlags, Progress, Thp, UffdConfig};
 
 fn page(r: Range, i: u64) -> Range {

@@ -4,11 +4,12 @@ use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use uffd_wp::mm::{Errno, ScanRequest};
 use uffd_wp::range::{PAGE_SIZE, PUD_SIZE, Range, RangeSet};
+use uffd_wp::seam::Event;
+use uffd_wp::seam::{Errno, ScanRequest};
 use uffd_wp::sys::mem::{Backing, Mapping, Thp};
 use uffd_wp::sys::pagemap::Pagemap;
-use uffd_wp::sys::uffd::{Msg, Uffd, WP_MODE_WP};
+use uffd_wp::sys::uffd::{Uffd, WP_MODE_WP};
 
 use crate::{ARENA_PAGES, BELOW_PUD, Case, CaseObs, MapKind, Side};
 
@@ -164,7 +165,7 @@ fn serving<T: Send>(
                 continue;
             }
             for msg in uffd.read_msgs(16).unwrap_or_default() {
-                if let Msg::PageFault { flags, address, .. } = msg {
+                if let Event::PageFault { flags, address, .. } = Event::decode(&msg) {
                     let page = address & !(PAGE_SIZE - 1);
                     faults.push((page, flags & 3));
                     let _ = uffd.writeprotect(page, PAGE_SIZE, 0);
@@ -271,7 +272,7 @@ impl Side for KernelSide {
             .writeprotect(r.start(), r.len(), if wp { WP_MODE_WP } else { 0 })
     }
     fn scan(&mut self, req: &ScanRequest, vec_len: usize) -> Result<(Vec<[u64; 3]>, u64), Errno> {
-        let r = self.pagemap.scan_once(req, vec_len)?;
+        let r = uffd_wp::backend::linux::scan_once(&self.pagemap, req, vec_len)?;
         Ok((
             r.regions
                 .iter()

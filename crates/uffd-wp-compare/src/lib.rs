@@ -35,10 +35,10 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde::{Deserialize, Serialize};
 use uffd_wp::features::Features;
-use uffd_wp::mm::{Errno, ScanRequest};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
+use uffd_wp::seam::{Errno, ScanRequest};
+use uffd_wp::seam::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, bits, category};
 use uffd_wp::sys::errno_name;
-use uffd_wp::sys::pagemap::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, bits, category};
 
 mod kernel;
 mod model;

@@ -1,7 +1,8 @@
 //! The model side of a case.
 
-use uffd_wp::mm::{Errno, Event, Mm, RegisterMode, ScanRequest, WpMode};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range};
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{Errno, Event, RegisterMode, ScanRequest, WpMode};
 use uffd_wp_model::{
     Advice, MapKind, Model, ModelConfig, ModelMm, PinFlags, Progress, Semantics, Thp, ThpSysfs,
     UffdConfig,
@@ -69,7 +70,7 @@ pub(crate) fn run(case: &Case) -> CaseObs {
 /// The fuzz check: run the case (invariants checked after every operation by
 /// [`Side::after_op`]), then the exact engine over the whole arena.
 pub(crate) fn fuzz(case: &Case, policy: u8) -> Result<(), String> {
-    use uffd_wp::protect::{OnError, WpOptions, write_protect};
+    use uffd_wp::engine::protect::{OnError, WpOptions, write_protect};
     let mut side = fresh(case.config);
     crate::run_case(&mut side, case);
     let arena = Range::from_bounds(side.base, side.base + side.pages * PAGE_SIZE);

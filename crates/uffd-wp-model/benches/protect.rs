@@ -8,14 +8,15 @@
 //!
 //! Each iteration protects the whole range with one raw `UFFDIO_WRITEPROTECT` (timed) and
 //! un-protects it again (not timed); the `engine` variants go through
-//! `uffd_wp::protect::write_protect`. Throughput is reported in pages (elements) per second.
+//! `uffd_wp::engine::protect::write_protect`. Throughput is reported in pages (elements) per second.
 
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use uffd_wp::mm::{Mm, RegisterMode, WpMode};
-use uffd_wp::protect::{WpOptions, write_protect};
+use uffd_wp::engine::protect::{WpOptions, write_protect};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range};
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{RegisterMode, WpMode};
 use uffd_wp_model::{MapKind, ModelConfig, ModelMm, Thp, UffdConfig};
 
 const LEN: u64 = PUD_SIZE;

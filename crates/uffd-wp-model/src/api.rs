@@ -9,9 +9,12 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use uffd_wp::features::Features;
-use uffd_wp::mm::{Errno, Event, Mm, PageState, RegisterMode, ScanRequest, ScanResult, WpMode};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
-use uffd_wp::sys::pagemap::category;
+use uffd_wp::seam::category;
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{
+    Errno, Event, PageState, RegisterMode, ScanRequest, ScanResult, WpMode, scan_all,
+};
 
 use crate::alloc::{AllocStats, Attempt, FailPolicy, TableCounts};
 use crate::fault::Run;
@@ -135,7 +138,7 @@ pub struct UffdConfig {
 }
 
 impl Default for UffdConfig {
-    /// What `uffd_wp::linux::Config::default()` negotiates: WP fault flags, markers for
+    /// What `uffd_wp::backend::linux::Config::default()` negotiates: WP fault flags, markers for
     /// unpopulated pages, thread ids, WP on hugetlbfs/shmem.
     fn default() -> Self {
         UffdConfig {
@@ -494,7 +497,18 @@ impl Model {
 
     /// `PAGEMAP_SCAN` over the whole request (see [`Mm::scan`]).
     pub fn scan(&self, req: &ScanRequest) -> Result<ScanResult, Errno> {
-        self.k().scan_all(req)
+        scan_all(req, |q, n| self.scan_once(q, n))
+    }
+
+    /// One raw `PAGEMAP_SCAN` call with room for `vec_len` regions (see
+    /// [`PageTables::scan`]).
+    pub fn scan_once(&self, req: &ScanRequest, vec_len: usize) -> Result<ScanResult, Errno> {
+        let r = self.pagemap_scan(req, vec_len);
+        r.result?;
+        Ok(ScanResult {
+            regions: r.regions,
+            walk_end: r.walk_end,
+        })
     }
 
     /// The pages of `r` whose folio may be DMA-pinned (the model knows the true pin counts).
@@ -682,15 +696,9 @@ impl ModelMm {
     }
 }
 
-impl Mm for ModelMm {
+impl Uffd for ModelMm {
     fn backend(&self) -> &'static str {
         "model"
-    }
-
-    /// `clear_refs` 4, with `ModelConfig::soft_dirty`; EOPNOTSUPP without (as on this project's
-    /// kernels).
-    fn clear_soft_dirty(&self) -> Result<(), Errno> {
-        self.model.k().clear_soft_dirty()
     }
 
     fn features(&self) -> Features {
@@ -711,6 +719,23 @@ impl Mm for ModelMm {
 
     fn wake(&self, r: Range) -> Result<(), Errno> {
         self.wake_raw(r.start(), r.len())
+    }
+
+    fn read_events(&self, max: usize) -> Result<Vec<Event>, Errno> {
+        Ok(self.model.k().read_events(self.ctx, max))
+    }
+
+    /// Never sleeps: the model is single-threaded, so nothing can arrive while waiting.
+    fn wait_event(&self, _timeout_ms: i32) -> Result<bool, Errno> {
+        Ok(self.model.k().has_events(self.ctx))
+    }
+}
+
+impl PageTables for ModelMm {
+    /// `clear_refs` 4, with `ModelConfig::soft_dirty`; EOPNOTSUPP without (as on this project's
+    /// kernels).
+    fn clear_soft_dirty(&self) -> Result<(), Errno> {
+        self.model.k().clear_soft_dirty()
     }
 
     fn page_states(&self, r: Range) -> Result<Vec<PageState>, Errno> {
@@ -736,8 +761,8 @@ impl Mm for ModelMm {
             .collect())
     }
 
-    fn scan(&self, req: &ScanRequest) -> Result<ScanResult, Errno> {
-        self.model.scan(req)
+    fn scan(&self, req: &ScanRequest, vec_len: usize) -> Result<ScanResult, Errno> {
+        self.model.scan_once(req, vec_len)
     }
 
     fn fully_mapped(&self, r: Range) -> Result<bool, Errno> {
@@ -749,20 +774,15 @@ impl Mm for ModelMm {
             .sum();
         Ok(covered == r.len())
     }
+}
 
+impl Pins for ModelMm {
     fn pinned(&self, r: Range) -> Result<RangeSet, Errno> {
         Ok(self.model.pinned_pages(r))
     }
+}
 
-    fn read_events(&self, max: usize) -> Result<Vec<Event>, Errno> {
-        Ok(self.model.k().read_events(self.ctx, max))
-    }
-
-    /// Never sleeps: the model is single-threaded, so nothing can arrive while waiting.
-    fn wait_event(&self, _timeout_ms: i32) -> Result<bool, Errno> {
-        Ok(self.model.k().has_events(self.ctx))
-    }
-
+impl Memory for ModelMm {
     /// As `/proc/PID/mem` does: a kernel-mode read that faults pages in (the zero page for
     /// untouched anonymous memory). EIO on an unmapped byte; EFAULT where the read would wait
     /// for the monitor (a MISSING fault), which the model refuses instead of blocking.

@@ -8,7 +8,7 @@
 //! message. Reading a non-cooperative event lets the call that raised it finish.
 
 use uffd_wp::features::Features;
-use uffd_wp::mm::{Errno, Event};
+use uffd_wp::seam::{Errno, Event};
 
 use crate::alloc::Level;
 use crate::kernel::{

@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use uffd_wp::features::Features;
-use uffd_wp::mm::{Errno, Event};
 use uffd_wp::range::Range;
+use uffd_wp::seam::{Errno, Event};
 
 use crate::alloc::{Level, PtAllocator};
 use crate::pt::{

@@ -7,14 +7,18 @@
 //! proposed semantics) are in [`MODEL_SCENARIOS`]; [`run`] looks there first, then in the
 //! library's list.
 
-use uffd_wp::inject::{InjectMm, Rule};
-use uffd_wp::mm::{Errno, Mm, RegisterMode, WpMode};
-use uffd_wp::protect::{FailureKind, OnError, WpError, WpOp, WpOptions, WpReport, write_protect};
+use uffd_wp::backend::inject::{InjectMm, Rule};
+use uffd_wp::engine::protect::{
+    FailureKind, OnError, WpError, WpOp, WpOptions, WpReport, write_protect,
+};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
 use uffd_wp::scenario::{
-    self, Lab, LabConfig, LabFactory, MapKind as LabMapKind, Outcome, PinWrite, ScenarioError,
-    Step, raw_results_of,
+    self, Lab, LabConfig, LabFactory, MapKind as LabMapKind, Outcome, PinWrite, ScenarioError, Step,
 };
+use uffd_wp::seam::Wrap;
+use uffd_wp::seam::lab::LabError;
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{Errno, RegisterMode, WpMode};
 use uffd_wp::sys::errno_name;
 
 use crate::{
@@ -96,7 +100,7 @@ impl ModelLab {
 
     /// The uffd itself (for the proposed call).
     pub fn uffd(&self) -> &ModelMm {
-        self.mm.inner()
+        Wrap::inner(&*self.mm)
     }
 }
 
@@ -115,9 +119,9 @@ impl Lab for ModelLab {
         self.mm.clear_calls();
     }
     fn raw_results(&self) -> Vec<(Option<Errno>, bool)> {
-        raw_results_of(&*self.mm)
+        self.mm.raw_results()
     }
-    fn map(&mut self, len: u64, align: u64, kind: LabMapKind) -> Result<Range, ScenarioError> {
+    fn map(&mut self, len: u64, align: u64, kind: LabMapKind) -> Result<Range, LabError> {
         let k = match kind {
             LabMapKind::Anon => MapKind::Anon(Thp::NoHuge),
             LabMapKind::AnonThp => MapKind::Anon(Thp::Huge),
@@ -125,46 +129,46 @@ impl Lab for ModelLab {
         };
         self.model
             .map(len, align, k)
-            .map_err(ScenarioError::setup("mmap"))
+            .map_err(LabError::setup("mmap"))
     }
-    fn punch(&mut self, r: Range) -> Result<(), ScenarioError> {
+    fn punch(&mut self, r: Range) -> Result<(), LabError> {
         self.model
             .munmap(r)
             .map(drop)
-            .map_err(ScenarioError::setup("munmap"))
+            .map_err(LabError::setup("munmap"))
     }
-    fn touch(&mut self, r: Range) -> Result<(), ScenarioError> {
+    fn touch(&mut self, r: Range) -> Result<(), LabError> {
         for p in r.page_iter() {
             match self.model.write(p.start(), &[0x5a]) {
                 Ok(Progress::Done(())) => {}
                 Ok(Progress::Blocked(_)) => {
-                    return Err(ScenarioError::Setup {
+                    return Err(LabError::Setup {
                         what: format!("touching {p}: the write waits for the monitor"),
                         errno: Errno::AGAIN,
                     });
                 }
-                Err(e) => return Err(ScenarioError::setup(format!("touching {p}"))(e)),
+                Err(e) => return Err(LabError::setup(format!("touching {p}"))(e)),
             }
         }
         Ok(())
     }
     /// A page-table walk of the model (pagemap bit 57), independent of the engine's
     /// `PAGEMAP_SCAN` read-back.
-    fn verify_wp(&self, r: Range) -> Result<RangeSet, ScenarioError> {
+    fn verify_wp(&self, r: Range) -> Result<RangeSet, LabError> {
         Ok(self.model.wp_set(r))
     }
     /// An io_uring fixed buffer is a `FOLL_WRITE | FOLL_LONGTERM` pin.
-    fn pin_fixed_buffer(&mut self, r: Range) -> Result<(), ScenarioError> {
+    fn pin_fixed_buffer(&mut self, r: Range) -> Result<(), LabError> {
         match self
             .model
             .pin(r, crate::PinFlags::IO_URING)
-            .map_err(ScenarioError::setup(format!("pinning {r}")))?
+            .map_err(LabError::setup(format!("pinning {r}")))?
         {
             Progress::Done(id) => {
                 self.pins.push((r, id));
                 Ok(())
             }
-            Progress::Blocked(_) => Err(ScenarioError::Setup {
+            Progress::Blocked(_) => Err(LabError::Setup {
                 what: format!("pinning {r}: the pin waits for the monitor"),
                 errno: Errno::AGAIN,
             }),
@@ -172,13 +176,13 @@ impl Lab for ModelLab {
     }
     /// `IORING_OP_READ_FIXED` writes through the pin: a DMA/kernel write, no page-table walk,
     /// so no uffd-wp fault.
-    fn write_through_pin(&mut self, addr: u64, data: &[u8]) -> Result<PinWrite, ScenarioError> {
+    fn write_through_pin(&mut self, addr: u64, data: &[u8]) -> Result<PinWrite, LabError> {
         let end = addr + data.len() as u64;
         let (r, id) = *self
             .pins
             .iter()
             .find(|(r, _)| r.start() <= addr && end <= r.end())
-            .ok_or(ScenarioError::Setup {
+            .ok_or(LabError::Setup {
                 what: format!(
                     "no pinned buffer holds {:#x} bytes at {addr:#x}",
                     data.len()
@@ -187,7 +191,7 @@ impl Lab for ModelLab {
             })?;
         self.model
             .dma_write(id, addr - r.start(), data)
-            .map_err(ScenarioError::setup("DMA write through the pin"))?;
+            .map_err(LabError::setup("DMA write through the pin"))?;
         Ok(PinWrite {
             bytes: data.len() as u64,
             landed: self.model.peek(addr, data.len()) == data,
@@ -264,7 +268,7 @@ fn registered(lab: &mut ModelLab, len: u64, align: u64) -> Result<Range, Scenari
 }
 
 fn touch_at(lab: &mut ModelLab, addr: u64) -> Result<(), ScenarioError> {
-    lab.touch(Range::from_bounds(addr, addr + PAGE_SIZE))
+    Ok(lab.touch(Range::from_bounds(addr, addr + PAGE_SIZE))?)
 }
 
 /// `[a, b)` in 2 MiB slots from `base`, e.g. `[257, 512) [512, 1024)`.

@@ -44,8 +44,8 @@
 //! nothing at all is protected, in which case it fails with the first errno. With `skip_pinned`
 //! it leaves pages whose folio may be DMA-pinned (`folio_maybe_dma_pinned()`) untouched.
 
-use uffd_wp::mm::Errno;
 use uffd_wp::range::{Range, RangeSet};
+use uffd_wp::seam::Errno;
 
 use crate::alloc::Level;
 use crate::kernel::{Kernel, Vma, validate_range};

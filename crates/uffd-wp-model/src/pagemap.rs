@@ -15,8 +15,9 @@
 //! an existing page table reads as written in every VMA; a range without page tables (a hole)
 //! only on a uffd-wp VMA, outside hugetlb (both confirmed by `uffd-wp compare`).
 
-use uffd_wp::mm::{Errno, Region, ScanRequest, ScanResult};
-use uffd_wp::sys::pagemap::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, bits, category as cat};
+use uffd_wp::seam::{
+    Errno, Region, SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, ScanRequest, bits, category as cat,
+};
 
 use crate::kernel::{Kernel, Semantics, TASK_SIZE, Vma};
 use crate::pt::{
@@ -325,38 +326,6 @@ impl Kernel {
             result,
             regions: s.out,
             walk_end: if s.walk_end == 0 { end } else { s.walk_end },
-        }
-    }
-
-    /// `Mm::scan`: the whole request with a vector of 4096, continuing from `walk_end`, regions
-    /// merged (as `uffd_wp::sys::pagemap::Pagemap::scan` does on Linux).
-    pub(crate) fn scan_all(&mut self, req: &ScanRequest) -> Result<ScanResult, Errno> {
-        let mut regions: Vec<Region> = Vec::new();
-        let mut cur = *req;
-        let mut found = 0u64;
-        loop {
-            let r = self.pagemap_scan(&cur, 4096);
-            r.result?;
-            for reg in r.regions {
-                found += (reg.end - reg.start) / PAGE;
-                match regions.last_mut() {
-                    Some(last) if last.end == reg.start && last.categories == reg.categories => {
-                        last.end = reg.end
-                    }
-                    _ => regions.push(reg),
-                }
-            }
-            let limit_hit = req.max_pages != 0 && found >= req.max_pages;
-            if r.walk_end >= req.end || limit_hit || r.walk_end <= cur.start {
-                return Ok(ScanResult {
-                    regions,
-                    walk_end: r.walk_end,
-                });
-            }
-            cur.start = r.walk_end;
-            if req.max_pages != 0 {
-                cur.max_pages = req.max_pages - found;
-            }
         }
     }
 

@@ -1,9 +1,10 @@
 //! Unit tests of the model core.
 
 use uffd_wp::features::Features;
-use uffd_wp::mm::{Errno, Event, Mm, RegisterMode, ScanRequest, WpMode};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
-use uffd_wp::sys::pagemap::{SCAN_WP_MATCHING, category};
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{Errno, Event, RegisterMode, ScanRequest, WpMode};
+use uffd_wp::seam::{SCAN_WP_MATCHING, category};
 
 use crate::*;
 
@@ -360,7 +361,7 @@ fn sync_async_and_dma_writes() {
     assert_eq!(flags(m, r), "SW SW PX SW");
     assert!(!am.wait_event(0).unwrap(), "no message in async mode");
     let dirty = am
-        .scan(&ScanRequest {
+        .scan_all(&ScanRequest {
             start: r.start(),
             end: r.end(),
             flags: SCAN_WP_MATCHING,
@@ -598,7 +599,7 @@ fn scan_max_pages_and_walk_end() {
     // CHECK_WPASYNC on a VMA without async WP: EPERM.
     let raw = m.pagemap_scan(
         &ScanRequest {
-            flags: uffd_wp::sys::pagemap::SCAN_CHECK_WPASYNC,
+            flags: uffd_wp::seam::SCAN_CHECK_WPASYNC,
             ..req
         },
         3,
@@ -626,7 +627,7 @@ fn wp_set_equals_pagemap_bit_57() {
     for x in [r, h] {
         assert_eq!(
             m.wp_set(x),
-            uffd_wp::mm::pages_where(x, &m.page_states(x), |s| s.uffd_wp)
+            uffd_wp::seam::pages_where(x, &m.page_states(x), |s| s.uffd_wp)
         );
     }
 }
@@ -655,7 +656,7 @@ fn stale_bits_survive_reregistration_and_close() {
 #[test]
 fn scan_of_unpopulated_pages_matches_the_machine() {
     // Measured on the 6.18.44 machine (see pagemap.rs): written in every path, markers armed.
-    use uffd_wp::sys::pagemap::category::{PRESENT, WRITTEN};
+    use uffd_wp::seam::category::{PRESENT, WRITTEN};
     let regions = |m: &Model, r: Range, flags: u64, mask: u64, ret: u64| -> Vec<(u64, u64, u64)> {
         let raw = m.pagemap_scan(
             &ScanRequest {

@@ -10,9 +10,10 @@
 //! - under `linux`, one raw call over the whole range is also made, and the cases where it
 //!   returned success while leaving pages unprotected (the lost ENOMEM) are counted.
 
-use uffd_wp::mm::{Errno, Mm, RegisterMode, WpMode};
-use uffd_wp::protect::{OnError, WpOptions, write_protect};
+use uffd_wp::engine::protect::{OnError, WpOptions, write_protect};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{Errno, RegisterMode, WpMode};
 use uffd_wp_model::{
     FailPolicy, MapKind, ModelConfig, ModelMm, PinFlags, Progress, Semantics, Thp, UffdConfig,
 };

@@ -5,10 +5,11 @@
 use proptest::prelude::*;
 use std::time::Duration;
 
-use uffd_wp::mm::{Mm, RegisterMode, ScanRequest, WpMode};
-use uffd_wp::protect::{OnError, WpOptions, unprotect, write_protect};
+use uffd_wp::engine::protect::{OnError, WpOptions, unprotect, write_protect};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
-use uffd_wp::sys::pagemap::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING};
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{RegisterMode, ScanRequest, WpMode};
+use uffd_wp::seam::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING};
 use uffd_wp_model::{
     Advice, FailPolicy, MapKind, ModelConfig, ModelMm, PinFlags, PinId, Progress, Semantics, Thp,
     UffdConfig, Who,
@@ -376,7 +377,7 @@ fn run_with(
                     Ok(n) => prop_assert_eq!(n, m.bytes_not_protected(r, skip)),
                     Err(e) => {
                         if sem == Semantics::Linux {
-                            prop_assert_eq!(e, uffd_wp::mm::Errno::NOTTY);
+                            prop_assert_eq!(e, uffd_wp::seam::Errno::NOTTY);
                         }
                     }
                 }

@@ -231,23 +231,35 @@ fn probe_range() -> Result<(Vec<String>, bool), Errno> {
 /// Whether `PAGEMAP_SCAN` works on /proc/self/pagemap (6.7+).
 pub fn pagemap_scan_works() -> bool {
     use crate::sys::mem::Mapping;
-    use crate::sys::pagemap::{Pagemap, ScanRequest, category};
+    use crate::sys::pagemap::{PageRegion, Pagemap, ScanArg, category};
     let Ok(m) = Mapping::anon(4096) else {
         return false;
     };
     if m.touch(m.range(), 1).is_err() {
         return false;
     }
-    let req = ScanRequest {
+    let mut arg = ScanArg {
+        size: 0,
+        flags: 0,
         start: m.range().start(),
         end: m.range().end(),
+        walk_end: 0,
+        vec: 0,
+        vec_len: 0,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: 0,
         category_anyof_mask: category::PRESENT,
         return_mask: category::PRESENT,
-        ..Default::default()
     };
+    let mut vec = [PageRegion {
+        start: 0,
+        end: 0,
+        categories: 0,
+    }; 4];
     Pagemap::open_self()
-        .and_then(|p| p.scan(&req))
-        .is_ok_and(|r| r.regions.len() == 1)
+        .and_then(|p| p.scan_once(&mut arg, &mut vec))
+        .is_ok_and(|n| n == 1)
 }
 
 /// Soft-dirty works when a page written after `clear_refs` 4 shows pagemap bit 55 while an

@@ -6,13 +6,15 @@ mod common;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use uffd_wp::inject::Rule;
-use uffd_wp::linux::lab::{LinuxLab, LinuxLabs};
-use uffd_wp::linux::{Config, LinuxMm, OpenError};
-use uffd_wp::mm::{Errno, Mm, RegisterMode};
-use uffd_wp::protect::{FailureKind, OnError, WpError, WpOptions, WpReport};
+use uffd_wp::backend::inject::Rule;
+use uffd_wp::backend::linux::lab::LinuxLab;
+use uffd_wp::backend::linux::{Config, LinuxMm, OpenError};
+use uffd_wp::engine::protect::{FailureKind, OnError, WpError, WpOptions, WpReport};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeError, RangeSet};
+use uffd_wp::scenario::LinuxLabs;
 use uffd_wp::scenario::{self, Lab, MapKind, ScenarioError};
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{Errno, RegisterMode};
 use uffd_wp::{unprotect, write_protect};
 
 const P: u64 = PAGE_SIZE;
@@ -183,7 +185,7 @@ fn a_gap_is_reported_not_protected_although_the_kernel_succeeds() {
     lab.punch(pages(r, 8, 9)).unwrap();
     // The raw call itself succeeds:
     lab.mm()
-        .writeprotect(r, uffd_wp::mm::WpMode::Protect)
+        .writeprotect(r, uffd_wp::seam::WpMode::Protect)
         .expect("the kernel skips gaps silently");
     let rep = write_protect(lab.mm(), r, &WpOptions::default()).unwrap();
     assert_exact(&lab, &rep);
@@ -389,7 +391,7 @@ fn skip_pinned_leaves_declared_pins_writable() {
 #[test]
 fn bad_ranges_are_refused_before_any_kernel_call() {
     let _serial = serial();
-    use uffd_wp::protect::{WpOp, check_range};
+    use uffd_wp::engine::protect::{WpOp, check_range};
     for (start, len, want) in [
         (0x1001, P, RangeError::UnalignedStart(0x1001)),
         (0x1000, 0, RangeError::Empty),

@@ -9,14 +9,15 @@ mod common;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use uffd_wp::linux::lab::LinuxLabs;
-use uffd_wp::linux::{Config, LinuxMm};
-use uffd_wp::mm::{Mm, RegisterMode, ScanRequest};
-use uffd_wp::pins::io::{DirectFile, PinnedRing, read_fixed_serving_faults};
-use uffd_wp::pins::{PinKind, PinScanError, PinSource, discover};
-use uffd_wp::protect::{OnError, WpOptions};
+use uffd_wp::backend::linux::{Config, LinuxMm};
+use uffd_wp::backend::pins::io::{DirectFile, PinnedRing, read_fixed_serving_faults};
+use uffd_wp::backend::pins::{PinKind, PinScanError, PinSource, discover};
+use uffd_wp::engine::protect::{OnError, WpOptions};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
 use uffd_wp::scenario;
+use uffd_wp::scenario::LinuxLabs;
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{RegisterMode, ScanRequest};
 use uffd_wp::sys::mem::{Backing, Mapping, Thp};
 use uffd_wp::sys::pagemap::{Pagemap, bits, category};
 use uffd_wp::sys::uring::{FixedIo, FixedRing};
@@ -54,7 +55,7 @@ fn written(mm: &LinuxMm, r: Range) -> RangeSet {
         return_mask: category::WRITTEN,
         ..Default::default()
     };
-    mm.scan(&req)
+    mm.scan_all(&req)
         .unwrap()
         .regions
         .iter()
@@ -456,7 +457,8 @@ fn scanning_a_missing_process_is_a_typed_error() {
 /// `pinned_pages`; nothing is left protected afterwards.
 #[test]
 fn snapshots_skip_pinned_buffers_copy_them_last_and_count_them() {
-    use uffd_wp::snapshot::{self, FnQuiesce, SnapshotOptions, Source};
+    use uffd_wp::engine::snapshot::{self, SnapshotOptions, Source};
+    use uffd_wp::seam::FnQuiesce;
     let Some(mm) = common::need("userfaultfd", LinuxMm::open()) else {
         return;
     };

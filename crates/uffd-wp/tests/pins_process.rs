@@ -10,12 +10,12 @@ mod common;
 
 use rustix::io::Errno;
 use rustix::process::{Gid, Uid};
-use uffd_wp::pins::holder::{Holder, HolderConfig, maybe_run_holder};
-use uffd_wp::pins::{
+use uffd_wp::backend::pins::{
     PinKind, PinRegistry, PinScanError, PinSource, PinTarget, Refresh, RegistryOptions,
     ScanOptions, ScanPoint, discover, discover_with,
 };
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
+use uffd_wp::testing::holder::{Holder, HolderConfig, maybe_run_holder};
 
 const P: u64 = PAGE_SIZE;
 /// The uid and gid of `nobody`.
@@ -154,9 +154,13 @@ fn unexplained_vm_pin_is_reported_and_strict_refuses() {
     // its report carries the pinned bytes nobody can place.
     if let Some(mm) = common::need(
         "ptrace and pidfd_getfd (attach to another process)",
-        uffd_wp::linux::LinuxMm::attach(h.pid(), uffd_wp::linux::Config::default()),
+        uffd_wp::backend::linux::LinuxMm::attach(
+            h.pid(),
+            uffd_wp::backend::linux::Config::default(),
+        ),
     ) {
-        use uffd_wp::mm::{Mm, RegisterMode};
+        use uffd_wp::seam::RegisterMode;
+        use uffd_wp::seam::prelude::*;
         mm.register(r, RegisterMode::WP).unwrap();
         let opts = uffd_wp::WpOptions {
             skip_pinned: true,

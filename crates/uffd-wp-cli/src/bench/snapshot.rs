@@ -1,5 +1,5 @@
 //! `uffd-wp bench snapshot`: live snapshots against their alternatives in the same run (see
-//! `uffd_wp::snapshot::bench`): the pause against `fork()` (and `gcore`), the copy against
+//! `uffd_wp_bench::snapshot`): the pause against `fork()` (and `gcore`), the copy against
 //! memcpy, the fault latency against a bare handler.
 
 use std::io::IsTerminal;
@@ -7,10 +7,10 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use uffd_wp::bench::PageKind;
+use uffd_wp::engine::snapshot::SnapshotOptions;
 use uffd_wp::range::parse_size;
-use uffd_wp::snapshot::SnapshotOptions;
-use uffd_wp::snapshot::bench::{
+use uffd_wp_bench::protect::PageKind;
+use uffd_wp_bench::snapshot::{
     self as sbench, FaultConfig, FaultFigures, Gcore, PauseConfig, PauseFigures, Step,
 };
 

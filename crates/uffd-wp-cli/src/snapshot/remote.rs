@@ -10,10 +10,11 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use uffd_wp::Mm;
-use uffd_wp::linux::{Config, LinuxMm, RemoteQuiesce};
+use uffd_wp::backend::linux::{Config, LinuxMm, RemoteQuiesce};
+use uffd_wp::engine::snapshot::{self, Source};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet, parse_size};
-use uffd_wp::snapshot::{self, FnQuiesce, Quiesce, Source};
+use uffd_wp::seam::prelude::*;
+use uffd_wp::seam::{FnQuiesce, Quiesce};
 
 use super::Args;
 use crate::{CliError, print_json};

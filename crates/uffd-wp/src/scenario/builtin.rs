@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use super::{Lab, LabConfig, LabFactory, MapKind, ScenarioError, Step, step};
-use crate::inject::Rule;
-use crate::mm::{Errno, RegisterMode};
-use crate::protect::{OnError, WpOp, WpOptions, unprotect, write_protect};
+use crate::backend::inject::Rule;
+use crate::engine::protect::{OnError, WpOp, WpOptions, unprotect, write_protect};
 use crate::range::{PAGE_SIZE, Range, RangeSet};
+use crate::seam::{Errno, RegisterMode};
 
 /// A named scenario.
 #[derive(Debug, Clone, Copy)]
@@ -339,8 +339,9 @@ fn pinned_io_uring(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
 /// half), the rest exact; with `Abort` the engine gives up and leaves nothing protected or
 /// registered.
 fn snapshot_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    use crate::engine::snapshot::{self, SnapshotOptions, Source, Unprotected};
     use crate::range::RangeSet;
-    use crate::snapshot::{self, FnQuiesce, SnapshotOptions, Source, Unprotected};
+    use crate::seam::FnQuiesce;
     let mut out = Vec::new();
     for (label, unprotected) in [
         ("copy-in-freeze", Unprotected::CopyInFreeze),
@@ -393,9 +394,12 @@ fn snapshot_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
         };
         // Nothing may stay registered: protecting again must fail with ENOENT.
         lab.reset_injection();
-        let still_registered = lab.mm().writeprotect(r, crate::mm::WpMode::Protect).is_ok();
+        let still_registered = lab
+            .mm()
+            .writeprotect(r, crate::seam::WpMode::Protect)
+            .is_ok();
         let truth = lab.verify_wp(r)?;
-        let report = crate::protect::WpReport {
+        let report = crate::engine::protect::WpReport {
             op: WpOp::Protect,
             requested: r,
             not_protected: truth.complement_in(r),
@@ -428,8 +432,8 @@ fn snapshot_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
 /// once, arming retries and the epochs are exact; always, arming fails and leaves nothing
 /// protected or registered.
 fn track_eagain(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
+    use crate::engine::track::{Method, TrackOptions, Tracker};
     use crate::range::RangeSet;
-    use crate::track::{Method, TrackOptions, Tracker};
     let mut out = Vec::new();
     for (label, times) in [("arm-retry", 1), ("arm-fails", 0)] {
         let mut lab = f.open(LabConfig {
@@ -470,7 +474,10 @@ fn track_eagain(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
         let raw = lab.raw_results();
         let first_err = first_err.or_else(|| raw.iter().find(|(e, _)| e.is_some()).copied());
         lab.reset_injection();
-        let still_registered = lab.mm().writeprotect(r, crate::mm::WpMode::Protect).is_ok();
+        let still_registered = lab
+            .mm()
+            .writeprotect(r, crate::seam::WpMode::Protect)
+            .is_ok();
         let truth = lab.verify_wp(r)?;
         out.push(Step {
             label: label.into(),
@@ -483,7 +490,7 @@ fn track_eagain(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
                 "EAGAIN on every attempt: arming fails with a typed error and leaves nothing protected or registered".into()
             },
             detail: Some(detail),
-            report: crate::protect::WpReport {
+            report: crate::engine::protect::WpReport {
                 op: WpOp::Protect,
                 requested: r,
                 not_protected: truth.complement_in(r),

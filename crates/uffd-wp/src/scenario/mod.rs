@@ -6,46 +6,19 @@
 //! Each step's result carries what the raw kernel calls returned beside the exact report.
 
 mod builtin;
+pub mod lost_enomem;
 
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
 pub use builtin::{PINNED_BUFFER, PINNED_PAGES, PINNED_WRITE_PAGE, SCENARIOS, Scenario, find};
 
-use crate::inject::{InjectMm, Rule};
-use crate::mm::{Errno, Mm};
-use crate::protect::{WpError, WpOp, WpReport};
+use crate::backend::linux::lab::LinuxLab;
+use crate::engine::protect::{WpError, WpOp, WpReport};
 use crate::range::{Range, RangeSet};
+use crate::seam::Errno;
+pub use crate::seam::lab::{Lab, LabConfig, LabError, MapKind, PinWrite};
 use crate::sys::errno_name;
-
-/// What backs a lab mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MapKind {
-    /// Private anonymous memory, THP off (4 KiB pages).
-    Anon,
-    /// Private anonymous memory with `MADV_HUGEPAGE`.
-    AnonThp,
-    /// A shared memfd (shmem).
-    Memfd,
-}
-
-/// How to open a lab's uffd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LabConfig {
-    /// Negotiate `WP_UNPOPULATED` (markers for unpopulated pages).
-    pub wp_unpopulated: bool,
-    /// Negotiate `WP_ASYNC` too (dirty tracking): the kernel resolves WP faults itself.
-    pub async_wp: bool,
-}
-
-impl Default for LabConfig {
-    fn default() -> Self {
-        LabConfig {
-            wp_unpopulated: true,
-            async_wp: false,
-        }
-    }
-}
 
 /// Why a scenario could not run or failed outside what it measures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,75 +49,29 @@ pub enum ScenarioError {
     },
 }
 
+impl From<LabError> for ScenarioError {
+    fn from(e: LabError) -> Self {
+        match e {
+            LabError::Unavailable {
+                scenario,
+                backend,
+                why,
+            } => ScenarioError::Unavailable {
+                scenario,
+                backend,
+                why,
+            },
+            LabError::Setup { what, errno } => ScenarioError::Setup { what, errno },
+        }
+    }
+}
+
 impl ScenarioError {
     /// A set-up error.
     pub fn setup(what: impl Into<String>) -> impl FnOnce(Errno) -> ScenarioError {
         let what = what.into();
         move |errno| ScenarioError::Setup { what, errno }
     }
-}
-
-/// A backend plus set-up operations, for scenarios. Its [`Mm`] is wrapped in an [`InjectMm`]
-/// so that scenarios can inject failures and see every raw call.
-pub trait Lab {
-    /// The backend, behind the injection wrapper.
-    fn mm(&self) -> &dyn Mm;
-    /// The same backend as a shared handle, for engines that keep it (the dirty tracker's
-    /// handler thread).
-    fn mm_arc(&self) -> std::sync::Arc<dyn Mm>;
-    /// Adds an injection rule.
-    fn inject(&self, rule: Rule);
-    /// Removes all injection rules and forgets the call log.
-    fn reset_injection(&self);
-    /// The raw write-protect calls since the last reset: (errno or None, injected).
-    fn raw_results(&self) -> Vec<(Option<Errno>, bool)>;
-    /// Maps `len` bytes aligned to `align`.
-    fn map(&mut self, len: u64, align: u64, kind: MapKind) -> Result<Range, ScenarioError>;
-    /// Unmaps part of a mapping, leaving a hole.
-    fn punch(&mut self, r: Range) -> Result<(), ScenarioError>;
-    /// Writes every page of `r` (populates it).
-    fn touch(&mut self, r: Range) -> Result<(), ScenarioError>;
-    /// The uffd-wp pages of `r`, read by a path independent of the engine's read-back
-    /// (on Linux: `/proc/self/pagemap` bit 57, even where the engine uses `PAGEMAP_SCAN`).
-    fn verify_wp(&self, r: Range) -> Result<RangeSet, ScenarioError>;
-
-    /// Pins `r` (inside one lab mapping) the way an application's io_uring fixed buffer is:
-    /// a long-term, writable pin (`FOLL_WRITE | FOLL_LONGTERM`, on Linux
-    /// `IORING_REGISTER_BUFFERS`), held until the lab is dropped. The backend's
-    /// [`Mm::pinned`] must find it by itself (on Linux: in `/proc/self/fdinfo`), as it would
-    /// an application's.
-    fn pin_fixed_buffer(&mut self, r: Range) -> Result<(), ScenarioError> {
-        let _ = r;
-        Err(self.no_pins())
-    }
-
-    /// Writes `data` at `addr`, inside a buffer pinned with [`Lab::pin_fixed_buffer`], through
-    /// the pin the way the kernel or a device does (on Linux: `IORING_OP_READ_FIXED` from a
-    /// file), never through the page tables; serves any uffd-wp fault it raises.
-    fn write_through_pin(&mut self, addr: u64, data: &[u8]) -> Result<PinWrite, ScenarioError> {
-        let _ = (addr, data);
-        Err(self.no_pins())
-    }
-
-    /// The error of a lab without pins.
-    fn no_pins(&self) -> ScenarioError {
-        ScenarioError::Unavailable {
-            scenario: "pinned-io-uring".into(),
-            backend: self.mm().backend().into(),
-            why: "this lab cannot pin memory (Lab::pin_fixed_buffer)".into(),
-        }
-    }
-}
-
-/// What a write through a pin did ([`Lab::write_through_pin`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PinWrite {
-    /// Bytes the I/O reported written into memory.
-    pub bytes: u64,
-    /// Whether memory now holds the data written.
-    pub landed: bool,
-    /// uffd-wp faults raised by the write (each was served so the write could finish).
-    pub wp_faults: u32,
 }
 
 /// Opens labs on one backend.
@@ -169,6 +96,24 @@ pub trait LabFactory {
             backend: self.backend().into(),
             why: "not implemented for this backend".into(),
         })
+    }
+}
+
+/// Labs on the real kernel, in this process.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxLabs;
+
+impl LabFactory for LinuxLabs {
+    fn backend(&self) -> &'static str {
+        "linux"
+    }
+
+    fn open(&self, cfg: LabConfig) -> Result<Box<dyn Lab>, ScenarioError> {
+        Ok(Box::new(LinuxLab::open(cfg)?))
+    }
+
+    fn lost_enomem(&self) -> Result<Vec<Step>, ScenarioError> {
+        lost_enomem::run()
     }
 }
 
@@ -287,12 +232,4 @@ pub fn run(name: &str, factory: &dyn LabFactory) -> Result<Outcome, ScenarioErro
         page_size: crate::range::PAGE_SIZE,
         results,
     })
-}
-
-/// The raw results in an [`InjectMm`]'s log, for [`Lab::raw_results`].
-pub fn raw_results_of<M: Mm>(mm: &InjectMm<M>) -> Vec<(Option<Errno>, bool)> {
-    mm.calls()
-        .iter()
-        .map(|c| (c.result.err(), c.injected))
-        .collect()
 }

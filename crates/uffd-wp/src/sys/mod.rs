@@ -12,20 +12,16 @@
 //!   ([pagemap docs](https://docs.kernel.org/admin-guide/mm/pagemap.html)).
 //! - [`ptrace`]: ptrace, waitpid on tracees, process_vm_readv, pidfd_getfd (another process).
 //! - [`mem`]: anonymous and memfd mappings owned by RAII guards, madvise, page touching.
-//! - [`sigsegv`]: the mprotect/SIGSEGV dirty tracker (the benchmarks' baseline).
-//! - [`fork`]: `fork(2)` (the snapshot benchmark's baseline); children only `_exit` or `pause`.
 //! - [`uring`]: io_uring fixed buffers over memory the ring owns (the `io-uring` crate).
 //! - [`direct`]: `O_DIRECT` reads and writes into memory a mapping owns.
 //! - [`signal`]: process-wide signal dispositions (`SIGPIPE` for the command line).
 #![allow(unsafe_code)]
 
 pub mod direct;
-pub mod fork;
 pub mod mem;
 pub mod pagemap;
 pub mod ptrace;
 pub mod signal;
-pub mod sigsegv;
 pub mod uffd;
 pub mod uring;
 

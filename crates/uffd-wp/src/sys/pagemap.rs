@@ -58,46 +58,10 @@ pub const SCAN_CHECK_WPASYNC: u64 = g::PM_SCAN_CHECK_WPASYNC as u64;
 /// `PAGEMAP_SCAN` = `_IOWR('f', 16, struct pm_scan_arg)`.
 pub const PAGEMAP_SCAN: u32 = rustix::ioctl::opcode::read_write::<g::pm_scan_arg>(b'f', 16);
 
-/// A region reported by `PAGEMAP_SCAN` (`struct page_region`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Region {
-    /// First byte.
-    pub start: u64,
-    /// One past the last byte.
-    pub end: u64,
-    /// `PAGE_IS_*` bits, masked by the request's `return_mask`.
-    pub categories: u64,
-}
-
-/// What to ask `PAGEMAP_SCAN` (see `struct pm_scan_arg`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ScanRequest {
-    /// `PM_SCAN_*` flags.
-    pub flags: u64,
-    /// Start address (page aligned).
-    pub start: u64,
-    /// End address (page aligned).
-    pub end: u64,
-    /// Stop after this many matching pages (0: no limit).
-    pub max_pages: u64,
-    /// Categories whose sense is inverted before matching.
-    pub category_inverted: u64,
-    /// A page matches only if it has all of these.
-    pub category_mask: u64,
-    /// A page matches only if it has at least one of these (0: no constraint).
-    pub category_anyof_mask: u64,
-    /// Categories reported in each region.
-    pub return_mask: u64,
-}
-
-/// One `PAGEMAP_SCAN` call's result.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScanResult {
-    /// Matching regions, ascending.
-    pub regions: Vec<Region>,
-    /// Where the walk stopped: equal to the request's end when it is complete.
-    pub walk_end: u64,
-}
+/// `struct page_region`, one region `PAGEMAP_SCAN` writes back.
+pub use linux_raw_sys::general::page_region as PageRegion;
+/// `struct pm_scan_arg`, the argument of `PAGEMAP_SCAN`.
+pub use linux_raw_sys::general::pm_scan_arg as ScanArg;
 
 /// An open `/proc/PID/pagemap`.
 #[derive(Debug)]
@@ -133,93 +97,16 @@ impl Pagemap {
             .collect())
     }
 
-    /// One `PAGEMAP_SCAN` call with room for `vec_len` regions. The kernel stops early (returning
-    /// normally, with `walk_end` short of `end`) when the vector fills or `max_pages` is reached.
-    pub fn scan_once(&self, req: &ScanRequest, vec_len: usize) -> Result<ScanResult, Errno> {
-        let mut vec = vec![
-            g::page_region {
-                start: 0,
-                end: 0,
-                categories: 0,
-            };
-            vec_len.max(1)
-        ];
-        let mut arg = g::pm_scan_arg {
-            size: std::mem::size_of::<g::pm_scan_arg>() as u64,
-            flags: req.flags,
-            start: req.start,
-            end: req.end,
-            walk_end: 0,
-            vec: vec.as_mut_ptr() as u64,
-            vec_len: vec.len() as u64,
-            max_pages: req.max_pages,
-            category_inverted: req.category_inverted,
-            category_mask: req.category_mask,
-            category_anyof_mask: req.category_anyof_mask,
-            return_mask: req.return_mask,
-        };
+    /// One `PAGEMAP_SCAN` call: `arg`'s `vec` and `vec_len` are set from `vec` (its `size`
+    /// too), every other field is the caller's. Returns the number of regions written; the
+    /// kernel writes back `arg.walk_end` (where it stopped: the end when complete).
+    pub fn scan_once(&self, arg: &mut ScanArg, vec: &mut [PageRegion]) -> Result<usize, Errno> {
+        arg.size = std::mem::size_of::<ScanArg>() as u64;
+        arg.vec = vec.as_mut_ptr() as u64;
+        arg.vec_len = vec.len() as u64;
         // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg` (size set to its size). `vec` points
-        // to `vec_len` writable `page_region`s that live until after the call returns.
-        let n = unsafe { ioctl_with(&self.file, PAGEMAP_SCAN, &mut arg) }?;
-        let n = usize::try_from(n).unwrap_or(0).min(vec.len());
-        Ok(ScanResult {
-            regions: vec[..n]
-                .iter()
-                .map(|r| Region {
-                    start: r.start,
-                    end: r.end,
-                    categories: r.categories,
-                })
-                .collect(),
-            walk_end: arg.walk_end,
-        })
-    }
-
-    /// `PAGEMAP_SCAN` over the whole request, continuing from `walk_end` while the vector fills.
-    /// With `max_pages`, stops once that many pages matched (over all calls).
-    ///
-    /// The first call gets room for a few regions (most read-backs find one or none) and the
-    /// room grows while calls fill it, so a scan does not pay for zeroing a large vector it does
-    /// not need. A `PM_SCAN_WP_MATCHING` scan (a dirty-tracking epoch) starts with the largest.
-    pub fn scan(&self, req: &ScanRequest) -> Result<ScanResult, Errno> {
-        const VEC_FIRST: usize = 64;
-        const VEC_MAX: usize = 4096;
-        // A WP_MATCHING scan is a dirty-tracking epoch: many regions are the rule, and every
-        // extra call costs a page-table walk set-up and a TLB flush (~50 us over 1 GiB here),
-        // more than zeroing the largest vector.
-        let mut vec_len = if req.flags & SCAN_WP_MATCHING != 0 {
-            VEC_MAX
-        } else {
-            VEC_FIRST
-        };
-        let mut regions: Vec<Region> = Vec::new();
-        let mut cur = *req;
-        let mut found = 0u64;
-        loop {
-            let r = self.scan_once(&cur, vec_len)?;
-            if r.regions.len() >= vec_len {
-                vec_len = (vec_len * 8).min(VEC_MAX);
-            }
-            for reg in r.regions {
-                found += (reg.end - reg.start) / 4096;
-                match regions.last_mut() {
-                    Some(last) if last.end == reg.start && last.categories == reg.categories => {
-                        last.end = reg.end
-                    }
-                    _ => regions.push(reg),
-                }
-            }
-            let limit_hit = req.max_pages != 0 && found >= req.max_pages;
-            if r.walk_end >= req.end || limit_hit || r.walk_end <= cur.start {
-                return Ok(ScanResult {
-                    regions,
-                    walk_end: r.walk_end,
-                });
-            }
-            cur.start = r.walk_end;
-            if req.max_pages != 0 {
-                cur.max_pages = req.max_pages - found;
-            }
-        }
+        // to `vec_len` writable `page_region`s borrowed mutably for the duration of the call.
+        let n = unsafe { ioctl_with(&self.file, PAGEMAP_SCAN, arg) }?;
+        Ok(usize::try_from(n).unwrap_or(0).min(vec.len()))
     }
 }

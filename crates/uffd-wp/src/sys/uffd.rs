@@ -43,82 +43,11 @@ pub struct ApiAnswer {
     pub ioctls: u64,
 }
 
-/// One event read from a userfaultfd (`struct uffd_msg`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Msg {
-    /// A page fault: `flags` are `UFFD_PAGEFAULT_FLAG_*`, `tid` is set with `THREAD_ID`.
-    PageFault {
-        /// `UFFD_PAGEFAULT_FLAG_WRITE` (1), `_WP` (2), `_MINOR` (4).
-        flags: u64,
-        /// Faulting address (page aligned unless `EXACT_ADDRESS`).
-        address: u64,
-        /// Faulting thread id, when `UFFD_FEATURE_THREAD_ID` is enabled.
-        tid: u32,
-    },
-    /// The process forked; `ufd` is a new userfaultfd for the child.
-    Fork {
-        /// The child's userfaultfd, installed in this process's fd table.
-        ufd: u32,
-    },
-    /// `mremap` moved a registered range.
-    Remap {
-        /// Old start.
-        from: u64,
-        /// New start.
-        to: u64,
-        /// Length.
-        len: u64,
-    },
-    /// `MADV_DONTNEED`/`MADV_REMOVE` dropped a range.
-    Remove {
-        /// Start.
-        start: u64,
-        /// End.
-        end: u64,
-    },
-    /// `munmap` removed a range.
-    Unmap {
-        /// Start.
-        start: u64,
-        /// End.
-        end: u64,
-    },
-    /// An event this code does not know.
-    Unknown(u8),
-}
-
 /// Size of `struct uffd_msg`.
 pub const MSG_SIZE: usize = 32;
 
-impl Msg {
-    /// Decodes one `struct uffd_msg` from its 32 bytes (native endian, packed layout).
-    pub fn decode(b: &[u8; MSG_SIZE]) -> Msg {
-        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().expect("4 bytes"));
-        match u32::from(b[0]) {
-            g::UFFD_EVENT_PAGEFAULT => Msg::PageFault {
-                flags: u64_at(8),
-                address: u64_at(16),
-                tid: u32_at(24),
-            },
-            g::UFFD_EVENT_FORK => Msg::Fork { ufd: u32_at(8) },
-            g::UFFD_EVENT_REMAP => Msg::Remap {
-                from: u64_at(8),
-                to: u64_at(16),
-                len: u64_at(24),
-            },
-            g::UFFD_EVENT_REMOVE => Msg::Remove {
-                start: u64_at(8),
-                end: u64_at(16),
-            },
-            g::UFFD_EVENT_UNMAP => Msg::Unmap {
-                start: u64_at(8),
-                end: u64_at(16),
-            },
-            other => Msg::Unknown(other as u8),
-        }
-    }
-}
+/// One raw `struct uffd_msg` (decoded by `crate::seam::Event::decode`).
+pub type RawMsg = [u8; MSG_SIZE];
 
 /// An owned userfaultfd.
 #[derive(Debug)]
@@ -271,7 +200,7 @@ impl Uffd {
 
     /// Reads up to `max` pending events. With a non-blocking fd, returns an empty vector when
     /// none is pending (EAGAIN is not an error here).
-    pub fn read_msgs(&self, max: usize) -> Result<Vec<Msg>, Errno> {
+    pub fn read_msgs(&self, max: usize) -> Result<Vec<RawMsg>, Errno> {
         let mut buf = vec![0u8; MSG_SIZE * max.max(1)];
         let n = match rustix::io::read(&self.fd, &mut buf) {
             Ok(n) => n,
@@ -280,7 +209,7 @@ impl Uffd {
         };
         Ok(buf[..n]
             .chunks_exact(MSG_SIZE)
-            .map(|c| Msg::decode(c.try_into().expect("chunk of MSG_SIZE")))
+            .map(|c| c.try_into().expect("chunk of MSG_SIZE"))
             .collect())
     }
 

@@ -1,0 +1,203 @@
+//! The snapshot image: in memory while it is taken, and its file format.
+//!
+//! # File format (version 1, little endian)
+//! ```text
+//! magic        8 bytes  "UFFDWPIM"
+//! version      u32      1
+//! page_size    u32      4096
+//! range_count  u64      R
+//! ranges       R x (start u64, len u64)            ascending, disjoint, page aligned
+//! bitmaps      R x ceil(pages/8) bytes              bit i of range r set: page i is stored
+//! pages        stored pages, page_size bytes each, in address order
+//! ```
+//! Pages whose bit is clear were all zero at the snapshot point and are not stored.
+
+use std::io::{self, Read, Write};
+
+use crate::range::{PAGE_SIZE, Range, RangeSet};
+use crate::sys::Errno;
+use crate::sys::mem::{Backing, Mapping, Thp};
+
+const MAGIC: &[u8; 8] = b"UFFDWPIM";
+const VERSION: u32 = 1;
+
+/// Why an image file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// I/O error.
+    #[error("image I/O: {0}")]
+    Io(#[from] io::Error),
+    /// Not an image, or a version this code does not read.
+    #[error("not a uffd-wp image (bad magic or version {0})")]
+    Format(u32),
+    /// Allocating the in-memory image failed.
+    #[error("allocating the image: {}", crate::sys::errno_name(*.0))]
+    Alloc(Errno),
+}
+
+/// A captured copy of some ranges, held in one anonymous mapping (huge pages, populated before
+/// the snapshot so copying takes no page fault).
+#[derive(Debug)]
+pub struct Image {
+    ranges: Vec<Range>,
+    offsets: Vec<u64>,
+    buf: Mapping,
+}
+
+impl Image {
+    /// An all-zero image of `ranges`, populated.
+    pub fn new(ranges: &RangeSet) -> Result<Image, Errno> {
+        let ranges: Vec<Range> = ranges.iter().copied().collect();
+        let mut offsets = Vec::with_capacity(ranges.len());
+        let mut total = 0;
+        for r in &ranges {
+            offsets.push(total);
+            total += r.len();
+        }
+        let buf = Mapping::new(total.max(PAGE_SIZE), 2 << 20, Backing::Anon, Thp::Huge)?;
+        buf.populate()?;
+        Ok(Image {
+            ranges,
+            offsets,
+            buf,
+        })
+    }
+
+    /// The captured ranges.
+    pub fn ranges(&self) -> &[Range] {
+        &self.ranges
+    }
+
+    /// Total bytes.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(Range::len).sum()
+    }
+
+    /// The address in the image buffer that holds `addr` of the captured address space.
+    pub fn slot(&self, addr: u64) -> Option<u64> {
+        let i = self.ranges.partition_point(|r| r.end() <= addr);
+        let r = self.ranges.get(i).filter(|r| r.contains(addr))?;
+        Some(self.buf.range().start() + self.offsets[i] + (addr - r.start()))
+    }
+
+    /// Copies `len` bytes at `addr` of `src` (a mapping of this process) into the image, with
+    /// streaming stores ([`Mapping::copy_from`]: the image is not read again soon).
+    pub fn copy_from_mapping(&self, src: &Mapping, addr: u64, len: u64) -> Result<(), Errno> {
+        let dst = self.slot(addr).ok_or(Errno::FAULT)?;
+        self.buf.copy_from(dst, src, addr, len as usize)
+    }
+
+    /// Copies like [`Image::copy_from_mapping`] with the C library's `memcpy` (the
+    /// benchmarks' baseline).
+    pub fn memcpy_from_mapping(&self, src: &Mapping, addr: u64, len: u64) -> Result<(), Errno> {
+        let dst = self.slot(addr).ok_or(Errno::FAULT)?;
+        self.buf.memcpy_from(dst, src, addr, len as usize)
+    }
+
+    /// Copies `len` bytes at `addr` of `mm`'s address space into the image, straight into its
+    /// slot where the backend can ([`Mm::read_memory_into`]).
+    pub fn copy_from_mm<M: crate::seam::Mm + ?Sized>(
+        &self,
+        mm: &M,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), Errno> {
+        let dst = self.slot(addr).ok_or(Errno::FAULT)?;
+        mm.read_memory_into(addr, &self.buf, dst, len)
+    }
+
+    /// Stores `data` as the content at `addr`.
+    pub fn store(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        let dst = self.slot(addr).ok_or(Errno::FAULT)?;
+        self.buf.write(dst, data)
+    }
+
+    /// The captured page at `addr`.
+    pub fn page(&self, addr: u64) -> Option<Vec<u8>> {
+        let src = self.slot(addr & !(PAGE_SIZE - 1))?;
+        let mut out = vec![0; PAGE_SIZE as usize];
+        self.buf.read(src, &mut out).ok()?;
+        Some(out)
+    }
+
+    /// Writes the image in the documented format; returns (stored pages, zero pages).
+    pub fn write_to(&self, mut w: impl Write) -> io::Result<(u64, u64)> {
+        w.write_all(MAGIC)?;
+        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&(PAGE_SIZE as u32).to_le_bytes())?;
+        w.write_all(&(self.ranges.len() as u64).to_le_bytes())?;
+        for r in &self.ranges {
+            w.write_all(&r.start().to_le_bytes())?;
+            w.write_all(&r.len().to_le_bytes())?;
+        }
+        let mut bitmaps = Vec::new();
+        for r in &self.ranges {
+            let mut bits = vec![0u8; r.pages().div_ceil(8) as usize];
+            for (i, p) in r.page_iter().enumerate() {
+                if self
+                    .page(p.start())
+                    .is_some_and(|d| d.iter().any(|b| *b != 0))
+                {
+                    bits[i / 8] |= 1 << (i % 8);
+                }
+            }
+            bitmaps.push(bits);
+        }
+        let (mut stored, mut zero) = (0, 0);
+        for b in &bitmaps {
+            w.write_all(b)?;
+        }
+        for (r, bits) in self.ranges.iter().zip(&bitmaps) {
+            for (i, p) in r.page_iter().enumerate() {
+                if bits[i / 8] & (1 << (i % 8)) != 0 {
+                    w.write_all(&self.page(p.start()).expect("page in image"))?;
+                    stored += 1;
+                } else {
+                    zero += 1;
+                }
+            }
+        }
+        w.flush()?;
+        Ok((stored, zero))
+    }
+
+    /// Reads an image written by [`Image::write_to`].
+    pub fn read_from(mut r: impl Read) -> Result<Image, ImageError> {
+        let mut head = [0u8; 24];
+        r.read_exact(&mut head)?;
+        let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+        if &head[..8] != MAGIC || version != VERSION {
+            return Err(ImageError::Format(version));
+        }
+        let n = u64::from_le_bytes(head[16..24].try_into().expect("8 bytes"));
+        let mut u64s = |count: u64| -> Result<Vec<u64>, ImageError> {
+            let mut b = vec![0u8; (count * 8) as usize];
+            r.read_exact(&mut b)?;
+            Ok(b.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect())
+        };
+        let raw = u64s(n.checked_mul(2).ok_or(ImageError::Format(version))?)?;
+        let ranges: Vec<Range> = raw
+            .chunks_exact(2)
+            .map(|c| Range::new(c[0], c[1]).map_err(|_| ImageError::Format(version)))
+            .collect::<Result<_, _>>()?;
+        let img = Image::new(&ranges.iter().copied().collect()).map_err(ImageError::Alloc)?;
+        let mut bitmaps = Vec::new();
+        for rg in &ranges {
+            let mut bits = vec![0u8; rg.pages().div_ceil(8) as usize];
+            r.read_exact(&mut bits)?;
+            bitmaps.push(bits);
+        }
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for (rg, bits) in ranges.iter().zip(&bitmaps) {
+            for (i, p) in rg.page_iter().enumerate() {
+                if bits[i / 8] & (1 << (i % 8)) != 0 {
+                    r.read_exact(&mut page)?;
+                    img.store(p.start(), &page).map_err(ImageError::Alloc)?;
+                }
+            }
+        }
+        Ok(img)
+    }
+}

@@ -1,0 +1,53 @@
+//! Test fixtures (feature `testing`): skipping or failing on a missing kernel feature, a
+//! Linux lab, and the pin-holder helper process. Not part of the library's API.
+
+pub mod holder;
+
+/// Whether a missing kernel feature must fail the test (CI) instead of skipping it.
+pub fn require_kernel() -> bool {
+    std::env::var("UFFD_WP_REQUIRE_KERNEL").is_ok_and(|v| v == "1")
+}
+
+/// Skips the test (returns `None`) with a message naming `feature`, or panics when
+/// `UFFD_WP_REQUIRE_KERNEL=1`.
+pub fn need<T, E: std::fmt::Display>(feature: &str, r: Result<T, E>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) if require_kernel() => {
+            panic!("kernel feature {feature} is required (UFFD_WP_REQUIRE_KERNEL=1): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: needs kernel feature {feature}: {e}");
+            None
+        }
+    }
+}
+
+/// A Linux lab, or a skip when userfaultfd is unavailable.
+pub fn lab(wp_unpopulated: bool) -> Option<crate::backend::linux::lab::LinuxLab> {
+    need(
+        if wp_unpopulated {
+            "userfaultfd with UFFD_FEATURE_WP_UNPOPULATED"
+        } else {
+            "userfaultfd with UFFD_FEATURE_PAGEFAULT_FLAG_WP"
+        },
+        crate::backend::linux::lab::LinuxLab::open(crate::seam::lab::LabConfig {
+            wp_unpopulated,
+            async_wp: false,
+        }),
+    )
+}
+
+/// Transparent huge pages on `madvise` or `always`, or a skip naming them.
+pub fn thp() -> Option<()> {
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            if s.contains("[never]") {
+                Err(format!("THP is off: {}", s.trim()))
+            } else {
+                Ok(())
+            }
+        });
+    need("transparent huge pages (madvise or always)", mode)
+}
