@@ -106,7 +106,10 @@ fn no_library_module_imports_from_a_layer_above_its_own() {
         }
     }
     assert!(checked > 100, "the scan found only {checked} imports");
-    assert!(upward.is_empty(), "imports from a higher layer: {upward:#?}");
+    assert!(
+        upward.is_empty(),
+        "imports from a higher layer: {upward:#?}"
+    );
 }
 
 #[test]
@@ -126,8 +129,15 @@ fn the_models_backend_imports_only_the_seam_and_below() {
             }
         }
     }
-    assert!(files.len() > 5, "model sources not found under {}", src.display());
-    assert!(bad.is_empty(), "the model backend reaches above the seam: {bad:#?}");
+    assert!(
+        files.len() > 5,
+        "model sources not found under {}",
+        src.display()
+    );
+    assert!(
+        bad.is_empty(),
+        "the model backend reaches above the seam: {bad:#?}"
+    );
 }
 
 #[test]
