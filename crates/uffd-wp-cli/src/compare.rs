@@ -36,12 +36,21 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     if a.setup {
         setup
             .swap(&std::env::temp_dir(), 256)
-            .map_err(|e| CliError::Usage(format!("--setup: {e}")))?;
+            .map_err(|e| CliError::Compare {
+                operation: "--setup",
+                message: e.to_string(),
+            })?;
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| CliError::Usage(format!("locating the uffd-wp binary: {e}")))?;
+    let exe = std::env::current_exe().map_err(|source| CliError::Io {
+        operation: "locating",
+        path: "the uffd-wp binary".into(),
+        source,
+    })?;
     let cmd = vec![exe.to_string_lossy().into_owned(), "compare-worker".into()];
-    let mut worker = Worker::spawn(&cmd).map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut worker = Worker::spawn(&cmd).map_err(|e| CliError::Compare {
+        operation: "starting the kernel worker",
+        message: e.to_string(),
+    })?;
     if let Some(path) = &a.replay {
         return replay(path, &mut worker);
     }
@@ -61,8 +70,13 @@ pub fn run(a: &Args) -> Result<(), CliError> {
             "note: no active swap (/proc/swaps): swap cases skipped (MADV_PAGEOUT runs without swap); --setup makes a swapfile (root)"
         );
     }
-    let report = compare(a.cases, a.seed, env, &mut worker, |n| bar.set_position(n))
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let report =
+        compare(a.cases, a.seed, env, &mut worker, |n| bar.set_position(n)).map_err(|e| {
+            CliError::Compare {
+                operation: "running the cases",
+                message: e.to_string(),
+            }
+        })?;
     bar.finish_and_clear();
     if a.json {
         print_json(&report);
@@ -88,12 +102,18 @@ pub fn run(a: &Args) -> Result<(), CliError> {
 
 /// `--replay FILE`: one case on both sides, every step side by side.
 fn replay(path: &std::path::Path, worker: &mut Worker) -> Result<(), CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::Usage(format!("reading {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+        operation: "reading",
+        path: path.display().to_string(),
+        source,
+    })?;
     let case: uffd_wp_compare::Case = serde_json::from_str(&text)
         .map_err(|e| CliError::Usage(format!("{}: not a case: {e}", path.display())))?;
     let (kernel, model) =
-        uffd_wp_compare::replay(&case, worker).map_err(|e| CliError::Usage(e.to_string()))?;
+        uffd_wp_compare::replay(&case, worker).map_err(|e| CliError::Compare {
+            operation: "replaying the case",
+            message: e.to_string(),
+        })?;
     let kernel = kernel.map_err(|e| CliError::Unverified(format!("kernel side: {e}")))?;
     let mut same = kernel == model;
     for (i, op) in case.ops.iter().enumerate() {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod compare;
+mod error;
 mod pins;
 mod probe;
 mod scenario;
@@ -12,6 +13,8 @@ mod workload;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+pub use error::CliError;
 
 /// Exact, pin-aware userfaultfd write-protection.
 #[derive(Debug, Parser)]
@@ -45,29 +48,6 @@ enum Command {
     Workload(workload::Args),
 }
 
-/// A failure the CLI reports on stderr with a non-zero exit.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// A scenario could not run.
-    #[error(transparent)]
-    Scenario(#[from] uffd_wp::scenario::ScenarioError),
-    /// A benchmark could not run, or a measured report was wrong.
-    #[error(transparent)]
-    Bench(#[from] uffd_wp_bench::protect::BenchError),
-    /// Dirty tracking failed.
-    #[error(transparent)]
-    Track(#[from] uffd_wp::engine::track::TrackError),
-    /// The pins of a process could not be discovered.
-    #[error(transparent)]
-    Pins(#[from] uffd_wp::backend::pins::PinScanError),
-    /// A report did not match the page tables.
-    #[error("{0}")]
-    Unverified(String),
-    /// Bad command-line input.
-    #[error("{0}")]
-    Usage(String),
-}
-
 fn main() -> ExitCode {
     // `uffd-wp ... --json | head` ends quietly, like any Unix tool, instead of panicking.
     let _ = uffd_wp::sys::signal::default_sigpipe();
@@ -88,11 +68,11 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if error::json_requested() {
+                print_json(&serde_json::json!({ "error": e.report() }));
+            }
             eprintln!("uffd-wp: error: {e}");
-            ExitCode::from(match e {
-                CliError::Unverified(_) => 1,
-                _ => 2,
-            })
+            ExitCode::from(e.exit_code())
         }
     }
 }

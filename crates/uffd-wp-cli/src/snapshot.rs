@@ -68,18 +68,17 @@ pub fn run(a: &Args) -> Result<(), CliError> {
             "--size must be a non-zero multiple of {PAGE_SIZE} and --threads at least 1"
         )));
     }
-    let mm = LinuxMm::open().map_err(|e| CliError::Usage(format!("userfaultfd: {e}")))?;
+    let out = create_out(a.out.as_deref())?;
+    let mm = LinuxMm::open()?;
     let w = Workload::start(WorkloadConfig {
         size: a.size,
         threads: a.threads,
         thp: a.thp,
         ..WorkloadConfig::default()
     })
-    .map_err(|e| {
-        CliError::Usage(format!(
-            "starting the workload: {}",
-            uffd_wp::sys::errno_name(e)
-        ))
+    .map_err(|errno| CliError::Os {
+        operation: "starting the workload".into(),
+        errno,
     })?;
     w.resume();
     std::thread::sleep(Duration::from_millis(50));
@@ -117,8 +116,7 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         &q,
         &opts,
         |done, _| bar.set_position(done),
-    )
-    .map_err(|e| CliError::Usage(format!("snapshot: {e}")))?;
+    )?;
     bar.finish_and_clear();
     let oracle_us = oracle.into_inner().expect("oracle time").as_secs_f64() * 1e6;
     rep.pause_us -= oracle_us;
@@ -129,7 +127,7 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     let base = w.range().start();
     let bad = Workload::check_image(&versions, |p| img.page(base + p * PAGE_SIZE));
     rep.consistent = Some(bad.is_empty());
-    let stored = write_image(&img, a.out.as_deref())?;
+    let stored = write_image(&img, out)?;
     if a.json {
         let mut v = report_json(&rep, stored);
         v["workload"] = serde_json::json!({
@@ -204,16 +202,38 @@ fn options(a: &Args) -> SnapshotOptions {
 }
 
 /// Writes the image to `--out` if given; returns the pages stored.
-fn write_image(
-    img: &snapshot::Image,
-    out: Option<&std::path::Path>,
-) -> Result<Option<u64>, CliError> {
+/// The `--out` file, created (truncated) before anything is done to the memory, so that an
+/// unwritable path fails before the snapshot rather than after it.
+struct Out {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+fn create_out(out: Option<&std::path::Path>) -> Result<Option<Out>, CliError> {
     let Some(path) = out else { return Ok(None) };
-    let f = std::fs::File::create(path)
-        .map_err(|e| CliError::Usage(format!("creating {}: {e}", path.display())))?;
+    let file = std::fs::File::create(path).map_err(|source| CliError::Io {
+        operation: "creating",
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(Some(Out {
+        path: path.to_path_buf(),
+        file,
+    }))
+}
+
+/// Writes the image into the `--out` file; returns the pages stored.
+fn write_image(img: &snapshot::Image, out: Option<Out>) -> Result<Option<u64>, CliError> {
+    let Some(Out { path, file }) = out else {
+        return Ok(None);
+    };
     let (stored, _) = img
-        .write_to(std::io::BufWriter::new(f))
-        .map_err(|e| CliError::Usage(format!("writing {}: {e}", path.display())))?;
+        .write_to(std::io::BufWriter::new(file))
+        .map_err(|source| CliError::Io {
+            operation: "writing",
+            path: path.display().to_string(),
+            source,
+        })?;
     Ok(Some(stored))
 }
 

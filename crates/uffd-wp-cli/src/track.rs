@@ -118,7 +118,10 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         thp: a.thp,
         ..Default::default()
     })
-    .map_err(|e| CliError::Usage(format!("starting the workload: {e}")))?;
+    .map_err(|errno| CliError::Os {
+        operation: "starting the workload".into(),
+        errno,
+    })?;
     w.take_dirty();
     let bar = if std::io::stdout().is_terminal() && !a.json {
         let b = ProgressBar::new(a.epochs);

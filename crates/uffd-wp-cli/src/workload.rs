@@ -43,11 +43,9 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         thp: a.thp,
         ..WorkloadConfig::default()
     })
-    .map_err(|e| {
-        CliError::Usage(format!(
-            "starting the workload: {}",
-            uffd_wp::sys::errno_name(e)
-        ))
+    .map_err(|errno| CliError::Os {
+        operation: "starting the workload".into(),
+        errno,
     })?;
     w.resume();
     let mut out = std::io::stdout().lock();

@@ -241,8 +241,11 @@ fn draw(rows: &[Row], out: &std::path::Path) -> Result<(), String> {
 pub fn run(a: &Args) -> Result<(), CliError> {
     let mut rows = Vec::new();
     for p in &a.input {
-        let text = std::fs::read_to_string(p)
-            .map_err(|e| CliError::Usage(format!("reading {}: {e}", p.display())))?;
+        let text = std::fs::read_to_string(p).map_err(|source| CliError::Io {
+            operation: "reading",
+            path: p.display().to_string(),
+            source,
+        })?;
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| CliError::Usage(format!("{}: not JSON: {e}", p.display())))?;
         rows.extend(rows_of(&v).map_err(|e| CliError::Usage(format!("{}: {e}", p.display())))?);

@@ -64,8 +64,13 @@ fn parse_range(s: &str) -> Result<Range, CliError> {
 /// Runs it.
 pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
     let r = parse_range(range)?;
-    let (mm, attach) = LinuxMm::attach_with_report(pid, Config::default())
-        .map_err(|e| CliError::Usage(format!("attaching to process {pid}: {e}")))?;
+    let out = super::create_out(a.out.as_deref())?;
+    let (mm, attach) =
+        LinuxMm::attach_with_report(pid, Config::default()).map_err(|source| CliError::Attach {
+            operation: "attaching to",
+            pid,
+            source,
+        })?;
     match mm.fully_mapped(r) {
         Ok(true) => {}
         Ok(false) => {
@@ -74,10 +79,10 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
             )));
         }
         Err(e) => {
-            return Err(CliError::Usage(format!(
-                "reading /proc/{pid}/maps: {}",
-                uffd_wp::sys::errno_name(e)
-            )));
+            return Err(CliError::Os {
+                operation: format!("reading /proc/{pid}/maps"),
+                errno: e,
+            });
         }
     }
     let opts = super::options(a);
@@ -117,11 +122,15 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
     );
     bar.finish_and_clear();
     if let Some(e) = rq.last_error() {
-        return Err(CliError::Usage(format!("freezing process {pid}: {e}")));
+        return Err(CliError::Attach {
+            operation: "freezing",
+            pid,
+            source: e,
+        });
     }
-    let (img, rep) = res.map_err(|e| CliError::Usage(format!("snapshot of process {pid}: {e}")))?;
+    let (img, rep) = res?;
     let freeze = rq.last_stats();
-    let stored = super::write_image(&img, a.out.as_deref())?;
+    let stored = super::write_image(&img, out)?;
     if a.json {
         let mut v = super::report_json(&rep, stored);
         v["remote"] = serde_json::json!({

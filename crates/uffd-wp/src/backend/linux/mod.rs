@@ -56,6 +56,18 @@ pub enum OpenError {
     },
 }
 
+impl OpenError {
+    /// The errno behind the failure (EOPNOTSUPP for missing features).
+    pub fn errno(&self) -> Errno {
+        match self {
+            OpenError::Create(e)
+            | OpenError::Api { errno: e, .. }
+            | OpenError::Proc { errno: e, .. } => *e,
+            OpenError::Unsupported { .. } => Errno::OPNOTSUPP,
+        }
+    }
+}
+
 /// The address space a backend monitors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {

@@ -141,6 +141,20 @@ pub enum AttachError {
 }
 
 impl AttachError {
+    /// The errno behind the failure (ESRCH for a process that is gone, ENOTSUP for an
+    /// unsupported architecture, ENOEXEC without a syscall instruction).
+    pub fn errno(&self) -> Errno {
+        match self {
+            AttachError::NoSuchProcess { .. } | AttachError::Exited { .. } => Errno::SRCH,
+            AttachError::Permission { errno, .. }
+            | AttachError::TargetSyscall { errno, .. }
+            | AttachError::Os { errno, .. } => *errno,
+            AttachError::UnsupportedArch { .. } => Errno::NOTSUP,
+            AttachError::NoSyscallSite { .. } => Errno::NOEXEC,
+            AttachError::Open(e) => e.errno(),
+        }
+    }
+
     /// Classifies an errno of an operation on `pid`.
     fn from_errno(pid: i32, tid: i32, op: &'static str, errno: Errno) -> AttachError {
         match errno {

@@ -257,6 +257,30 @@ pub enum SnapshotError {
     },
 }
 
+impl SnapshotError {
+    /// The errno behind the failure (EINVAL for an empty snapshot).
+    pub fn errno(&self) -> Errno {
+        match self {
+            SnapshotError::Empty => Errno::INVAL,
+            SnapshotError::Protect(e) => e.errno(),
+            SnapshotError::Image { errno, .. }
+            | SnapshotError::Register { errno, .. }
+            | SnapshotError::Copy { errno, .. }
+            | SnapshotError::Uffd { errno, .. } => *errno,
+        }
+    }
+
+    /// The address the failure is about, when there is one.
+    pub fn addr(&self) -> Option<u64> {
+        match self {
+            SnapshotError::Empty | SnapshotError::Image { .. } => None,
+            SnapshotError::Protect(e) => Some(e.addr()),
+            SnapshotError::Register { range, .. } => Some(range.start()),
+            SnapshotError::Copy { addr, .. } | SnapshotError::Uffd { addr, .. } => Some(*addr),
+        }
+    }
+}
+
 /// Bytes un-protected at once by the copier (one TLB flush each).
 pub const RELEASE_BATCH: u64 = 2 << 20;
 
