@@ -107,10 +107,16 @@ fn pins_of_itself_by_default() {
     assert_eq!(v["unexplained_bytes"], 0);
 }
 
+/// A failed `--json` run: exit status 2, no report on stdout but the error as JSON (kind
+/// `Pins`, the stderr message), and the message on stderr.
 fn failed(out: &Output) -> String {
     assert_eq!(out.status.code(), Some(2), "exit status 2");
-    assert!(out.stdout.is_empty());
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout: the error as JSON");
+    assert_eq!(v["error"]["kind"], "Pins", "{v}");
+    let msg = v["error"]["message"].as_str().expect("a message");
+    assert!(err.contains(msg), "{err} / {msg}");
+    err
 }
 
 #[test]
