@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
-use crate::backend::linux::{Config, LinuxMm, OpenError};
+use crate::backend::linux::{Config, OpenError};
 use crate::engine::protect::{OnError, WpError, WpOptions, unprotect, write_protect};
 use crate::features::{self, Features};
 use crate::range::{PAGE_SIZE, Range, RangeSet};
@@ -193,7 +193,7 @@ impl Selection {
         )
     }
 
-    /// The [`LinuxMm`] configuration the chosen method needs.
+    /// The [`LinuxMm`](crate::backend::linux::LinuxMm) configuration the chosen method needs.
     pub fn config(&self) -> Config {
         match self.method {
             Method::AsyncWp => Config::async_wp(),
@@ -204,14 +204,6 @@ impl Selection {
             },
         }
     }
-}
-
-/// Probes the kernel, chooses a method (or checks `forced`), and opens a [`LinuxMm`] on this
-/// process configured for it.
-pub fn open_linux(forced: Option<Method>) -> Result<(LinuxMm, Selection), TrackError> {
-    let sel = Selection::probe(forced)?;
-    let mm = LinuxMm::open_with(sel.config()).map_err(TrackError::Open)?;
-    Ok((mm, sel))
 }
 
 /// Which write-protection step failed.
