@@ -35,108 +35,26 @@
 //! On any error, and when dropped, the tracker un-protects and unregisters everything it armed:
 //! nothing is left write-protected. [`Tracker::close`] does the same and reports failures.
 
+// This file: the `Tracker` (arming, the WP methods' register + exact protect, the epoch
+// boundary, disarming). One file per method, with its epoch and its own arming step:
+mod async_wp; // PAGEMAP_SCAN with WP_MATCHING: written pages returned and re-protected
+mod soft_dirty; // clear_refs and pagemap bit 55 (and the test double that exercises it)
+mod sync_wp; // the fault-handler thread, re-protecting the recorded pages
+// Choosing the method (and the probe), and what the tracker takes and reports:
 mod select;
 mod types;
 
 pub use select::{Method, Selection};
 pub use types::{Epoch, Phase, TrackError, TrackOptions};
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::protect::{WpOptions, unprotect, write_protect};
-use crate::range::{PAGE_SIZE, Range, RangeSet};
+use crate::range::{Range, RangeSet};
+use crate::seam::RegisterMode;
 use crate::seam::prelude::*;
-use crate::seam::{Errno, Event, RegisterMode, ScanRequest, WpMode};
-use crate::sys::pagemap::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, category};
-
-/// `UFFD_PAGEFAULT_FLAG_WP`.
-const FAULT_FLAG_WP: u64 = linux_raw_sys::general::UFFD_PAGEFAULT_FLAG_WP as u64;
-
-/// What the sync handler thread and the epochs share.
-#[derive(Debug, Default)]
-struct SyncShared {
-    /// Pages un-protected by the handler since the last boundary. Held from recording a page
-    /// to un-protecting it, and from taking the set to re-protecting it.
-    pages: Mutex<Vec<u64>>,
-    stop: AtomicBool,
-    faults: AtomicU64,
-    error: Mutex<Option<TrackError>>,
-}
-
-#[derive(Debug)]
-struct SyncHandler {
-    shared: Arc<SyncShared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// Serves every pending uffd event: a WP fault in `range` is recorded, then its page is
-/// un-protected (which wakes the writer); any other fault is woken. Returns the first failure
-/// after trying every event (a failed un-protect is still woken so the writer retries).
-fn drain_faults<M: Mm + ?Sized>(
-    mm: &M,
-    range: Range,
-    pages: &mut Vec<u64>,
-    faults: &AtomicU64,
-) -> Result<(), TrackError> {
-    loop {
-        let events = mm
-            .read_events(64)
-            .map_err(|errno| TrackError::Events { errno })?;
-        if events.is_empty() {
-            return Ok(());
-        }
-        let mut first = None;
-        for ev in events {
-            let Event::PageFault { flags, address, .. } = ev else {
-                continue;
-            };
-            let start = address & !(PAGE_SIZE - 1);
-            let page = Range::from_bounds(start, start + PAGE_SIZE);
-            let res = if flags & FAULT_FLAG_WP != 0 {
-                if range.contains(start) {
-                    pages.push(start);
-                }
-                faults.fetch_add(1, Ordering::Relaxed);
-                mm.writeprotect(page, WpMode::Unprotect { dontwake: false })
-            } else {
-                mm.wake(page)
-            };
-            if let Err(errno) = res {
-                let _ = mm.wake(page);
-                first.get_or_insert(TrackError::Fault { addr: start, errno });
-            }
-        }
-        if let Some(e) = first {
-            return Err(e);
-        }
-    }
-}
-
-fn handler_loop<M: Mm + ?Sized>(mm: Arc<M>, range: Range, sh: Arc<SyncShared>, poll_ms: i32) {
-    while !sh.stop.load(Ordering::Acquire) {
-        match mm.wait_event(poll_ms) {
-            Ok(true) => {}
-            Ok(false) | Err(Errno::INTR) => continue,
-            Err(errno) => {
-                sh.error
-                    .lock()
-                    .expect("handler error lock")
-                    .get_or_insert(TrackError::Events { errno });
-                return;
-            }
-        }
-        let mut pages = sh.pages.lock().expect("dirty pages lock");
-        if let Err(e) = drain_faults(&*mm, range, &mut pages, &sh.faults) {
-            sh.error
-                .lock()
-                .expect("handler error lock")
-                .get_or_insert(e);
-        }
-    }
-}
+use sync_wp::SyncHandler;
 
 /// A dirty tracker over one range of an [`Mm`]. See the module docs.
 #[derive(Debug)]
@@ -211,17 +129,20 @@ impl<M: Mm + ?Sized + 'static> Tracker<M> {
     }
 
     fn arm(&mut self) -> Result<(), TrackError> {
-        let range = self.range;
-        if self.method == Method::SoftDirty {
-            return self
-                .mm
-                .clear_soft_dirty()
-                .map_err(|errno| TrackError::SoftDirty {
-                    op: "clear_refs",
-                    addr: range.start(),
-                    errno,
-                });
+        match self.method {
+            Method::SoftDirty => self.arm_soft_dirty(),
+            Method::AsyncWp => self.arm_wp(),
+            Method::SyncWp => {
+                self.arm_wp()?;
+                self.start_handler()
+            }
         }
+    }
+
+    /// WP methods: registers the range for WP and write-protects it exactly, pinned pages
+    /// excepted (left writable, remembered in `skipped`).
+    fn arm_wp(&mut self) -> Result<(), TrackError> {
+        let range = self.range;
         self.mm
             .register(range, RegisterMode::WP)
             .map_err(|errno| TrackError::Register { range, errno })?;
@@ -248,20 +169,6 @@ impl<M: Mm + ?Sized + 'static> Tracker<M> {
             });
         }
         self.skipped = rep.skipped;
-        if self.method == Method::SyncWp {
-            let shared = Arc::new(SyncShared::default());
-            let (mm, sh, poll) = (Arc::clone(&self.mm), Arc::clone(&shared), self.opts.poll_ms);
-            let thread = std::thread::Builder::new()
-                .name("uffd-wp-track".into())
-                .spawn(move || handler_loop(mm, range, sh, poll))
-                .map_err(|e| TrackError::Spawn {
-                    errno: crate::sys::errno_of(&e),
-                })?;
-            self.sync = Some(SyncHandler {
-                shared,
-                thread: Some(thread),
-            });
-        }
         Ok(())
     }
 
@@ -325,103 +232,6 @@ impl<M: Mm + ?Sized + 'static> Tracker<M> {
             .map_err(|errno| TrackError::Pinned { range, errno })
     }
 
-    /// Written pages outside the pins, re-protected by the same walk. A page pinned before and
-    /// released since was left writable, so it reads as written and is protected again here.
-    fn epoch_async(&mut self) -> Result<(RangeSet, RangeSet, u64), TrackError> {
-        let pinned = self.pinned()?;
-        let mut dirty = RangeSet::new();
-        for r in RangeSet::single(self.range).difference(&pinned).iter() {
-            let req = ScanRequest {
-                flags: SCAN_WP_MATCHING | SCAN_CHECK_WPASYNC,
-                start: r.start(),
-                end: r.end(),
-                category_mask: category::WRITTEN,
-                return_mask: category::WRITTEN,
-                ..Default::default()
-            };
-            let res = self
-                .mm
-                .scan_all(&req)
-                .map_err(|errno| TrackError::Scan { range: *r, errno })?;
-            if res.walk_end < r.end() {
-                return Err(TrackError::ScanIncomplete {
-                    range: *r,
-                    walk_end: res.walk_end,
-                });
-            }
-            for g in &res.regions {
-                let (a, b) = (g.start.max(r.start()), g.end.min(r.end()));
-                if a < b {
-                    dirty.insert(Range::from_bounds(a, b));
-                }
-            }
-        }
-        Ok((dirty, pinned, 0))
-    }
-
-    fn epoch_sync(&mut self) -> Result<(RangeSet, RangeSet, u64), TrackError> {
-        let range = self.range;
-        let h = self.sync.as_ref().expect("sync tracker has a handler");
-        let shared = Arc::clone(&h.shared);
-        let mut pages = shared.pages.lock().expect("dirty pages lock");
-        if let Some(e) = shared.error.lock().expect("handler error lock").take() {
-            return Err(e);
-        }
-        // Faults already queued belong to the closing epoch.
-        drain_faults(&*self.mm, range, &mut pages, &shared.faults)?;
-        let faults = shared.faults.swap(0, Ordering::Relaxed);
-        let recorded = RangeSet::from_ranges(
-            pages
-                .drain(..)
-                .map(|a| Range::from_bounds(a, a + PAGE_SIZE)),
-        );
-        let pinned = self.pinned()?;
-        let released = self.skipped.difference(&pinned);
-        let writable = recorded.union(&released);
-        let dirty = writable.difference(&pinned);
-        let opts = WpOptions {
-            skip_pinned: false,
-            on_error: self.opts.on_error,
-        };
-        for r in dirty.iter() {
-            let fail = |addr, bytes, source| TrackError::Protect {
-                phase: Phase::Reprotect,
-                range: *r,
-                addr,
-                bytes,
-                source,
-            };
-            let rep = write_protect(&*self.mm, *r, &opts)
-                .map_err(|e| fail(e.addr(), r.len(), Some(e.clone())))?;
-            if !rep.complete() {
-                let addr = rep.not_protected.first_addr().unwrap_or(r.start());
-                return Err(fail(addr, rep.bytes_not_protected(), rep.error));
-            }
-        }
-        self.skipped = self.skipped.union(&recorded).intersection(&pinned);
-        drop(pages);
-        Ok((dirty, pinned, faults))
-    }
-
-    fn epoch_soft_dirty(&mut self) -> Result<(RangeSet, RangeSet, u64), TrackError> {
-        let range = self.range;
-        let sd = |op, errno| TrackError::SoftDirty {
-            op,
-            addr: range.start(),
-            errno,
-        };
-        let states = self
-            .mm
-            .page_states(range)
-            .map_err(|e| sd("pagemap read", e))?;
-        self.mm
-            .clear_soft_dirty()
-            .map_err(|e| sd("clear_refs", e))?;
-        let pinned = self.pinned()?;
-        let dirty = crate::seam::pages_where(range, &states, |s| s.soft_dirty).difference(&pinned);
-        Ok((dirty, pinned, 0))
-    }
-
     /// Disarms after `first` and returns what to report.
     fn fail(&mut self, first: TrackError) -> TrackError {
         match self.disarm() {
@@ -442,7 +252,7 @@ impl<M: Mm + ?Sized + 'static> Tracker<M> {
         let range = self.range;
         let mut first = None;
         if let Some(h) = &self.sync {
-            h.shared.stop.store(true, Ordering::Release);
+            h.stop();
         }
         if self.protected {
             // Un-protecting also wakes any writer blocked on a WP fault.
@@ -473,10 +283,8 @@ impl<M: Mm + ?Sized + 'static> Tracker<M> {
             }
             self.registered = false;
         }
-        if let Some(mut h) = self.sync.take() {
-            if let Some(t) = h.thread.take() {
-                let _ = t.join();
-            }
+        if let Some(h) = self.sync.take() {
+            h.join();
         }
         first.map_or(Ok(()), Err)
     }
@@ -491,143 +299,5 @@ impl<M: Mm + ?Sized + 'static> Tracker<M> {
 impl<M: Mm + ?Sized + 'static> Drop for Tracker<M> {
     fn drop(&mut self) {
         let _ = self.disarm();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::features::Features;
-    use crate::seam::{PageState, ScanResult};
-
-    /// A test double with soft-dirty bits and nothing else: the soft-dirty tracker's logic,
-    /// which this project's kernel (no CONFIG_MEM_SOFT_DIRTY) cannot run.
-    #[derive(Debug)]
-    struct SoftDirtyMm {
-        range: Range,
-        bits: Mutex<Vec<bool>>,
-        pins: RangeSet,
-        fail_clear: AtomicBool,
-    }
-
-    impl SoftDirtyMm {
-        fn write(&self, page: u64) {
-            self.bits.lock().unwrap()[page as usize] = true;
-        }
-    }
-
-    impl Uffd for SoftDirtyMm {
-        fn backend(&self) -> &'static str {
-            "soft-dirty-double"
-        }
-        fn features(&self) -> Features {
-            Features::empty()
-        }
-        fn register(&self, _: Range, _: RegisterMode) -> Result<u64, Errno> {
-            Err(Errno::NOSYS)
-        }
-        fn unregister(&self, _: Range) -> Result<(), Errno> {
-            Err(Errno::NOSYS)
-        }
-        fn writeprotect(&self, _: Range, _: WpMode) -> Result<(), Errno> {
-            Err(Errno::NOSYS)
-        }
-        fn wake(&self, _: Range) -> Result<(), Errno> {
-            Err(Errno::NOSYS)
-        }
-        fn read_events(&self, _: usize) -> Result<Vec<Event>, Errno> {
-            Ok(vec![])
-        }
-        fn wait_event(&self, _: i32) -> Result<bool, Errno> {
-            Ok(false)
-        }
-    }
-
-    impl PageTables for SoftDirtyMm {
-        fn page_states(&self, r: Range) -> Result<Vec<PageState>, Errno> {
-            let bits = self.bits.lock().unwrap();
-            let first = (r.start() - self.range.start()) / PAGE_SIZE;
-            Ok((first..first + r.pages())
-                .map(|i| PageState {
-                    present: true,
-                    soft_dirty: bits[i as usize],
-                    ..Default::default()
-                })
-                .collect())
-        }
-        fn scan(&self, _: &ScanRequest, _: usize) -> Result<ScanResult, Errno> {
-            Err(Errno::NOTTY)
-        }
-        fn fully_mapped(&self, _: Range) -> Result<bool, Errno> {
-            Ok(true)
-        }
-        /// Like the kernel (clear_soft_dirty_pte skips pinned pages): pinned pages stay dirty.
-        fn clear_soft_dirty(&self) -> Result<(), Errno> {
-            if self.fail_clear.load(Ordering::Relaxed) {
-                return Err(Errno::NOMEM);
-            }
-            let mut bits = self.bits.lock().unwrap();
-            for (i, b) in bits.iter_mut().enumerate() {
-                let a = self.range.start() + i as u64 * PAGE_SIZE;
-                if !self.pins.contains(a) {
-                    *b = false;
-                }
-            }
-            Ok(())
-        }
-    }
-
-    impl Pins for SoftDirtyMm {
-        fn pinned(&self, r: Range) -> Result<RangeSet, Errno> {
-            Ok(self.pins.clip(r))
-        }
-    }
-
-    impl Memory for SoftDirtyMm {
-        fn read_memory(&self, _: u64, _: &mut [u8]) -> Result<(), Errno> {
-            Err(Errno::NOSYS)
-        }
-    }
-
-    #[test]
-    fn soft_dirty_epochs_on_a_double() {
-        let range = Range::new(1 << 20, 64 * PAGE_SIZE).unwrap();
-        let page = |i: u64| {
-            Range::from_bounds(
-                range.start() + i * PAGE_SIZE,
-                range.start() + (i + 1) * PAGE_SIZE,
-            )
-        };
-        let pins = RangeSet::single(Range::from_bounds(page(40).start(), page(44).start()));
-        let mm = Arc::new(SoftDirtyMm {
-            range,
-            bits: Mutex::new(vec![true; 64]),
-            pins: pins.clone(),
-            fail_clear: AtomicBool::new(false),
-        });
-        let mut t = Tracker::start_auto(Arc::clone(&mm), range, TrackOptions::default()).unwrap();
-        assert_eq!(t.method(), Method::SoftDirty);
-        for i in [3, 4, 9, 41] {
-            mm.write(i);
-        }
-        let e = t.epoch().unwrap();
-        assert_eq!(e.dirty, [3, 4, 9].into_iter().map(page).collect());
-        assert_eq!(e.pinned, pins);
-        let e = t.epoch().unwrap();
-        assert_eq!((e.index, e.dirty.clone()), (1, RangeSet::new()));
-        assert_eq!(e.pinned, pins);
-        mm.write(63);
-        mm.fail_clear.store(true, Ordering::Relaxed);
-        let err = t.epoch().unwrap_err();
-        assert!(matches!(
-            err,
-            TrackError::SoftDirty {
-                op: "clear_refs",
-                errno: Errno::NOMEM,
-                ..
-            }
-        ));
-        assert!(matches!(t.epoch(), Err(TrackError::Disarmed { .. })));
-        t.close().unwrap();
     }
 }

@@ -182,7 +182,7 @@ impl TrackError {
     }
 }
 
-/// Options of a [`Tracker`].
+/// Options of a [`Tracker`](super::Tracker).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrackOptions {
     /// Failure policy of the write-protect calls (arming, sync re-protection, disarming).
@@ -219,8 +219,10 @@ pub struct Epoch {
     /// without any fault).
     pub pinned: RangeSet,
     /// Long-term pinned bytes of the process that no known source explains, at the boundary
-    /// ([`Mm::unexplained_pinned_bytes`](crate::seam::Pins::unexplained_pinned_bytes)): non-zero means some written page may be missing
+    /// ([`Mm::unexplained_pinned_bytes`]): non-zero means some written page may be missing
     /// from `dirty` and `pinned` (a device may write under a pin nobody can place).
+    ///
+    /// [`Mm::unexplained_pinned_bytes`]: crate::seam::Pins::unexplained_pinned_bytes
     pub unexplained_pinned_bytes: u64,
     /// Time the epoch boundary took (scan and re-arm).
     pub elapsed: Duration,
