@@ -12,6 +12,9 @@
 //!
 //! Every epoch's dirty set is checked against the pages written. A warm-up round is not
 //! recorded (with THP, the first round also splits the huge pages, as both trackers do).
+//!
+//! Also [`open_linux`], which probes the kernel and opens the Linux backend for a tracker (for
+//! `uffd-wp track`): the tracker engine takes any [`uffd_wp::Mm`] and never chooses a backend.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +23,7 @@ use serde::Serialize;
 
 use crate::sys::sigsegv::MprotectTracker;
 use uffd_wp::backend::linux::{Config, LinuxMm};
-use uffd_wp::engine::track::{Method, TrackError, TrackOptions, Tracker};
+use uffd_wp::engine::track::{Method, Selection, TrackError, TrackOptions, Tracker};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, Range, RangeSet};
 use uffd_wp::seam::Errno;
 use uffd_wp::sys::errno_name;
@@ -55,6 +58,14 @@ pub enum TrackBenchError {
         /// Written pages not reported.
         missed: u64,
     },
+}
+
+/// Probes the kernel, chooses a tracking method (or checks `forced`), and opens a [`LinuxMm`]
+/// on this process configured for it ([`Selection::config`]).
+pub fn open_linux(forced: Option<Method>) -> Result<(LinuxMm, Selection), TrackError> {
+    let sel = Selection::probe(forced)?;
+    let mm = LinuxMm::open_with(sel.config()).map_err(TrackError::Open)?;
+    Ok((mm, sel))
 }
 
 fn setup(what: &'static str) -> impl Fn(Errno) -> TrackBenchError {

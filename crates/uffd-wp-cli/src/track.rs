@@ -18,7 +18,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use uffd_wp::engine::track::{self, Method, Selection, TrackOptions, Tracker};
+use uffd_wp::engine::track::{Method, Selection, TrackOptions, Tracker};
 use uffd_wp::range::parse_size;
 use uffd_wp::sys::mem::Thp;
 use uffd_wp_bench::track::{self as tbench, TrackBenchConfig, TrackFigures};
@@ -111,7 +111,7 @@ pub fn run(a: &Args) -> Result<(), CliError> {
             "--threads and --epochs must be at least 1".into(),
         ));
     }
-    let (mm, selection) = track::open_linux(a.method)?;
+    let (mm, selection) = tbench::open_linux(a.method)?;
     let w = Workload::start(WorkloadConfig {
         size: a.size,
         threads: a.threads,

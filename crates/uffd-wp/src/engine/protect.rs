@@ -310,7 +310,28 @@ struct Walk<'a, M: Mm + ?Sized> {
     read_back_bytes: u64,
 }
 
-impl<M: Mm + ?Sized> Walk<'_, M> {
+/// What [`write_protect`] decided before its first raw call.
+struct Plan {
+    /// Pinned pages left writable (`skip_pinned`).
+    skipped: RangeSet,
+    /// With `skip_pinned`: [`Mm::unexplained_pinned_bytes`] after reading the pins.
+    unexplained_pinned_bytes: u64,
+    /// Rollback policy: the protected pages of the targets before this call.
+    before: Option<RangeSet>,
+    /// The pages to protect, cut at every PUD boundary: one raw call each.
+    chunks: Vec<Range>,
+}
+
+impl<'a, M: Mm + ?Sized> Walk<'a, M> {
+    fn new(mm: &'a M, op: WpOp) -> Self {
+        Walk {
+            mm,
+            op,
+            raw_calls: 0,
+            read_back_bytes: 0,
+        }
+    }
+
     fn raw(&mut self, r: Range, mode: WpMode) -> Result<(), Errno> {
         self.raw_calls += 1;
         self.mm.writeprotect(r, mode)
@@ -338,6 +359,117 @@ impl<M: Mm + ?Sized> Walk<'_, M> {
     fn clean_return_is_exact(&self, chunk: Range) -> bool {
         self.mm.features().contains(Features::WP_UNPOPULATED)
             && self.mm.fully_mapped(chunk).unwrap_or(false)
+    }
+
+    /// Protect, phase 1: checks that the uffd can write-protect, then plans the pinned pages
+    /// to skip, the prior state a rollback needs, and the chunks.
+    fn plan(&mut self, range: Range, opts: &WpOptions) -> Result<Plan, WpError> {
+        let op = self.op;
+        if !self.mm.features().contains(Features::PAGEFAULT_FLAG_WP) {
+            return Err(WpError::Unsupported {
+                op,
+                addr: range.start(),
+                missing: Features::PAGEFAULT_FLAG_WP,
+            });
+        }
+        let (skipped, unexplained_pinned_bytes) = if opts.skip_pinned {
+            let pinned =
+                self.mm
+                    .pinned(range)
+                    .map_err(|errno| WpError::ReadBack { op, range, errno })?;
+            (pinned, self.mm.unexplained_pinned_bytes())
+        } else {
+            (RangeSet::new(), 0)
+        };
+        let targets = RangeSet::single(range).difference(&skipped);
+        let before = match opts.on_error {
+            OnError::Rollback => Some(self.read_back_set(&targets)?),
+            _ => None,
+        };
+        let chunks = targets
+            .iter()
+            .flat_map(|t| t.split_at_multiples(PUD_SIZE).collect::<Vec<_>>())
+            .collect();
+        Ok(Plan {
+            skipped,
+            unexplained_pinned_bytes,
+            before,
+            chunks,
+        })
+    }
+
+    /// Protect, phase 2: one raw call per chunk (with the retry policy) until one fails.
+    /// Returns the pages protected, verified (a clean return is trusted only where it is exact
+    /// by construction, otherwise the chunk is read back), the first failure, and how many
+    /// chunks were attempted.
+    fn protect_chunks(
+        &mut self,
+        chunks: &[Range],
+        policy: OnError,
+    ) -> Result<(RangeSet, Option<WpError>, usize), WpError> {
+        let mut protected = RangeSet::new();
+        for (i, &chunk) in chunks.iter().enumerate() {
+            match with_retry(policy, || self.raw(chunk, WpMode::Protect)) {
+                Ok(()) if self.clean_return_is_exact(chunk) => protected.insert(chunk),
+                Ok(()) => protected.extend(&self.read_back(chunk)?),
+                Err(errno) => {
+                    let (now, error) = self.read_back_failed(chunk, errno)?;
+                    protected.extend(&now);
+                    return Ok((protected, Some(error), i + 1));
+                }
+            }
+        }
+        Ok((protected, None, chunks.len()))
+    }
+
+    /// Protect, phase 2, when the raw call over `chunk` failed with `errno`: the chunk's
+    /// protected pages, read back, and the error at its first page left unprotected.
+    fn read_back_failed(
+        &mut self,
+        chunk: Range,
+        errno: Errno,
+    ) -> Result<(RangeSet, WpError), WpError> {
+        let op = self.op;
+        let failed = |addr| WpError::Kernel {
+            op,
+            kind: FailureKind::of(errno),
+            errno,
+            addr,
+        };
+        // If the state cannot even be read (a range past the task size, a dead process), the
+        // kernel's own error is the one that explains it.
+        let now = self.read_back(chunk).map_err(|_| failed(chunk.start()))?;
+        let addr = now
+            .complement_in(chunk)
+            .first_addr()
+            .unwrap_or(chunk.start());
+        Ok((now, failed(addr)))
+    }
+
+    /// Protect, phase 4 (rollback policy, after a failure): un-protects every page this call
+    /// protected (`protected` but not `before`), one raw call per PUD at most. Returns what is
+    /// still protected.
+    fn roll_back(
+        &mut self,
+        mut protected: RangeSet,
+        before: &RangeSet,
+    ) -> Result<RangeSet, WpError> {
+        let ours = protected.difference(before);
+        for r in ours.iter() {
+            for part in r.split_at_multiples(PUD_SIZE) {
+                if self
+                    .raw(part, WpMode::Unprotect { dontwake: false })
+                    .is_err()
+                {
+                    // Un-protecting never allocates; if it still fails, the state is read back.
+                    let still = self.read_back(part)?;
+                    protected = protected.difference(&RangeSet::single(part)).union(&still);
+                    continue;
+                }
+                protected = protected.difference(&RangeSet::single(part));
+            }
+        }
+        Ok(protected)
     }
 }
 
@@ -371,89 +503,19 @@ pub fn write_protect<M: Mm + ?Sized>(
     opts: &WpOptions,
 ) -> Result<WpReport, WpError> {
     let op = WpOp::Protect;
-    if !mm.features().contains(Features::PAGEFAULT_FLAG_WP) {
-        return Err(WpError::Unsupported {
-            op,
-            addr: range.start(),
-            missing: Features::PAGEFAULT_FLAG_WP,
-        });
-    }
-    let mut w = Walk {
-        mm,
-        op,
-        raw_calls: 0,
-        read_back_bytes: 0,
-    };
-    let skipped = if opts.skip_pinned {
-        mm.pinned(range)
-            .map_err(|errno| WpError::ReadBack { op, range, errno })?
-    } else {
-        RangeSet::new()
-    };
-    let unexplained_pinned_bytes = if opts.skip_pinned {
-        mm.unexplained_pinned_bytes()
-    } else {
-        0
-    };
-    let targets = RangeSet::single(range).difference(&skipped);
-    let before = match opts.on_error {
-        OnError::Rollback => Some(w.read_back_set(&targets)?),
-        _ => None,
-    };
-
-    let chunks: Vec<Range> = targets
-        .iter()
-        .flat_map(|t| t.split_at_multiples(PUD_SIZE).collect::<Vec<_>>())
-        .collect();
-    let mut protected = RangeSet::new();
-    let mut error = None;
-    let mut done = 0;
-    for (i, &chunk) in chunks.iter().enumerate() {
-        done = i + 1;
-        match with_retry(opts.on_error, || w.raw(chunk, WpMode::Protect)) {
-            Ok(()) if w.clean_return_is_exact(chunk) => protected.insert(chunk),
-            Ok(()) => protected.extend(&w.read_back(chunk)?),
-            Err(errno) => {
-                let failed = |addr| WpError::Kernel {
-                    op,
-                    kind: FailureKind::of(errno),
-                    errno,
-                    addr,
-                };
-                // If the state cannot even be read (a range past the task size, a dead
-                // process), the kernel's own error is the one that explains it.
-                let now = w.read_back(chunk).map_err(|_| failed(chunk.start()))?;
-                let addr = now
-                    .complement_in(chunk)
-                    .first_addr()
-                    .unwrap_or(chunk.start());
-                protected.extend(&now);
-                error = Some(failed(addr));
-                break;
-            }
-        }
-    }
-    // Chunks never attempted keep whatever state they had: read it.
-    let rest = RangeSet::from_ranges(chunks[done..].iter().copied());
+    let mut w = Walk::new(mm, op);
+    let plan = w.plan(range, opts)?;
+    let (mut protected, error, attempted) = w.protect_chunks(&plan.chunks, opts.on_error)?;
+    // Phase 3: chunks never attempted keep whatever state they had: read it.
+    let rest = RangeSet::from_ranges(plan.chunks[attempted..].iter().copied());
     protected.extend(&w.read_back_set(&rest)?);
-
     let mut rolled_back = false;
-    if let (Some(before), Some(_)) = (&before, &error) {
-        let ours = protected.difference(before);
-        for r in ours.iter() {
-            for part in r.split_at_multiples(PUD_SIZE) {
-                if w.raw(part, WpMode::Unprotect { dontwake: false }).is_err() {
-                    // Un-protecting never allocates; if it still fails, the state is read back.
-                    let still = w.read_back(part)?;
-                    protected = protected.difference(&RangeSet::single(part)).union(&still);
-                    continue;
-                }
-                protected = protected.difference(&RangeSet::single(part));
-            }
-        }
+    if let (Some(before), Some(_)) = (&plan.before, &error) {
+        protected = w.roll_back(protected, before)?;
         rolled_back = true;
     }
 
+    let skipped = plan.skipped;
     let not_protected = RangeSet::single(range)
         .difference(&protected)
         .difference(&skipped);
@@ -467,7 +529,7 @@ pub fn write_protect<M: Mm + ?Sized>(
         rolled_back,
         raw_calls: w.raw_calls,
         read_back_bytes: w.read_back_bytes,
-        unexplained_pinned_bytes,
+        unexplained_pinned_bytes: plan.unexplained_pinned_bytes,
     };
     match &report.error {
         Some(e) if report.protected.is_empty() && report.skipped.is_empty() => Err(e.clone()),
@@ -484,12 +546,7 @@ pub fn unprotect<M: Mm + ?Sized>(
     on_error: OnError,
 ) -> Result<WpReport, WpError> {
     let op = WpOp::Unprotect;
-    let mut w = Walk {
-        mm,
-        op,
-        raw_calls: 0,
-        read_back_bytes: 0,
-    };
+    let mut w = Walk::new(mm, op);
     let chunks: Vec<Range> = range.split_at_multiples(PUD_SIZE).collect();
     let mut protected = RangeSet::new();
     let mut error = None;
