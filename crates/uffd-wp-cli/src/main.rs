@@ -13,6 +13,7 @@ mod workload;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use uffd_wp::helper;
 
 pub use error::CliError;
 
@@ -43,16 +44,25 @@ enum Command {
     Bench(bench::Args),
     /// Dirty-tracking epochs over the built-in workload, each beside the writers' ground truth.
     Track(track::Args),
-    /// The built-in workload in this process, forever: a target for `snapshot --pid` (tests).
-    #[command(hide = true)]
-    Workload(workload::Args),
+}
+
+/// Runs this process as the helper `kind` (see [`uffd_wp::helper`]); returns its exit code.
+fn serve_helper(kind: helper::Kind) -> i32 {
+    use helper::Kind;
+    match kind {
+        Kind::LostEnomem => uffd_wp::scenario::lost_enomem::child_main(kind),
+        Kind::PinHolder | Kind::PinKeeper => uffd_wp::testing::holder::holder_main(kind),
+        Kind::CompareWorker => compare::worker(),
+        Kind::Workload => workload::helper_main(),
+    }
 }
 
 fn main() -> ExitCode {
     // `uffd-wp ... --json | head` ends quietly, like any Unix tool, instead of panicking.
     let _ = uffd_wp::sys::signal::default_sigpipe();
-    uffd_wp::scenario::lost_enomem::maybe_run_child();
-    uffd_wp::testing::holder::maybe_run_holder();
+    if let Some(kind) = helper::entry(&helper::Kind::ALL) {
+        return ExitCode::from(serve_helper(kind) as u8);
+    }
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Probe(a) => probe::run(&a),
@@ -63,7 +73,6 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Track(a) => track::run(&a),
-        Command::Workload(a) => workload::run(&a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

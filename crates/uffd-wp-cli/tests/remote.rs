@@ -1,4 +1,4 @@
-//! The remote backend on the real kernel, against `uffd-wp workload` child processes: attach
+//! The remote backend on the real kernel, against workload helper processes: attach
 //! (a uffd created inside the target), write-protect from here and receive the target's WP
 //! faults, a remote snapshot, and THE KILL TESTS: a monitor process SIGKILLed mid-snapshot (in
 //! the copy, and inside the freeze) leaves the target running, writing, not stopped and with
@@ -9,14 +9,15 @@
 //! test is skipped with a message, or fails under `UFFD_WP_REQUIRE_KERNEL=1`.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::path::Path;
+use std::process::{ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use uffd_wp::backend::linux::remote::{self, SyscallSite};
 use uffd_wp::backend::linux::{AttachError, Config, LinuxMm, RemoteQuiesce};
 use uffd_wp::engine::snapshot::Image;
+use uffd_wp::helper::{Helper, HelperError, Kind};
 use uffd_wp::range::{PAGE_SIZE, Range};
 use uffd_wp::seam::prelude::*;
 use uffd_wp::seam::{Event, RegisterMode, WpMode};
@@ -43,75 +44,58 @@ fn euid() -> u32 {
         .expect("effective uid")
 }
 
-/// A `uffd-wp workload` child: its region, and its write counts as they are printed.
+/// A workload helper process (`uffd-wp`, helper kind `workload`): its region, and its write
+/// counts as it answers them.
 struct Workload {
-    child: Child,
+    child: Helper,
     pid: u32,
     range: Range,
     threads: usize,
-    writes: Receiver<u64>,
 }
 
 impl Workload {
     fn spawn(size: &str, threads: usize) -> Workload {
-        let mut child = Command::new(BIN)
-            .args([
-                "workload",
-                "--size",
-                size,
-                "--threads",
-                &threads.to_string(),
-            ])
-            .args(["--interval-ms", "20"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn uffd-wp workload");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut head = String::new();
-        out.read_line(&mut head).expect("workload header");
-        let v: Value = serde_json::from_str(&head).unwrap_or_else(|e| panic!("{head:?}: {e}"));
+        let target = serde_json::json!({
+            "size": uffd_wp::range::parse_size(size).expect("size"),
+            "threads": threads,
+            "interval_ms": 20,
+        });
+        let mut child = Helper::spawn(Path::new(BIN), &[], Kind::Workload, &target)
+            .expect("spawn the workload helper");
+        let v: Value = child.recv(PATIENCE).expect("workload header");
         let start = v["start"].as_u64().expect("start");
         let len = v["len"].as_u64().expect("len");
         let pid = v["pid"].as_u64().expect("pid") as u32;
-        assert_eq!(pid, child.id());
-        let (tx, writes) = channel();
-        std::thread::spawn(move || {
-            for line in out.lines() {
-                let Ok(line) = line else { return };
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if let Some(n) = v["writes"].as_u64()
-                    && tx.send(n).is_err()
-                {
-                    return;
-                }
-            }
-        });
+        assert_eq!(pid, child.pid());
         Workload {
             child,
             pid,
             range: Range::from_bounds(start, start + len),
             threads,
-            writes,
+        }
+    }
+
+    /// The next write count it answers within `wait` (None if none came).
+    fn writes_within(&mut self, wait: Duration) -> Option<u64> {
+        match self.child.recv::<Value>(wait) {
+            Ok(v) => Some(v["writes"].as_u64().expect("a write count")),
+            Err(HelperError::Timeout { .. }) => None,
+            Err(e) => panic!("workload {}: {e}", self.pid),
         }
     }
 
     /// The next write count it prints (panics if it stops printing).
-    fn next_writes(&self) -> u64 {
-        match self.writes.recv_timeout(PATIENCE) {
-            Ok(n) => n,
-            Err(RecvTimeoutError::Timeout) => panic!("workload {} stopped reporting", self.pid),
-            Err(RecvTimeoutError::Disconnected) => panic!("workload {} exited", self.pid),
-        }
+    fn next_writes(&mut self) -> u64 {
+        self.writes_within(PATIENCE)
+            .unwrap_or_else(|| panic!("workload {} stopped reporting", self.pid))
     }
 
     /// Waits until its write count grows past the latest value it printed, proving its writers
     /// run; returns (latest before, grown value).
-    fn assert_writing(&self) -> (u64, u64) {
+    fn assert_writing(&mut self) -> (u64, u64) {
         // Drain what is already buffered: the latest value is the baseline.
         let mut base = self.next_writes();
-        while let Ok(n) = self.writes.try_recv() {
+        while let Some(n) = self.writes_within(Duration::ZERO) {
             base = n;
         }
         let t0 = Instant::now();
@@ -129,14 +113,7 @@ impl Workload {
     }
 
     fn alive(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.try_wait().is_none()
     }
 }
 
@@ -219,7 +196,7 @@ fn can_attach(w: &Workload) -> bool {
 /// exactly what the target's page tables say; releasing the uffd leaves nothing protected.
 #[test]
 fn attach_protects_and_receives_the_targets_faults() {
-    let w = Workload::spawn("16M", 2);
+    let mut w = Workload::spawn("16M", 2);
     let Some((mm, rep)) = attach(w.pid, None) else {
         return;
     };
@@ -373,7 +350,7 @@ fn attach_errors_are_typed_and_leave_the_target_running() {
         Err(AttachError::NoSuchProcess { .. }) => {}
         other => panic!("expected NoSuchProcess, got {other:?}"),
     }
-    let w = Workload::spawn("4M", 1);
+    let mut w = Workload::spawn("4M", 1);
     let q = RemoteQuiesce::new(w.pid);
     let stats = match q.try_freeze() {
         Ok(s) => s,
@@ -417,7 +394,7 @@ fn attach_errors_are_typed_and_leave_the_target_running() {
 /// by the ptrace freeze), and the target runs on with nothing protected.
 #[test]
 fn remote_snapshot_of_a_running_workload() {
-    let w = Workload::spawn("64M", 2);
+    let mut w = Workload::spawn("64M", 2);
     if !can_attach(&w) {
         return;
     }

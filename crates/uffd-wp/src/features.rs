@@ -8,8 +8,9 @@ use serde::Serialize;
 use crate::range::Range;
 use crate::sys::{self, Errno};
 
-/// A set of `UFFD_FEATURE_*` bits.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+/// A set of `UFFD_FEATURE_*` bits (serialized as the number).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Features(pub u64);
 
 /// The kernel's feature names without the `UFFD_FEATURE_` prefix, lower case, by bit.

@@ -24,6 +24,7 @@
 pub mod backend;
 pub mod engine;
 pub mod features;
+pub mod helper;
 pub mod range;
 pub mod scenario;
 pub mod seam;

@@ -17,7 +17,7 @@ pub const PMD_SIZE: u64 = 2 << 20;
 pub const PUD_SIZE: u64 = 1 << 30;
 
 /// Why a `(start, len)` pair is not a valid page range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize, serde::Deserialize)]
 pub enum RangeError {
     /// The start address is not a multiple of the page size.
     #[error("start {0:#x} is not page aligned")]
@@ -141,8 +141,10 @@ impl fmt::Display for Range {
     }
 }
 
-/// A set of pages, stored as sorted, disjoint, coalesced ranges.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
+/// A set of pages, stored as sorted, disjoint, coalesced ranges; serialized as the list of its
+/// ranges.
+#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(from = "Vec<Range>", into = "Vec<Range>")]
 pub struct RangeSet {
     ranges: Vec<Range>,
 }
@@ -337,6 +339,31 @@ impl<'a> IntoIterator for &'a RangeSet {
 impl Serialize for Range {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         [self.start, self.end].serialize(s)
+    }
+}
+
+impl From<Vec<Range>> for RangeSet {
+    fn from(v: Vec<Range>) -> Self {
+        RangeSet::from_ranges(v)
+    }
+}
+
+impl From<RangeSet> for Vec<Range> {
+    fn from(s: RangeSet) -> Self {
+        s.ranges
+    }
+}
+
+/// From `[start, end]`, validated as [`Range::new`] does.
+impl<'de> serde::Deserialize<'de> for Range {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let [start, end] = <[u64; 2]>::deserialize(d)?;
+        if end <= start {
+            return Err(serde::de::Error::custom(format!(
+                "range [{start:#x}, {end:#x}) is empty"
+            )));
+        }
+        Range::new(start, end - start).map_err(serde::de::Error::custom)
     }
 }
 

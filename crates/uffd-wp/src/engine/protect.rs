@@ -28,8 +28,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use serde::Serialize;
 use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize};
 
 use crate::features::Features;
 use crate::range::{PUD_SIZE, Range, RangeError, RangeSet};
@@ -73,7 +73,7 @@ impl Default for WpOptions {
 }
 
 /// Which operation failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WpOp {
     /// Setting write protection.
@@ -92,7 +92,7 @@ impl fmt::Display for WpOp {
 }
 
 /// What a failure means for the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum FailureKind {
     /// ENOMEM: a page-table allocation failed. Retrying may succeed.
     NoMemory,
@@ -142,7 +142,8 @@ impl fmt::Display for FailureKind {
 }
 
 /// Why a write-protect or un-protect failed, with the errno, the address and the operation.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Serializable (errnos as numbers), so a helper process can send it whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum WpError {
     /// The request is malformed; nothing was done.
     #[error("{op} of {len:#x} bytes at {start:#x}: {source} (EINVAL)")]
@@ -174,6 +175,7 @@ pub enum WpError {
         /// What it means.
         kind: FailureKind,
         /// The kernel's errno.
+        #[serde(with = "crate::sys::errno_serde")]
         errno: Errno,
         /// The first page of the failed call that is not in the requested state (the start of
         /// the failed call when none is).
@@ -187,6 +189,7 @@ pub enum WpError {
         /// What could not be read.
         range: Range,
         /// The errno of the read.
+        #[serde(with = "crate::sys::errno_serde")]
         errno: Errno,
     },
 }

@@ -20,8 +20,9 @@ use crate::seam::Errno;
 pub use crate::seam::lab::{Lab, LabConfig, LabError, MapKind, PinWrite};
 use crate::sys::errno_name;
 
-/// Why a scenario could not run or failed outside what it measures.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a scenario could not run or failed outside what it measures. Serializable (errnos as
+/// numbers), so a helper process can send it whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, serde::Deserialize)]
 pub enum ScenarioError {
     /// No scenario has this name.
     #[error("unknown scenario {name:?}; `uffd-wp scenario --list` lists them")]
@@ -45,6 +46,7 @@ pub enum ScenarioError {
         /// What was being done.
         what: String,
         /// The errno.
+        #[serde(with = "crate::sys::errno_serde")]
         errno: Errno,
     },
 }

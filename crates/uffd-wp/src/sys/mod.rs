@@ -27,6 +27,39 @@ pub mod uring;
 
 pub use rustix::io::Errno;
 
+/// Serde for [`Errno`] as its raw number (`#[serde(with = "crate::sys::errno_serde")]`).
+pub mod errno_serde {
+    use super::Errno;
+
+    /// Serializes the raw errno.
+    pub fn serialize<S: serde::Serializer>(e: &Errno, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(e.raw_os_error())
+    }
+
+    /// Deserializes a raw errno.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Errno, D::Error> {
+        <i32 as serde::Deserialize>::deserialize(d).map(Errno::from_raw_os_error)
+    }
+
+    /// The same for `Option<Errno>`.
+    pub mod option {
+        use super::Errno;
+
+        /// Serializes the raw errno or null.
+        pub fn serialize<S: serde::Serializer>(e: &Option<Errno>, s: S) -> Result<S::Ok, S::Error> {
+            serde::Serialize::serialize(&e.map(Errno::raw_os_error), s)
+        }
+
+        /// Deserializes a raw errno or null.
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Errno>, D::Error> {
+            <Option<i32> as serde::Deserialize>::deserialize(d)
+                .map(|e| e.map(Errno::from_raw_os_error))
+        }
+    }
+}
+
 /// The symbolic name of an errno (`"ENOMEM"`), as reports print it.
 pub fn errno_name(e: Errno) -> String {
     let name = match e {

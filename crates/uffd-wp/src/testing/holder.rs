@@ -1,33 +1,28 @@
 //! A helper process that holds io_uring registered buffers until told to stop: the other
 //! process that pin discovery is tested against (and a way to see `uffd-wp pins --pid` work).
 //!
-//! An executable serves it by calling [`maybe_run_holder`] first in `main` (the `uffd-wp`
-//! binary does). [`Holder::spawn`] re-executes that binary with the configuration in
-//! [`HOLDER_ENV`]; the holder maps memory, registers the buffers, prints one JSON line
-//! ([`HolderReady`]) and then waits until its stdin is closed, so it never outlives its parent
-//! (dropping the [`Holder`] kills it).
+//! A helper process of kind [`Kind::PinHolder`] (see [`crate::helper`]): an executable serves
+//! it by calling [`maybe_run_holder`] first in `main` (the `uffd-wp` binary dispatches to
+//! [`holder_main`]). [`Holder::spawn`] re-executes that binary with its [`HolderConfig`]; the
+//! holder maps memory, registers the buffers, answers one [`HolderReady`] and then waits until
+//! its stdin is closed, so it never outlives its parent (dropping the [`Holder`] kills it).
 //!
 //! With [`HolderConfig::hide`], the holder passes its ring fd to a *keeper* child (the same
 //! binary, fd inherited) and closes its own: the buffers stay registered and counted in the
 //! holder's `VmPin`, but no fd of the holder names the ring. That is exactly the situation
 //! discovery reports as unexplained pinned bytes. The keeper exits when the holder does.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::helper::{self, Helper, HelperError, Kind, Parent};
 use crate::range::{PAGE_SIZE, Range};
+use crate::sys::errno_name;
 use crate::sys::mem::{Backing, Mapping, Thp};
 use crate::sys::uring::FixedRing;
-use crate::sys::{Errno, errno_name, errno_of};
-
-/// The environment variable that turns a re-executed binary into a holder (its value: the
-/// JSON [`HolderConfig`]) or a keeper ([`KEEPER`]).
-pub const HOLDER_ENV: &str = "UFFD_WP_PIN_HOLDER";
-/// The value of [`HOLDER_ENV`] for a keeper.
-pub const KEEPER: &str = "keeper";
 
 /// What the holder registers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,29 +48,16 @@ pub struct HolderReady {
     pub keeper_pid: Option<u32>,
 }
 
-/// Why a holder could not be started.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HolderError {
-    /// Spawning the executable failed.
-    #[error("spawning the pin holder {exe}: {}", errno_name(*errno))]
-    Spawn {
-        /// The executable.
-        exe: String,
-        /// The errno.
-        errno: Errno,
-    },
-    /// The holder exited or printed something else instead of its ready line.
-    #[error("pin holder failed: {what}")]
-    Failed {
-        /// What it printed or why it stopped.
-        what: String,
-    },
-}
+/// Why a holder could not be started: the helper's own error.
+pub type HolderError = HelperError;
+
+/// How long a holder may take to register its buffers.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running holder process; killed (and reaped) when dropped.
 #[derive(Debug)]
 pub struct Holder {
-    child: Option<Child>,
+    helper: Helper,
     /// Its ready line.
     pub ready: HolderReady,
 }
@@ -95,50 +77,10 @@ impl Holder {
         args: &[&str],
         cfg: &HolderConfig,
     ) -> Result<Holder, HolderError> {
-        let mut child = Command::new(exe)
-            .args(args)
-            .env(
-                HOLDER_ENV,
-                serde_json::to_string(cfg).expect("config serializes"),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| HolderError::Spawn {
-                exe: exe.display().to_string(),
-                errno: errno_of(&e),
-            })?;
-        let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut seen = String::new();
-        let ready = loop {
-            let mut line = String::new();
-            match out.read_line(&mut line) {
-                Ok(n) if n > 0 => {}
-                _ => break None,
-            }
-            if let Ok(r) = serde_json::from_str::<HolderReady>(&line) {
-                break Some(r);
-            }
-            seen.push_str(&line);
-        };
-        match ready {
-            Some(ready) => Ok(Holder {
-                child: Some(child),
-                ready,
-            }),
-            None => {
-                let _ = child.kill();
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                let _ = child.wait();
-                Err(HolderError::Failed {
-                    what: format!("stdout {seen:?}, stderr {err:?}"),
-                })
-            }
-        }
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        let mut helper = Helper::spawn(exe, &args, Kind::PinHolder, cfg)?;
+        let ready = helper.recv(READY_TIMEOUT)?;
+        Ok(Holder { helper, ready })
     }
 
     /// The holder's pid.
@@ -148,43 +90,37 @@ impl Holder {
 
     /// Kills the holder and reaps it: its pid names no process afterwards.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.helper.kill();
     }
 }
 
-impl Drop for Holder {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// If this process was started as a holder or keeper ([`HOLDER_ENV`] set), runs it and exits;
-/// otherwise returns at once. Call first in `main`.
+/// If this process was started as a holder or keeper, runs it and exits; otherwise returns at
+/// once. Call first in `main` of an executable that serves holders (the `uffd-wp` binary
+/// dispatches to [`holder_main`] itself).
 pub fn maybe_run_holder() {
-    let Some(v) = std::env::var_os(HOLDER_ENV) else {
-        return;
-    };
-    let v = v.to_string_lossy().into_owned();
-    if v == KEEPER {
-        // Hold the inherited ring until the holder closes our stdin (or dies).
-        let mut sink = Vec::new();
-        let _ = std::io::stdin().read_to_end(&mut sink);
-        std::process::exit(0);
+    if let Some(kind) = helper::entry(&[Kind::PinHolder, Kind::PinKeeper]) {
+        std::process::exit(holder_main(kind));
     }
-    match run_holder(&v) {
-        Ok(()) => std::process::exit(0),
+}
+
+/// Runs this process as a holder ([`Kind::PinHolder`]) or keeper ([`Kind::PinKeeper`]);
+/// returns the exit code.
+pub fn holder_main(kind: Kind) -> i32 {
+    let res = match kind {
+        // Hold the inherited ring until the holder closes our stdin (or dies).
+        Kind::PinKeeper => Parent::connect::<()>().map(|(p, ())| p.wait_for_eof()),
+        _ => Parent::connect::<HolderConfig>().and_then(|(p, cfg)| run_holder(p, &cfg)),
+    };
+    match res {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("pin holder: {e}");
-            std::process::exit(3);
+            3
         }
     }
 }
 
-fn run_holder(cfg: &str) -> Result<(), String> {
-    let cfg: HolderConfig = serde_json::from_str(cfg).map_err(|e| format!("config: {e}"))?;
+fn run_holder(mut parent: Parent, cfg: &HolderConfig) -> Result<(), String> {
     let m = Mapping::new(cfg.pages * PAGE_SIZE, PAGE_SIZE, Backing::Anon, Thp::NoHuge)
         .map_err(|e| format!("mmap: {}", errno_name(e)))?;
     m.touch(m.range(), 0x77).map_err(errno_name)?;
@@ -212,13 +148,10 @@ fn run_holder(cfg: &str) -> Result<(), String> {
             .map_err(|e| format!("clearing FD_CLOEXEC: {}", errno_name(e)))?;
         // The same executable with the same arguments (a test binary's `--exact` filter),
         // so that the keeper reaches `maybe_run_holder` too and nothing else runs.
-        let k = Command::new("/proc/self/exe")
-            .args(std::env::args_os().skip(1))
-            .env(HOLDER_ENV, KEEPER)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("spawning the keeper: {e}"))?;
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let k = Helper::spawn(Path::new("/proc/self/exe"), &args, Kind::PinKeeper, &())
+            .map_err(|e| e.to_string())?;
         ring.detach();
         keeper = Some(k);
         None
@@ -231,23 +164,20 @@ fn run_holder(cfg: &str) -> Result<(), String> {
         pid: std::process::id(),
         ring_fd,
         buffers,
-        keeper_pid: keeper.as_ref().map(Child::id),
+        keeper_pid: keeper.as_ref().map(Helper::pid),
     };
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "{}",
-        serde_json::to_string(&ready).expect("ready serializes")
-    )
-    .and_then(|()| out.flush())
-    .map_err(|e| format!("stdout: {e}"))?;
-    drop(out);
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
+    if !parent.send(&ready) {
+        return Err("stdout closed before the ready line".into());
+    }
+    parent.wait_for_eof();
     drop(held);
     if let Some(mut k) = keeper {
-        drop(k.stdin.take());
-        let _ = k.wait();
+        // The keeper ends at the end of file on its stdin; wait for it a little, then kill.
+        k.close_stdin();
+        let t0 = std::time::Instant::now();
+        while k.try_wait().is_none() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     Ok(())
 }

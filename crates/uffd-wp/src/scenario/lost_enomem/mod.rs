@@ -21,21 +21,19 @@
 //! While limited, the task doing the protect must take no user-space page fault: with
 //! `oom_kill_disable` (v1) a faulting task sleeps until the limit rises, without it the OOM killer
 //! takes it. So the limited part never runs in the caller: [`run`] (the parent) checks that it
-//! can run (root, a memory cgroup controller, an executable that serves the child through
-//! [`maybe_run_child`]), creates two cgroups limited to 1 MiB, and re-executes its own binary as
-//! the child. The child sets up both mappings, pre-opens every file, and for each limited phase
-//! pre-faults its stack and heap, writes its pid into the cgroup, protects, and raises the limit
-//! right after the first raw call. It sends its steps back as one JSON line on stdout. The parent
-//! kills the child after [`CHILD_TIMEOUT`], or (v1) as soon as a cgroup reports `under_oom 1`
+//! can run (root, a memory cgroup controller, an executable whose `main` dispatches the
+//! [`Kind::LostEnomem`] helper to [`child_main`]), creates two cgroups limited to 1 MiB, and
+//! re-executes its own binary as that helper (see [`crate::helper`]). The child sets up both
+//! mappings, pre-opens every file, and for each limited phase pre-faults its stack and heap,
+//! writes its pid into the cgroup, protects, and raises the limit right after the first raw
+//! call. It answers its steps in one line. The parent kills the child after [`CHILD_TIMEOUT`], or (v1) as soon as a cgroup reports `under_oom 1`
 //! (the child asleep in a page fault), and always removes the cgroups.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +43,7 @@ use crate::engine::protect::{
     FailureKind, OnError, WpError, WpOp, WpOptions, WpReport, write_protect,
 };
 use crate::features::{self, Features};
+use crate::helper::{self, Helper, HelperError, Kind, Parent};
 use crate::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
 use crate::scenario::{ScenarioError, Step};
 use crate::seam::prelude::*;
@@ -53,13 +52,6 @@ use crate::sys::mem::{Backing, Mapping, Thp};
 use crate::sys::pagemap::{Pagemap, bits};
 use crate::sys::{errno_name, errno_of};
 
-/// The environment variable that turns a re-executed binary into a scenario child; its value
-/// names the scenario (`lost-enomem`).
-pub const CHILD_ENV: &str = "UFFD_WP_CHILD";
-/// The value of [`CHILD_ENV`] for this scenario.
-pub const CHILD_NAME: &str = "lost-enomem";
-/// Where the parent passes the child its configuration (JSON).
-const CONFIG_ENV: &str = "UFFD_WP_LOST_ENOMEM_CONFIG";
 /// Every cgroup this scenario creates is named `<prefix><parent pid>-<phase>`, directly under
 /// the root of the memory controller's hierarchy.
 pub const CGROUP_PREFIX: &str = "uffd-wp-lost-enomem-";
@@ -72,9 +64,6 @@ const LEN: u64 = 2 * PUD_SIZE;
 /// 2 MiB slots per GiB.
 const SLOTS_PER_GIB: u64 = PUD_SIZE / PMD_SIZE;
 const SCENARIO: &str = "lost-enomem";
-
-/// Set by [`maybe_run_child`]: proof that this executable serves the child.
-static CHILD_ENTRY: AtomicBool = AtomicBool::new(false);
 
 fn unavailable(why: impl Into<String>) -> ScenarioError {
     ScenarioError::Unavailable {
@@ -340,16 +329,17 @@ struct ChildConfig {
 }
 
 /// Runs the scenario (see the module docs). Needs root, a memory cgroup controller, and an
-/// executable whose `main` calls [`maybe_run_child`] first.
+/// executable whose `main` serves the [`Kind::LostEnomem`] helper ([`child_main`]).
 pub fn run() -> Result<Vec<Step>, ScenarioError> {
-    if !CHILD_ENTRY.load(Ordering::SeqCst) {
+    if !helper::serves(Kind::LostEnomem) {
         let exe = std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "the current executable".into());
         return Err(unavailable(format!(
             "the limited part runs in a re-executed child, and {exe} does not serve it: its \
-             main() must call uffd_wp::scenario::lost_enomem::maybe_run_child() first (a test \
-             harness does not; run the uffd-wp binary)"
+             main() must serve the {} helper (uffd_wp::helper::entry; a test harness does not; \
+             run the uffd-wp binary)",
+            Kind::LostEnomem.name()
         )));
     }
     let euid = rustix::process::geteuid();
@@ -386,62 +376,19 @@ pub fn run() -> Result<Vec<Step>, ScenarioError> {
     Ok(steps)
 }
 
-/// Kills and reaps the child unless it was already reaped.
-struct ChildGuard(Option<Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn drain(r: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(mut r) = r {
-            let _ = r.read_to_string(&mut s);
-        }
-        s
-    })
-}
-
-fn tail(s: &str) -> &str {
-    let s = s.trim();
-    let mut cut = s.len().saturating_sub(2000);
-    while !s.is_char_boundary(cut) {
-        cut += 1;
-    }
-    &s[cut..]
-}
-
+/// Runs the child in `cgroups` (see [`child_main`]) and returns its steps. The child is killed
+/// if it takes longer than [`CHILD_TIMEOUT`] or if a limited cgroup goes under OOM (a
+/// user-space fault there would wait forever).
 fn run_child(cfg: &ChildConfig, cgroups: &[&Cgroup]) -> Result<Vec<Step>, ScenarioError> {
-    let json = serde_json::to_string(cfg).expect("child config serializes");
-    // /proc/self/exe, not current_exe(): it still names the running image if the file was
-    // replaced (rebuilt) since.
-    let child = Command::new("/proc/self/exe")
-        .env(CHILD_ENV, CHILD_NAME)
-        .env(CONFIG_ENV, json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(setup_io(
-            "spawning the lost-enomem child (re-executing /proc/self/exe)",
-        ))?;
-    let mut guard = ChildGuard(Some(child));
-    let c = guard.0.as_mut().expect("child present");
-    let out = drain(c.stdout.take());
-    let err = drain(c.stderr.take());
+    let exe = Path::new("/proc/self/exe");
+    let mut child =
+        Helper::spawn(exe, &[], Kind::LostEnomem, cfg).map_err(|e| child_failed(e.to_string()))?;
     let start = Instant::now();
-    let status = loop {
-        if let Some(st) = c
-            .try_wait()
-            .map_err(setup_io("waiting for the lost-enomem child"))?
-        {
-            break st;
+    let outcome = loop {
+        match child.recv::<WireOutcome>(Duration::from_millis(5)) {
+            Ok(o) => break o,
+            Err(HelperError::Timeout { .. }) => {}
+            Err(e) => return Err(child_failed(e.to_string())),
         }
         if start.elapsed() > CHILD_TIMEOUT {
             return Err(child_failed(format!(
@@ -456,29 +403,11 @@ fn run_child(cfg: &ChildConfig, cgroups: &[&Cgroup]) -> Result<Vec<Step>, Scenar
                 cg.path().display()
             )));
         }
-        std::thread::sleep(Duration::from_millis(5));
     };
-    guard.0 = None;
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
-    let outcome = match line.map(serde_json::from_str::<WireOutcome>) {
-        Some(Ok(o)) if status.success() => o,
-        Some(Err(e)) => {
-            return Err(child_failed(format!(
-                "the lost-enomem child's answer is not valid: {e}"
-            )));
-        }
-        _ => {
-            return Err(child_failed(format!(
-                "the lost-enomem child exited with {status} without an answer; its stderr: {}",
-                tail(&stderr)
-            )));
-        }
-    };
+    child.kill(); // it exits after its answer; reaped here, so the cgroups are empty
     match outcome {
-        WireOutcome::Steps(s) => s.into_iter().map(WireStep::into_step).collect(),
-        WireOutcome::Failed(e) => Err(e.into()),
+        WireOutcome::Steps(s) => Ok(s.into_iter().map(WireStep::into_step).collect()),
+        WireOutcome::Failed(e) => Err(from_child(e)),
     }
 }
 
@@ -488,185 +417,22 @@ fn run_child(cfg: &ChildConfig, cgroups: &[&Cgroup]) -> Result<Vec<Step>, Scenar
 #[derive(Debug, Serialize, Deserialize)]
 enum WireOutcome {
     Steps(Vec<WireStep>),
-    Failed(WireScenarioError),
+    Failed(ScenarioError),
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-enum WireScenarioError {
-    Unknown { name: String },
-    Unavailable { why: String },
-    Setup { what: String, errno: i32 },
-}
-
-impl From<ScenarioError> for WireScenarioError {
-    fn from(e: ScenarioError) -> Self {
-        match e {
-            ScenarioError::Unknown { name } => WireScenarioError::Unknown { name },
-            ScenarioError::Unavailable { why, .. } => WireScenarioError::Unavailable { why },
-            ScenarioError::Setup { what, errno } => WireScenarioError::Setup {
-                what,
-                errno: errno.raw_os_error(),
-            },
-        }
-    }
-}
-
-impl From<WireScenarioError> for ScenarioError {
-    fn from(e: WireScenarioError) -> Self {
-        match e {
-            WireScenarioError::Unknown { name } => ScenarioError::Unknown { name },
-            WireScenarioError::Unavailable { why } => unavailable(why),
-            WireScenarioError::Setup { what, errno } => ScenarioError::Setup {
-                what: format!("in the lost-enomem child: {what}"),
-                errno: Errno::from_raw_os_error(errno),
-            },
-        }
-    }
-}
-
-type Bounds = (u64, u64);
-
-fn bounds(s: &RangeSet) -> Vec<Bounds> {
-    s.iter().map(|r| (r.start(), r.end())).collect()
-}
-
-fn set_of(b: &[Bounds]) -> Result<RangeSet, ScenarioError> {
-    b.iter()
-        .map(|&(s, e)| range_of(s, e))
-        .collect::<Result<Vec<_>, _>>()
-        .map(RangeSet::from_ranges)
-}
-
-fn range_of(s: u64, e: u64) -> Result<Range, ScenarioError> {
-    if e > s {
-        Range::new(s, e - s).map_err(|_| child_failed("the child sent an unaligned range"))
-    } else {
-        Err(child_failed("the child sent an empty range"))
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-enum WireWpError {
-    InvalidRange {
-        protect: bool,
-        start: u64,
-        len: u64,
-    },
-    Unsupported {
-        protect: bool,
-        addr: u64,
-        missing: u64,
-    },
-    Kernel {
-        protect: bool,
-        errno: i32,
-        addr: u64,
-    },
-    ReadBack {
-        protect: bool,
-        range: Bounds,
-        errno: i32,
-    },
-}
-
-fn op_of(protect: bool) -> WpOp {
-    if protect {
-        WpOp::Protect
-    } else {
-        WpOp::Unprotect
-    }
-}
-
-impl WireWpError {
-    fn of(e: &WpError) -> Self {
-        let p = |op: &WpOp| *op == WpOp::Protect;
-        match e {
-            WpError::InvalidRange { op, start, len, .. } => WireWpError::InvalidRange {
-                protect: p(op),
-                start: *start,
-                len: *len,
-            },
-            WpError::Unsupported { op, addr, missing } => WireWpError::Unsupported {
-                protect: p(op),
-                addr: *addr,
-                missing: missing.0,
-            },
-            WpError::Kernel {
-                op, errno, addr, ..
-            } => WireWpError::Kernel {
-                protect: p(op),
-                errno: errno.raw_os_error(),
-                addr: *addr,
-            },
-            WpError::ReadBack { op, range, errno } => WireWpError::ReadBack {
-                protect: p(op),
-                range: (range.start(), range.end()),
-                errno: errno.raw_os_error(),
-            },
-        }
-    }
-
-    fn into_error(self) -> Result<WpError, ScenarioError> {
-        Ok(match self {
-            WireWpError::InvalidRange {
-                protect,
-                start,
-                len,
-            } => WpError::InvalidRange {
-                op: op_of(protect),
-                start,
-                len,
-                // Validating again reproduces the exact reason.
-                source: Range::new(start, len)
-                    .err()
-                    .ok_or_else(|| child_failed("the child sent a valid range as invalid"))?,
-            },
-            WireWpError::Unsupported {
-                protect,
-                addr,
-                missing,
-            } => WpError::Unsupported {
-                op: op_of(protect),
-                addr,
-                missing: Features(missing),
-            },
-            WireWpError::Kernel {
-                protect,
-                errno,
-                addr,
-            } => {
-                let errno = Errno::from_raw_os_error(errno);
-                WpError::Kernel {
-                    op: op_of(protect),
-                    // What the engine derives from the errno.
-                    kind: FailureKind::of(errno),
-                    errno,
-                    addr,
-                }
-            }
-            WireWpError::ReadBack {
-                protect,
-                range,
-                errno,
-            } => WpError::ReadBack {
-                op: op_of(protect),
-                range: range_of(range.0, range.1)?,
-                errno: Errno::from_raw_os_error(errno),
-            },
-        })
-    }
-}
-
+/// A [`Step`] on the wire: its own `Serialize` is the report format (offsets, errno names),
+/// which does not round-trip; this is the step's data, errors included as they are.
 #[derive(Debug, Serialize, Deserialize)]
 struct WireStep {
     label: String,
-    kernel_errno: Option<i32>,
-    protect: bool,
-    requested: Bounds,
-    protected: Vec<Bounds>,
-    skipped: Vec<Bounds>,
-    not_protected: Vec<Bounds>,
-    error: Option<WireWpError>,
+    #[serde(with = "crate::sys::errno_serde::option")]
+    kernel_errno: Option<Errno>,
+    op: WpOp,
+    requested: Range,
+    protected: RangeSet,
+    skipped: RangeSet,
+    not_protected: RangeSet,
+    error: Option<WpError>,
     rolled_back: bool,
     raw_calls: u32,
     read_back_bytes: u64,
@@ -676,16 +442,16 @@ struct WireStep {
 
 impl WireStep {
     fn of(s: &Step) -> Self {
-        let r = &s.report;
+        let r = s.report.clone();
         WireStep {
             label: s.label.clone(),
-            kernel_errno: s.kernel_errno.map(Errno::raw_os_error),
-            protect: r.op == WpOp::Protect,
-            requested: (r.requested.start(), r.requested.end()),
-            protected: bounds(&r.protected),
-            skipped: bounds(&r.skipped),
-            not_protected: bounds(&r.not_protected),
-            error: r.error.as_ref().map(WireWpError::of),
+            kernel_errno: s.kernel_errno,
+            op: r.op,
+            requested: r.requested,
+            protected: r.protected,
+            skipped: r.skipped,
+            not_protected: r.not_protected,
+            error: r.error,
             rolled_back: r.rolled_back,
             raw_calls: r.raw_calls,
             read_back_bytes: r.read_back_bytes,
@@ -694,18 +460,18 @@ impl WireStep {
         }
     }
 
-    fn into_step(self) -> Result<Step, ScenarioError> {
-        Ok(Step {
+    fn into_step(self) -> Step {
+        Step {
             label: self.label,
-            kernel_errno: self.kernel_errno.map(Errno::from_raw_os_error),
+            kernel_errno: self.kernel_errno,
             injected: false,
             report: WpReport {
-                op: op_of(self.protect),
-                requested: range_of(self.requested.0, self.requested.1)?,
-                protected: set_of(&self.protected)?,
-                skipped: set_of(&self.skipped)?,
-                not_protected: set_of(&self.not_protected)?,
-                error: self.error.map(WireWpError::into_error).transpose()?,
+                op: self.op,
+                requested: self.requested,
+                protected: self.protected,
+                skipped: self.skipped,
+                not_protected: self.not_protected,
+                error: self.error,
                 rolled_back: self.rolled_back,
                 raw_calls: self.raw_calls,
                 read_back_bytes: self.read_back_bytes,
@@ -714,41 +480,39 @@ impl WireStep {
             verified: self.verified,
             note: self.note,
             detail: None,
-        })
+        }
+    }
+}
+
+/// The child's error, as the parent reports it.
+fn from_child(e: ScenarioError) -> ScenarioError {
+    match e {
+        ScenarioError::Setup { what, errno } => ScenarioError::Setup {
+            what: format!("in the lost-enomem child: {what}"),
+            errno,
+        },
+        e => e,
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The child.
 
-/// Serves the scenario's child process when this process is one (environment variable
-/// [`CHILD_ENV`] = [`CHILD_NAME`]): runs the limited part, prints its steps as one JSON line on
-/// stdout and exits. Otherwise returns at once, having recorded that this executable serves the
-/// child (which [`run`] requires). Call it first thing in `main`.
-pub fn maybe_run_child() {
-    CHILD_ENTRY.store(true, Ordering::SeqCst);
-    if std::env::var_os(CHILD_ENV).is_none_or(|v| v != CHILD_NAME) {
-        return;
-    }
-    let outcome = match child_config().and_then(|c| child_run(&c)) {
-        Ok(steps) => WireOutcome::Steps(steps.iter().map(WireStep::of).collect()),
-        Err(e) => WireOutcome::Failed(e.into()),
+/// The child ([`Kind::LostEnomem`]): runs the limited part and answers its steps (or its
+/// error) in one line; returns the exit code.
+pub fn child_main(_: Kind) -> i32 {
+    let (mut parent, cfg) = match Parent::connect::<ChildConfig>() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lost-enomem child: {e}");
+            return 2;
+        }
     };
-    let line = serde_json::to_string(&outcome).expect("child outcome serializes");
-    let mut out = std::io::stdout().lock();
-    let ok = writeln!(out, "{line}").and_then(|()| out.flush()).is_ok();
-    std::process::exit(if ok { 0 } else { 1 });
-}
-
-fn child_config() -> Result<ChildConfig, ScenarioError> {
-    let s = std::env::var(CONFIG_ENV).map_err(|_| ScenarioError::Setup {
-        what: format!("{CONFIG_ENV} is not set: the child is started by lost_enomem::run()"),
-        errno: Errno::INVAL,
-    })?;
-    serde_json::from_str(&s).map_err(|e| ScenarioError::Setup {
-        what: format!("parsing {CONFIG_ENV}: {e}"),
-        errno: Errno::INVAL,
-    })
+    let outcome = match child_run(&cfg) {
+        Ok(steps) => WireOutcome::Steps(steps.iter().map(WireStep::of).collect()),
+        Err(e) => WireOutcome::Failed(e),
+    };
+    if parent.send(&outcome) { 0 } else { 1 }
 }
 
 /// One cgroup seen from the child: files opened before it is limited.
@@ -1209,10 +973,10 @@ mod tests {
 
     #[test]
     fn unavailable_outside_a_serving_binary() {
-        // The test harness never calls maybe_run_child().
+        // The test harness serves no helper.
         match run() {
             Err(ScenarioError::Unavailable { why, .. }) => {
-                assert!(why.contains("maybe_run_child"), "{why}")
+                assert!(why.contains("serve the lost-enomem helper"), "{why}")
             }
             other => panic!("expected Unavailable, got {other:?}"),
         }
@@ -1248,15 +1012,42 @@ mod tests {
             detail: None,
         };
         let wire = serde_json::to_string(&WireStep::of(&step)).unwrap();
-        let back = serde_json::from_str::<WireStep>(&wire)
-            .unwrap()
-            .into_step()
-            .unwrap();
+        let back = serde_json::from_str::<WireStep>(&wire).unwrap().into_step();
         assert_eq!(back.report, step.report);
         assert_eq!(back.kernel_errno, step.kernel_errno);
         assert_eq!(
             serde_json::to_value(&back).unwrap(),
             serde_json::to_value(&step).unwrap()
         );
+        // Every error variant crosses whole, its errno included.
+        let errors = [
+            WpError::InvalidRange {
+                op: WpOp::Unprotect,
+                start: 1,
+                len: 2,
+                source: Range::new(1, 2).unwrap_err(),
+            },
+            WpError::Unsupported {
+                op: WpOp::Protect,
+                addr: p.start(),
+                missing: Features::WP_UNPOPULATED,
+            },
+            WpError::ReadBack {
+                op: WpOp::Protect,
+                range: p,
+                errno: Errno::FAULT,
+            },
+        ];
+        for e in errors {
+            let back: WpError = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+            assert_eq!(back, e);
+        }
+        let e = ScenarioError::setup("limiting")(Errno::NOMEM);
+        let back: ScenarioError =
+            serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+        // A range that is not one is refused, not built.
+        assert!(serde_json::from_str::<Range>("[8192, 4096]").is_err());
+        assert!(serde_json::from_str::<Range>("[4097, 8192]").is_err());
     }
 }
