@@ -93,48 +93,11 @@ impl Kernel {
         let kernel = p.kernel;
         match &mut p.op {
             PendingOp::Write { addr, data, done } => {
-                while *done < data.len() {
-                    let a = *addr + *done as u64;
-                    let off = (a % PAGE) as usize;
-                    let n = (PAGE as usize - off).min(data.len() - *done);
-                    match self.fault_in(a, true, kernel)? {
-                        Ok(f) => {
-                            self.frames.write(f, off, &data[*done..*done + n]);
-                            if self.cfg.soft_dirty {
-                                self.sd_pages.insert(a & !(PAGE - 1));
-                            }
-                        }
-                        Err(b) => return Ok(Some(b)),
-                    }
-                    *done += n;
-                }
-                self.completed.insert(id, Completion::Done);
+                self.access_write(id, kernel, *addr, data, done)
             }
-            PendingOp::Read { addr, buf, done } => {
-                while *done < buf.len() {
-                    let a = *addr + *done as u64;
-                    let off = (a % PAGE) as usize;
-                    let n = (PAGE as usize - off).min(buf.len() - *done);
-                    match self.fault_in(a, false, kernel)? {
-                        Ok(f) => self.frames.read(f, off, &mut buf[*done..*done + n]),
-                        Err(b) => return Ok(Some(b)),
-                    }
-                    *done += n;
-                }
-                self.completed
-                    .insert(id, Completion::Read(std::mem::take(buf)));
-            }
+            PendingOp::Read { addr, buf, done } => self.access_read(id, kernel, *addr, buf, done),
             PendingOp::Touch { next, end, write } => {
-                while *next < *end {
-                    if let Err(b) = self.fault_in(*next, *write, kernel)? {
-                        return Ok(Some(b));
-                    }
-                    if *write && self.cfg.soft_dirty {
-                        self.sd_pages.insert(*next);
-                    }
-                    *next += PAGE;
-                }
-                self.completed.insert(id, Completion::Done);
+                self.access_touch(id, kernel, next, *end, *write)
             }
             PendingOp::Pin {
                 start,
@@ -144,49 +107,160 @@ impl Kernel {
                 longterm,
                 frames,
             } => {
-                while *next < *end {
-                    let f = match self.fault_in(*next, *write, true)? {
-                        Ok(f) => f,
-                        Err(b) => return Ok(Some(b)),
-                    };
-                    self.take_pin(f, *longterm);
-                    frames.push(f);
-                    *next += PAGE;
+                if let Some(b) = self.pin_user_pages(next, *end, *write, *longterm, frames)? {
+                    return Ok(Some(b));
                 }
-                let pin = self.alloc_pin_id();
-                self.pins.insert(
-                    pin,
-                    PinRec {
-                        start: *start,
-                        frames: std::mem::take(frames),
-                        write: *write,
-                        longterm: *longterm,
-                    },
-                );
-                self.completed.insert(id, Completion::Pinned(pin));
+                let rec = PinRec {
+                    start: *start,
+                    frames: std::mem::take(frames),
+                    write: *write,
+                    longterm: *longterm,
+                };
+                self.complete_pin(id, rec);
+                Ok(None)
             }
-            PendingOp::Dontneed { next, end, gap } => {
-                match self.dontneed_from(*next, *end, false)? {
-                    None => {
-                        if *gap {
-                            return Err(Errno::NOMEM);
-                        }
-                        self.completed.insert(id, Completion::Done);
-                    }
-                    Some((ctx, s, e)) => {
-                        // userfaultfd_remove(): mmap_changing++, the event, then wait.
-                        *next = s;
-                        if let Some(c) = self.ctxs.get_mut(&ctx) {
-                            c.mmap_changing += 1;
-                        }
-                        self.queue_event(ctx, Event::Remove { start: s, end: e }, id);
-                    }
-                }
-            }
+            PendingOp::Dontneed { next, end, gap } => self.madvise_dontneed(id, next, *end, *gap),
             PendingOp::Unmap { events_left } => {
                 if *events_left == 0 {
                     self.completed.insert(id, Completion::Done);
                 }
+                Ok(None)
+            }
+        }
+    }
+
+    /// A CPU store (or a kernel copy_to_user()) of `data` at `addr`, from byte `done` on, page
+    /// by page; completes access `id` or blocks on a fault.
+    fn access_write(
+        &mut self,
+        id: u64,
+        kernel: bool,
+        addr: u64,
+        data: &[u8],
+        done: &mut usize,
+    ) -> Result<Option<Blocked>, Errno> {
+        while *done < data.len() {
+            let a = addr + *done as u64;
+            let off = (a % PAGE) as usize;
+            let n = (PAGE as usize - off).min(data.len() - *done);
+            match self.fault_in(a, true, kernel)? {
+                Ok(f) => {
+                    self.frames.write(f, off, &data[*done..*done + n]);
+                    if self.cfg.soft_dirty {
+                        self.sd_pages.insert(a & !(PAGE - 1));
+                    }
+                }
+                Err(b) => return Ok(Some(b)),
+            }
+            *done += n;
+        }
+        self.completed.insert(id, Completion::Done);
+        Ok(None)
+    }
+
+    /// A CPU load (or a kernel copy_from_user()) into `buf` from `addr`, from byte `done` on,
+    /// page by page; completes access `id` with the bytes read or blocks on a fault.
+    fn access_read(
+        &mut self,
+        id: u64,
+        kernel: bool,
+        addr: u64,
+        buf: &mut Vec<u8>,
+        done: &mut usize,
+    ) -> Result<Option<Blocked>, Errno> {
+        while *done < buf.len() {
+            let a = addr + *done as u64;
+            let off = (a % PAGE) as usize;
+            let n = (PAGE as usize - off).min(buf.len() - *done);
+            match self.fault_in(a, false, kernel)? {
+                Ok(f) => self.frames.read(f, off, &mut buf[*done..*done + n]),
+                Err(b) => return Ok(Some(b)),
+            }
+            *done += n;
+        }
+        self.completed
+            .insert(id, Completion::Read(std::mem::take(buf)));
+        Ok(None)
+    }
+
+    /// Faults each page from `next` to `end` in for a read or a write without changing its
+    /// contents (`MADV_POPULATE_READ` / `MADV_POPULATE_WRITE`); completes access `id` or blocks
+    /// on a fault.
+    fn access_touch(
+        &mut self,
+        id: u64,
+        kernel: bool,
+        next: &mut u64,
+        end: u64,
+        write: bool,
+    ) -> Result<Option<Blocked>, Errno> {
+        while *next < end {
+            if let Err(b) = self.fault_in(*next, write, kernel)? {
+                return Ok(Some(b));
+            }
+            if write && self.cfg.soft_dirty {
+                self.sd_pages.insert(*next);
+            }
+            *next += PAGE;
+        }
+        self.completed.insert(id, Completion::Done);
+        Ok(None)
+    }
+
+    /// pin_user_pages() (`FOLL_PIN`, `FOLL_LONGTERM`) from `next` to `end`: faults each page in
+    /// as a kernel access and pins it, adding it to `frames`; Ok(Some) when it blocks on a fault.
+    fn pin_user_pages(
+        &mut self,
+        next: &mut u64,
+        end: u64,
+        write: bool,
+        longterm: bool,
+        frames: &mut Vec<FrameId>,
+    ) -> Result<Option<Blocked>, Errno> {
+        while *next < end {
+            let f = match self.fault_in(*next, write, true)? {
+                Ok(f) => f,
+                Err(b) => return Ok(Some(b)),
+            };
+            self.take_pin(f, longterm);
+            frames.push(f);
+            *next += PAGE;
+        }
+        Ok(None)
+    }
+
+    /// Records the pin `rec` of a finished pin call under a new id and completes access `id`
+    /// with it.
+    fn complete_pin(&mut self, id: u64, rec: PinRec) {
+        let pin = self.alloc_pin_id();
+        self.pins.insert(pin, rec);
+        self.completed.insert(id, Completion::Pinned(pin));
+    }
+
+    /// madvise_dontneed_free() from `next` to `end`: completes access `id` (ENOMEM at the end
+    /// with `gap`), or raises `UFFD_EVENT_REMOVE` for the VMA at `next` and waits for it to be
+    /// read (userfaultfd_remove()).
+    fn madvise_dontneed(
+        &mut self,
+        id: u64,
+        next: &mut u64,
+        end: u64,
+        gap: bool,
+    ) -> Result<Option<Blocked>, Errno> {
+        match self.dontneed_from(*next, end, false)? {
+            None => {
+                if gap {
+                    return Err(Errno::NOMEM);
+                }
+                self.completed.insert(id, Completion::Done);
+            }
+            Some((ctx, s, e)) => {
+                // userfaultfd_remove(): mmap_changing++, the event, then wait.
+                *next = s;
+                if let Some(c) = self.ctxs.get_mut(&ctx) {
+                    c.mmap_changing += 1;
+                }
+                self.queue_event(ctx, Event::Remove { start: s, end: e }, id);
             }
         }
         Ok(None)
