@@ -13,8 +13,8 @@ use uffd_wp::seam::{Errno, Event};
 
 use crate::alloc::{Level, PtAllocator};
 use crate::pt::{
-    FrameId, Frames, HPAGE_NR, PAGE, PGDIR, PMD, PUD, PageData, PageTables, Pmd, Pte, ZERO_FRAME,
-    addr_end, is_zero_frame, pgd_index, pmd_index, pte_index, pud_index,
+    FrameId, Frames, HPAGE_NR, PAGE, PGDIR, PMD, PUD, PageData, PageTables, Pmd, Pte, PteTable,
+    ZERO_FRAME, addr_end, is_zero_frame, pgd_index, pmd_index, pte_index, pud_index,
 };
 
 /// Which kernel the model is.
@@ -860,12 +860,11 @@ impl Kernel {
         }
     }
 
-    /// Zaps `[start, end)` of `vma` (within it).
+    /// Zaps `[start, end)` of `vma` (within it), one PMD entry at a time (zap_pmd_range()).
     pub(crate) fn zap_range(&mut self, vma: &Vma, start: u64, end: u64, zap: Zap) {
         if start >= end {
             return;
         }
-        let keep_wp = !vma.is_anon() && !zap.drop_markers && vma.uffd_wp();
         let mut a = start;
         while a < end {
             let next = addr_end(a, end, PMD);
@@ -876,65 +875,16 @@ impl Kernel {
             };
             match pmd {
                 Pmd::None => {}
-                Pmd::Hugetlb(h) => {
-                    let h = *h;
-                    // __unmap_hugepage_range(): keep a marker for a wr-protected page unless
-                    // ZAP_FLAG_DROP_MARKER.
-                    *pmd = if h.wp && !zap.drop_markers {
-                        Pmd::HugetlbMarker
-                    } else {
-                        Pmd::None
-                    };
-                    for i in 0..HPAGE_NR {
-                        self.frames.unmap_one(h.base + i);
-                    }
+                Pmd::Hugetlb(_) | Pmd::HugetlbMarker => {
+                    Self::unmap_hugepage_range(pmd, zap, &mut self.frames);
                 }
-                Pmd::HugetlbMarker => {
-                    if zap.drop_markers {
-                        *pmd = Pmd::None;
-                    }
-                }
-                Pmd::Thp(h) if next - a == PMD => {
-                    // zap_huge_pmd(): the THP and its deposited table go.
-                    let h = *h;
-                    *pmd = Pmd::None;
-                    self.alloc.free(Level::Pte);
-                    if !is_zero_frame(h.base) {
-                        for i in 0..HPAGE_NR {
-                            self.frames.unmap_one(h.base + i);
-                        }
-                    }
+                Pmd::Thp(_) if next - a == PMD => {
+                    Self::zap_huge_pmd(pmd, &mut self.alloc, &mut self.frames);
                 }
                 Pmd::Thp(_) | Pmd::Table(_) => {
                     Self::split_thp(pmd);
                     let Pmd::Table(t) = pmd else { unreachable!() };
-                    let mut freed = Vec::new();
-                    for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
-                        let e = &mut t.e[i];
-                        match *e {
-                            Pte::None => {}
-                            Pte::Present { frame, wp } => {
-                                *e = if keep_wp && wp {
-                                    Pte::Marker
-                                } else {
-                                    Pte::None
-                                };
-                                if !is_zero_frame(frame) {
-                                    freed.push(frame);
-                                }
-                            }
-                            Pte::Swap { slot, .. } => {
-                                self.swap.remove(&slot);
-                                *e = Pte::None;
-                            }
-                            Pte::Marker => {
-                                // For anon: always drop the marker; for file: only if asked.
-                                if vma.is_anon() || zap.drop_markers {
-                                    *e = Pte::None;
-                                }
-                            }
-                        }
-                    }
+                    let freed = Self::zap_pte_range(vma, t, a, next, zap, &mut self.swap);
                     // CONFIG_PT_RECLAIM: a whole table zapped to none is freed.
                     if zap.reclaim_pt && next - a == PMD && t.all_none() {
                         *pmd = Pmd::None;
@@ -947,6 +897,81 @@ impl Kernel {
             }
             a = next;
         }
+    }
+
+    /// __unmap_hugepage_range() for one hugetlb entry: keeps a marker for a wr-protected page
+    /// unless ZAP_FLAG_DROP_MARKER.
+    fn unmap_hugepage_range(pmd: &mut Pmd, zap: Zap, frames: &mut Frames) {
+        match *pmd {
+            Pmd::Hugetlb(h) => {
+                *pmd = if h.wp && !zap.drop_markers {
+                    Pmd::HugetlbMarker
+                } else {
+                    Pmd::None
+                };
+                for i in 0..HPAGE_NR {
+                    frames.unmap_one(h.base + i);
+                }
+            }
+            Pmd::HugetlbMarker if zap.drop_markers => *pmd = Pmd::None,
+            _ => {}
+        }
+    }
+
+    /// zap_huge_pmd(): the THP and its deposited table go.
+    fn zap_huge_pmd(pmd: &mut Pmd, alloc: &mut PtAllocator, frames: &mut Frames) {
+        let Pmd::Thp(h) = *pmd else {
+            return;
+        };
+        *pmd = Pmd::None;
+        alloc.free(Level::Pte);
+        if !is_zero_frame(h.base) {
+            for i in 0..HPAGE_NR {
+                frames.unmap_one(h.base + i);
+            }
+        }
+    }
+
+    /// zap_pte_range() over `[a, next)` of the PTE table `t` of `vma`: clears the entries
+    /// (keeping a marker for a wr-protected page of a file VMA registered for WP, unless
+    /// ZAP_FLAG_DROP_MARKER) and frees swap slots; returns the frames to unmap.
+    fn zap_pte_range(
+        vma: &Vma,
+        t: &mut PteTable,
+        a: u64,
+        next: u64,
+        zap: Zap,
+        swap: &mut HashMap<u64, PageData>,
+    ) -> Vec<FrameId> {
+        let keep_wp = !vma.is_anon() && !zap.drop_markers && vma.uffd_wp();
+        let mut freed = Vec::new();
+        for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
+            let e = &mut t.e[i];
+            match *e {
+                Pte::None => {}
+                Pte::Present { frame, wp } => {
+                    *e = if keep_wp && wp {
+                        Pte::Marker
+                    } else {
+                        Pte::None
+                    };
+                    if !is_zero_frame(frame) {
+                        freed.push(frame);
+                    }
+                }
+                Pte::Swap { slot, .. } => {
+                    swap.remove(&slot);
+                    *e = Pte::None;
+                }
+                Pte::Marker => {
+                    // For anon: always drop the marker; for file: only if asked.
+                    if vma.is_anon() || zap.drop_markers {
+                        *e = Pte::None;
+                    }
+                }
+            }
+        }
+        freed
     }
 
     // ------------------------------------------------------------------------------------
