@@ -6,28 +6,16 @@
 //! handle_userfault() (fs/userfaultfd.c). `UFFDIO_WAKE`, a successful un-protect without
 //! `DONTWAKE`, or closing the uffd re-runs it: it completes, or faults again and queues a new
 //! message. Reading a non-cooperative event lets the call that raised it finish.
+//!
+//! The fault handler itself (handle_mm_fault() and its cases) is in the `memory` submodule.
+
+mod memory;
 
 use uffd_wp::features::Features;
 use uffd_wp::seam::{Errno, Event};
 
-use crate::alloc::Level;
-use crate::kernel::{
-    Blocked, Completion, F_EXACT_ADDRESS, F_SIGBUS, Kernel, Pending, PendingOp, PinRec,
-};
-use crate::pt::{
-    FrameId, HPAGE_NR, HUGE_ZERO_FRAME, Huge, PAGE, Pmd, Pte, PteTable, ZERO_FRAME, is_zero_frame,
-    pte_index,
-};
-
-/// One step of fault handling.
-enum Step {
-    /// The page is mapped as the access needs: this frame.
-    Done(FrameId),
-    /// The fault changed the page tables; retry.
-    Retry,
-    /// The access waits in handle_userfault().
-    Block(Blocked),
-}
+use crate::kernel::{Blocked, Completion, Kernel, Pending, PendingOp, PinRec};
+use crate::pt::{FrameId, PAGE, Pmd, Pte, is_zero_frame, pte_index};
 
 /// How an access run ended.
 pub(crate) enum Run {
@@ -35,290 +23,7 @@ pub(crate) enum Run {
     Blocked(u64),
 }
 
-/// `UFFD_PAGEFAULT_FLAG_WRITE`.
-const FLAG_WRITE: u64 = 1;
-/// `UFFD_PAGEFAULT_FLAG_WP`.
-const FLAG_WP: u64 = 2;
-
 impl Kernel {
-    /// handle_mm_fault() for the page of `addr` until it is mapped as the access needs.
-    fn fault_in(
-        &mut self,
-        addr: u64,
-        write: bool,
-        kernel: bool,
-    ) -> Result<Result<FrameId, Blocked>, Errno> {
-        for _ in 0..8 {
-            match self.fault_once(addr, write, kernel)? {
-                Step::Done(f) => return Ok(Ok(f)),
-                Step::Retry => {}
-                Step::Block(b) => return Ok(Err(b)),
-            }
-        }
-        Err(Errno::FAULT)
-    }
-
-    /// One pass of the fault handler.
-    fn fault_once(&mut self, addr: u64, write: bool, kernel: bool) -> Result<Step, Errno> {
-        let page = addr & !(PAGE - 1);
-        let vma = *self.vma_at(page).ok_or(Errno::FAULT)?;
-        let ctx = vma.uffd.and_then(|u| {
-            self.ctxs
-                .get(&u.ctx)
-                .map(|c| (u.ctx, c.features, c.user_mode_only))
-        });
-        let wp_async = ctx.is_some_and(|(_, f, _)| f.contains(Features::WP_ASYNC));
-        // handle_userfault(): SIGBUS with UFFD_FEATURE_SIGBUS, or for a kernel-mode fault with
-        // UFFD_USER_MODE_ONLY (the syscall sees EFAULT); else the access waits.
-        let userfault = |reason_wp: bool| -> Result<Step, Errno> {
-            let (c, feats, user_mode_only) = ctx.ok_or(Errno::FAULT)?;
-            if feats.contains(F_SIGBUS) || (kernel && user_mode_only) {
-                return Err(Errno::FAULT);
-            }
-            let mut flags = if write { FLAG_WRITE } else { 0 };
-            if reason_wp {
-                flags |= FLAG_WP;
-            }
-            let msg_addr = if feats.contains(F_EXACT_ADDRESS) {
-                addr
-            } else {
-                page
-            };
-            Ok(Step::Block(Blocked {
-                ctx: c,
-                msg_addr,
-                wake_addr: msg_addr,
-                flags,
-                unread: true,
-            }))
-        };
-        let thp_ok = self.thp_eligible(&vma, page);
-        let zero_thp = self.cfg.thp_zero_page;
-        // vmf_anon_prepare(): a write that may install an anonymous page (do_anonymous_page(),
-        // do_cow_fault(), wp_page_copy()), or any fault reaching do_huge_pmd_anonymous_page().
-        let thp_fault = thp_ok && matches!(self.pt.pmd(page), None | Some(Pmd::None));
-        if vma.anon_vma.is_none() && vma.cow() && (write || thp_fault) {
-            self.anon_vma_prepare(page);
-        }
-        let Self {
-            pt,
-            alloc,
-            frames,
-            objects,
-            swap,
-            ..
-        } = self;
-        // __handle_mm_fault(): pud_alloc(), pmd_alloc() (huge_pte_alloc() for hugetlb).
-        let pmd = pt.ensure_pmd(page, alloc).ok_or(Errno::NOMEM)?;
-
-        if vma.is_hugetlb() {
-            // hugetlb_fault() / hugetlb_no_page() / hugetlb_wp().
-            let idx = pte_index(page) as u64;
-            return match *pmd {
-                Pmd::HugetlbMarker if !vma.uffd_wp() => {
-                    *pmd = Pmd::None;
-                    Ok(Step::Retry)
-                }
-                Pmd::None | Pmd::HugetlbMarker => {
-                    if vma.uffd_missing() {
-                        return userfault(false);
-                    }
-                    let wp = matches!(*pmd, Pmd::HugetlbMarker);
-                    let base = frames.new_huge(true);
-                    for i in 0..HPAGE_NR {
-                        frames.map_one(base + i);
-                    }
-                    *pmd = Pmd::Hugetlb(Huge { base, wp });
-                    Ok(Step::Retry)
-                }
-                Pmd::Hugetlb(h) => {
-                    if write && h.wp && vma.uffd_wp() {
-                        if !wp_async {
-                            return userfault(true);
-                        }
-                        *pmd = Pmd::Hugetlb(Huge { wp: false, ..h });
-                        return Ok(Step::Retry);
-                    }
-                    Ok(Step::Done(h.base + idx))
-                }
-                _ => Err(Errno::FAULT),
-            };
-        }
-
-        match pmd {
-            Pmd::None => {
-                if thp_ok {
-                    // do_huge_pmd_anonymous_page(): a deposited table, then the huge zero page
-                    // for a read or a new THP for a write.
-                    if vma.uffd_missing() {
-                        return userfault(false);
-                    }
-                    if !alloc.alloc(Level::Pte, page) {
-                        return Err(Errno::NOMEM);
-                    }
-                    let base = if !write && zero_thp {
-                        HUGE_ZERO_FRAME
-                    } else {
-                        let b = frames.new_huge(true);
-                        for i in 0..HPAGE_NR {
-                            frames.map_one(b + i);
-                        }
-                        b
-                    };
-                    *pmd = Pmd::Thp(Huge { base, wp: false });
-                    return Ok(Step::Retry);
-                }
-                // pte_alloc().
-                if !alloc.alloc(Level::Pte, page) {
-                    return Err(Errno::NOMEM);
-                }
-                *pmd = Pmd::Table(PteTable::new());
-                Ok(Step::Retry)
-            }
-            Pmd::Thp(h) => {
-                let h = *h;
-                let idx = pte_index(page) as u64;
-                if !write {
-                    return Ok(Step::Done(if is_zero_frame(h.base) {
-                        ZERO_FRAME
-                    } else {
-                        h.base + idx
-                    }));
-                }
-                if h.wp && vma.uffd_wp() {
-                    // wp_huge_pmd(): async splits and retries at the PTE level.
-                    if wp_async {
-                        Kernel::split_thp(pmd);
-                        return Ok(Step::Retry);
-                    }
-                    return userfault(true);
-                }
-                if is_zero_frame(h.base) {
-                    // do_huge_zero_wp_pmd(): a THP replaces the huge zero page.
-                    let b = frames.new_huge(true);
-                    for i in 0..HPAGE_NR {
-                        frames.map_one(b + i);
-                    }
-                    *pmd = Pmd::Thp(Huge { base: b, wp: false });
-                    return Ok(Step::Retry);
-                }
-                // Reused in place: a stale uffd-wp bit stays.
-                Ok(Step::Done(h.base + idx))
-            }
-            Pmd::Hugetlb(_) | Pmd::HugetlbMarker => Err(Errno::FAULT),
-            Pmd::Table(t) => {
-                let i = pte_index(page);
-                match t.e[i] {
-                    Pte::Marker if !vma.uffd_wp() => {
-                        // pte_marker_handle_uffd_wp(): a leftover marker is simply cleared.
-                        t.e[i] = Pte::None;
-                        Ok(Step::Retry)
-                    }
-                    e @ (Pte::None | Pte::Marker) => {
-                        // do_pte_missing(): the new PTE keeps the marker's uffd-wp bit.
-                        let wp = e == Pte::Marker;
-                        if let Some((obj, pgoff)) = vma.object_page(page) {
-                            let o = objects.get_mut(&obj).ok_or(Errno::FAULT)?;
-                            if pgoff * PAGE >= o.size {
-                                return Err(Errno::FAULT); // SIGBUS past EOF
-                            }
-                            let cached = o.pages.get(&pgoff).copied();
-                            if cached.is_none() && vma.uffd_missing() {
-                                return userfault(false);
-                            }
-                            let f = match cached {
-                                Some(f) => f,
-                                None => {
-                                    let f = frames.new_frame(false);
-                                    if let Some(fr) = frames.map.get_mut(&f) {
-                                        fr.cached = true;
-                                    }
-                                    o.pages.insert(pgoff, f);
-                                    f
-                                }
-                            };
-                            let f = if write && vma.cow() {
-                                // do_cow_fault(): a private copy.
-                                let n = frames.new_frame(true);
-                                let data = frames.map.get(&f).map(|x| x.data.clone());
-                                if let (Some(d), Some(fr)) = (data, frames.map.get_mut(&n)) {
-                                    fr.data = d;
-                                }
-                                n
-                            } else {
-                                f
-                            };
-                            frames.map_one(f);
-                            t.e[i] = Pte::Present { frame: f, wp };
-                            return Ok(Step::Retry);
-                        }
-                        // do_anonymous_page().
-                        if vma.uffd_missing() {
-                            return userfault(false);
-                        }
-                        t.e[i] = if write {
-                            let f = frames.new_frame(true);
-                            frames.map_one(f);
-                            Pte::Present { frame: f, wp }
-                        } else {
-                            Pte::Present {
-                                frame: ZERO_FRAME,
-                                wp,
-                            }
-                        };
-                        Ok(Step::Retry)
-                    }
-                    Pte::Swap { slot, wp } => {
-                        // do_swap_page(): the uffd-wp bit comes back with the page.
-                        let data = swap.remove(&slot).unwrap_or(crate::pt::PageData::Zero);
-                        let f = frames.new_frame(true);
-                        if let Some(fr) = frames.map.get_mut(&f) {
-                            fr.data = data;
-                        }
-                        frames.map_one(f);
-                        t.e[i] = Pte::Present { frame: f, wp };
-                        Ok(Step::Retry)
-                    }
-                    Pte::Present { frame, wp } => {
-                        if !write {
-                            return Ok(Step::Done(frame));
-                        }
-                        if wp && vma.uffd_wp() {
-                            // do_wp_page(): userfaultfd_pte_wp(); async clears the bit.
-                            if !wp_async {
-                                return userfault(true);
-                            }
-                            t.e[i] = Pte::Present { frame, wp: false };
-                            return Ok(Step::Retry);
-                        }
-                        // A stale bit (the VMA is no longer registered for WP) stays on a page
-                        // reused in place (wp_page_reuse()), and goes with a copy
-                        // (wp_page_copy()); seen on the 6.18 machine.
-                        let shared_page = frames.map.get(&frame).is_some_and(|f| !f.anon);
-                        if is_zero_frame(frame) || (vma.cow() && shared_page) {
-                            // wp_page_copy().
-                            let n = frames.new_frame(true);
-                            if !is_zero_frame(frame) {
-                                let data = frames.map.get(&frame).map(|x| x.data.clone());
-                                if let (Some(d), Some(fr)) = (data, frames.map.get_mut(&n)) {
-                                    fr.data = d;
-                                }
-                                frames.unmap_one(frame);
-                            }
-                            frames.map_one(n);
-                            t.e[i] = Pte::Present {
-                                frame: n,
-                                wp: false,
-                            };
-                            return Ok(Step::Done(n));
-                        }
-                        Ok(Step::Done(frame))
-                    }
-                }
-            }
-        }
-    }
-
     // ------------------------------------------------------------------------------------
     // Accesses
 
@@ -388,48 +93,11 @@ impl Kernel {
         let kernel = p.kernel;
         match &mut p.op {
             PendingOp::Write { addr, data, done } => {
-                while *done < data.len() {
-                    let a = *addr + *done as u64;
-                    let off = (a % PAGE) as usize;
-                    let n = (PAGE as usize - off).min(data.len() - *done);
-                    match self.fault_in(a, true, kernel)? {
-                        Ok(f) => {
-                            self.frames.write(f, off, &data[*done..*done + n]);
-                            if self.cfg.soft_dirty {
-                                self.sd_pages.insert(a & !(PAGE - 1));
-                            }
-                        }
-                        Err(b) => return Ok(Some(b)),
-                    }
-                    *done += n;
-                }
-                self.completed.insert(id, Completion::Done);
+                self.access_write(id, kernel, *addr, data, done)
             }
-            PendingOp::Read { addr, buf, done } => {
-                while *done < buf.len() {
-                    let a = *addr + *done as u64;
-                    let off = (a % PAGE) as usize;
-                    let n = (PAGE as usize - off).min(buf.len() - *done);
-                    match self.fault_in(a, false, kernel)? {
-                        Ok(f) => self.frames.read(f, off, &mut buf[*done..*done + n]),
-                        Err(b) => return Ok(Some(b)),
-                    }
-                    *done += n;
-                }
-                self.completed
-                    .insert(id, Completion::Read(std::mem::take(buf)));
-            }
+            PendingOp::Read { addr, buf, done } => self.access_read(id, kernel, *addr, buf, done),
             PendingOp::Touch { next, end, write } => {
-                while *next < *end {
-                    if let Err(b) = self.fault_in(*next, *write, kernel)? {
-                        return Ok(Some(b));
-                    }
-                    if *write && self.cfg.soft_dirty {
-                        self.sd_pages.insert(*next);
-                    }
-                    *next += PAGE;
-                }
-                self.completed.insert(id, Completion::Done);
+                self.access_touch(id, kernel, next, *end, *write)
             }
             PendingOp::Pin {
                 start,
@@ -439,49 +107,160 @@ impl Kernel {
                 longterm,
                 frames,
             } => {
-                while *next < *end {
-                    let f = match self.fault_in(*next, *write, true)? {
-                        Ok(f) => f,
-                        Err(b) => return Ok(Some(b)),
-                    };
-                    self.take_pin(f, *longterm);
-                    frames.push(f);
-                    *next += PAGE;
+                if let Some(b) = self.pin_user_pages(next, *end, *write, *longterm, frames)? {
+                    return Ok(Some(b));
                 }
-                let pin = self.alloc_pin_id();
-                self.pins.insert(
-                    pin,
-                    PinRec {
-                        start: *start,
-                        frames: std::mem::take(frames),
-                        write: *write,
-                        longterm: *longterm,
-                    },
-                );
-                self.completed.insert(id, Completion::Pinned(pin));
+                let rec = PinRec {
+                    start: *start,
+                    frames: std::mem::take(frames),
+                    write: *write,
+                    longterm: *longterm,
+                };
+                self.complete_pin(id, rec);
+                Ok(None)
             }
-            PendingOp::Dontneed { next, end, gap } => {
-                match self.dontneed_from(*next, *end, false)? {
-                    None => {
-                        if *gap {
-                            return Err(Errno::NOMEM);
-                        }
-                        self.completed.insert(id, Completion::Done);
-                    }
-                    Some((ctx, s, e)) => {
-                        // userfaultfd_remove(): mmap_changing++, the event, then wait.
-                        *next = s;
-                        if let Some(c) = self.ctxs.get_mut(&ctx) {
-                            c.mmap_changing += 1;
-                        }
-                        self.queue_event(ctx, Event::Remove { start: s, end: e }, id);
-                    }
-                }
-            }
+            PendingOp::Dontneed { next, end, gap } => self.madvise_dontneed(id, next, *end, *gap),
             PendingOp::Unmap { events_left } => {
                 if *events_left == 0 {
                     self.completed.insert(id, Completion::Done);
                 }
+                Ok(None)
+            }
+        }
+    }
+
+    /// A CPU store (or a kernel copy_to_user()) of `data` at `addr`, from byte `done` on, page
+    /// by page; completes access `id` or blocks on a fault.
+    fn access_write(
+        &mut self,
+        id: u64,
+        kernel: bool,
+        addr: u64,
+        data: &[u8],
+        done: &mut usize,
+    ) -> Result<Option<Blocked>, Errno> {
+        while *done < data.len() {
+            let a = addr + *done as u64;
+            let off = (a % PAGE) as usize;
+            let n = (PAGE as usize - off).min(data.len() - *done);
+            match self.fault_in(a, true, kernel)? {
+                Ok(f) => {
+                    self.frames.write(f, off, &data[*done..*done + n]);
+                    if self.cfg.soft_dirty {
+                        self.sd_pages.insert(a & !(PAGE - 1));
+                    }
+                }
+                Err(b) => return Ok(Some(b)),
+            }
+            *done += n;
+        }
+        self.completed.insert(id, Completion::Done);
+        Ok(None)
+    }
+
+    /// A CPU load (or a kernel copy_from_user()) into `buf` from `addr`, from byte `done` on,
+    /// page by page; completes access `id` with the bytes read or blocks on a fault.
+    fn access_read(
+        &mut self,
+        id: u64,
+        kernel: bool,
+        addr: u64,
+        buf: &mut Vec<u8>,
+        done: &mut usize,
+    ) -> Result<Option<Blocked>, Errno> {
+        while *done < buf.len() {
+            let a = addr + *done as u64;
+            let off = (a % PAGE) as usize;
+            let n = (PAGE as usize - off).min(buf.len() - *done);
+            match self.fault_in(a, false, kernel)? {
+                Ok(f) => self.frames.read(f, off, &mut buf[*done..*done + n]),
+                Err(b) => return Ok(Some(b)),
+            }
+            *done += n;
+        }
+        self.completed
+            .insert(id, Completion::Read(std::mem::take(buf)));
+        Ok(None)
+    }
+
+    /// Faults each page from `next` to `end` in for a read or a write without changing its
+    /// contents (`MADV_POPULATE_READ` / `MADV_POPULATE_WRITE`); completes access `id` or blocks
+    /// on a fault.
+    fn access_touch(
+        &mut self,
+        id: u64,
+        kernel: bool,
+        next: &mut u64,
+        end: u64,
+        write: bool,
+    ) -> Result<Option<Blocked>, Errno> {
+        while *next < end {
+            if let Err(b) = self.fault_in(*next, write, kernel)? {
+                return Ok(Some(b));
+            }
+            if write && self.cfg.soft_dirty {
+                self.sd_pages.insert(*next);
+            }
+            *next += PAGE;
+        }
+        self.completed.insert(id, Completion::Done);
+        Ok(None)
+    }
+
+    /// pin_user_pages() (`FOLL_PIN`, `FOLL_LONGTERM`) from `next` to `end`: faults each page in
+    /// as a kernel access and pins it, adding it to `frames`; Ok(Some) when it blocks on a fault.
+    fn pin_user_pages(
+        &mut self,
+        next: &mut u64,
+        end: u64,
+        write: bool,
+        longterm: bool,
+        frames: &mut Vec<FrameId>,
+    ) -> Result<Option<Blocked>, Errno> {
+        while *next < end {
+            let f = match self.fault_in(*next, write, true)? {
+                Ok(f) => f,
+                Err(b) => return Ok(Some(b)),
+            };
+            self.take_pin(f, longterm);
+            frames.push(f);
+            *next += PAGE;
+        }
+        Ok(None)
+    }
+
+    /// Records the pin `rec` of a finished pin call under a new id and completes access `id`
+    /// with it.
+    fn complete_pin(&mut self, id: u64, rec: PinRec) {
+        let pin = self.alloc_pin_id();
+        self.pins.insert(pin, rec);
+        self.completed.insert(id, Completion::Pinned(pin));
+    }
+
+    /// madvise_dontneed_free() from `next` to `end`: completes access `id` (ENOMEM at the end
+    /// with `gap`), or raises `UFFD_EVENT_REMOVE` for the VMA at `next` and waits for it to be
+    /// read (userfaultfd_remove()).
+    fn madvise_dontneed(
+        &mut self,
+        id: u64,
+        next: &mut u64,
+        end: u64,
+        gap: bool,
+    ) -> Result<Option<Blocked>, Errno> {
+        match self.dontneed_from(*next, end, false)? {
+            None => {
+                if gap {
+                    return Err(Errno::NOMEM);
+                }
+                self.completed.insert(id, Completion::Done);
+            }
+            Some((ctx, s, e)) => {
+                // userfaultfd_remove(): mmap_changing++, the event, then wait.
+                *next = s;
+                if let Some(c) = self.ctxs.get_mut(&ctx) {
+                    c.mmap_changing += 1;
+                }
+                self.queue_event(ctx, Event::Remove { start: s, end: e }, id);
             }
         }
         Ok(None)

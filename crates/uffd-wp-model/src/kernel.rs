@@ -13,8 +13,8 @@ use uffd_wp::seam::{Errno, Event};
 
 use crate::alloc::{Level, PtAllocator};
 use crate::pt::{
-    FrameId, Frames, HPAGE_NR, PAGE, PGDIR, PMD, PUD, PageData, PageTables, Pmd, Pte, ZERO_FRAME,
-    addr_end, is_zero_frame, pgd_index, pmd_index, pte_index, pud_index,
+    FrameId, Frames, HPAGE_NR, Huge, PAGE, PGDIR, PMD, PUD, PageData, PageTables, Pmd, Pte,
+    PteTable, ZERO_FRAME, addr_end, is_zero_frame, pgd_index, pmd_index, pte_index, pud_index,
 };
 
 /// Which kernel the model is.
@@ -860,12 +860,11 @@ impl Kernel {
         }
     }
 
-    /// Zaps `[start, end)` of `vma` (within it).
+    /// Zaps `[start, end)` of `vma` (within it), one PMD entry at a time (zap_pmd_range()).
     pub(crate) fn zap_range(&mut self, vma: &Vma, start: u64, end: u64, zap: Zap) {
         if start >= end {
             return;
         }
-        let keep_wp = !vma.is_anon() && !zap.drop_markers && vma.uffd_wp();
         let mut a = start;
         while a < end {
             let next = addr_end(a, end, PMD);
@@ -876,65 +875,16 @@ impl Kernel {
             };
             match pmd {
                 Pmd::None => {}
-                Pmd::Hugetlb(h) => {
-                    let h = *h;
-                    // __unmap_hugepage_range(): keep a marker for a wr-protected page unless
-                    // ZAP_FLAG_DROP_MARKER.
-                    *pmd = if h.wp && !zap.drop_markers {
-                        Pmd::HugetlbMarker
-                    } else {
-                        Pmd::None
-                    };
-                    for i in 0..HPAGE_NR {
-                        self.frames.unmap_one(h.base + i);
-                    }
+                Pmd::Hugetlb(_) | Pmd::HugetlbMarker => {
+                    Self::unmap_hugepage_range(pmd, zap, &mut self.frames);
                 }
-                Pmd::HugetlbMarker => {
-                    if zap.drop_markers {
-                        *pmd = Pmd::None;
-                    }
-                }
-                Pmd::Thp(h) if next - a == PMD => {
-                    // zap_huge_pmd(): the THP and its deposited table go.
-                    let h = *h;
-                    *pmd = Pmd::None;
-                    self.alloc.free(Level::Pte);
-                    if !is_zero_frame(h.base) {
-                        for i in 0..HPAGE_NR {
-                            self.frames.unmap_one(h.base + i);
-                        }
-                    }
+                Pmd::Thp(_) if next - a == PMD => {
+                    Self::zap_huge_pmd(pmd, &mut self.alloc, &mut self.frames);
                 }
                 Pmd::Thp(_) | Pmd::Table(_) => {
                     Self::split_thp(pmd);
                     let Pmd::Table(t) = pmd else { unreachable!() };
-                    let mut freed = Vec::new();
-                    for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
-                        let e = &mut t.e[i];
-                        match *e {
-                            Pte::None => {}
-                            Pte::Present { frame, wp } => {
-                                *e = if keep_wp && wp {
-                                    Pte::Marker
-                                } else {
-                                    Pte::None
-                                };
-                                if !is_zero_frame(frame) {
-                                    freed.push(frame);
-                                }
-                            }
-                            Pte::Swap { slot, .. } => {
-                                self.swap.remove(&slot);
-                                *e = Pte::None;
-                            }
-                            Pte::Marker => {
-                                // For anon: always drop the marker; for file: only if asked.
-                                if vma.is_anon() || zap.drop_markers {
-                                    *e = Pte::None;
-                                }
-                            }
-                        }
-                    }
+                    let freed = Self::zap_pte_range(vma, t, a, next, zap, &mut self.swap);
                     // CONFIG_PT_RECLAIM: a whole table zapped to none is freed.
                     if zap.reclaim_pt && next - a == PMD && t.all_none() {
                         *pmd = Pmd::None;
@@ -947,6 +897,81 @@ impl Kernel {
             }
             a = next;
         }
+    }
+
+    /// __unmap_hugepage_range() for one hugetlb entry: keeps a marker for a wr-protected page
+    /// unless ZAP_FLAG_DROP_MARKER.
+    fn unmap_hugepage_range(pmd: &mut Pmd, zap: Zap, frames: &mut Frames) {
+        match *pmd {
+            Pmd::Hugetlb(h) => {
+                *pmd = if h.wp && !zap.drop_markers {
+                    Pmd::HugetlbMarker
+                } else {
+                    Pmd::None
+                };
+                for i in 0..HPAGE_NR {
+                    frames.unmap_one(h.base + i);
+                }
+            }
+            Pmd::HugetlbMarker if zap.drop_markers => *pmd = Pmd::None,
+            _ => {}
+        }
+    }
+
+    /// zap_huge_pmd(): the THP and its deposited table go.
+    fn zap_huge_pmd(pmd: &mut Pmd, alloc: &mut PtAllocator, frames: &mut Frames) {
+        let Pmd::Thp(h) = *pmd else {
+            return;
+        };
+        *pmd = Pmd::None;
+        alloc.free(Level::Pte);
+        if !is_zero_frame(h.base) {
+            for i in 0..HPAGE_NR {
+                frames.unmap_one(h.base + i);
+            }
+        }
+    }
+
+    /// zap_pte_range() over `[a, next)` of the PTE table `t` of `vma`: clears the entries
+    /// (keeping a marker for a wr-protected page of a file VMA registered for WP, unless
+    /// ZAP_FLAG_DROP_MARKER) and frees swap slots; returns the frames to unmap.
+    fn zap_pte_range(
+        vma: &Vma,
+        t: &mut PteTable,
+        a: u64,
+        next: u64,
+        zap: Zap,
+        swap: &mut HashMap<u64, PageData>,
+    ) -> Vec<FrameId> {
+        let keep_wp = !vma.is_anon() && !zap.drop_markers && vma.uffd_wp();
+        let mut freed = Vec::new();
+        for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
+            let e = &mut t.e[i];
+            match *e {
+                Pte::None => {}
+                Pte::Present { frame, wp } => {
+                    *e = if keep_wp && wp {
+                        Pte::Marker
+                    } else {
+                        Pte::None
+                    };
+                    if !is_zero_frame(frame) {
+                        freed.push(frame);
+                    }
+                }
+                Pte::Swap { slot, .. } => {
+                    swap.remove(&slot);
+                    *e = Pte::None;
+                }
+                Pte::Marker => {
+                    // For anon: always drop the marker; for file: only if asked.
+                    if vma.is_anon() || zap.drop_markers {
+                        *e = Pte::None;
+                    }
+                }
+            }
+        }
+        freed
     }
 
     // ------------------------------------------------------------------------------------
@@ -1091,105 +1116,124 @@ impl Kernel {
         }
     }
 
+    /// madvise_cold_or_pageout_pte_range() over `[s, e)` of `v`, then the reclaim of what it
+    /// isolated, one PMD entry at a time.
     fn pageout_vma(&mut self, v: &Vma, s: u64, e: u64) {
         let mut a = s;
         while a < e {
             let next = addr_end(a, e, PMD);
             let pmd_base = a & !(PMD - 1);
             let whole = a == pmd_base && next == pmd_base + PMD;
-            let swap = self.cfg.swap;
-            let Some(pmd) = self.pt.pmd_mut(a) else {
+            let Some(pmd) = self.pt.pmd(a) else {
                 a = addr_end(a, e, PUD);
                 continue;
             };
-            if let Pmd::Thp(h) = *pmd {
-                if is_zero_frame(h.base) || self.frames.pinned(h.base) {
-                    // The huge zero page has no folio to reclaim (is_huge_zero_pmd()); a pinned
-                    // THP cannot be split (can_split_folio()) nor swapped.
-                    a = next;
-                    continue;
-                }
-                if whole && !swap {
-                    a = next;
-                    continue;
-                }
-                // Part of the THP: split_folio() in madvise_cold_or_pageout_pte_range(). All of
-                // it, with swap: shrink_folio_list() cannot get a THP-sized swap cluster from a
-                // swap device that is not an SSD (thp_swpout_fallback in /proc/vmstat: this
-                // project's swapfile on a rotational disk) and falls back to
-                // split_folio_to_list(); either way the PMD is split and the folio with it.
-                Self::split_thp(pmd);
-                self.split_anon_folio(pmd_base, h.base);
-            }
-            let Some(Pmd::Table(t)) = self.pt.pmd_mut(a) else {
+            if let Pmd::Thp(h) = *pmd
+                && !self.pageout_split_huge_pmd(pmd_base, h, whole)
+            {
                 a = next;
                 continue;
-            };
-            // PTE-mapped THPs with a page in the range: split first, like a PMD-mapped one
-            // (madvise_folio_pte_batch() short of the folio -> split_folio(); all of it -> the
-            // reclaim fallback above, with swap).
-            let mut heads = Vec::new();
-            for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
-                if let Pte::Present { frame, .. } = t.e[i]
-                    && !is_zero_frame(frame)
-                    && !heads.contains(&frame)
-                {
-                    heads.push(frame);
-                }
             }
-            let heads: Vec<FrameId> = {
-                let mut hs = Vec::new();
-                for f in heads {
-                    if let Some(h) = self.large_folio_head(f)
-                        && !hs.contains(&h)
-                    {
-                        hs.push(h);
-                    }
-                }
-                hs
-            };
-            for h in heads {
-                if !self.frames.pinned(h) && (swap || !whole) {
-                    self.split_anon_folio(pmd_base, h);
-                }
-            }
-            let Some(Pmd::Table(t)) = self.pt.pmd_mut(a) else {
-                a = next;
-                continue;
-            };
-            let mut to_unmap = Vec::new();
-            for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
-                let Pte::Present { frame, wp } = t.e[i] else {
-                    continue;
-                };
-                if is_zero_frame(frame) {
-                    continue;
-                }
-                let Some(f) = self.frames.map.get(&frame) else {
-                    continue;
-                };
-                if f.anon {
-                    if !swap || f.mapcount > 1 || self.frames.pinned(frame) {
-                        continue;
-                    }
-                    let slot = self.next_slot;
-                    self.next_slot += 1;
-                    self.swap.insert(slot, f.data.clone());
-                    t.e[i] = Pte::Swap { slot, wp };
-                } else {
-                    // try_to_unmap_one(): a uffd-wp bit survives as a marker.
-                    t.e[i] = if wp && v.uffd_wp() {
-                        Pte::Marker
-                    } else {
-                        Pte::None
-                    };
-                }
-                to_unmap.push(frame);
-            }
-            for f in to_unmap {
-                self.frames.unmap_one(f);
-            }
+            self.pageout_split_pte_folios(a, next, whole);
+            self.pageout_pte_range(v, a, next);
             a = next;
+        }
+    }
+
+    /// The PMD-mapped THP `h` at `pmd_base` in madvise_cold_or_pageout_pte_range(): split (the
+    /// PMD and the folio) unless it is left alone; returns whether its PTEs are then paged out.
+    fn pageout_split_huge_pmd(&mut self, pmd_base: u64, h: Huge, whole: bool) -> bool {
+        if is_zero_frame(h.base) || self.frames.pinned(h.base) {
+            // The huge zero page has no folio to reclaim (is_huge_zero_pmd()); a pinned THP
+            // cannot be split (can_split_folio()) nor swapped.
+            return false;
+        }
+        if whole && !self.cfg.swap {
+            return false;
+        }
+        // Part of the THP: split_folio() in madvise_cold_or_pageout_pte_range(). All of it,
+        // with swap: shrink_folio_list() cannot get a THP-sized swap cluster from a swap device
+        // that is not an SSD (thp_swpout_fallback in /proc/vmstat: this project's swapfile on a
+        // rotational disk) and falls back to split_folio_to_list(); either way the PMD is split
+        // and the folio with it.
+        if let Some(pmd) = self.pt.pmd_mut(pmd_base) {
+            Self::split_thp(pmd);
+        }
+        self.split_anon_folio(pmd_base, h.base);
+        true
+    }
+
+    /// PTE-mapped THPs with a page in `[a, next)`: split first, like a PMD-mapped one
+    /// (madvise_folio_pte_batch() short of the folio -> split_folio(); all of it -> the reclaim
+    /// fallback of [`Kernel::pageout_split_huge_pmd`], with swap).
+    fn pageout_split_pte_folios(&mut self, a: u64, next: u64, whole: bool) {
+        let Some(Pmd::Table(t)) = self.pt.pmd(a) else {
+            return;
+        };
+        let mut frames = Vec::new();
+        for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
+            if let Pte::Present { frame, .. } = t.e[i]
+                && !is_zero_frame(frame)
+                && !frames.contains(&frame)
+            {
+                frames.push(frame);
+            }
+        }
+        let mut heads = Vec::new();
+        for f in frames {
+            if let Some(h) = self.large_folio_head(f)
+                && !heads.contains(&h)
+            {
+                heads.push(h);
+            }
+        }
+        let pmd_base = a & !(PMD - 1);
+        for h in heads {
+            if !self.frames.pinned(h) && (self.cfg.swap || !whole) {
+                self.split_anon_folio(pmd_base, h);
+            }
+        }
+    }
+
+    /// shrink_folio_list() for the small folios mapped in `[a, next)`: an anonymous page goes to
+    /// swap (add_to_swap()) if there is swap and it is neither shared nor pinned; a page cache
+    /// page is unmapped, a uffd-wp bit surviving as a marker (try_to_unmap_one()).
+    fn pageout_pte_range(&mut self, v: &Vma, a: u64, next: u64) {
+        let swap = self.cfg.swap;
+        let Some(Pmd::Table(t)) = self.pt.pmd_mut(a) else {
+            return;
+        };
+        let mut to_unmap = Vec::new();
+        for i in pte_index(a)..pte_index(a) + ((next - a) / PAGE) as usize {
+            let Pte::Present { frame, wp } = t.e[i] else {
+                continue;
+            };
+            if is_zero_frame(frame) {
+                continue;
+            }
+            let Some(f) = self.frames.map.get(&frame) else {
+                continue;
+            };
+            if f.anon {
+                if !swap || f.mapcount > 1 || self.frames.pinned(frame) {
+                    continue;
+                }
+                let slot = self.next_slot;
+                self.next_slot += 1;
+                self.swap.insert(slot, f.data.clone());
+                t.e[i] = Pte::Swap { slot, wp };
+            } else {
+                // try_to_unmap_one(): a uffd-wp bit survives as a marker.
+                t.e[i] = if wp && v.uffd_wp() {
+                    Pte::Marker
+                } else {
+                    Pte::None
+                };
+            }
+            to_unmap.push(frame);
+        }
+        for f in to_unmap {
+            self.frames.unmap_one(f);
         }
     }
 

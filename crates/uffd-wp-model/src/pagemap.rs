@@ -200,6 +200,15 @@ fn pte_category(s: &Scan, k: &Kernel, e: Pte) -> u64 {
     }
 }
 
+/// make_uffd_wp_pte(): sets the uffd-wp bit of `e`, a marker for a none PTE.
+fn make_uffd_wp_pte(e: &mut Pte) {
+    *e = match *e {
+        Pte::Present { frame, .. } => Pte::Present { frame, wp: true },
+        Pte::Swap { slot, .. } => Pte::Swap { slot, wp: true },
+        Pte::None | Pte::Marker => Pte::Marker,
+    };
+}
+
 impl Kernel {
     /// One pagemap entry (pte_to_pagemap_entry(), pagemap_pmd_range(),
     /// pagemap_hugetlb_range()). PFN bits are left 0; soft-dirty (bit 55) only with
@@ -447,35 +456,50 @@ impl Kernel {
         ret
     }
 
-    /// pagemap_scan_pmd_entry() (with pagemap_scan_thp_entry()).
+    /// pagemap_scan_pmd_entry(): a PMD-mapped THP, else the PTEs of the table.
     fn scan_pmd_entry(&mut self, s: &mut Scan, start: u64, end: u64) -> i64 {
-        if let Some(Pmd::Thp(h)) = self.pt.pmd(start).cloned() {
-            let mut c = s.vma_cat | cat::HUGE | cat::PRESENT;
-            if !h.wp {
-                c |= cat::WRITTEN;
-            }
-            if !s.interesting(c) {
-                return 0;
-            }
-            let mut e = end;
-            let ret = s.output(c, start, &mut e);
-            if start == e || !s.wp() || c & cat::WRITTEN == 0 {
-                return ret;
-            }
-            if e != start + PMD {
-                // Break the huge page to WP a part of it; report as if there was no THP.
-                if let Some(p) = self.pt.pmd_mut(start) {
-                    Kernel::split_thp(p);
-                }
-                s.backout(start, e);
-            } else {
-                if let Some(Pmd::Thp(h)) = self.pt.pmd_mut(start) {
-                    h.wp = true;
-                }
-                return ret;
-            }
+        if let Some(ret) = self.scan_thp_entry(s, start, end) {
+            return ret;
         }
-        let vma_cat = s.vma_cat;
+        self.scan_pte_range(s, start, end)
+    }
+
+    /// pagemap_scan_thp_entry(): None (-ENOENT) when the PMD maps no THP, or when the THP is
+    /// split to write-protect a part of it: the PTEs are scanned instead.
+    fn scan_thp_entry(&mut self, s: &mut Scan, start: u64, end: u64) -> Option<i64> {
+        let Some(Pmd::Thp(h)) = self.pt.pmd(start).cloned() else {
+            return None;
+        };
+        let mut c = s.vma_cat | cat::HUGE | cat::PRESENT;
+        if !h.wp {
+            c |= cat::WRITTEN;
+        }
+        if !s.interesting(c) {
+            return Some(0);
+        }
+        let mut e = end;
+        let ret = s.output(c, start, &mut e);
+        if start == e || !s.wp() || c & cat::WRITTEN == 0 {
+            return Some(ret);
+        }
+        if e != start + PMD {
+            // Break the huge page to WP a part of it; report as if there was no THP.
+            if let Some(p) = self.pt.pmd_mut(start) {
+                Kernel::split_thp(p);
+            }
+            s.backout(start, e);
+            return None;
+        }
+        // make_uffd_wp_pmd()
+        if let Some(Pmd::Thp(h)) = self.pt.pmd_mut(start) {
+            h.wp = true;
+        }
+        Some(ret)
+    }
+
+    /// The PTE loops of pagemap_scan_pmd_entry() over `[start, end)` of one PTE table, then
+    /// make_uffd_wp_pte() on the pages chosen for write-protection.
+    fn scan_pte_range(&mut self, s: &mut Scan, start: u64, end: u64) -> i64 {
         let first = pte_index(start);
         let n = ((end - start) / PAGE) as usize;
         // The table, copied out so that categories can look at frames.
@@ -483,71 +507,70 @@ impl Kernel {
             return 0;
         };
         let entries: Vec<Pte> = t.e[first..first + n].to_vec();
-        let already_wp = |e: Pte| e.uffd_wp();
-        let mut protect: Vec<usize> = Vec::new();
-        let mut ret = 0i64;
-        if s.wp() && !s.has_buf {
+        let (ret, protect) = if s.wp() && !s.has_buf {
             // Fast path for performing exclusive WP.
-            for (i, e) in entries.iter().enumerate() {
-                if !already_wp(*e) {
-                    protect.push(i);
-                }
-            }
+            let protect = (0..n).filter(|i| !entries[*i].uffd_wp()).collect();
+            (0, protect)
         } else {
-            // The written-only fast path and the general loop, page by page in the kernel; here
-            // by runs of pages with equal categories, which outputs and truncates identically
-            // (pagemap_scan_output() merges a page into the current region when it continues
-            // it with the same categories).
-            let fast = s.anyof == 0
-                && s.inverted == 0
-                && s.mask == cat::WRITTEN
-                && s.ret_mask == cat::WRITTEN;
-            let cat_of = |e: Pte| -> Option<u64> {
-                if fast {
-                    (!already_wp(e)).then_some(vma_cat | cat::WRITTEN)
-                } else {
-                    let c = vma_cat | pte_category(s, self, e);
-                    s.interesting(c).then_some(c)
-                }
-            };
-            let cats: Vec<Option<u64>> = entries.iter().map(|e| cat_of(*e)).collect();
-            let mut i = 0usize;
-            while i < n {
-                let Some(c) = cats[i] else {
-                    i += 1;
-                    continue;
-                };
-                let mut j = i + 1;
-                while j < n && cats[j] == Some(c) {
-                    j += 1;
-                }
-                let addr = start + i as u64 * PAGE;
-                let mut next = start + j as u64 * PAGE;
-                ret = s.output(c, addr, &mut next);
-                let done = ((next - addr) / PAGE) as usize;
-                if s.wp() && (fast || c & cat::WRITTEN != 0) {
-                    protect.extend(i..i + done);
-                }
-                if done < j - i {
-                    break;
-                }
-                i = j;
-            }
-        }
+            self.scan_pte_output(s, start, &entries)
+        };
         if !protect.is_empty()
             && let Some(Pmd::Table(t)) = self.pt.pmd_mut(start)
         {
             for i in protect {
-                // make_uffd_wp_pte()
-                let e = &mut t.e[first + i];
-                *e = match *e {
-                    Pte::Present { frame, .. } => Pte::Present { frame, wp: true },
-                    Pte::Swap { slot, .. } => Pte::Swap { slot, wp: true },
-                    Pte::None | Pte::Marker => Pte::Marker,
-                };
+                make_uffd_wp_pte(&mut t.e[first + i]);
             }
         }
         ret
+    }
+
+    /// The written-only fast path and the general loop of pagemap_scan_pmd_entry() over the
+    /// PTEs `entries` from `start`: outputs the interesting pages and returns the last output's
+    /// result with the indices of the pages to write-protect.
+    ///
+    /// Page by page in the kernel; here by runs of pages with equal categories, which outputs and
+    /// truncates identically (pagemap_scan_output() merges a page into the current region when
+    /// it continues it with the same categories).
+    fn scan_pte_output(&self, s: &mut Scan, start: u64, entries: &[Pte]) -> (i64, Vec<usize>) {
+        let fast =
+            s.anyof == 0 && s.inverted == 0 && s.mask == cat::WRITTEN && s.ret_mask == cat::WRITTEN;
+        let cats: Vec<Option<u64>> = entries
+            .iter()
+            .map(|e| {
+                if fast {
+                    (!e.uffd_wp()).then_some(s.vma_cat | cat::WRITTEN)
+                } else {
+                    let c = s.vma_cat | pte_category(s, self, *e);
+                    s.interesting(c).then_some(c)
+                }
+            })
+            .collect();
+        let n = entries.len();
+        let mut protect = Vec::new();
+        let mut ret = 0i64;
+        let mut i = 0usize;
+        while i < n {
+            let Some(c) = cats[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < n && cats[j] == Some(c) {
+                j += 1;
+            }
+            let addr = start + i as u64 * PAGE;
+            let mut next = start + j as u64 * PAGE;
+            ret = s.output(c, addr, &mut next);
+            let done = ((next - addr) / PAGE) as usize;
+            if s.wp() && (fast || c & cat::WRITTEN != 0) {
+                protect.extend(i..i + done);
+            }
+            if done < j - i {
+                break;
+            }
+            i = j;
+        }
+        (ret, protect)
     }
 
     /// walk_hugetlb_range() with pagemap_scan_hugetlb_entry() / pagemap_scan_pte_hole().
