@@ -66,13 +66,17 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use super::{Config, LinuxMm, OpenError, Target};
+use crate::backend::procfs::{self, process_alive};
 use crate::features::{self, Features};
-use crate::range::Range;
 use crate::seam::Errno;
 use crate::seam::Quiesce;
 use crate::sys::errno_name;
 use crate::sys::ptrace::{self, WaitStatus};
 use crate::sys::uffd::Uffd;
+
+pub use crate::backend::procfs::{
+    MapEntry, fully_mapped, maps_cover, parse_maps, read_maps, stat_state, thread_ids, thread_state,
+};
 
 /// Why attaching to (or freezing) another process failed. Whatever the error, the target is
 /// left running and detached, with its registers as they were.
@@ -197,107 +201,6 @@ pub struct AttachReport {
     pub stopped_us: f64,
     /// Whole attach including the `UFFDIO_API` handshake, microseconds.
     pub total_us: f64,
-}
-
-/// Whether `/proc/PID` exists and is not a zombie.
-fn process_alive(pid: i32) -> bool {
-    matches!(thread_state(pid, pid), Some(s) if s != 'Z' && s != 'X')
-}
-
-/// The state letter of thread `tid` of process `pid` (`/proc/PID/task/TID/stat`).
-pub fn thread_state(pid: i32, tid: i32) -> Option<char> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
-    stat_state(&s)
-}
-
-/// The state letter of a `/proc/.../stat` line (the field after the parenthesised name, which
-/// may itself contain spaces and parentheses).
-pub fn stat_state(stat: &str) -> Option<char> {
-    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
-}
-
-/// The thread ids of process `pid`.
-pub fn thread_ids(pid: i32) -> Result<Vec<i32>, Errno> {
-    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map_err(|e| crate::sys::errno_of(&e))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    v.sort_unstable();
-    Ok(v)
-}
-
-/// One line of /proc/PID/maps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MapEntry {
-    /// Start address.
-    pub start: u64,
-    /// End address.
-    pub end: u64,
-    /// `rwxp` flags.
-    pub perms: String,
-    /// Path or pseudo-name (`[vdso]`, `[heap]`), empty for anonymous memory.
-    pub name: String,
-}
-
-/// Parses the text of /proc/PID/maps (lines that do not parse are skipped).
-pub fn parse_maps(text: &str) -> Vec<MapEntry> {
-    text.lines()
-        .filter_map(|l| {
-            // The kernel separates the first five fields with one space each, then pads
-            // before the name (which may itself contain spaces).
-            let mut it = l.splitn(6, ' ');
-            let (a, b) = it.next()?.split_once('-')?;
-            let perms = it.next()?.to_string();
-            let name = it.nth(3).unwrap_or("").trim().to_string();
-            Some(MapEntry {
-                start: u64::from_str_radix(a, 16).ok()?,
-                end: u64::from_str_radix(b, 16).ok()?,
-                perms,
-                name,
-            })
-        })
-        .collect()
-}
-
-/// Whether the mappings (sorted, as the kernel lists them) cover every byte of `r`.
-pub fn maps_cover(maps: &[MapEntry], r: Range) -> bool {
-    let mut cur = r.start();
-    for m in maps {
-        if m.end <= cur {
-            continue;
-        }
-        if m.start > cur {
-            return false;
-        }
-        cur = m.end;
-        if cur >= r.end() {
-            return true;
-        }
-    }
-    cur >= r.end()
-}
-
-/// Whether every byte of `r` is mapped in process `pid`: `PROCMAP_QUERY` on its
-/// /proc/PID/maps (one ioctl per VMA crossed, 6.11+), else parsing the whole file.
-pub fn fully_mapped(pid: i32, r: Range) -> Result<bool, Errno> {
-    let maps = File::open(format!("/proc/{pid}/maps")).map_err(|e| crate::sys::errno_of(&e))?;
-    let mut cur = r.start();
-    while cur < r.end() {
-        match ptrace::procmap_query(&maps, cur) {
-            Ok(Some(v)) if v.start <= cur => cur = v.end,
-            Ok(_) => return Ok(false),
-            Err(Errno::NOTTY) => return Ok(maps_cover(&read_maps(pid)?, r)),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
-/// Reads /proc/PID/maps.
-pub fn read_maps(pid: i32) -> Result<Vec<MapEntry>, Errno> {
-    let t = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| crate::sys::errno_of(&e))?;
-    Ok(parse_maps(&t))
 }
 
 /// Reads `buf.len()` bytes at `addr` of process `pid` with process_vm_readv (looping over
@@ -544,7 +447,7 @@ fn steal_uffd(
     };
     let pidfd =
         ptrace::pidfd_open(pid).map_err(|e| AttachError::from_errno(pid, pid, "pidfd_open", e))?;
-    let mem = File::open(format!("/proc/{pid}/mem")).map_err(|e| {
+    let mem = File::open(procfs::path(pid, "mem")).map_err(|e| {
         AttachError::from_errno(pid, pid, "opening /proc/PID/mem", crate::sys::errno_of(&e))
     })?;
     let t_stop = Instant::now();
@@ -849,109 +752,4 @@ impl Drop for RemoteQuiesce {
 /// Reads target memory for [`LinuxMm::read_memory`] on a [`Target::Pid`].
 pub(super) fn read_memory(pid: u32, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
     read_remote(pid as i32, addr, buf)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_maps_and_checks_coverage() {
-        let text = "\
-00400000-00452000 r-xp 00000000 08:02 173521      /usr/bin/dbus-daemon
-00651000-00652000 r--p 00051000 08:02 173521      /usr/bin/dbus-daemon
-00652000-00655000 rw-p 00052000 08:02 173521      /usr/bin/dbus-daemon
-7f0000000000-7f0000100000 rw-p 00000000 00:00 0
-7ffd5b9fe000-7ffd5ba00000 r-xp 00000000 00:00 0                          [vdso]
-7ffd5ba00000-7ffd5ba01000 r--p 00000000 00:00 0                          /tmp/a b (deleted)
-";
-        let m = parse_maps(text);
-        assert_eq!(m.len(), 6);
-        assert_eq!(m[0].start, 0x400000);
-        assert_eq!(m[0].perms, "r-xp");
-        assert_eq!(m[3].name, "");
-        assert_eq!(m[4].name, "[vdso]");
-        assert_eq!(m[5].name, "/tmp/a b (deleted)");
-        let r = |a: u64, b: u64| Range::from_bounds(a, b);
-        assert!(maps_cover(&m, r(0x400000, 0x452000)));
-        assert!(maps_cover(&m, r(0x651000, 0x655000)), "adjacent mappings");
-        assert!(
-            !maps_cover(&m, r(0x450000, 0x652000)),
-            "gap 0x452000..0x651000"
-        );
-        assert!(
-            !maps_cover(&m, r(0x7f00000ff000, 0x7f0000101000)),
-            "runs past the end"
-        );
-        assert!(!maps_cover(&m, r(0x1000, 0x2000)), "before everything");
-        assert!(maps_cover(&m, r(0x7ffd5b9fe000, 0x7ffd5ba01000)));
-    }
-
-    /// PROCMAP_QUERY, the parsed maps and msync (this process) agree on ranges with and
-    /// without gaps. The gap is a hole punched in a mapping of ours, which another test's
-    /// mmap running in parallel could fill (and unmap again between two reads: seen once in
-    /// CI, maps said "covered" where msync had said "gap"). So the mapping is placed far
-    /// below mmap_base, where the kernel's top-down search never looks for a small mapping
-    /// (MAP_FIXED_NOREPLACE), and the answers are still checked only if the hole stayed a hole.
-    #[test]
-    fn fully_mapped_agrees_with_maps_and_msync() {
-        use crate::range::PAGE_SIZE;
-        use crate::sys::mem::Mapping;
-        let me = std::process::id() as i32;
-        for attempt in 0..5u64 {
-            let Ok(mut m) = Mapping::new_at(
-                0x1000_0000_0000 + attempt * (1 << 30),
-                16 * PAGE_SIZE,
-                crate::sys::mem::Backing::Anon,
-            ) else {
-                continue;
-            };
-            let r = m.range();
-            let p = |a: u64, b: u64| {
-                Range::from_bounds(r.start() + a * PAGE_SIZE, r.start() + b * PAGE_SIZE)
-            };
-            m.punch(p(5, 7)).unwrap();
-            let spans = [
-                (0, 16),
-                (0, 5),
-                (4, 6),
-                (6, 8),
-                (7, 16),
-                (5, 7),
-                (0, 1),
-                (15, 16),
-            ];
-            let answers: Vec<_> = spans
-                .iter()
-                .map(|&(a, b)| {
-                    let q = p(a, b);
-                    (
-                        crate::sys::mem::fully_mapped(q).unwrap(),
-                        fully_mapped(me, q).unwrap(),
-                        maps_cover(&read_maps(me).unwrap(), q),
-                    )
-                })
-                .collect();
-            let hole_kept = [p(5, 6), p(6, 7)]
-                .iter()
-                .all(|h| !crate::sys::mem::fully_mapped(*h).unwrap());
-            if !hole_kept {
-                continue;
-            }
-            for (&(a, b), &(want, query, maps)) in spans.iter().zip(&answers) {
-                assert_eq!(want, !(a < 7 && 5 < b), "msync on {a}..{b}");
-                assert_eq!(query, want, "PROCMAP_QUERY on {a}..{b}");
-                assert_eq!(maps, want, "maps on {a}..{b}");
-            }
-            return;
-        }
-        panic!("the punched hole was filled by another mapping in 5 attempts out of 5");
-    }
-
-    #[test]
-    fn stat_state_skips_odd_names() {
-        assert_eq!(stat_state("12 (a) b) c) S 1 2 3"), Some('S'));
-        assert_eq!(stat_state("12 (sleep) t 1 2"), Some('t'));
-        assert_eq!(stat_state("garbage"), None);
-    }
 }
