@@ -1,6 +1,6 @@
 //! Reading `/proc/PID`: the one module that opens and parses what the kernel prints there, for
 //! the remote backend ([`crate::backend::linux::remote`]: a target's threads, their states, its
-//! mappings) and pin discovery ([`crate::backend::pins::discover`]: a process's fds and
+//! mappings) and pin discovery ([`mod@crate::backend::pins::discover`]: a process's fds and
 //! `status`).
 //!
 //! Two ways in:
