@@ -13,8 +13,8 @@
 //! 4. [`seam`]: the traits every backend implements (`Uffd`, `PageTables`, `Pins`, `Memory`,
 //!    together `Mm`; `Quiesce`; `Lab`) and the plain data they exchange;
 //! 5. [`backend`]: the real kernel ([`backend::linux`]), error injection
-//!    ([`backend::inject`]), pin sources ([`backend::pins`]); the reference model is a backend
-//!    in the `uffd-wp-model` crate;
+//!    ([`backend::inject`]), pin sources ([`backend::pins`]), `/proc` parsing
+//!    ([`backend::procfs`]); the reference model is a backend in the `uffd-wp-model` crate;
 //! 6. [`engine`]: exact write-protection, live snapshots, dirty tracking, written against the
 //!    seam only;
 //! 7. [`scenario`]: reproducible situations run on any backend through a lab.

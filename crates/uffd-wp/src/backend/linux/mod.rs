@@ -16,6 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use crate::backend::pins::{PinGuard, PinRegistry, PinTarget, RegistryOptions};
+use crate::backend::procfs;
 use crate::features::{self, Features};
 use crate::range::{Range, RangeSet};
 use crate::seam::{
@@ -339,7 +340,7 @@ impl PageTables for LinuxMm {
     fn fully_mapped(&self, r: Range) -> Result<bool, Errno> {
         match self.target {
             Target::SelfProcess => crate::sys::mem::fully_mapped(r),
-            Target::Pid(pid) => remote::fully_mapped(pid as i32, r),
+            Target::Pid(pid) => procfs::fully_mapped(pid as i32, r),
         }
     }
 

@@ -12,24 +12,25 @@
 //! with `PAGEMAP_SCAN` (`PAGE_IS_HUGE`) when the 4 KiB count leaves bytes unexplained. A large
 //! folio mapped by PTEs (mTHP) cannot be seen from user space: its extra pages stay unexplained.
 //!
-//! Every file is opened relative to one `/proc/PID` directory fd, taken first, so a pid reused
-//! by a new process is never read: once the process is gone every lookup fails with ENOENT or
-//! ESRCH ([`PinScanError::ProcessGone`]). A scan changes nothing, in the target or here.
+//! Every file is opened relative to one `/proc/PID` directory fd ([`ProcDir`], from
+//! [`crate::backend::procfs`], which the remote backend reads `/proc` with too), taken first, so
+//! a pid reused by a new process is never read: once the process is gone every lookup fails
+//! with ENOENT or ESRCH ([`PinScanError::ProcessGone`]). A scan changes nothing, in the target
+//! or here.
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::io::Read;
 use std::os::fd::OwnedFd;
 
-use rustix::fs::{Dir, Mode, OFlags};
+use rustix::fs::OFlags;
 
 use super::fdinfo::{FdinfoError, RingInfo, parse_io_uring_fdinfo, parse_vm_pin};
 use super::{Pin, PinKind, PinSource};
 use crate::backend::linux::scan_once;
+use crate::backend::procfs::ProcDir;
 use crate::range::{PAGE_SIZE, PMD_SIZE, Range};
 use crate::seam::{ScanRequest, category, scan_all};
 use crate::sys::pagemap::Pagemap;
-use crate::sys::{Errno, errno_name, errno_of};
+use crate::sys::{Errno, errno_name};
 
 /// The link text of an io_uring fd in `/proc/PID/fd`.
 pub const IO_URING_LINK: &str = "anon_inode:[io_uring]";
@@ -220,57 +221,37 @@ fn classify(pid: u32, path: String, errno: Errno) -> PinScanError {
     }
 }
 
-/// An open `/proc/PID` directory.
-struct ProcDir {
-    pid: u32,
-    dir: OwnedFd,
-}
+/// The scan's `/proc/PID` (a [`ProcDir`]: a reused pid is never read), its errors classified
+/// as [`PinScanError`].
+struct PinDir(ProcDir);
 
-impl ProcDir {
+impl PinDir {
     fn path(&self, rel: &str) -> String {
-        format!("/proc/{}/{}", self.pid, rel)
+        self.0.path(rel)
     }
 
     fn err(&self, rel: &str, errno: Errno) -> PinScanError {
-        classify(self.pid, self.path(rel), errno)
+        classify(self.0.pid(), self.path(rel), errno)
     }
 
-    fn open(pid: u32) -> Result<ProcDir, PinScanError> {
-        let path = format!("/proc/{pid}");
-        let dir = rustix::fs::open(
-            path.as_str(),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|errno| classify(pid, path.clone(), errno))?;
-        Ok(ProcDir { pid, dir })
-    }
-
-    fn open_at(&self, rel: &str, flags: OFlags) -> Result<OwnedFd, Errno> {
-        rustix::fs::openat(&self.dir, rel, flags | OFlags::CLOEXEC, Mode::empty())
-    }
-
-    fn read(&self, rel: &str) -> Result<String, Errno> {
-        let fd = self.open_at(rel, OFlags::RDONLY)?;
-        let mut s = String::new();
-        File::from(fd)
-            .read_to_string(&mut s)
-            .map_err(|e| errno_of(&e))?;
-        Ok(s)
+    fn open(pid: u32) -> Result<PinDir, PinScanError> {
+        ProcDir::open(pid)
+            .map(PinDir)
+            .map_err(|errno| classify(pid, format!("/proc/{pid}"), errno))
     }
 
     /// `VmPin` in bytes; `ProcessGone` when the process has no address space any more.
     fn vm_pin(&self) -> Result<u64, PinScanError> {
-        let status = self.read("status").map_err(|e| self.err("status", e))?;
+        let status = self.0.read("status").map_err(|e| self.err("status", e))?;
         match parse_vm_pin(&status) {
             Ok(Some(v)) => Ok(v),
             Ok(None) => Err(PinScanError::ProcessGone {
-                pid: self.pid,
+                pid: self.0.pid(),
                 path: self.path("status"),
                 errno: Errno::SRCH,
             }),
             Err(source) => Err(PinScanError::Malformed {
-                pid: self.pid,
+                pid: self.0.pid(),
                 path: self.path("status"),
                 source,
             }),
@@ -288,28 +269,25 @@ impl ProcDir {
 
     /// The io_uring fds, ascending.
     fn io_uring_fds(&self) -> Result<Vec<i32>, PinScanError> {
-        let fd_dir = self
-            .open_at("fd", OFlags::RDONLY | OFlags::DIRECTORY)
-            .map_err(|e| self.err("fd", e))?;
-        let listing = self
-            .open_at("fd", OFlags::RDONLY | OFlags::DIRECTORY)
-            .map_err(|e| self.err("fd", e))?;
-        let dir = Dir::new(listing).map_err(|e| self.err("fd", e))?;
+        let fd_dir = self.fd_dir()?;
         let mut out = Vec::new();
-        for ent in dir {
-            let ent = ent.map_err(|e| self.err("fd", e))?;
-            let Ok(name) = ent.file_name().to_str() else {
-                continue;
-            };
-            let Ok(n) = name.parse::<i32>() else {
-                continue;
-            };
-            if self.is_io_uring(&fd_dir, name)? == Some(true) {
+        for n in self
+            .0
+            .numeric_entries("fd")
+            .map_err(|e| self.err("fd", e))?
+        {
+            if self.is_io_uring(&fd_dir, &n.to_string())? == Some(true) {
                 out.push(n);
             }
         }
-        out.sort_unstable();
         Ok(out)
+    }
+
+    /// `/proc/PID/fd`, opened for `readlinkat`.
+    fn fd_dir(&self) -> Result<OwnedFd, PinScanError> {
+        self.0
+            .open_at("fd", OFlags::RDONLY | OFlags::DIRECTORY)
+            .map_err(|e| self.err("fd", e))
     }
 
     /// The fdinfo of ring fd `fd`, read again while the ring is busy; `None` if the fd was
@@ -323,7 +301,7 @@ impl ProcDir {
             } else if attempt > 0 {
                 std::thread::yield_now();
             }
-            let text = match self.read(&rel) {
+            let text = match self.0.read(&rel) {
                 Ok(t) => t,
                 Err(Errno::NOENT) => {
                     // The fd was closed, or the whole process is gone: status tells which.
@@ -346,16 +324,13 @@ impl ProcDir {
                 Err(FdinfoError::Truncated { .. } | FdinfoError::CutShort { .. }) => {}
                 Err(FdinfoError::NoUserBufs) => {
                     // Or the fd number was reused by another file since the listing.
-                    let fd_dir = self
-                        .open_at("fd", OFlags::RDONLY | OFlags::DIRECTORY)
-                        .map_err(|e| self.err("fd", e))?;
-                    if self.is_io_uring(&fd_dir, &fd.to_string())? != Some(true) {
+                    if self.is_io_uring(&self.fd_dir()?, &fd.to_string())? != Some(true) {
                         return Ok(None);
                     }
                 }
                 Err(source) => {
                     return Err(PinScanError::Malformed {
-                        pid: self.pid,
+                        pid: self.0.pid(),
                         path: self.path(&rel),
                         source,
                     });
@@ -363,7 +338,7 @@ impl ProcDir {
             }
         }
         Err(PinScanError::RingBusy {
-            pid: self.pid,
+            pid: self.0.pid(),
             path: self.path(&rel),
             attempts,
         })
@@ -430,7 +405,7 @@ pub fn discover_with(
     opts: &ScanOptions,
     observer: &mut dyn FnMut(ScanPoint<'_>),
 ) -> Result<Discovery, PinScanError> {
-    let dir = ProcDir::open(pid)?;
+    let dir = PinDir::open(pid)?;
     let attempts = opts.attempts.max(1);
     let mut attempt = 0;
     loop {

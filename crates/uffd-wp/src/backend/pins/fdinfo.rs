@@ -1,5 +1,7 @@
 //! Parsers for the two `/proc` texts pin discovery reads: `/proc/PID/fdinfo/FD` of an io_uring
-//! fd, and the `VmPin` line of `/proc/PID/status`.
+//! fd, and the `VmPin` line of `/proc/PID/status` (found with
+//! [`crate::backend::procfs::status_field`]; reading the files is
+//! [`crate::backend::procfs::ProcDir`]'s job).
 //!
 //! The io_uring part of fdinfo (io_uring/fdinfo.c, `io_uring_show_fdinfo`) on 6.18, checked on
 //! this machine by registering buffers and reading it back:
@@ -201,13 +203,13 @@ pub fn parse_io_uring_fdinfo(text: &str) -> Result<RingInfo, FdinfoError> {
 /// The `VmPin` of a `/proc/PID/status` text in bytes; `None` when the process has no address
 /// space (a zombie, or a kernel thread: the kernel prints no `Vm*` lines then).
 pub fn parse_vm_pin(status: &str) -> Result<Option<u64>, FdinfoError> {
-    let Some(line) = status.lines().find(|l| l.starts_with("VmPin:")) else {
+    let Some(raw) = crate::backend::procfs::status_field(status, "VmPin") else {
         return Ok(None);
     };
     let badline = || FdinfoError::BadVmPin {
-        line: line.chars().take(120).collect(),
+        line: format!("VmPin:{raw}").chars().take(120).collect(),
     };
-    let v = line["VmPin:".len()..].trim();
+    let v = raw.trim();
     let kb = v.strip_suffix("kB").ok_or_else(badline)?.trim_end();
     let kb = dec(kb).ok_or_else(badline)?;
     kb.checked_mul(1024).map(Some).ok_or_else(badline)

@@ -1,0 +1,198 @@
+//! Freezing the target for a snapshot's pause: [`RemoteQuiesce`], the [`Quiesce`] of another
+//! process.
+//!
+//! Every thread listed in /proc/PID/task is seized and interrupted, the listing repeated until
+//! a pass finds no new thread (a thread not yet stopped may create one), and each stop awaited.
+//! Resuming detaches them all. A ptrace stop is undone by the kernel when the tracer dies,
+//! which is what makes a monitor killed mid-snapshot leave the target running.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::AttachError;
+use crate::backend::procfs::thread_ids;
+use crate::seam::{Errno, Quiesce};
+use crate::sys::ptrace::{self, WaitStatus};
+
+/// How a [`RemoteQuiesce::try_freeze`] went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct FreezeStats {
+    /// Threads stopped.
+    pub threads: usize,
+    /// Passes over /proc/PID/task (more than 2 when threads were being created).
+    pub passes: usize,
+    /// Time to stop them all, microseconds.
+    pub freeze_us: f64,
+}
+
+#[derive(Debug, Default)]
+struct Frozen {
+    /// The tracer thread (ptrace requests are only accepted from it).
+    tracer: i32,
+    /// Stopped threads, each with the signal to deliver when detaching it (0: none).
+    threads: Vec<(i32, i32)>,
+}
+
+/// Freezes every thread of another process with ptrace (see the remote module docs). Must be
+/// resumed from the thread that froze it ([`crate::engine::snapshot::take`] does both on its caller's
+/// thread). Dropping it resumes a frozen target.
+#[derive(Debug)]
+pub struct RemoteQuiesce {
+    pid: i32,
+    frozen: Mutex<Option<Frozen>>,
+    last_error: Mutex<Option<AttachError>>,
+    last_stats: Mutex<FreezeStats>,
+}
+
+impl RemoteQuiesce {
+    /// A quiesce for process `pid` (nothing is done until [`Quiesce::freeze`]).
+    pub fn new(pid: u32) -> RemoteQuiesce {
+        RemoteQuiesce {
+            pid: pid as i32,
+            frozen: Mutex::new(None),
+            last_error: Mutex::new(None),
+            last_stats: Mutex::new(FreezeStats::default()),
+        }
+    }
+
+    /// The error of the last [`Quiesce::freeze`] or [`Quiesce::resume`], if any (the trait's
+    /// methods cannot return one; a failed freeze leaves the target running).
+    pub fn last_error(&self) -> Option<AttachError> {
+        self.last_error.lock().expect("quiesce lock").clone()
+    }
+
+    /// Statistics of the last successful freeze.
+    pub fn last_stats(&self) -> FreezeStats {
+        *self.last_stats.lock().expect("quiesce lock")
+    }
+
+    /// Whether the target is frozen by this quiesce.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.lock().expect("quiesce lock").is_some()
+    }
+
+    /// Stops every thread of the target; on error, resumes what was stopped.
+    pub fn try_freeze(&self) -> Result<FreezeStats, AttachError> {
+        let mut g = self.frozen.lock().expect("quiesce lock");
+        if g.is_some() {
+            return Ok(self.last_stats());
+        }
+        let t0 = Instant::now();
+        let pid = self.pid;
+        let mut f = Frozen {
+            tracer: ptrace::gettid(),
+            threads: Vec::new(),
+        };
+        let mut passes = 0;
+        let res = (|| -> Result<(), AttachError> {
+            loop {
+                passes += 1;
+                let tids = thread_ids(pid).map_err(|_| AttachError::NoSuchProcess { pid })?;
+                let new: Vec<i32> = tids
+                    .into_iter()
+                    .filter(|t| !f.threads.iter().any(|(s, _)| s == t))
+                    .collect();
+                if new.is_empty() {
+                    if f.threads.is_empty() {
+                        return Err(AttachError::NoSuchProcess { pid });
+                    }
+                    return Ok(());
+                }
+                // Seize and interrupt the whole batch first, so the threads stop in parallel.
+                let mut seized = Vec::new();
+                for tid in new {
+                    match ptrace::seize(tid, 0) {
+                        Ok(()) => {}
+                        Err(Errno::SRCH) => continue, // the thread exited
+                        Err(e) => return Err(AttachError::from_errno(pid, tid, "PTRACE_SEIZE", e)),
+                    }
+                    match ptrace::interrupt(tid) {
+                        Ok(()) => seized.push(tid),
+                        Err(Errno::SRCH) => {}
+                        Err(e) => {
+                            let _ = ptrace::detach(tid, 0);
+                            return Err(AttachError::from_errno(pid, tid, "PTRACE_INTERRUPT", e));
+                        }
+                    }
+                }
+                for tid in seized {
+                    loop {
+                        match ptrace::wait(tid) {
+                            Ok(WaitStatus::Event { .. } | WaitStatus::SyscallStop) => {
+                                f.threads.push((tid, 0));
+                                break;
+                            }
+                            Ok(WaitStatus::Signal(s)) => {
+                                f.threads.push((tid, s));
+                                break;
+                            }
+                            Ok(WaitStatus::Exited(_) | WaitStatus::Killed(_)) | Err(_) => break,
+                            Ok(WaitStatus::Other(_)) => {}
+                        }
+                    }
+                }
+            }
+        })();
+        match res {
+            Ok(()) => {
+                let stats = FreezeStats {
+                    threads: f.threads.len(),
+                    passes,
+                    freeze_us: t0.elapsed().as_secs_f64() * 1e6,
+                };
+                *self.last_stats.lock().expect("quiesce lock") = stats;
+                *g = Some(f);
+                Ok(stats)
+            }
+            Err(e) => {
+                detach_all(&f);
+                Err(e)
+            }
+        }
+    }
+
+    /// Detaches every stopped thread (they go on). A no-op when not frozen.
+    pub fn try_resume(&self) -> Result<(), AttachError> {
+        let Some(f) = self.frozen.lock().expect("quiesce lock").take() else {
+            return Ok(());
+        };
+        if f.tracer != ptrace::gettid() {
+            // Only the tracer thread may detach; its exit (or this process's) would.
+            let tid = f.tracer;
+            *self.frozen.lock().expect("quiesce lock") = Some(f);
+            return Err(AttachError::Os {
+                op: "resuming from a thread other than the one that froze",
+                tid,
+                errno: Errno::PERM,
+            });
+        }
+        detach_all(&f);
+        Ok(())
+    }
+}
+
+fn detach_all(f: &Frozen) {
+    for &(tid, sig) in &f.threads {
+        // ESRCH: the thread was killed meanwhile; nothing else can fail for a stopped tracee.
+        let _ = ptrace::detach(tid, sig);
+    }
+}
+
+impl Quiesce for RemoteQuiesce {
+    fn freeze(&self) {
+        let r = self.try_freeze();
+        *self.last_error.lock().expect("quiesce lock") = r.err();
+    }
+
+    fn resume(&self) {
+        if let Err(e) = self.try_resume() {
+            *self.last_error.lock().expect("quiesce lock") = Some(e);
+        }
+    }
+}
+
+impl Drop for RemoteQuiesce {
+    fn drop(&mut self) {
+        let _ = self.try_resume();
+    }
+}

@@ -1,0 +1,344 @@
+//! Reading `/proc/PID`: the one module that opens and parses what the kernel prints there, for
+//! the remote backend ([`crate::backend::linux::remote`]: a target's threads, their states, its
+//! mappings) and pin discovery ([`mod@crate::backend::pins::discover`]: a process's fds and
+//! `status`).
+//!
+//! Two ways in:
+//! - by path (`/proc/PID/...`, looked up anew on every call), as the remote backend does: its
+//!   target is named by pid, and a traced or frozen target cannot be reaped under it;
+//! - through a [`ProcDir`], a `/proc/PID` directory fd opened once, every file opened relative
+//!   to it, as pin discovery does: a pid reused by a new process is never read, every lookup
+//!   fails with ENOENT or ESRCH once the process is gone.
+//!
+//! Errors are the kernel's errno; each caller classifies them into its own error enum. The
+//! formats only one caller reads stay with it: the io_uring part of `fdinfo` and the meaning of
+//! `VmPin` (`backend/pins/fdinfo.rs`).
+
+use std::fmt::Display;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::fs::{CWD, Dir, Mode, OFlags};
+
+use crate::range::Range;
+use crate::sys::ptrace;
+use crate::sys::{Errno, errno_of};
+
+/// The path of `rel` under `/proc/PID`.
+pub fn path(pid: impl Display, rel: &str) -> String {
+    format!("/proc/{pid}/{rel}")
+}
+
+/// Reads the whole text of `path`, relative to `dir` (absolute paths ignore `dir`).
+fn read_at(dir: impl AsFd, path: &str) -> Result<String, Errno> {
+    let fd = rustix::fs::openat(dir, path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut s = String::new();
+    File::from(fd)
+        .read_to_string(&mut s)
+        .map_err(|e| errno_of(&e))?;
+    Ok(s)
+}
+
+/// The entries of directory `path` (relative to `dir`) whose names are numbers (pids, thread
+/// ids, fds), ascending; other names (`.`, `..`) are left out.
+fn numeric_entries_at(dir: impl AsFd, path: &str) -> Result<Vec<i32>, Errno> {
+    let fd = rustix::fs::openat(
+        dir,
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut out = Vec::new();
+    for ent in Dir::new(fd)? {
+        if let Ok(n) = ent?.file_name().to_str().unwrap_or("").parse::<i32>() {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Reads the whole text of the file at `path` (`/proc/...`).
+pub fn read(path: &str) -> Result<String, Errno> {
+    read_at(CWD, path)
+}
+
+/// An open `/proc/PID` directory: every file is opened relative to it (see the module docs).
+#[derive(Debug)]
+pub struct ProcDir {
+    pid: u32,
+    dir: OwnedFd,
+}
+
+impl ProcDir {
+    /// Opens `/proc/PID` (`O_PATH`).
+    pub fn open(pid: u32) -> Result<ProcDir, Errno> {
+        let dir = rustix::fs::open(
+            format!("/proc/{pid}").as_str(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(ProcDir { pid, dir })
+    }
+
+    /// The process.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The path of `rel` in it (for messages: the file itself is opened through the fd).
+    pub fn path(&self, rel: &str) -> String {
+        path(self.pid, rel)
+    }
+
+    /// Opens `rel` in it with `flags` (plus `O_CLOEXEC`).
+    pub fn open_at(&self, rel: &str, flags: OFlags) -> Result<OwnedFd, Errno> {
+        rustix::fs::openat(&self.dir, rel, flags | OFlags::CLOEXEC, Mode::empty())
+    }
+
+    /// The whole text of file `rel`.
+    pub fn read(&self, rel: &str) -> Result<String, Errno> {
+        read_at(&self.dir, rel)
+    }
+
+    /// The numeric entries of directory `rel` (`fd`, `task`), ascending.
+    pub fn numeric_entries(&self, rel: &str) -> Result<Vec<i32>, Errno> {
+        numeric_entries_at(&self.dir, rel)
+    }
+}
+
+/// The raw value of field `key` of a `/proc/PID/status` text: what follows `key:` on its line,
+/// blanks included; `None` when there is no such line.
+pub fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+}
+
+/// The state letter of a `/proc/.../stat` line (the field after the parenthesised name, which
+/// may itself contain spaces and parentheses).
+pub fn stat_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// The state letter of thread `tid` of process `pid` (`/proc/PID/task/TID/stat`).
+pub fn thread_state(pid: i32, tid: i32) -> Option<char> {
+    stat_state(&read(&path(pid, &format!("task/{tid}/stat"))).ok()?)
+}
+
+/// Whether `/proc/PID` exists and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    matches!(thread_state(pid, pid), Some(s) if s != 'Z' && s != 'X')
+}
+
+/// The thread ids of process `pid` (`/proc/PID/task`), ascending.
+pub fn thread_ids(pid: i32) -> Result<Vec<i32>, Errno> {
+    numeric_entries_at(CWD, &path(pid, "task"))
+}
+
+/// One line of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Start address.
+    pub start: u64,
+    /// End address.
+    pub end: u64,
+    /// `rwxp` flags.
+    pub perms: String,
+    /// Path or pseudo-name (`[vdso]`, `[heap]`), empty for anonymous memory.
+    pub name: String,
+}
+
+/// Parses the text of /proc/PID/maps (lines that do not parse are skipped).
+pub fn parse_maps(text: &str) -> Vec<MapEntry> {
+    text.lines()
+        .filter_map(|l| {
+            // The kernel separates the first five fields with one space each, then pads
+            // before the name (which may itself contain spaces).
+            let mut it = l.splitn(6, ' ');
+            let (a, b) = it.next()?.split_once('-')?;
+            let perms = it.next()?.to_string();
+            let name = it.nth(3).unwrap_or("").trim().to_string();
+            Some(MapEntry {
+                start: u64::from_str_radix(a, 16).ok()?,
+                end: u64::from_str_radix(b, 16).ok()?,
+                perms,
+                name,
+            })
+        })
+        .collect()
+}
+
+/// Whether the mappings (sorted, as the kernel lists them) cover every byte of `r`.
+pub fn maps_cover(maps: &[MapEntry], r: Range) -> bool {
+    let mut cur = r.start();
+    for m in maps {
+        if m.end <= cur {
+            continue;
+        }
+        if m.start > cur {
+            return false;
+        }
+        cur = m.end;
+        if cur >= r.end() {
+            return true;
+        }
+    }
+    cur >= r.end()
+}
+
+/// Reads /proc/PID/maps.
+pub fn read_maps(pid: i32) -> Result<Vec<MapEntry>, Errno> {
+    Ok(parse_maps(&read(&path(pid, "maps"))?))
+}
+
+/// Whether every byte of `r` is mapped in process `pid`: `PROCMAP_QUERY` on its
+/// /proc/PID/maps (one ioctl per VMA crossed, 6.11+), else parsing the whole file.
+pub fn fully_mapped(pid: i32, r: Range) -> Result<bool, Errno> {
+    let maps = File::open(path(pid, "maps")).map_err(|e| errno_of(&e))?;
+    let mut cur = r.start();
+    while cur < r.end() {
+        match ptrace::procmap_query(&maps, cur) {
+            Ok(Some(v)) if v.start <= cur => cur = v.end,
+            Ok(_) => return Ok(false),
+            Err(Errno::NOTTY) => return Ok(maps_cover(&read_maps(pid)?, r)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_and_checks_coverage() {
+        let text = "\
+00400000-00452000 r-xp 00000000 08:02 173521      /usr/bin/dbus-daemon
+00651000-00652000 r--p 00051000 08:02 173521      /usr/bin/dbus-daemon
+00652000-00655000 rw-p 00052000 08:02 173521      /usr/bin/dbus-daemon
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0
+7ffd5b9fe000-7ffd5ba00000 r-xp 00000000 00:00 0                          [vdso]
+7ffd5ba00000-7ffd5ba01000 r--p 00000000 00:00 0                          /tmp/a b (deleted)
+";
+        let m = parse_maps(text);
+        assert_eq!(m.len(), 6);
+        assert_eq!(m[0].start, 0x400000);
+        assert_eq!(m[0].perms, "r-xp");
+        assert_eq!(m[3].name, "");
+        assert_eq!(m[4].name, "[vdso]");
+        assert_eq!(m[5].name, "/tmp/a b (deleted)");
+        let r = |a: u64, b: u64| Range::from_bounds(a, b);
+        assert!(maps_cover(&m, r(0x400000, 0x452000)));
+        assert!(maps_cover(&m, r(0x651000, 0x655000)), "adjacent mappings");
+        assert!(
+            !maps_cover(&m, r(0x450000, 0x652000)),
+            "gap 0x452000..0x651000"
+        );
+        assert!(
+            !maps_cover(&m, r(0x7f00000ff000, 0x7f0000101000)),
+            "runs past the end"
+        );
+        assert!(!maps_cover(&m, r(0x1000, 0x2000)), "before everything");
+        assert!(maps_cover(&m, r(0x7ffd5b9fe000, 0x7ffd5ba01000)));
+    }
+
+    /// PROCMAP_QUERY, the parsed maps and msync (this process) agree on ranges with and
+    /// without gaps. The gap is a hole punched in a mapping of ours, which another test's
+    /// mmap running in parallel could fill (and unmap again between two reads: seen once in
+    /// CI, maps said "covered" where msync had said "gap"). So the mapping is placed far
+    /// below mmap_base, where the kernel's top-down search never looks for a small mapping
+    /// (MAP_FIXED_NOREPLACE), and the answers are still checked only if the hole stayed a hole.
+    #[test]
+    fn fully_mapped_agrees_with_maps_and_msync() {
+        use crate::range::PAGE_SIZE;
+        use crate::sys::mem::Mapping;
+        let me = std::process::id() as i32;
+        for attempt in 0..5u64 {
+            let Ok(mut m) = Mapping::new_at(
+                0x1000_0000_0000 + attempt * (1 << 30),
+                16 * PAGE_SIZE,
+                crate::sys::mem::Backing::Anon,
+            ) else {
+                continue;
+            };
+            let r = m.range();
+            let p = |a: u64, b: u64| {
+                Range::from_bounds(r.start() + a * PAGE_SIZE, r.start() + b * PAGE_SIZE)
+            };
+            m.punch(p(5, 7)).unwrap();
+            let spans = [
+                (0, 16),
+                (0, 5),
+                (4, 6),
+                (6, 8),
+                (7, 16),
+                (5, 7),
+                (0, 1),
+                (15, 16),
+            ];
+            let answers: Vec<_> = spans
+                .iter()
+                .map(|&(a, b)| {
+                    let q = p(a, b);
+                    (
+                        crate::sys::mem::fully_mapped(q).unwrap(),
+                        fully_mapped(me, q).unwrap(),
+                        maps_cover(&read_maps(me).unwrap(), q),
+                    )
+                })
+                .collect();
+            let hole_kept = [p(5, 6), p(6, 7)]
+                .iter()
+                .all(|h| !crate::sys::mem::fully_mapped(*h).unwrap());
+            if !hole_kept {
+                continue;
+            }
+            for (&(a, b), &(want, query, maps)) in spans.iter().zip(&answers) {
+                assert_eq!(want, !(a < 7 && 5 < b), "msync on {a}..{b}");
+                assert_eq!(query, want, "PROCMAP_QUERY on {a}..{b}");
+                assert_eq!(maps, want, "maps on {a}..{b}");
+            }
+            return;
+        }
+        panic!("the punched hole was filled by another mapping in 5 attempts out of 5");
+    }
+
+    #[test]
+    fn stat_state_skips_odd_names() {
+        assert_eq!(stat_state("12 (a) b) c) S 1 2 3"), Some('S'));
+        assert_eq!(stat_state("12 (sleep) t 1 2"), Some('t'));
+        assert_eq!(stat_state("garbage"), None);
+    }
+
+    #[test]
+    fn status_fields_are_raw_values() {
+        let s = "Name:\tx\nVmPin:\t       8 kB\nVmPinned:\t1 kB\nTracerPid:\t0\n";
+        assert_eq!(status_field(s, "VmPin"), Some("\t       8 kB"));
+        assert_eq!(status_field(s, "TracerPid"), Some("\t0"));
+        assert_eq!(
+            status_field(s, "VmPi"),
+            None,
+            "a prefix of a key is not the key"
+        );
+        assert_eq!(status_field(s, "Nope"), None);
+    }
+
+    /// The same listing by path and through a `ProcDir`, with this thread in it; a pid that
+    /// does not exist is ENOENT both ways.
+    #[test]
+    fn threads_of_this_process() {
+        let me = std::process::id();
+        let tids = thread_ids(me as i32).unwrap();
+        assert!(tids.contains(&ptrace::gettid()), "{tids:?}");
+        assert!(tids.windows(2).all(|w| w[0] < w[1]));
+        let dir = ProcDir::open(me).unwrap();
+        assert_eq!(dir.path("task"), format!("/proc/{me}/task"));
+        assert!(dir.numeric_entries("task").unwrap().contains(&(me as i32)));
+        assert!(process_alive(me as i32));
+        assert_eq!(thread_ids(-5), Err(Errno::NOENT));
+        assert_eq!(ProcDir::open(u32::MAX).err(), Some(Errno::NOENT));
+    }
+}
