@@ -14,6 +14,9 @@ use uffd_wp_bench::workload::{Workload, WorkloadConfig};
 use crate::{CliError, print_json};
 
 mod remote;
+// The printing helpers every command shares (see the module docs for why they are here).
+#[path = "report.rs"]
+pub(crate) mod report;
 
 /// Arguments of `uffd-wp snapshot`.
 #[derive(Debug, clap::Args)]
