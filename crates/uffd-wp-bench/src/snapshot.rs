@@ -459,78 +459,13 @@ pub fn measure_pause(
             cfg.size
         )));
     }
-    let thp = cfg.kind == PageKind::Thp;
-    let mm = LinuxMm::open()?;
-    let start = |progress: &mut dyn FnMut(Step)| -> Result<Workload, SnapshotBenchError> {
-        let w = Workload::start(WorkloadConfig {
-            size: cfg.size,
-            threads: cfg.writers,
-            thp,
-            ..WorkloadConfig::default()
-        })
-        .map_err(setup("starting the workload"))?;
-        progress(Step::Workload);
-        Ok(w)
-    };
-    let base = default_options(cfg.kind);
-    let variants = [
-        SnapshotOptions {
-            prearm: true,
-            ..base
-        },
-        SnapshotOptions {
-            prearm: false,
-            ..base
-        },
-    ];
-    let mut fork = Vec::new();
-    let mut reps: [Vec<(SnapshotReport, Duration)>; 2] = [Vec::new(), Vec::new()];
-    let (mut memcpy, mut idle_memcpy, mut idle_copy) = (vec![], vec![], vec![]);
-    let mut min_huge = 1.0f64;
-    let mut snapshots = 0;
-    let mut w = start(&mut progress)?;
+    let b = PauseBench::new(cfg)?;
+    let mut s = PauseSamples::default();
+    let mut w = b.start(&mut progress)?;
     let runs = cfg.runs.max(1);
     for round in 0..=runs {
-        let keep = round > 0;
-        // Copy baselines and the idle snapshot on an unsplit region.
-        let order: [bool; 2] = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for live in order {
-            let m = memcpy_mb_s(&w, live)?;
-            if keep {
-                if live { &mut memcpy } else { &mut idle_memcpy }.push(m);
-            }
-        }
-        let (rep, _) = snapshot_workload(&mm, &w, &base, false)?;
-        snapshots += 1;
-        if keep {
-            idle_copy.push(rep.copy_mb_s);
-        }
-        let vorder: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for (n, &v) in vorder.iter().enumerate() {
-            if thp && n > 0 {
-                // The previous live snapshot split the huge pages its faults hit.
-                drop(w);
-                w = start(&mut progress)?;
-            }
-            let huge = huge_bytes(&mm, w.range())? as f64 / cfg.size as f64;
-            let d = time_fork().map_err(setup("fork"))?;
-            let (rep, oracle) = snapshot_workload(&mm, &w, &variants[v], true)?;
-            snapshots += 1;
-            if keep {
-                min_huge = min_huge.min(huge);
-                fork.push(ms(d));
-                reps[v].push((rep, oracle));
-            }
-        }
-        if thp {
-            drop(w);
-            w = start(&mut progress)?;
-        }
-        if keep {
+        w = b.round(w, round, &mut s, &mut progress)?;
+        if round > 0 {
             progress(Step::Round);
         }
     }
@@ -540,54 +475,229 @@ pub fn measure_pause(
         Gcore::Skipped
     };
     drop(w);
-    let fork_ms = median(&fork);
-    let variant = |v: usize| {
-        let r = &reps[v];
-        let col = |f: &dyn Fn(&SnapshotReport) -> f64| {
-            median(&r.iter().map(|(r, _)| f(r)).collect::<Vec<_>>())
-        };
-        let pause_ms = col(&|r| r.pause_us / 1e3);
-        PauseVariant {
-            prearm: variants[v].prearm,
-            pause_ms,
-            freeze_ms: col(&|r| r.freeze_us / 1e3),
-            protect_ms: col(&|r| r.protect_us / 1e3),
-            prearm_dirty_pages: col(&|r| r.prearm_dirty_pages as f64),
-            pause_ratio_vs_fork: pause_ms / fork_ms,
-            engine_pause_ratio_vs_fork: col(&|r| (r.pause_us - r.freeze_us) / 1e3) / fork_ms,
-            copy_mb_s: col(&|r| r.copy_mb_s),
-            faults_served: col(&|r| r.faults_served as f64),
-            fault_service_p50_us: col(&|r| r.fault_service_us.p50),
-            oracle_ms: median(&r.iter().map(|(_, d)| ms(*d)).collect::<Vec<_>>()),
+    Ok(b.figures(runs, &s, gcore))
+}
+
+/// What the rounds of [`measure_pause`] collect (recorded rounds only, except `snapshots`).
+#[derive(Debug)]
+struct PauseSamples {
+    /// `fork()` times, ms.
+    fork: Vec<f64>,
+    /// Each variant's live snapshots: the report and the oracle's time inside the freeze.
+    reps: [Vec<(SnapshotReport, Duration)>; 2],
+    /// memcpy with the writers running, MB/s.
+    memcpy: Vec<f64>,
+    /// memcpy with the writers parked, MB/s.
+    idle_memcpy: Vec<f64>,
+    /// Idle snapshots' copy throughput, MB/s.
+    idle_copy: Vec<f64>,
+    /// Smallest fraction of the region in huge pages when a fork or live snapshot started.
+    min_huge: f64,
+    /// Snapshots taken, warm-up included.
+    snapshots: usize,
+}
+
+impl Default for PauseSamples {
+    fn default() -> Self {
+        PauseSamples {
+            fork: Vec::new(),
+            reps: [Vec::new(), Vec::new()],
+            memcpy: Vec::new(),
+            idle_memcpy: Vec::new(),
+            idle_copy: Vec::new(),
+            min_huge: 1.0,
+            snapshots: 0,
         }
+    }
+}
+
+/// What every round of [`measure_pause`] uses.
+struct PauseBench<'a> {
+    cfg: &'a PauseConfig,
+    mm: LinuxMm,
+    /// The page kind's default options (the idle snapshot's).
+    base: SnapshotOptions,
+    /// The default options with pre-arming, and without.
+    variants: [SnapshotOptions; 2],
+}
+
+impl<'a> PauseBench<'a> {
+    /// Opens the backend and derives the options for `cfg`'s page kind.
+    fn new(cfg: &'a PauseConfig) -> Result<Self, SnapshotBenchError> {
+        let mm = LinuxMm::open()?;
+        let base = default_options(cfg.kind);
+        let variants = [
+            SnapshotOptions {
+                prearm: true,
+                ..base
+            },
+            SnapshotOptions {
+                prearm: false,
+                ..base
+            },
+        ];
+        Ok(PauseBench {
+            cfg,
+            mm,
+            base,
+            variants,
+        })
+    }
+
+    fn thp(&self) -> bool {
+        self.cfg.kind == PageKind::Thp
+    }
+
+    /// Starts a workload with its region populated.
+    fn start(&self, progress: &mut dyn FnMut(Step)) -> Result<Workload, SnapshotBenchError> {
+        let w = Workload::start(WorkloadConfig {
+            size: self.cfg.size,
+            threads: self.cfg.writers,
+            thp: self.thp(),
+            ..WorkloadConfig::default()
+        })
+        .map_err(setup("starting the workload"))?;
+        progress(Step::Workload);
+        Ok(w)
+    }
+
+    /// One round (round 0 is the unrecorded warm-up): the copy baselines and an idle snapshot,
+    /// then a fork and a live snapshot per variant. Returns the workload to go on with (with
+    /// THP a fresh one: a live snapshot's faults split the huge pages they hit).
+    fn round(
+        &self,
+        mut w: Workload,
+        round: usize,
+        s: &mut PauseSamples,
+        progress: &mut dyn FnMut(Step),
+    ) -> Result<Workload, SnapshotBenchError> {
+        self.copy_baselines(&w, round, s)?;
+        let vorder: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for (n, &v) in vorder.iter().enumerate() {
+            if self.thp() && n > 0 {
+                // The previous live snapshot split the huge pages its faults hit.
+                drop(w);
+                w = self.start(progress)?;
+            }
+            self.live_snapshot(&w, v, round > 0, s)?;
+        }
+        if self.thp() {
+            drop(w);
+            w = self.start(progress)?;
+        }
+        Ok(w)
+    }
+
+    /// The copy baselines (memcpy with the writers running and parked, in an order that
+    /// alternates by round) and an idle snapshot, on an unsplit region.
+    fn copy_baselines(
+        &self,
+        w: &Workload,
+        round: usize,
+        s: &mut PauseSamples,
+    ) -> Result<(), SnapshotBenchError> {
+        let keep = round > 0;
+        let order: [bool; 2] = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for live in order {
+            let m = memcpy_mb_s(w, live)?;
+            if keep {
+                if live {
+                    &mut s.memcpy
+                } else {
+                    &mut s.idle_memcpy
+                }
+                .push(m);
+            }
+        }
+        let (rep, _) = snapshot_workload(&self.mm, w, &self.base, false)?;
+        s.snapshots += 1;
+        if keep {
+            s.idle_copy.push(rep.copy_mb_s);
+        }
+        Ok(())
+    }
+
+    /// A timed fork, then a live snapshot with variant `v`; recorded if `keep`.
+    fn live_snapshot(
+        &self,
+        w: &Workload,
+        v: usize,
+        keep: bool,
+        s: &mut PauseSamples,
+    ) -> Result<(), SnapshotBenchError> {
+        let huge = huge_bytes(&self.mm, w.range())? as f64 / self.cfg.size as f64;
+        let d = time_fork().map_err(setup("fork"))?;
+        let (rep, oracle) = snapshot_workload(&self.mm, w, &self.variants[v], true)?;
+        s.snapshots += 1;
+        if keep {
+            s.min_huge = s.min_huge.min(huge);
+            s.fork.push(ms(d));
+            s.reps[v].push((rep, oracle));
+        }
+        Ok(())
+    }
+
+    /// The figures: medians of the samples, and the ratios of the default variant.
+    fn figures(&self, runs: usize, s: &PauseSamples, gcore: Gcore) -> PauseFigures {
+        let fork_ms = median(&s.fork);
+        let prearm = variant_figures(&s.reps[0], self.variants[0].prearm, fork_ms);
+        let no_prearm = variant_figures(&s.reps[1], self.variants[1].prearm, fork_ms);
+        let default = if self.base.prearm {
+            &prearm
+        } else {
+            &no_prearm
+        };
+        let (memcpy_mb_s, idle_memcpy_mb_s) = (median(&s.memcpy), median(&s.idle_memcpy));
+        let idle_copy_mb_s = median(&s.idle_copy);
+        PauseFigures {
+            kind: self.cfg.kind.name(),
+            size: self.cfg.size,
+            runs,
+            writers: self.cfg.writers,
+            min_huge_fraction: s.min_huge,
+            fork_ms,
+            default_prearm: self.base.prearm,
+            pause_ms: default.pause_ms,
+            pause_ratio_vs_fork: default.pause_ratio_vs_fork,
+            copy_mb_s: default.copy_mb_s,
+            memcpy_mb_s,
+            copy_ratio_vs_memcpy: default.copy_mb_s / memcpy_mb_s,
+            idle_copy_mb_s,
+            idle_memcpy_mb_s,
+            copy_ratio_idle: idle_copy_mb_s / idle_memcpy_mb_s,
+            copy_ratio_vs_idle_memcpy: default.copy_mb_s / idle_memcpy_mb_s,
+            prearm,
+            no_prearm,
+            gcore,
+            snapshots: s.snapshots,
+            consistent: true,
+        }
+    }
+}
+
+/// The figures of one variant: medians of its reports `r` (with the oracle's times).
+fn variant_figures(r: &[(SnapshotReport, Duration)], prearm: bool, fork_ms: f64) -> PauseVariant {
+    let col = |f: &dyn Fn(&SnapshotReport) -> f64| {
+        median(&r.iter().map(|(r, _)| f(r)).collect::<Vec<_>>())
     };
-    let (prearm, no_prearm) = (variant(0), variant(1));
-    let default = if base.prearm { &prearm } else { &no_prearm };
-    let (memcpy_mb_s, idle_memcpy_mb_s) = (median(&memcpy), median(&idle_memcpy));
-    let idle_copy_mb_s = median(&idle_copy);
-    Ok(PauseFigures {
-        kind: cfg.kind.name(),
-        size: cfg.size,
-        runs,
-        writers: cfg.writers,
-        min_huge_fraction: min_huge,
-        fork_ms,
-        default_prearm: base.prearm,
-        pause_ms: default.pause_ms,
-        pause_ratio_vs_fork: default.pause_ratio_vs_fork,
-        copy_mb_s: default.copy_mb_s,
-        memcpy_mb_s,
-        copy_ratio_vs_memcpy: default.copy_mb_s / memcpy_mb_s,
-        idle_copy_mb_s,
-        idle_memcpy_mb_s,
-        copy_ratio_idle: idle_copy_mb_s / idle_memcpy_mb_s,
-        copy_ratio_vs_idle_memcpy: default.copy_mb_s / idle_memcpy_mb_s,
+    let pause_ms = col(&|r| r.pause_us / 1e3);
+    PauseVariant {
         prearm,
-        no_prearm,
-        gcore,
-        snapshots,
-        consistent: true,
-    })
+        pause_ms,
+        freeze_ms: col(&|r| r.freeze_us / 1e3),
+        protect_ms: col(&|r| r.protect_us / 1e3),
+        prearm_dirty_pages: col(&|r| r.prearm_dirty_pages as f64),
+        pause_ratio_vs_fork: pause_ms / fork_ms,
+        engine_pause_ratio_vs_fork: col(&|r| (r.pause_us - r.freeze_us) / 1e3) / fork_ms,
+        copy_mb_s: col(&|r| r.copy_mb_s),
+        faults_served: col(&|r| r.faults_served as f64),
+        fault_service_p50_us: col(&|r| r.fault_service_us.p50),
+        oracle_ms: median(&r.iter().map(|(_, d)| ms(*d)).collect::<Vec<_>>()),
+    }
 }
 
 /// Who serves the faults in a fault-latency case.

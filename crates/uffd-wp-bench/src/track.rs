@@ -387,72 +387,134 @@ pub fn measure(
             cfg.fraction
         )));
     }
-    let pages = cfg.size / PAGE_SIZE;
     let rounds = cfg.rounds.max(1);
-    let (mut u_epoch, mut u_write, mut plain) = (vec![], vec![], vec![]);
-    let (mut u_sums, mut m_sums) = (vec![], vec![]);
-    let sum_since = |v: &[Duration], from: usize| v[from..].iter().sum::<Duration>();
-    let (uffd_arm, dirty_count) = {
-        let mut u = UffdSide::new(cfg.size, cfg.thp, |b| progress(Step::Populated(b)))?;
-        let mut n = 0;
-        for round in 0..=rounds {
-            let keep = round > 0;
-            let set = dirty_pages(pages, cfg.fraction, round as u64);
-            n = set.len() as u64;
-            let from = u_write.len();
-            u.write(&set, keep.then_some(&mut u_write));
-            if keep {
-                u_sums.push(sum_since(&u_write, from));
-                write_pages(&u.mapping, &set, 3, Some(&mut plain));
+    let u = measure_uffd(cfg, rounds, &mut progress)?;
+    let m = measure_mprotect(cfg, rounds, &mut progress)?;
+    Ok(figures(cfg, rounds, &u, &m))
+}
+
+/// What the uffd tracker's recorded rounds measured.
+#[derive(Debug, Default)]
+struct UffdSamples {
+    /// Arming the region.
+    arm: Duration,
+    /// Pages written per round.
+    dirty_pages: u64,
+    /// Epoch boundaries.
+    epoch: Vec<Duration>,
+    /// First writes, each on its own.
+    write: Vec<Duration>,
+    /// Each round's first writes in all.
+    sums: Vec<Duration>,
+    /// Second writes to the same pages (already writable).
+    plain: Vec<Duration>,
+}
+
+/// What the mprotect tracker's recorded rounds measured.
+#[derive(Debug, Default)]
+struct MprotectSamples {
+    /// Arming the region.
+    arm: Duration,
+    /// Epoch boundaries re-arming by dirty runs.
+    pages: Vec<Duration>,
+    /// Epoch boundaries re-arming the whole region.
+    range: Vec<Duration>,
+    /// First writes, each on its own.
+    write: Vec<Duration>,
+    /// Each round's first writes in all.
+    sums: Vec<Duration>,
+}
+
+/// The total of `v[from..]`.
+fn sum_since(v: &[Duration], from: usize) -> Duration {
+    v[from..].iter().sum()
+}
+
+/// The uffd tracker on a fresh region: a warm-up round, then `rounds` recorded ones.
+fn measure_uffd(
+    cfg: &TrackBenchConfig,
+    rounds: usize,
+    progress: &mut dyn FnMut(Step),
+) -> Result<UffdSamples, TrackBenchError> {
+    let pages = cfg.size / PAGE_SIZE;
+    let mut u = UffdSide::new(cfg.size, cfg.thp, |b| progress(Step::Populated(b)))?;
+    let mut s = UffdSamples::default();
+    for round in 0..=rounds {
+        let keep = round > 0;
+        let set = dirty_pages(pages, cfg.fraction, round as u64);
+        s.dirty_pages = set.len() as u64;
+        let from = s.write.len();
+        u.write(&set, keep.then_some(&mut s.write));
+        if keep {
+            s.sums.push(sum_since(&s.write, from));
+            write_pages(&u.mapping, &set, 3, Some(&mut s.plain));
+        }
+        let d = u.epoch(&set)?;
+        if keep {
+            s.epoch.push(d);
+            progress(Step::UffdRound);
+        }
+    }
+    s.arm = u.arm;
+    Ok(s)
+}
+
+/// The mprotect tracker on a fresh region: a warm-up round, then `rounds` recorded ones of
+/// each re-arm (alternating, by dirty runs first).
+fn measure_mprotect(
+    cfg: &TrackBenchConfig,
+    rounds: usize,
+    progress: &mut dyn FnMut(Step),
+) -> Result<MprotectSamples, TrackBenchError> {
+    let pages = cfg.size / PAGE_SIZE;
+    let mut m = MprotectSide::new(cfg.size, cfg.thp, |b| progress(Step::Populated(b)))?;
+    let mut s = MprotectSamples::default();
+    for round in 0..=2 * rounds {
+        let keep = round > 0;
+        let set = dirty_pages(pages, cfg.fraction, round as u64);
+        let from = s.write.len();
+        m.write(&set, keep.then_some(&mut s.write));
+        if keep {
+            s.sums.push(sum_since(&s.write, from));
+        }
+        let rearm = if round % 2 == 0 {
+            Rearm::Pages
+        } else {
+            Rearm::Range
+        };
+        let d = m.epoch(&set, rearm)?;
+        if keep {
+            match rearm {
+                Rearm::Pages => s.pages.push(d),
+                Rearm::Range => s.range.push(d),
             }
-            let d = u.epoch(&set)?;
-            if keep {
-                u_epoch.push(d);
-                progress(Step::UffdRound);
+            if round % 2 == 0 {
+                progress(Step::MprotectRound);
             }
         }
-        (u.arm, n)
-    };
-    let (mut m_pages, mut m_range, mut m_write) = (vec![], vec![], vec![]);
-    let mprotect_arm = {
-        let mut m = MprotectSide::new(cfg.size, cfg.thp, |b| progress(Step::Populated(b)))?;
-        for round in 0..=2 * rounds {
-            let keep = round > 0;
-            let set = dirty_pages(pages, cfg.fraction, round as u64);
-            let from = m_write.len();
-            m.write(&set, keep.then_some(&mut m_write));
-            if keep {
-                m_sums.push(sum_since(&m_write, from));
-            }
-            let rearm = if round % 2 == 0 {
-                Rearm::Pages
-            } else {
-                Rearm::Range
-            };
-            let d = m.epoch(&set, rearm)?;
-            if keep {
-                match rearm {
-                    Rearm::Pages => m_pages.push(d),
-                    Rearm::Range => m_range.push(d),
-                }
-                if round % 2 == 0 {
-                    progress(Step::MprotectRound);
-                }
-            }
-        }
-        m.arm
-    };
-    let uffd_epoch_ms = median_ms(&u_epoch);
-    let (pages_ms, range_ms) = (median_ms(&m_pages), median_ms(&m_range));
+    }
+    s.arm = m.arm;
+    Ok(s)
+}
+
+/// The figures: medians and percentiles of both trackers' samples, and their ratios.
+fn figures(
+    cfg: &TrackBenchConfig,
+    rounds: usize,
+    u: &UffdSamples,
+    m: &MprotectSamples,
+) -> TrackFigures {
+    let uffd_epoch_ms = median_ms(&u.epoch);
+    let (pages_ms, range_ms) = (median_ms(&m.pages), median_ms(&m.range));
     let mprotect_epoch_ms = pages_ms.min(range_ms);
-    let (uw, mw) = (Percentiles::of(&u_write), Percentiles::of(&m_write));
-    let (uffd_writes_ms, mprotect_writes_ms) = (median_ms(&u_sums), median_ms(&m_sums));
+    let (uw, mw) = (Percentiles::of(&u.write), Percentiles::of(&m.write));
+    let (uffd_writes_ms, mprotect_writes_ms) = (median_ms(&u.sums), median_ms(&m.sums));
     let uffd_epoch_total_ms = uffd_writes_ms + uffd_epoch_ms;
     let mprotect_epoch_total_ms = mprotect_writes_ms + mprotect_epoch_ms;
-    Ok(TrackFigures {
+    TrackFigures {
         kind: kind_name(cfg.thp),
         size: cfg.size,
-        dirty_pages: dirty_count,
+        dirty_pages: u.dirty_pages,
         rounds,
         uffd_epoch_ms,
         mprotect_epoch_pages_ms: pages_ms,
@@ -461,17 +523,17 @@ pub fn measure(
         epoch_ratio_vs_mprotect: mprotect_epoch_ms / uffd_epoch_ms,
         uffd_first_write_us: uw,
         mprotect_first_write_us: mw,
-        plain_write_us: Percentiles::of(&plain),
+        plain_write_us: Percentiles::of(&u.plain),
         write_ratio_vs_mprotect: mw.p50 / uw.p50,
         uffd_writes_ms,
         mprotect_writes_ms,
         uffd_epoch_total_ms,
         mprotect_epoch_total_ms,
         epoch_total_ratio_vs_mprotect: mprotect_epoch_total_ms / uffd_epoch_total_ms,
-        uffd_arm_ms: uffd_arm.as_secs_f64() * 1e3,
-        mprotect_arm_ms: mprotect_arm.as_secs_f64() * 1e3,
+        uffd_arm_ms: u.arm.as_secs_f64() * 1e3,
+        mprotect_arm_ms: m.arm.as_secs_f64() * 1e3,
         exact: true,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ mod compare;
 mod error;
 mod pins;
 mod probe;
+mod report;
 mod scenario;
 mod snapshot;
 mod track;

@@ -1,6 +1,5 @@
 //! `uffd-wp snapshot`: a live snapshot of the built-in workload, checked by its oracle.
 
-use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,7 +10,8 @@ use uffd_wp::range::{PAGE_SIZE, RangeSet, parse_size};
 use uffd_wp::seam::FnQuiesce;
 use uffd_wp_bench::workload::{Workload, WorkloadConfig};
 
-use crate::{CliError, print_json};
+use crate::CliError;
+use crate::report;
 
 mod remote;
 
@@ -70,6 +70,27 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     }
     let out = create_out(a.out.as_deref())?;
     let mm = LinuxMm::open()?;
+    let w = start_workload(a)?;
+    let opts = options(a);
+    let mut t = take_local(&mm, &w, &opts, report::show_progress(a.json))?;
+    let base = w.range().start();
+    let bad = Workload::check_image(&t.versions, |p| t.img.page(base + p * PAGE_SIZE));
+    t.rep.consistent = Some(bad.is_empty());
+    let stored = write_image(&t.img, out)?;
+    print_local(a, &opts, &t, bad.len(), stored);
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Unverified(format!(
+            "{} pages inconsistent with the snapshot point, first: {:?}",
+            bad.len(),
+            &bad[..bad.len().min(3)]
+        )))
+    }
+}
+
+/// Starts the built-in workload and lets its writers run for a moment.
+fn start_workload(a: &Args) -> Result<Workload, CliError> {
     let w = Workload::start(WorkloadConfig {
         size: a.size,
         threads: a.threads,
@@ -82,18 +103,42 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     })?;
     w.resume();
     std::thread::sleep(Duration::from_millis(50));
+    Ok(w)
+}
 
-    let opts = options(a);
-    let bar = if std::io::stdout().is_terminal() && !a.json {
-        let b = ProgressBar::new(w.pages());
-        b.set_style(
-            ProgressStyle::with_template("copying {bar:40} {pos}/{len} pages {elapsed}")
-                .expect("progress template"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+/// The bar of the copy (both paths), hidden unless `show`.
+fn copy_bar(show: bool, pages: u64) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(pages);
+    b.set_style(
+        ProgressStyle::with_template("copying {bar:40} {pos}/{len} pages {elapsed}")
+            .expect("progress template"),
+    );
+    b
+}
+
+/// A snapshot of the built-in workload, with what its oracle needs to check it.
+struct Local {
+    img: snapshot::Image,
+    rep: snapshot::SnapshotReport,
+    /// Every page's version at the freeze.
+    versions: Vec<u64>,
+    /// The oracle's time inside the freeze, taken out of the report's pause figures.
+    oracle_us: f64,
+    /// Page writes while the snapshot was taken.
+    writes_during: u64,
+}
+
+/// Snapshots the running workload (reading its versions inside the freeze), then parks it.
+fn take_local(
+    mm: &LinuxMm,
+    w: &Workload,
+    opts: &SnapshotOptions,
+    show: bool,
+) -> Result<Local, CliError> {
+    let bar = copy_bar(show, w.pages());
     // The oracle's version table is taken inside the freeze, into a buffer allocated (and
     // touched) beforehand; its time is instrumentation, not part of an application's pause,
     // and is taken out of the pause figures as `uffd-wp bench snapshot` does.
@@ -110,11 +155,11 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     );
     let writes_before = w.writes();
     let (img, mut rep) = snapshot::take(
-        &mm,
+        mm,
         &RangeSet::single(w.range()),
         Source::Mapping(w.mapping()),
         &q,
-        &opts,
+        opts,
         |done, _| bar.set_position(done),
     )?;
     bar.finish_and_clear();
@@ -123,27 +168,31 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     rep.freeze_us -= oracle_us;
     let writes_during = w.writes() - writes_before;
     w.pause();
-    let versions = at_freeze.into_inner().expect("versions");
-    let base = w.range().start();
-    let bad = Workload::check_image(&versions, |p| img.page(base + p * PAGE_SIZE));
-    rep.consistent = Some(bad.is_empty());
-    let stored = write_image(&img, out)?;
-    if a.json {
-        let mut v = report_json(&rep, stored);
-        v["workload"] = serde_json::json!({
-            "size": a.size, "threads": a.threads, "thp": a.thp,
-            "writes_during_snapshot": writes_during,
-            "inconsistent_pages": bad.len(),
-            "oracle_us_excluded_from_pause": oracle_us,
-        });
-        print_json(&v);
-    } else {
+    Ok(Local {
+        img,
+        rep,
+        versions: at_freeze.into_inner().expect("versions"),
+        oracle_us,
+        writes_during,
+    })
+}
+
+/// Prints the report of a snapshot of the built-in workload (`bad`: inconsistent pages).
+fn print_local(a: &Args, opts: &SnapshotOptions, t: &Local, bad: usize, stored: Option<u64>) {
+    let (rep, writes_during, oracle_us) = (&t.rep, t.writes_during, t.oracle_us);
+    let workload = serde_json::json!({
+        "size": a.size, "threads": a.threads, "thp": a.thp,
+        "writes_during_snapshot": writes_during,
+        "inconsistent_pages": bad,
+        "oracle_us_excluded_from_pause": oracle_us,
+    });
+    print_report(a, rep, stored, "workload", workload, || {
         println!(
             "snapshot of {} MiB ({} writer threads, {}): {}",
             a.size >> 20,
             a.threads,
             if a.thp { "THP" } else { "4 KiB pages" },
-            if bad.is_empty() {
+            if bad == 0 {
                 "CONSISTENT"
             } else {
                 "INCONSISTENT"
@@ -164,17 +213,7 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         println!(
             "  writes meanwhile {writes_during} (the oracle's {oracle_us:.0} us in the freeze are not counted in the pause)"
         );
-        print_common(&rep, stored, a.out.as_deref());
-    }
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::Unverified(format!(
-            "{} pages inconsistent with the snapshot point, first: {:?}",
-            bad.len(),
-            &bad[..bad.len().min(3)]
-        )))
-    }
+    });
 }
 
 /// `--handler`.
@@ -246,6 +285,24 @@ fn report_json(rep: &snapshot::SnapshotReport, stored: Option<u64>) -> serde_jso
         v["stored_pages"] = s.into();
     }
     v
+}
+
+/// Prints a snapshot's report (both paths): under `--json` the engine's report with `extra`
+/// under `key`, else `head`'s own lines, then the lines both paths share.
+fn print_report(
+    a: &Args,
+    rep: &snapshot::SnapshotReport,
+    stored: Option<u64>,
+    key: &str,
+    extra: serde_json::Value,
+    head: impl FnOnce(),
+) {
+    let mut v = report_json(rep, stored);
+    v[key] = extra;
+    report::emit(a.json, &v, |_| {
+        head();
+        print_common(rep, stored, a.out.as_deref());
+    });
 }
 
 /// The report lines both paths print after their own header and pause line.

@@ -11,20 +11,21 @@
 //! mprotect/SIGSEGV tracker's over 1 GiB with 1% of the pages written (see
 //! `uffd_wp_bench::track`).
 
-use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 
-use uffd_wp::engine::track::{Method, Selection, TrackOptions, Tracker};
-use uffd_wp::range::parse_size;
+use uffd_wp::backend::linux::LinuxMm;
+use uffd_wp::engine::track::{Epoch, Method, Selection, TrackOptions, Tracker};
+use uffd_wp::range::{RangeSet, parse_size};
 use uffd_wp::sys::mem::Thp;
 use uffd_wp_bench::track::{self as tbench, TrackBenchConfig, TrackFigures};
 use uffd_wp_bench::workload::{Workload, WorkloadConfig};
 
-use crate::{CliError, print_json};
+use crate::CliError;
+use crate::report;
 
 /// Arguments of `uffd-wp track`.
 #[derive(Debug, clap::Args)]
@@ -100,18 +101,60 @@ struct Output {
 
 /// Runs it.
 pub fn run(a: &Args) -> Result<(), CliError> {
-    if a.size == 0 || a.size % (2 << 20) != 0 {
+    check_args(a)?;
+    let (mm, selection) = tbench::open_linux(a.method)?;
+    let w = start_workload(a)?;
+    let bar = report::bar(
+        report::show_progress(a.json),
+        a.epochs,
+        "{msg} [{bar:30}] {pos}/{len} epochs",
+        format!("tracking ({})", selection.method),
+    );
+    let mut t = Tracker::start(
+        Arc::new(mm),
+        w.range(),
+        selection.method,
+        TrackOptions::default(),
+    )?;
+    let rows = run_epochs(a, &w, &mut t, &bar)?;
+    bar.finish_and_clear();
+    t.close()?;
+    let writes = w.writes();
+    drop(w);
+    let out = Output::new(a, selection, rows, writes);
+    report::emit(a.json, &out, print_epochs);
+    if out.exact {
+        Ok(())
+    } else {
+        Err(CliError::Unverified(
+            "a tracking epoch differs from the workload's ground truth".into(),
+        ))
+    }
+}
+
+/// Checks `--size` (what both `track` and `bench track` need: whole 2 MiB blocks).
+fn check_size(size: u64) -> Result<(), CliError> {
+    if size == 0 || size % (2 << 20) != 0 {
         return Err(CliError::Usage(format!(
-            "--size {} is not a positive multiple of 2 MiB",
-            a.size
+            "--size {size} is not a positive multiple of 2 MiB"
         )));
     }
+    Ok(())
+}
+
+/// Checks the arguments of `track` before anything is touched.
+fn check_args(a: &Args) -> Result<(), CliError> {
+    check_size(a.size)?;
     if a.threads == 0 || a.epochs == 0 {
         return Err(CliError::Usage(
             "--threads and --epochs must be at least 1".into(),
         ));
     }
-    let (mm, selection) = tbench::open_linux(a.method)?;
+    Ok(())
+}
+
+/// Starts the workload, its writers parked and its ground truth cleared.
+fn start_workload(a: &Args) -> Result<Workload, CliError> {
     let w = Workload::start(WorkloadConfig {
         size: a.size,
         threads: a.threads,
@@ -123,24 +166,17 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         errno,
     })?;
     w.take_dirty();
-    let bar = if std::io::stdout().is_terminal() && !a.json {
-        let b = ProgressBar::new(a.epochs);
-        b.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} epochs")
-                .expect("progress template")
-                .progress_chars("=> "),
-        );
-        b.set_message(format!("tracking ({})", selection.method));
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    let mut t = Tracker::start(
-        Arc::new(mm),
-        w.range(),
-        selection.method,
-        TrackOptions::default(),
-    )?;
+    Ok(w)
+}
+
+/// Runs the epochs: the writers write for `--interval-ms`, are parked, and the tracker's
+/// epoch is set beside the pages they wrote.
+fn run_epochs(
+    a: &Args,
+    w: &Workload,
+    t: &mut Tracker<LinuxMm>,
+    bar: &ProgressBar,
+) -> Result<Vec<EpochRow>, CliError> {
     let mut rows = Vec::new();
     for _ in 0..a.epochs {
         w.resume();
@@ -148,88 +184,89 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         w.pause();
         let e = t.epoch()?;
         let truth = w.take_dirty();
+        rows.push(EpochRow::new(&e, &truth));
+        bar.inc(1);
+    }
+    Ok(rows)
+}
+
+impl EpochRow {
+    /// The row of epoch `e`, against the pages the writers wrote in it.
+    fn new(e: &Epoch, truth: &RangeSet) -> EpochRow {
         let got = e.all_dirty();
-        rows.push(EpochRow {
+        EpochRow {
             index: e.index,
             dirty_pages: got.pages(),
             truth_pages: truth.pages(),
-            exact: got == truth,
+            exact: got == *truth,
             missed_pages: truth.difference(&got).pages(),
-            extra_pages: got.difference(&truth).pages(),
+            extra_pages: got.difference(truth).pages(),
             pinned_pages: e.pinned.pages(),
             epoch_us: e.elapsed.as_secs_f64() * 1e6,
             faults: e.faults,
-        });
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    t.close()?;
-    let writes = w.writes();
-    drop(w);
-
-    let mut us: Vec<f64> = rows.iter().map(|r| r.epoch_us).collect();
-    us.sort_by(f64::total_cmp);
-    let exact = rows.iter().all(|r| r.exact);
-    let out = Output {
-        method: selection.method,
-        selection,
-        size: a.size,
-        pages: a.size / uffd_wp::PAGE_SIZE,
-        threads: a.threads,
-        interval_ms: a.interval_ms,
-        thp: a.thp,
-        exact,
-        epoch_us_median: us[us.len() / 2],
-        epoch_us_max: us[us.len() - 1],
-        writes,
-        epochs: rows,
-    };
-    if a.json {
-        print_json(&out);
-    } else {
-        println!(
-            "method {} ({}); {} MiB, {} writers, {} ms per epoch",
-            out.method,
-            out.selection.reason,
-            a.size >> 20,
-            a.threads,
-            a.interval_ms
-        );
-        println!(
-            "{:>5} {:>10} {:>10} {:>6} {:>7} {:>7} {:>10}",
-            "epoch", "dirty", "truth", "exact", "missed", "extra", "epoch_us"
-        );
-        for r in &out.epochs {
-            println!(
-                "{:>5} {:>10} {:>10} {:>6} {:>7} {:>7} {:>10.0}",
-                r.index,
-                r.dirty_pages,
-                r.truth_pages,
-                r.exact,
-                r.missed_pages,
-                r.extra_pages,
-                r.epoch_us
-            );
         }
+    }
+}
+
+impl Output {
+    /// The report of a run with `a`: its epochs and their summary.
+    fn new(a: &Args, selection: Selection, rows: Vec<EpochRow>, writes: u64) -> Output {
+        let mut us: Vec<f64> = rows.iter().map(|r| r.epoch_us).collect();
+        us.sort_by(f64::total_cmp);
+        Output {
+            method: selection.method,
+            selection,
+            size: a.size,
+            pages: a.size / uffd_wp::PAGE_SIZE,
+            threads: a.threads,
+            interval_ms: a.interval_ms,
+            thp: a.thp,
+            exact: rows.iter().all(|r| r.exact),
+            epoch_us_median: us[us.len() / 2],
+            epoch_us_max: us[us.len() - 1],
+            writes,
+            epochs: rows,
+        }
+    }
+}
+
+/// The text report of `track`: a table of the epochs and a verdict.
+fn print_epochs(out: &Output) {
+    println!(
+        "method {} ({}); {} MiB, {} writers, {} ms per epoch",
+        out.method,
+        out.selection.reason,
+        out.size >> 20,
+        out.threads,
+        out.interval_ms
+    );
+    println!(
+        "{:>5} {:>10} {:>10} {:>6} {:>7} {:>7} {:>10}",
+        "epoch", "dirty", "truth", "exact", "missed", "extra", "epoch_us"
+    );
+    for r in &out.epochs {
         println!(
-            "{}: every epoch {}; epoch median {:.0} us, max {:.0} us",
-            if exact { "exact" } else { "NOT EXACT" },
-            if exact {
-                "equals the writers' ground truth"
-            } else {
-                "should equal the writers' ground truth"
-            },
-            out.epoch_us_median,
-            out.epoch_us_max
+            "{:>5} {:>10} {:>10} {:>6} {:>7} {:>7} {:>10.0}",
+            r.index,
+            r.dirty_pages,
+            r.truth_pages,
+            r.exact,
+            r.missed_pages,
+            r.extra_pages,
+            r.epoch_us
         );
     }
-    if exact {
-        Ok(())
-    } else {
-        Err(CliError::Unverified(
-            "a tracking epoch differs from the workload's ground truth".into(),
-        ))
-    }
+    println!(
+        "{}: every epoch {}; epoch median {:.0} us, max {:.0} us",
+        if out.exact { "exact" } else { "NOT EXACT" },
+        if out.exact {
+            "equals the writers' ground truth"
+        } else {
+            "should equal the writers' ground truth"
+        },
+        out.epoch_us_median,
+        out.epoch_us_max
+    );
 }
 
 /// The goal: a uffd epoch at least this many times faster than an mprotect one.
@@ -286,100 +323,113 @@ struct BenchGoals {
 
 /// Runs `uffd-wp bench track`.
 pub fn bench(a: &BenchArgs) -> Result<(), CliError> {
-    if a.size == 0 || a.size % (2 << 20) != 0 {
-        return Err(CliError::Usage(format!(
-            "--size {} is not a positive multiple of 2 MiB",
-            a.size
-        )));
-    }
+    check_size(a.size)?;
     if !(a.fraction > 0.0 && a.fraction <= 1.0) {
         return Err(CliError::Usage(format!(
             "--fraction {} is not in (0, 1]",
             a.fraction
         )));
     }
-    let show = !a.json && std::io::stdout().is_terminal();
-    let mut out = BenchOutput {
-        bench: "track",
-        size: a.size,
-        fraction: a.fraction,
-        rounds: a.rounds.max(1),
-        goals: BenchGoals {
-            epoch_ratio_vs_mprotect: GOAL_EPOCH_RATIO,
-        },
-        epoch_ratio_vs_mprotect: f64::NAN,
-        small: None,
-        thp: None,
-    };
+    let show = report::show_progress(a.json);
+    let mut out = BenchOutput::new(a);
     for thp in [Thp::NoHuge, Thp::Huge] {
         if a.kind.is_some_and(|k| k != thp) {
             continue;
         }
-        let cfg = TrackBenchConfig {
+        let f = bench_kind(a, thp, show)?;
+        out.add(thp, f);
+    }
+    report::emit(a.json, &out, print_bench);
+    Ok(())
+}
+
+impl BenchOutput {
+    /// The report of `bench track` before any page kind is measured.
+    fn new(a: &BenchArgs) -> BenchOutput {
+        BenchOutput {
+            bench: "track",
             size: a.size,
-            thp,
             fraction: a.fraction,
             rounds: a.rounds.max(1),
-        };
-        let pb = if show {
-            let pb = ProgressBar::new(2 * a.size + 2 * cfg.rounds as u64);
-            pb.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {percent}%")
-                    .expect("progress template")
-                    .progress_chars("=> "),
-            );
-            pb.set_message(format!("bench track {}", tbench::kind_name(thp)));
-            pb
-        } else {
-            ProgressBar::hidden()
-        };
-        let f = tbench::measure(&cfg, |s| match s {
-            tbench::Step::Populated(b) => pb.inc(b),
-            _ => pb.inc(1),
-        })
-        .map_err(|e| CliError::Unverified(e.to_string()))?;
-        pb.finish_and_clear();
-        if out.epoch_ratio_vs_mprotect.is_nan() {
-            out.epoch_ratio_vs_mprotect = f.epoch_ratio_vs_mprotect;
+            goals: BenchGoals {
+                epoch_ratio_vs_mprotect: GOAL_EPOCH_RATIO,
+            },
+            epoch_ratio_vs_mprotect: f64::NAN,
+            small: None,
+            thp: None,
+        }
+    }
+
+    /// Adds the figures of one page kind (the first measured gives the headline ratio).
+    fn add(&mut self, thp: Thp, f: TrackFigures) {
+        if self.epoch_ratio_vs_mprotect.is_nan() {
+            self.epoch_ratio_vs_mprotect = f.epoch_ratio_vs_mprotect;
         }
         match thp {
-            Thp::Huge => out.thp = Some(f),
-            _ => out.small = Some(f),
+            Thp::Huge => self.thp = Some(f),
+            _ => self.small = Some(f),
         }
     }
-    if a.json {
-        print_json(&out);
-        return Ok(());
-    }
+}
+
+/// Measures both trackers on one page kind, with a progress bar if `show`.
+fn bench_kind(a: &BenchArgs, thp: Thp, show: bool) -> Result<TrackFigures, CliError> {
+    let cfg = TrackBenchConfig {
+        size: a.size,
+        thp,
+        fraction: a.fraction,
+        rounds: a.rounds.max(1),
+    };
+    let pb = report::bar(
+        show,
+        2 * a.size + 2 * cfg.rounds as u64,
+        "{msg} [{bar:30}] {percent}%",
+        format!("bench track {}", tbench::kind_name(thp)),
+    );
+    let f = tbench::measure(&cfg, |s| match s {
+        tbench::Step::Populated(b) => pb.inc(b),
+        _ => pb.inc(1),
+    })
+    .map_err(|e| CliError::Unverified(e.to_string()))?;
+    pb.finish_and_clear();
+    Ok(f)
+}
+
+/// The text report of `bench track`.
+fn print_bench(out: &BenchOutput) {
     println!(
         "dirty tracking: {} MiB, {:.1}% of the pages written per epoch, medians of {} rounds",
-        a.size >> 20,
-        a.fraction * 100.0,
+        out.size >> 20,
+        out.fraction * 100.0,
         out.rounds
     );
     for f in [&out.small, &out.thp].into_iter().flatten() {
-        println!("{} ({} dirty pages per epoch):", f.kind, f.dirty_pages);
-        println!(
-            "  epoch boundary: uffd {:.3} ms; mprotect {:.3} ms (re-arm runs {:.3}, whole range {:.3}) -> {:.1}x (goal {GOAL_EPOCH_RATIO}x)",
-            f.uffd_epoch_ms,
-            f.mprotect_epoch_ms,
-            f.mprotect_epoch_pages_ms,
-            f.mprotect_epoch_range_ms,
-            f.epoch_ratio_vs_mprotect
-        );
-        println!(
-            "  first write: uffd async p50 {:.2} us p99 {:.2}; mprotect+SIGSEGV p50 {:.2} us p99 {:.2} -> {:.1}x; plain write p50 {:.2} us",
-            f.uffd_first_write_us.p50,
-            f.uffd_first_write_us.p99,
-            f.mprotect_first_write_us.p50,
-            f.mprotect_first_write_us.p99,
-            f.write_ratio_vs_mprotect,
-            f.plain_write_us.p50
-        );
-        println!(
-            "  whole epoch (first writes + boundary): uffd {:.2} ms; mprotect {:.2} ms -> {:.1}x",
-            f.uffd_epoch_total_ms, f.mprotect_epoch_total_ms, f.epoch_total_ratio_vs_mprotect
-        );
+        print_bench_kind(f);
     }
-    Ok(())
+}
+
+/// The text report of one page kind of `bench track`.
+fn print_bench_kind(f: &TrackFigures) {
+    println!("{} ({} dirty pages per epoch):", f.kind, f.dirty_pages);
+    println!(
+        "  epoch boundary: uffd {:.3} ms; mprotect {:.3} ms (re-arm runs {:.3}, whole range {:.3}) -> {:.1}x (goal {GOAL_EPOCH_RATIO}x)",
+        f.uffd_epoch_ms,
+        f.mprotect_epoch_ms,
+        f.mprotect_epoch_pages_ms,
+        f.mprotect_epoch_range_ms,
+        f.epoch_ratio_vs_mprotect
+    );
+    println!(
+        "  first write: uffd async p50 {:.2} us p99 {:.2}; mprotect+SIGSEGV p50 {:.2} us p99 {:.2} -> {:.1}x; plain write p50 {:.2} us",
+        f.uffd_first_write_us.p50,
+        f.uffd_first_write_us.p99,
+        f.mprotect_first_write_us.p50,
+        f.mprotect_first_write_us.p99,
+        f.write_ratio_vs_mprotect,
+        f.plain_write_us.p50
+    );
+    println!(
+        "  whole epoch (first writes + boundary): uffd {:.2} ms; mprotect {:.2} ms -> {:.1}x",
+        f.uffd_epoch_total_ms, f.mprotect_epoch_total_ms, f.epoch_total_ratio_vs_mprotect
+    );
 }

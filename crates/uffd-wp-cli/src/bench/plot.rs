@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use plotters::coord::ranged1d::SegmentedCoord;
+use plotters::coord::types::RangedCoordi32;
 use plotters::prelude::*;
 use serde_json::Value;
 
@@ -152,6 +154,13 @@ fn fmt_ratio(x: f64) -> String {
     }
 }
 
+/// The chart the rows are drawn in: ratios on a log scale across, one segment per row down.
+type Chart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<LogCoord<f64>, SegmentedCoord<RangedCoordi32>>>;
+
+/// What drawing into the SVG can fail with.
+type DrawError = DrawingAreaErrorKind<std::io::Error>;
+
 /// Draws the rows into an SVG file.
 fn draw(rows: &[Row], out: &std::path::Path) -> Result<(), String> {
     let e = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", out.display());
@@ -171,63 +180,14 @@ fn draw(rows: &[Row], out: &std::path::Path) -> Result<(), String> {
         .y_label_area_size(300)
         .build_cartesian_2d((lo..hi).log_scale(), (0..n as i32 - 1).into_segmented())
         .map_err(|x| e(&x))?;
-    let labels: Vec<String> = rows.iter().rev().map(|r| r.label.clone()).collect();
-    chart
-        .configure_mesh()
-        .disable_y_mesh()
-        .y_labels(n)
-        .y_label_formatter(&|y| match y {
-            SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
-            _ => String::new(),
-        })
-        .x_desc("ratio (log scale)")
-        .x_label_formatter(&|x| fmt_ratio(*x))
-        .label_style(("sans-serif", 13))
-        .draw()
-        .map_err(|x| e(&x))?;
-    // Parity.
-    chart
-        .draw_series(std::iter::once(PathElement::new(
-            vec![(1.0, SegmentValue::Exact(0)), (1.0, SegmentValue::Last)],
-            BLACK.mix(0.3).stroke_width(1),
-        )))
-        .map_err(|x| e(&x))?;
-    let green = RGBColor(46, 160, 67);
-    let red = RGBColor(207, 34, 46);
+    draw_axes(&mut chart, rows).map_err(|x| e(&x))?;
     for (i, r) in rows.iter().rev().enumerate() {
         let i = i as i32;
-        let color = if r.met() { green } else { red };
-        let (a, b) = if r.value < 1.0 {
-            (r.value, 1.0)
-        } else {
-            (1.0, r.value)
-        };
-        let mut bar = Rectangle::new(
-            [(a, SegmentValue::Exact(i)), (b, SegmentValue::Exact(i + 1))],
-            color.mix(0.75).filled(),
-        );
-        bar.set_margin(7, 7, 0, 0);
-        chart.draw_series(std::iter::once(bar)).map_err(|x| e(&x))?;
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![
-                    (r.goal, SegmentValue::Exact(i)),
-                    (r.goal, SegmentValue::Exact(i + 1)),
-                ],
-                BLACK.stroke_width(3),
-            )))
-            .map_err(|x| e(&x))?;
-        let text = format!(
-            "{}  (goal {} {}){}",
-            fmt_ratio(r.value),
-            if r.dir == Dir::AtMost { "<=" } else { ">=" },
-            fmt_ratio(r.goal),
-            if r.met() { "" } else { "  MISSED" }
-        );
+        draw_bar(&mut chart, i, r).map_err(|x| e(&x))?;
         // In a column right of the plot, level with the bar.
         let (px, py) = chart.backend_coord(&(hi, SegmentValue::CenterOf(i)));
         root.draw(&Text::new(
-            text,
+            row_text(r),
             (px + 10, py - 7),
             ("sans-serif", 13).into_font().color(&BLACK),
         ))
@@ -235,6 +195,67 @@ fn draw(rows: &[Row], out: &std::path::Path) -> Result<(), String> {
     }
     root.present().map_err(|x| e(&x))?;
     Ok(())
+}
+
+/// The grid, the rows' labels (first row at the top) and the parity line.
+fn draw_axes(chart: &mut Chart<'_, '_>, rows: &[Row]) -> Result<(), DrawError> {
+    let labels: Vec<String> = rows.iter().rev().map(|r| r.label.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(rows.len())
+        .y_label_formatter(&|y| match y {
+            SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .x_desc("ratio (log scale)")
+        .x_label_formatter(&|x| fmt_ratio(*x))
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    // Parity.
+    chart.draw_series(std::iter::once(PathElement::new(
+        vec![(1.0, SegmentValue::Exact(0)), (1.0, SegmentValue::Last)],
+        BLACK.mix(0.3).stroke_width(1),
+    )))?;
+    Ok(())
+}
+
+/// Row `i` (counted from the bottom): a bar from parity to the value, green when the goal is
+/// met and red otherwise, and a mark at the goal.
+fn draw_bar(chart: &mut Chart<'_, '_>, i: i32, r: &Row) -> Result<(), DrawError> {
+    let green = RGBColor(46, 160, 67);
+    let red = RGBColor(207, 34, 46);
+    let color = if r.met() { green } else { red };
+    let (a, b) = if r.value < 1.0 {
+        (r.value, 1.0)
+    } else {
+        (1.0, r.value)
+    };
+    let mut bar = Rectangle::new(
+        [(a, SegmentValue::Exact(i)), (b, SegmentValue::Exact(i + 1))],
+        color.mix(0.75).filled(),
+    );
+    bar.set_margin(7, 7, 0, 0);
+    chart.draw_series(std::iter::once(bar))?;
+    chart.draw_series(std::iter::once(PathElement::new(
+        vec![
+            (r.goal, SegmentValue::Exact(i)),
+            (r.goal, SegmentValue::Exact(i + 1)),
+        ],
+        BLACK.stroke_width(3),
+    )))?;
+    Ok(())
+}
+
+/// The figures printed beside a row's bar: its value, its goal, and whether it missed.
+fn row_text(r: &Row) -> String {
+    format!(
+        "{}  (goal {} {}){}",
+        fmt_ratio(r.value),
+        if r.dir == Dir::AtMost { "<=" } else { ">=" },
+        fmt_ratio(r.goal),
+        if r.met() { "" } else { "  MISSED" }
+    )
 }
 
 /// Runs it.

@@ -6,18 +6,17 @@
 //! If this process dies at any point after the attach, the kernel releases the uffd (which
 //! un-protects every page) and detaches the stopped threads: the target runs on.
 
-use std::io::IsTerminal;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
-use uffd_wp::backend::linux::{Config, LinuxMm, RemoteQuiesce};
+use uffd_wp::backend::linux::remote::FreezeStats;
+use uffd_wp::backend::linux::{AttachReport, Config, LinuxMm, RemoteQuiesce};
 use uffd_wp::engine::snapshot::{self, Source};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet, parse_size};
 use uffd_wp::seam::prelude::*;
 use uffd_wp::seam::{FnQuiesce, Quiesce};
 
 use super::Args;
-use crate::{CliError, print_json};
+use crate::CliError;
 
 /// Where `--stall-at` stops (for the tests that kill the monitor mid-snapshot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -71,22 +70,38 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
             pid,
             source,
         })?;
-    match mm.fully_mapped(r) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(CliError::Usage(format!(
-                "{r} is not entirely mapped in process {pid}"
-            )));
-        }
-        Err(e) => {
-            return Err(CliError::Os {
-                operation: format!("reading /proc/{pid}/maps"),
-                errno: e,
-            });
-        }
-    }
-    let opts = super::options(a);
+    check_mapped(&mm, r, pid)?;
     let rq = RemoteQuiesce::new(pid);
+    let (img, rep) = take_remote(a, &mm, r, &rq, pid)?;
+    let freeze = rq.last_stats();
+    let stored = super::write_image(&img, out)?;
+    print_remote(a, pid, r, &attach, freeze, &rep, stored);
+    Ok(())
+}
+
+/// Fails unless `r` is entirely mapped in the target.
+fn check_mapped(mm: &LinuxMm, r: Range, pid: u32) -> Result<(), CliError> {
+    match mm.fully_mapped(r) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(CliError::Usage(format!(
+            "{r} is not entirely mapped in process {pid}"
+        ))),
+        Err(e) => Err(CliError::Os {
+            operation: format!("reading /proc/{pid}/maps"),
+            errno: e,
+        }),
+    }
+}
+
+/// Snapshots `r` of the target, frozen by `rq` (stalling where `--stall-at` says).
+fn take_remote(
+    a: &Args,
+    mm: &LinuxMm,
+    r: Range,
+    rq: &RemoteQuiesce,
+    pid: u32,
+) -> Result<(snapshot::Image, snapshot::SnapshotReport), CliError> {
+    let opts = super::options(a);
     let q = FnQuiesce(
         || {
             rq.freeze();
@@ -96,19 +111,10 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
         },
         || rq.resume(),
     );
-    let bar = if std::io::stdout().is_terminal() && !a.json {
-        let b = ProgressBar::new(r.pages());
-        b.set_style(
-            ProgressStyle::with_template("copying {bar:40} {pos}/{len} pages {elapsed}")
-                .expect("progress template"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = super::copy_bar(super::report::show_progress(a.json), r.pages());
     let stall_copy = a.stall_at == Some(StallAt::Copy);
     let res = snapshot::take(
-        &mm,
+        mm,
         &RangeSet::single(r),
         Source::Mm,
         &q as &dyn Quiesce,
@@ -128,20 +134,27 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
             source: e,
         });
     }
-    let (img, rep) = res?;
-    let freeze = rq.last_stats();
-    let stored = super::write_image(&img, out)?;
-    if a.json {
-        let mut v = super::report_json(&rep, stored);
-        v["remote"] = serde_json::json!({
-            "pid": pid,
-            "range": [r.start(), r.end()],
-            "attach": attach,
-            "freeze": freeze,
-            "read": "process_vm_readv",
-        });
-        print_json(&v);
-    } else {
+    res.map_err(CliError::from)
+}
+
+/// Prints the report of a snapshot of another process.
+fn print_remote(
+    a: &Args,
+    pid: u32,
+    r: Range,
+    attach: &AttachReport,
+    freeze: FreezeStats,
+    rep: &snapshot::SnapshotReport,
+    stored: Option<u64>,
+) {
+    let remote = serde_json::json!({
+        "pid": pid,
+        "range": [r.start(), r.end()],
+        "attach": attach,
+        "freeze": freeze,
+        "read": "process_vm_readv",
+    });
+    super::print_report(a, rep, stored, "remote", remote, || {
         println!(
             "snapshot of {} MiB of process {pid} at {:#x} (no oracle: consistency not checked)",
             r.len() >> 20,
@@ -159,9 +172,7 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
             "  copy             {:.1} ms, {:.0} MB/s (process_vm_readv)",
             rep.copy_ms, rep.copy_mb_s
         );
-        super::print_common(&rep, stored, a.out.as_deref());
-    }
-    Ok(())
+    });
 }
 
 #[cfg(test)]

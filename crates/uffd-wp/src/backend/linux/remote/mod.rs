@@ -8,7 +8,7 @@
 //! One file per job:
 //! - this one: the public API ([`LinuxMm::attach`] and its variants, [`AttachError`],
 //!   [`AttachReport`]) and reading the target's memory;
-//! - `inject.rs`: the ptrace injection that makes a thread of the target run userfaultfd(2)
+//! - `tracee.rs`: the ptrace injection that makes a thread of the target run userfaultfd(2)
 //!   and close(2) ([`SyscallSite`]), step by step in its docs;
 //! - `quiesce.rs`: [`RemoteQuiesce`], freezing and resuming every thread;
 //! - what is read in `/proc` (threads, their states, maps) is [`crate::backend::procfs`],
@@ -46,8 +46,8 @@
 //! Resuming detaches them all. A ptrace stop is undone by the kernel when the tracer dies,
 //! which is what makes a monitor killed mid-snapshot leave the target running.
 
-mod inject;
 mod quiesce;
+mod tracee;
 
 #[cfg(target_arch = "x86_64")]
 use std::time::Instant;
@@ -65,8 +65,8 @@ use crate::sys::uffd::Uffd;
 pub use crate::backend::procfs::{
     MapEntry, fully_mapped, maps_cover, parse_maps, read_maps, stat_state, thread_ids, thread_state,
 };
-pub use inject::SyscallSite;
 pub use quiesce::{FreezeStats, RemoteQuiesce};
+pub use tracee::SyscallSite;
 
 /// Why attaching to (or freezing) another process failed. Whatever the error, the target is
 /// left running and detached, with its registers as they were.
@@ -247,7 +247,7 @@ impl LinuxMm {
             {
                 return Err(AttachError::NoSuchProcess { pid: t });
             }
-            let (fd, mut report) = inject::steal_uffd(pid_i, tid, flags)?;
+            let (fd, mut report) = tracee::steal_uffd(pid_i, tid, flags)?;
             let mm = LinuxMm::from_uffd(Uffd::from_remote(fd), cfg, offered, Target::Pid(pid))?;
             report.total_us = t0.elapsed().as_secs_f64() * 1e6;
             Ok((mm, report))
