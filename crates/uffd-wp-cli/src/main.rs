@@ -51,7 +51,7 @@ enum Command {
 fn serve_helper(kind: helper::Kind) -> i32 {
     use helper::Kind;
     match kind {
-        Kind::LostEnomem => uffd_wp::scenario::lost_enomem::child_main(kind),
+        Kind::LimitedScenario => uffd_wp::scenario::limited::helper_main(),
         Kind::PinHolder | Kind::PinKeeper => uffd_wp::testing::holder::holder_main(kind),
         Kind::CompareWorker => compare::worker(),
         Kind::Workload => workload::helper_main(),

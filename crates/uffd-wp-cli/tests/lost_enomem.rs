@@ -5,7 +5,7 @@
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use uffd_wp::scenario::lost_enomem::{CGROUP_PREFIX, find_memory_controller};
+use uffd_wp::backend::linux::memcg::{CGROUP_PREFIX, find_memory_controller};
 
 const GIB: u64 = 1 << 30;
 /// A 2 MiB slot (one PTE table's reach).

@@ -1,30 +1,37 @@
 //! Scenario labs on the model.
 //!
 //! [`ModelLabs`] implements [`LabFactory`], so every built-in scenario of the library runs
-//! unchanged on the model, behind the same [`InjectMm`] as on Linux. `lost-enomem` runs the
-//! kernel-notes recipe with a page-table allocation budget in place of a memory cgroup. The
+//! unchanged on the model, behind the same [`InjectMm`] as on Linux; `lost-enomem` limits
+//! page-table allocations with a budget where Linux uses a memory cgroup. The
 //! scenarios that only the model can run (they need failures on demand, true pin counts or the
 //! proposed semantics) are in [`MODEL_SCENARIOS`]; [`run`] looks there first, then in the
 //! library's list.
 
 use uffd_wp::backend::inject::{InjectMm, Rule};
-use uffd_wp::engine::protect::{
-    FailureKind, OnError, WpError, WpOp, WpOptions, WpReport, write_protect,
-};
+use uffd_wp::engine::protect::{OnError, WpOptions};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
+use uffd_wp::scenario::raw::{
+    describe, engine_note, engine_step, mib, raw_step, registered, slots, stop, touch_at,
+};
 use uffd_wp::scenario::{
     self, Lab, LabConfig, LabFactory, MapKind as LabMapKind, Outcome, PinWrite, ScenarioError, Step,
 };
 use uffd_wp::seam::Wrap;
 use uffd_wp::seam::lab::LabError;
+use uffd_wp::seam::lab::RawReturn;
 use uffd_wp::seam::prelude::*;
-use uffd_wp::seam::{Errno, RegisterMode, WpMode};
+use uffd_wp::seam::{Errno, WpMode};
 use uffd_wp::sys::errno_name;
 
 use crate::{
     FailPolicy, MapKind, Model, ModelConfig, ModelMm, PinFlags, Progress, Semantics, Thp,
     UffdConfig,
 };
+
+/// The page-table allocations [`Lab::limit_next_writeprotect`] allows on the model: in the
+/// `lost-enomem` recipe the first GiB's 257th PTE table fails, as the 1 MiB memory cgroup
+/// makes it fail on Linux.
+pub const PAGE_TABLE_BUDGET: u64 = 256;
 
 /// Labs on the model with one semantics.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,10 +63,6 @@ impl LabFactory for ModelLabs {
 
     fn open(&self, cfg: LabConfig) -> Result<Box<dyn Lab>, ScenarioError> {
         Ok(Box::new(self.open_model(cfg)?))
-    }
-
-    fn lost_enomem(&self) -> Result<Vec<Step>, ScenarioError> {
-        lost_enomem(self)
     }
 }
 
@@ -117,9 +120,33 @@ impl Lab for ModelLab {
     fn reset_injection(&self) {
         self.mm.clear_rules();
         self.mm.clear_calls();
+        self.model.set_alloc_policy(FailPolicy::Never);
     }
     fn raw_results(&self) -> Vec<(Option<Errno>, bool)> {
         self.mm.raw_results()
+    }
+    /// Under the proposed semantics, the proposed call (not seen by the injector).
+    fn raw_protect(&self, r: Range, skip_pinned: bool) -> RawReturn {
+        match self.model.semantics() {
+            Semantics::Linux => RawReturn::Linux(self.mm.writeprotect(r, WpMode::Protect)),
+            Semantics::Proposed => RawReturn::Proposed(self.uffd().writeprotect_proposed(
+                r,
+                WpMode::Protect,
+                skip_pinned,
+            )),
+        }
+    }
+    /// A budget of [`PAGE_TABLE_BUDGET`] page-table allocations, lifted after the next raw
+    /// call (or, for the proposed call, which the injector does not see, by the next
+    /// `limit_next_writeprotect` or [`Lab::reset_injection`]).
+    fn limit_next_writeprotect(&mut self) -> Result<String, LabError> {
+        self.model
+            .set_alloc_policy(FailPolicy::Budget(PAGE_TABLE_BUDGET));
+        let model = self.model.clone();
+        self.mm.after_next_writeprotect(Box::new(move || {
+            model.set_alloc_policy(FailPolicy::Never);
+        }));
+        Ok(format!("budget of {PAGE_TABLE_BUDGET} page tables"))
     }
     fn map(&mut self, len: u64, align: u64, kind: LabMapKind) -> Result<Range, LabError> {
         let k = match kind {
@@ -257,248 +284,6 @@ pub fn run(name: &str, labs: &ModelLabs) -> Result<Outcome, ScenarioError> {
 // ------------------------------------------------------------------------------------------
 // Helpers
 
-const SLOTS_PER_GIB: u64 = PUD_SIZE / PMD_SIZE;
-
-fn registered(lab: &mut ModelLab, len: u64, align: u64) -> Result<Range, ScenarioError> {
-    let r = lab.map(len, align, LabMapKind::Anon)?;
-    lab.mm()
-        .register(r, RegisterMode::WP)
-        .map_err(ScenarioError::setup("UFFDIO_REGISTER (WP)"))?;
-    Ok(r)
-}
-
-fn touch_at(lab: &mut ModelLab, addr: u64) -> Result<(), ScenarioError> {
-    Ok(lab.touch(Range::from_bounds(addr, addr + PAGE_SIZE))?)
-}
-
-/// `[a, b)` in 2 MiB slots from `base`, e.g. `[257, 512) [512, 1024)`.
-fn slots(set: &RangeSet, base: u64) -> String {
-    if set.is_empty() {
-        return "none".into();
-    }
-    set.offsets_from(base)
-        .iter()
-        .map(|[a, b]| format!("[{}, {})", a / PMD_SIZE, b.div_ceil(PMD_SIZE)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn mib(n: u64) -> String {
-    format!("{} MiB", n >> 20)
-}
-
-fn result_name(e: Option<Errno>) -> String {
-    e.map_or_else(|| "0 (success)".to_string(), errno_name)
-}
-
-/// What the raw call under test returned.
-enum Returned {
-    /// The Linux ioctl: success or an errno.
-    Linux(Result<(), Errno>),
-    /// The proposed call: bytes not protected, or an errno.
-    Proposed(Result<u64, Errno>),
-}
-
-impl Returned {
-    fn errno(&self) -> Option<Errno> {
-        match self {
-            Returned::Linux(r) => r.err(),
-            Returned::Proposed(r) => r.err(),
-        }
-    }
-    /// What the call returned, as the step's `detail.kernel_returned`: `{"errno": null |
-    /// "ENOMEM"}` for the Linux ioctl, `{"bytes_not_protected": N}` (or `"errno"`) for the
-    /// proposed one.
-    fn to_json(&self) -> serde_json::Value {
-        match self {
-            Returned::Proposed(Ok(n)) => serde_json::json!({ "bytes_not_protected": n }),
-            _ => serde_json::json!({ "errno": self.errno().map(errno_name) }),
-        }
-    }
-    fn describe(&self) -> String {
-        match self {
-            Returned::Linux(r) => format!("UFFDIO_WRITEPROTECT returned {}", result_name(r.err())),
-            Returned::Proposed(Ok(n)) => format!(
-                "the proposed UFFDIO_WRITEPROTECT returned {n} bytes not protected ({})",
-                mib(*n)
-            ),
-            Returned::Proposed(Err(e)) => {
-                format!(
-                    "the proposed UFFDIO_WRITEPROTECT failed: {}",
-                    errno_name(*e)
-                )
-            }
-        }
-    }
-}
-
-/// One raw call under the lab's semantics (the proposed call under `proposed`).
-fn raw_call(lab: &ModelLab, r: Range, skip_pinned: bool) -> Returned {
-    match lab.model.semantics() {
-        Semantics::Linux => Returned::Linux(lab.mm.writeprotect(r, WpMode::Protect)),
-        Semantics::Proposed => Returned::Proposed(lab.uffd().writeprotect_proposed(
-            r,
-            WpMode::Protect,
-            skip_pinned,
-        )),
-    }
-}
-
-/// A step for a raw call: the report is the state read back (PAGEMAP_SCAN), verified against
-/// the page-table walk and, for the proposed call, against the bytes it returned.
-fn raw_step(
-    lab: &ModelLab,
-    label: &str,
-    r: Range,
-    ret: &Returned,
-    skipped: RangeSet,
-    note: String,
-) -> Result<Step, ScenarioError> {
-    let protected = lab
-        .mm()
-        .wp_pages(r)
-        .map_err(ScenarioError::setup("reading back the raw call's result"))?
-        .difference(&skipped);
-    let not_protected = RangeSet::single(r)
-        .difference(&protected)
-        .difference(&skipped);
-    let errno = ret.errno();
-    let report = WpReport {
-        op: WpOp::Protect,
-        requested: r,
-        error: errno.map(|errno| WpError::Kernel {
-            op: WpOp::Protect,
-            kind: FailureKind::of(errno),
-            errno,
-            addr: not_protected.first_addr().unwrap_or(r.start()),
-        }),
-        protected,
-        skipped,
-        not_protected,
-        rolled_back: false,
-        raw_calls: 1,
-        read_back_bytes: r.len(),
-        unexplained_pinned_bytes: 0,
-    };
-    let returned_ok = match ret {
-        Returned::Proposed(Ok(n)) => *n == report.bytes_not_protected(),
-        _ => true,
-    };
-    Ok(Step {
-        label: label.into(),
-        kernel_errno: errno,
-        injected: false,
-        verified: lab.verify_wp(r)? == report.protected && returned_ok,
-        note,
-        // The value the call returned beside the true state, for programs (the note says it
-        // for people).
-        detail: Some(serde_json::json!({
-            "kernel_returned": ret.to_json(),
-            "true_bytes_not_protected": report.bytes_not_protected(),
-        })),
-        report,
-    })
-}
-
-/// A step for an exact-engine call (its report, or after `Err` the state read back).
-fn engine_step(
-    lab: &ModelLab,
-    label: &str,
-    r: Range,
-    opts: WpOptions,
-    note: impl FnOnce(&Step) -> String,
-) -> Result<Step, ScenarioError> {
-    let res = write_protect(lab.mm(), r, &opts);
-    let mut s = scenario::step(lab, label, "", r, WpOp::Protect, res)?;
-    s.note = note(&s);
-    Ok(s)
-}
-
-fn stop() -> WpOptions {
-    WpOptions {
-        skip_pinned: false,
-        on_error: OnError::Stop,
-    }
-}
-
-fn engine_note(s: &Step, base: u64, what: &str) -> String {
-    let r = &s.report;
-    format!(
-        "{what}: first raw error {}, {} raw calls; report: protected slots {}, not protected {} \
-         ({} bytes){}",
-        result_name(s.kernel_errno),
-        r.raw_calls,
-        slots(&r.protected, base),
-        slots(&r.not_protected, base),
-        r.bytes_not_protected(),
-        r.error.as_ref().map_or(String::new(), |e| format!(
-            ", error {} at slot {}",
-            e.kind(),
-            e.addr().saturating_sub(base) / PMD_SIZE
-        ))
-    )
-}
-
-// ------------------------------------------------------------------------------------------
-// lost-enomem
-
-/// The kernel-notes recipe: a PUD-aligned 2 GiB, its first page and one page in every 2 MiB
-/// slot of its second GiB touched, then a budget of 256 page tables.
-fn lost_enomem_recipe(labs: &ModelLabs) -> Result<(ModelLab, Range), ScenarioError> {
-    let mut lab = labs.open_model(LabConfig::default())?;
-    let r = registered(&mut lab, 2 * PUD_SIZE, PUD_SIZE)?;
-    touch_at(&mut lab, r.start())?;
-    for s in SLOTS_PER_GIB..2 * SLOTS_PER_GIB {
-        touch_at(&mut lab, r.start() + s * PMD_SIZE)?;
-    }
-    lab.model.set_alloc_policy(FailPolicy::Budget(256));
-    Ok((lab, r))
-}
-
-/// `lost-enomem` on the model: steps `raw-ioctl`, `exact-engine`, `exact-engine-resume`, as on
-/// Linux, with a budget of 256 page-table allocations in place of the 1 MiB memory cgroup.
-pub fn lost_enomem(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
-    let (a, ra) = lost_enomem_recipe(labs)?;
-    let ret = raw_call(&a, ra, false);
-    a.model.set_alloc_policy(FailPolicy::Never);
-    let wp = a.model.wp_set(ra);
-    let hole = wp.complement_in(ra);
-    let note = format!(
-        "one raw call over the 2 GiB with 256 page tables left: {}; true state: protected slots \
-         {}, NOT protected {} ({}){}",
-        ret.describe(),
-        slots(&wp, ra.start()),
-        slots(&hole, ra.start()),
-        mib(hole.bytes()),
-        match (&ret, hole.is_empty()) {
-            (Returned::Linux(Ok(())), false) => {
-                ". change_pmd_range() returned -ENOMEM for the first GiB and change_pud_range() \
-                 added the second GiB's 262144 changed entries to it: the error is lost, as \
-                 reproduced on the real 6.18 kernel"
-            }
-            (Returned::Proposed(_), false) => {
-                ". The proposal stops at the failure and says how much is not protected"
-            }
-            _ => "",
-        }
-    );
-    let s1 = raw_step(&a, "raw-ioctl", ra, &ret, RangeSet::new(), note)?;
-
-    let (b, rb) = lost_enomem_recipe(labs)?;
-    let s2 = engine_step(&b, "exact-engine", rb, stop(), |s| {
-        engine_note(
-            s,
-            rb.start(),
-            "fresh identical set-up, same budget: the engine never lets one raw call span a \
-             1 GiB PUD, so the failure surfaces as ENOMEM on the first GiB's call",
-        )
-    })?;
-    b.model.set_alloc_policy(FailPolicy::Never);
-    let s3 = engine_step(&b, "exact-engine-resume", rb, stop(), |s| {
-        engine_note(s, rb.start(), "budget lifted: the same write_protect again")
-    })?;
-    Ok(vec![s1, s2, s3])
-}
 
 // ------------------------------------------------------------------------------------------
 // enomem-pmd
@@ -513,14 +298,14 @@ fn enomem_pmd_recipe(labs: &ModelLabs) -> Result<(ModelLab, Range), ScenarioErro
 
 fn enomem_pmd(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
     let (a, ra) = enomem_pmd_recipe(labs)?;
-    let ret = raw_call(&a, ra, false);
+    let ret = a.raw_protect(ra, false);
     a.model.set_alloc_policy(FailPolicy::Never);
     let wp = a.model.wp_set(ra);
     let note = format!(
         "64 MiB (32 slots of 2 MiB) inside one PUD, slot 0 populated, 10 page tables left: {}; \
          true state: protected slots {}, not protected {}. Inside one PUD change_pmd_range()'s \
          -ENOMEM is the whole result, so the failure is reported",
-        ret.describe(),
+        describe(&ret),
         slots(&wp, ra.start()),
         slots(&wp.complement_in(ra), ra.start()),
     );
@@ -561,26 +346,26 @@ fn enomem_pud_raw(
     what: &str,
 ) -> Result<Step, ScenarioError> {
     let (a, r) = enomem_pud_recipe(labs, p)?;
-    let ret = raw_call(&a, r, false);
+    let ret = a.raw_protect(r, false);
     a.model.set_alloc_policy(FailPolicy::Never);
     let wp = a.model.wp_set(r);
     let hole = wp.complement_in(r);
     let verdict = match (&ret, hole.is_empty()) {
-        (Returned::Linux(Ok(())), false) => format!(
+        (RawReturn::Linux(Ok(())), false) => format!(
             "the kernel says success while {} are NOT protected: change_pud_range() added the \
              -ENOMEM of GiB 1 to the entries changed in the other GiBs",
             mib(hole.bytes())
         ),
-        (Returned::Linux(Err(e)), _) => format!("the kernel reports {}", errno_name(*e)),
-        (Returned::Proposed(Ok(n)), _) if *n == hole.bytes() => {
+        (RawReturn::Linux(Err(e)), _) => format!("the kernel reports {}", errno_name(*e)),
+        (RawReturn::Proposed(Ok(n)), _) if *n == hole.bytes() => {
             "the returned figure is exactly the unprotected part".into()
         }
-        (Returned::Proposed(_), _) => "the returned figure does NOT match the page tables".into(),
+        (RawReturn::Proposed(_), _) => "the returned figure does NOT match the page tables".into(),
         _ => "everything is protected".into(),
     };
     let note = format!(
         "{what}: {}; true state: protected slots {}, NOT protected {} ({}); {verdict}",
-        ret.describe(),
+        describe(&ret),
         slots(&wp, r.start()),
         slots(&hole, r.start()),
         mib(hole.bytes()),
@@ -694,23 +479,23 @@ fn skip_pinned(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
     let (c, rc, _, _) = pinned_recipe(labs)?;
     let res = c.uffd().writeprotect_proposed(rc, WpMode::Protect, true);
     let ret = match c.model.semantics() {
-        Semantics::Linux => Returned::Linux(res.map(drop)),
-        Semantics::Proposed => Returned::Proposed(res),
+        Semantics::Linux => RawReturn::Linux(res.map(drop)),
+        Semantics::Proposed => RawReturn::Proposed(res),
     };
     let skipped = match ret {
-        Returned::Proposed(Ok(_)) => c.model.pinned_pages(rc),
+        RawReturn::Proposed(Ok(_)) => c.model.pinned_pages(rc),
         _ => RangeSet::new(),
     };
     let note = match &ret {
-        Returned::Linux(_) => format!(
+        RawReturn::Linux(_) => format!(
             "{}: Linux 6.18 has no skip-pinned mode (the model's linux kernel lacks the \
              proposed call: ENOTTY); nothing was protected",
-            ret.describe()
+            describe(&ret)
         ),
-        Returned::Proposed(_) => format!(
+        RawReturn::Proposed(_) => format!(
             "the proposed call with skip-pinned: {}; pinned pages {} left writable and counted \
              as protected",
-            ret.describe(),
+            describe(&ret),
             pages_of(&skipped, rc.start())
         ),
     };

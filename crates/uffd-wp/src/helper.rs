@@ -1,5 +1,5 @@
 //! Helper processes: the running executable re-executed as a child of one [`Kind`]. One
-//! mechanism serves every helper uffd-wp starts (the lost-enomem scenario's limited child, the
+//! mechanism serves every helper uffd-wp starts (a scenario's memory-limited child, the
 //! pin holder and its keeper, compare's kernel worker, the built-in workload as a target):
 //!
 //! - **Entry**: the environment variable [`HELPER_ENV`] names the kind. An executable serves
@@ -32,8 +32,8 @@ pub const HELPER_ENV: &str = "UFFD_WP_HELPER";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
-    /// The `lost-enomem` scenario's child, moved into a limited memory cgroup.
-    LostEnomem,
+    /// A scenario whose labs limit page-table allocations, in memory cgroups of its own.
+    LimitedScenario,
     /// A process holding io_uring registered buffers (pin discovery's other process).
     PinHolder,
     /// The pin holder's keeper: holds an inherited ring fd until its parent exits.
@@ -47,7 +47,7 @@ pub enum Kind {
 impl Kind {
     /// Every kind.
     pub const ALL: [Kind; 5] = [
-        Kind::LostEnomem,
+        Kind::LimitedScenario,
         Kind::PinHolder,
         Kind::PinKeeper,
         Kind::CompareWorker,
@@ -57,7 +57,7 @@ impl Kind {
     /// The name in [`HELPER_ENV`].
     pub fn name(self) -> &'static str {
         match self {
-            Kind::LostEnomem => "lost-enomem",
+            Kind::LimitedScenario => "limited-scenario",
             Kind::PinHolder => "pin-holder",
             Kind::PinKeeper => "pin-keeper",
             Kind::CompareWorker => "compare-worker",

@@ -30,6 +30,16 @@ pub struct Call {
 struct State {
     rules: Vec<(Rule, u64, u32)>, // rule, matching calls seen, times fired
     calls: Vec<Call>,
+    after_next: Option<Hook>,
+}
+
+/// What runs right after the next raw call ([`InjectMm::after_next_writeprotect`]).
+struct Hook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 /// [`Mm`] that forwards to `inner`, failing the calls its rules select.
@@ -55,6 +65,12 @@ impl<M: Mm> InjectMm<M> {
             .expect("inject lock")
             .rules
             .push((rule, 0, 0));
+    }
+
+    /// Runs `f` once, right after the next raw write-protect call returns and before anything
+    /// else (the call is logged after it): how a lab lifts a limit it put on that one call.
+    pub fn after_next_writeprotect(&self, f: Box<dyn FnOnce() + Send>) {
+        self.state.lock().expect("inject lock").after_next = Some(Hook(f));
     }
 
     /// Removes every rule.
@@ -127,6 +143,9 @@ impl<M: Mm> Wrap for InjectMm<M> {
                     // The real kernel does the part before the failure; if even that fails, the
                     // real errno wins.
                     if let Err(e) = self.inner.writeprotect(p, mode) {
+                        if let Some(Hook(f)) = st.after_next.take() {
+                            f();
+                        }
                         st.calls.push(Call {
                             range: r,
                             mode,
@@ -140,6 +159,9 @@ impl<M: Mm> Wrap for InjectMm<M> {
             }
             None => (self.inner.writeprotect(r, mode), false),
         };
+        if let Some(Hook(f)) = st.after_next.take() {
+            f();
+        }
         st.calls.push(Call {
             range: r,
             mode,

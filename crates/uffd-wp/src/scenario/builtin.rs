@@ -17,6 +17,10 @@ pub struct Scenario {
     pub about: &'static str,
     /// Runs it.
     pub run: fn(&dyn LabFactory) -> Result<Vec<Step>, ScenarioError>,
+    /// How many of its labs limit page-table allocations ([`crate::scenario::Lab::limit_next_writeprotect`]);
+    /// the Linux labs run such a scenario in a limited helper process, one memory cgroup per
+    /// such lab ([`crate::scenario::limited`]).
+    pub page_table_limits: u8,
 }
 
 /// Every built-in scenario.
@@ -25,52 +29,62 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "clean",
         about: "64 pages, half populated, registered: protect all, then un-protect all",
         run: clean,
+        page_table_limits: 0,
     },
     Scenario {
         name: "unregistered-tail",
         about: "16 pages, only the first 8 registered: ENOENT, the prefix stays protected",
         run: unregistered_tail,
+        page_table_limits: 0,
     },
     Scenario {
         name: "hole",
         about: "16 registered pages with page 8 unmapped: the kernel skips the gap silently",
         run: hole,
+        page_table_limits: 0,
     },
     Scenario {
         name: "unpopulated",
         about: "untouched pages with and without WP_UNPOPULATED",
         run: unpopulated,
+        page_table_limits: 0,
     },
     Scenario {
         name: "injected-enomem",
         about: "ENOMEM injected half-way through a call: stop, retry and rollback policies",
         run: injected_enomem,
+        page_table_limits: 0,
     },
     Scenario {
         name: "injected-eagain",
         about: "EAGAIN (event in flight) injected: stop, then retry",
         run: injected_eagain,
+        page_table_limits: 0,
     },
     Scenario {
         name: "snapshot-enomem",
         about: "a live snapshot whose write-protect fails with ENOMEM: copy in the freeze, or abort clean",
         run: snapshot_enomem,
+        page_table_limits: 0,
     },
     Scenario {
         name: "track-eagain",
         about: "dirty tracking with EAGAIN injected: arming retries and tracks exactly, or fails clean",
         run: track_eagain,
+        page_table_limits: 0,
     },
     Scenario {
         name: "lost-enomem",
         about: "the kernel's own silent partial failure: success returned, 0.5 GiB unprotected",
         run: lost_enomem,
+        page_table_limits: 2,
     },
     Scenario {
         name: "pinned-io-uring",
         about: "an io_uring fixed buffer written through its pin: no WP fault, page still \
                 protected; skip_pinned leaves the buffer writable",
         run: pinned_io_uring,
+        page_table_limits: 0,
     },
 ];
 
@@ -270,7 +284,7 @@ fn injected_eagain(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
 }
 
 fn lost_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
-    f.lost_enomem()
+    super::lost_enomem::run(f)
 }
 
 /// The layout of `pinned-io-uring`: this many registered, populated pages...

@@ -6,7 +6,9 @@
 //! Each step's result carries what the raw kernel calls returned beside the exact report.
 
 mod builtin;
+pub mod limited;
 pub mod lost_enomem;
+pub mod raw;
 
 use serde::Serialize;
 use serde::ser::SerializeMap;
@@ -87,17 +89,12 @@ pub trait LabFactory {
     /// A fresh lab.
     fn open(&self, cfg: LabConfig) -> Result<Box<dyn Lab>, ScenarioError>;
 
-    /// The `lost-enomem` scenario: the kernel returns success from `UFFDIO_WRITEPROTECT` after a
-    /// page-table allocation failure (mm/mprotect.c sums the -ENOMEM of one PUD with the pages
-    /// changed in the next). It needs what a plain lab cannot give (on Linux: a memory cgroup and
-    /// a child process; on the model: a page-table allocation budget), so each backend runs it
-    /// its own way.
-    fn lost_enomem(&self) -> Result<Vec<Step>, ScenarioError> {
-        Err(ScenarioError::Unavailable {
-            scenario: "lost-enomem".into(),
-            backend: self.backend().into(),
-            why: "not implemented for this backend".into(),
-        })
+    /// Runs `s`, a scenario with [`Scenario::page_table_limits`], this backend's own way, or
+    /// `None` to run it on [`LabFactory::open`]'s labs in this process (the default). The Linux
+    /// labs can limit page-table allocations only in a process of their own ([`limited`]).
+    fn run_limited(&self, s: &Scenario) -> Option<Result<Vec<Step>, ScenarioError>> {
+        let _ = s;
+        None
     }
 }
 
@@ -114,8 +111,8 @@ impl LabFactory for LinuxLabs {
         Ok(Box::new(LinuxLab::open(cfg)?))
     }
 
-    fn lost_enomem(&self) -> Result<Vec<Step>, ScenarioError> {
-        lost_enomem::run()
+    fn run_limited(&self, s: &Scenario) -> Option<Result<Vec<Step>, ScenarioError>> {
+        Some(limited::run_in_helper(s))
     }
 }
 
@@ -226,7 +223,13 @@ pub fn run(name: &str, factory: &dyn LabFactory) -> Result<Outcome, ScenarioErro
     let sc = find(name).ok_or_else(|| ScenarioError::Unknown {
         name: name.to_string(),
     })?;
-    let results = (sc.run)(factory)?;
+    let own_way = (sc.page_table_limits > 0)
+        .then(|| factory.run_limited(sc))
+        .flatten();
+    let results = match own_way {
+        Some(r) => r?,
+        None => (sc.run)(factory)?,
+    };
     Ok(Outcome {
         scenario: name.to_string(),
         backend: factory.backend().to_string(),

@@ -3,8 +3,8 @@
 //! engines'. The Linux backend and the model each implement [`Lab`].
 
 use crate::range::{Range, RangeSet};
-use crate::seam::Errno;
 use crate::seam::prelude::*;
+use crate::seam::{Errno, WpMode};
 use crate::sys::errno_name;
 
 /// What backs a lab mapping.
@@ -166,12 +166,52 @@ pub trait Lab {
         Err(self.no_pins())
     }
 
+    /// One raw write-protect call of `r` as this lab's kernel offers it: the ioctl
+    /// ([`RawReturn::Linux`]), or under the model's proposed semantics the proposed call, which
+    /// returns the bytes it did not protect and leaves pinned pages writable when
+    /// `skip_pinned` ([`RawReturn::Proposed`]).
+    fn raw_protect(&self, r: Range, skip_pinned: bool) -> RawReturn {
+        let _ = skip_pinned;
+        RawReturn::Linux(self.mm().writeprotect(r, WpMode::Protect))
+    }
+
+    /// Limits page-table allocations for the next raw write-protect call only, and lifts the
+    /// limit right after it returns: that call runs as if memory for page tables ran out.
+    /// Returns what the limit is, for notes (Linux: a memory cgroup of 1 MiB, in a lab its
+    /// factory opened inside a limited helper process; the model: a budget of page tables).
+    fn limit_next_writeprotect(&mut self) -> Result<String, LabError> {
+        Err(LabError::Unavailable {
+            scenario: "(page-table limit)".into(),
+            backend: self.mm().backend().into(),
+            why: "this lab cannot limit page-table allocations".into(),
+        })
+    }
+
     /// The error of a lab without pins.
     fn no_pins(&self) -> LabError {
         LabError::Unavailable {
             scenario: "pinned-io-uring".into(),
             backend: self.mm().backend().into(),
             why: "this lab cannot pin memory (Lab::pin_fixed_buffer)".into(),
+        }
+    }
+}
+
+/// What a raw write-protect call returned ([`Lab::raw_protect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawReturn {
+    /// The Linux ioctl: success or an errno.
+    Linux(Result<(), Errno>),
+    /// The proposed call: bytes not protected, or an errno.
+    Proposed(Result<u64, Errno>),
+}
+
+impl RawReturn {
+    /// The errno, if the call failed.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            RawReturn::Linux(r) => r.err(),
+            RawReturn::Proposed(r) => r.err(),
         }
     }
 }

@@ -1,8 +1,10 @@
 //! The Linux [`Lab`]: real mappings in this process and a real uffd.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use crate::backend::inject::InjectMm;
+use crate::backend::linux::memcg::{LIMIT_BYTES, Limiter, prepare_limited};
 use crate::backend::linux::{Config, LinuxMm};
 use crate::backend::pins::io::read_fixed_serving_faults;
 use crate::range::{Range, RangeSet};
@@ -24,6 +26,8 @@ pub struct LinuxLab {
     rings: Vec<FixedRing>,
     /// The file `write_through_pin` reads from (a memfd).
     pin_src: Option<OwnedFd>,
+    /// The memory cgroup `limit_next_writeprotect` moves this process into, if any.
+    limiter: Option<Arc<Limiter>>,
 }
 
 impl LinuxLab {
@@ -51,7 +55,16 @@ impl LinuxLab {
             maps: Vec::new(),
             rings: Vec::new(),
             pin_src: None,
+            limiter: None,
         })
+    }
+
+    /// The same lab, able to limit page-table allocations through `limiter`'s memory cgroup
+    /// ([`Lab::limit_next_writeprotect`]). Only a process that may be limited (a helper, see
+    /// [`crate::backend::linux::memcg`]) should do this.
+    pub fn with_limiter(mut self, limiter: Limiter) -> LinuxLab {
+        self.limiter = Some(Arc::new(limiter));
+        self
     }
 
     /// The mapping owning `r`, among the lab's and those its rings hold.
@@ -217,5 +230,30 @@ impl Lab for LinuxLab {
             landed: back == data,
             wp_faults: w.wp_faults,
         })
+    }
+
+    /// Moves this process into its limiter's cgroup (limited to [`LIMIT_BYTES`]); the
+    /// injector raises the limit right after the next raw call returns. The hook is built and
+    /// the stack and heap warmed before entering: nothing may fault in a page while limited.
+    fn limit_next_writeprotect(&mut self) -> Result<String, LabError> {
+        let Some(limiter) = self.limiter.clone() else {
+            return Err(LabError::Unavailable {
+                scenario: "(page-table limit)".into(),
+                backend: "linux".into(),
+                why: "only a lab opened with a memory cgroup limiter (LinuxLab::with_limiter, in \
+                      a limited helper process) can limit page-table allocations"
+                    .into(),
+            });
+        };
+        let what = format!("{} MiB memory cgroup", LIMIT_BYTES >> 20);
+        let raise = Arc::clone(&limiter);
+        self.mm.after_next_writeprotect(Box::new(move || {
+            // A failure shows in the next step: the cgroup stays limited and its task hangs
+            // in a fault, which the parent sees (under_oom) and ends.
+            let _ = raise.raise();
+        }));
+        prepare_limited();
+        limiter.enter()?;
+        Ok(what)
     }
 }

@@ -6,6 +6,7 @@
 //! [`Target`] (its pagemap, its memory, its maps), so the engines run unchanged on both.
 
 pub mod lab;
+pub mod memcg;
 pub mod remote;
 
 pub use remote::{AttachError, AttachReport, RemoteQuiesce};
