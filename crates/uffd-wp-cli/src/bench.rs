@@ -1,15 +1,12 @@
 //! `uffd-wp bench <what>`: benchmarks on the real kernel. `protect` compares the exact
 //! write-protect engine with the raw `UFFDIO_WRITEPROTECT` (see `uffd_wp_bench::protect`).
 
-use std::io::IsTerminal;
-
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use uffd_wp::range::{PMD_SIZE, PUD_SIZE, parse_size};
 use uffd_wp_bench::protect::{self as bench, PageKind, ProtectBench, ProtectFigures};
 
-use crate::{CliError, print_json};
+use crate::{CliError, report};
 
 mod plot;
 mod snapshot;
@@ -123,7 +120,7 @@ fn protect(a: &ProtectArgs) -> Result<(), CliError> {
             "--pud-offset {pud_offset} is not a multiple of 2 MiB below 1 GiB"
         )));
     }
-    let show = !a.json && std::io::stdout().is_terminal();
+    let show = report::show_progress(a.json);
     let mut out = ProtectOutput {
         bench: "protect",
         size: a.size,
@@ -152,26 +149,8 @@ fn protect(a: &ProtectArgs) -> Result<(), CliError> {
     if out.small.is_none() {
         out.headline_kind = "thp";
     }
-    if a.json {
-        print_json(&out);
-    } else {
-        print_table(&out);
-    }
+    report::emit(a.json, &out, print_table);
     Ok(())
-}
-
-fn bar(show: bool, len: u64, template: &str, msg: String) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(template)
-            .expect("progress template")
-            .progress_chars("=> "),
-    );
-    pb.set_message(msg);
-    pb
 }
 
 fn protect_kind(
@@ -181,7 +160,7 @@ fn protect_kind(
     show: bool,
 ) -> Result<ProtectFigures, CliError> {
     let b = ProtectBench::new(a.size, kind, pud_offset)?;
-    let pb = bar(
+    let pb = report::bar(
         show,
         a.size,
         "{msg:18} [{bar:30}] {bytes}/{total_bytes} {elapsed}",
@@ -190,7 +169,7 @@ fn protect_kind(
     b.populate(64 << 20, |done| pb.set_position(done))?;
     pb.finish_and_clear();
     let runs = a.runs.max(1);
-    let pb = bar(
+    let pb = report::bar(
         show,
         4 * runs as u64,
         "{msg:18} [{bar:30}] {pos}/{len} {elapsed}",

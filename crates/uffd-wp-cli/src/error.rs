@@ -98,7 +98,9 @@ impl CliError {
     fn errno(&self) -> Option<Errno> {
         Some(match self {
             CliError::Usage(_) => Errno::INVAL,
-            CliError::Scenario(uffd_wp::scenario::ScenarioError::Setup { errno, .. }) => *errno,
+            CliError::Scenario(uffd_wp::scenario::ScenarioError::Lab(
+                uffd_wp::scenario::LabError::Setup { errno, .. },
+            )) => *errno,
             CliError::Track(e) => e.errno(),
             CliError::Pins(e) => e.errno(),
             CliError::Open(e) => e.errno(),

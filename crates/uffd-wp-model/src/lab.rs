@@ -284,7 +284,6 @@ pub fn run(name: &str, labs: &ModelLabs) -> Result<Outcome, ScenarioError> {
 // ------------------------------------------------------------------------------------------
 // Helpers
 
-
 // ------------------------------------------------------------------------------------------
 // enomem-pmd
 
@@ -418,10 +417,9 @@ fn pinned_recipe(
     let pin = match lab.model.pin(buf, PinFlags::IO_URING) {
         Ok(Progress::Done(p)) => p,
         Ok(Progress::Blocked(_)) => {
-            return Err(ScenarioError::Setup {
-                what: "pinning the buffer: waits for the monitor".into(),
-                errno: Errno::AGAIN,
-            });
+            return Err(ScenarioError::setup(
+                "pinning the buffer: waits for the monitor",
+            )(Errno::AGAIN));
         }
         Err(e) => return Err(ScenarioError::setup("pinning the buffer")(e)),
     };

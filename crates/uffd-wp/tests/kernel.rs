@@ -12,7 +12,7 @@ use uffd_wp::backend::linux::{Config, LinuxMm, OpenError};
 use uffd_wp::engine::protect::{FailureKind, OnError, WpError, WpOptions, WpReport};
 use uffd_wp::range::{PAGE_SIZE, Range, RangeError, RangeSet};
 use uffd_wp::scenario::LinuxLabs;
-use uffd_wp::scenario::{self, Lab, MapKind, ScenarioError};
+use uffd_wp::scenario::{self, Lab, LabError, MapKind, ScenarioError};
 use uffd_wp::seam::prelude::*;
 use uffd_wp::seam::{Errno, RegisterMode};
 use uffd_wp::{unprotect, write_protect};
@@ -79,7 +79,7 @@ fn every_builtin_scenario_verifies_on_linux() {
             }
             // lost-enomem needs root, a memory cgroup and the uffd-wp binary; it has its own
             // test in the CLI crate.
-            Err(ScenarioError::Unavailable { .. }) if sc.name == "lost-enomem" => {}
+            Err(ScenarioError::Lab(LabError::Unavailable { .. })) if sc.name == "lost-enomem" => {}
             Err(e) => panic!("{}: {e}", sc.name),
         }
     }

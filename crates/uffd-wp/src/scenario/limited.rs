@@ -27,6 +27,7 @@ use crate::helper::{self, Helper, HelperError, Kind, Parent};
 use crate::range::{Range, RangeSet};
 use crate::scenario::{Lab, LabConfig, LabFactory, Scenario, ScenarioError, Step, find};
 use crate::seam::Errno;
+use crate::seam::lab::LabError;
 use crate::sys::errno_name;
 
 /// How long the parent lets the helper run before killing it.
@@ -43,18 +44,11 @@ struct HelperConfig {
 }
 
 fn unavailable(s: &Scenario, why: impl Into<String>) -> ScenarioError {
-    ScenarioError::Unavailable {
-        scenario: s.name.into(),
-        backend: "linux".into(),
-        why: why.into(),
-    }
+    ScenarioError::unavailable(s.name, "linux", why)
 }
 
 fn helper_failed(what: impl Into<String>) -> ScenarioError {
-    ScenarioError::Setup {
-        what: what.into(),
-        errno: Errno::CHILD,
-    }
+    ScenarioError::setup(what)(Errno::CHILD)
 }
 
 /// Runs `s` in a limited helper process (see the module docs).
@@ -160,10 +154,9 @@ fn run_helper(cfg: &HelperConfig, cgroups: &[Cgroup]) -> Result<Vec<Step>, Scena
 /// The helper's error, as the parent reports it.
 fn from_helper(e: ScenarioError) -> ScenarioError {
     match e {
-        ScenarioError::Setup { what, errno } => ScenarioError::Setup {
-            what: format!("in the limited helper: {what}"),
-            errno,
-        },
+        ScenarioError::Lab(LabError::Setup { what, errno }) => {
+            ScenarioError::setup(format!("in the limited helper: {what}"))(errno)
+        }
         e => e,
     }
 }
@@ -322,7 +315,7 @@ mod tests {
         // The test harness serves no helper.
         let s = find("lost-enomem").expect("lost-enomem is a built-in scenario");
         match run_in_helper(s) {
-            Err(ScenarioError::Unavailable { why, .. }) => {
+            Err(ScenarioError::Lab(LabError::Unavailable { why, .. })) => {
                 assert!(why.contains("serve the limited-scenario helper"), "{why}")
             }
             other => panic!("expected Unavailable, got {other:?}"),

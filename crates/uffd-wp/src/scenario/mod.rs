@@ -22,8 +22,8 @@ use crate::seam::Errno;
 pub use crate::seam::lab::{Lab, LabConfig, LabError, MapKind, PinWrite};
 use crate::sys::errno_name;
 
-/// Why a scenario could not run or failed outside what it measures. Serializable (errnos as
-/// numbers), so a helper process can send it whole.
+/// Why a scenario could not run or failed outside what it measures. Serializable, so a helper
+/// process can send it whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, serde::Deserialize)]
 pub enum ScenarioError {
     /// No scenario has this name.
@@ -32,49 +32,26 @@ pub enum ScenarioError {
         /// The name given.
         name: String,
     },
-    /// The backend cannot run it (missing kernel feature, not root, ...).
-    #[error("scenario {scenario} cannot run on {backend}: {why}")]
-    Unavailable {
-        /// Scenario.
-        scenario: String,
-        /// Backend.
-        backend: String,
-        /// The reason, naming what is missing.
-        why: String,
-    },
-    /// A set-up operation failed.
-    #[error("scenario set-up: {what}: {}", errno_name(*errno))]
-    Setup {
-        /// What was being done.
-        what: String,
-        /// The errno.
-        #[serde(with = "crate::sys::errno_serde")]
-        errno: Errno,
-    },
-}
-
-impl From<LabError> for ScenarioError {
-    fn from(e: LabError) -> Self {
-        match e {
-            LabError::Unavailable {
-                scenario,
-                backend,
-                why,
-            } => ScenarioError::Unavailable {
-                scenario,
-                backend,
-                why,
-            },
-            LabError::Setup { what, errno } => ScenarioError::Setup { what, errno },
-        }
-    }
+    /// Its lab could not run it or failed to set it up.
+    #[error(transparent)]
+    Lab(#[from] LabError),
 }
 
 impl ScenarioError {
     /// A set-up error.
     pub fn setup(what: impl Into<String>) -> impl FnOnce(Errno) -> ScenarioError {
         let what = what.into();
-        move |errno| ScenarioError::Setup { what, errno }
+        move |errno| LabError::Setup { what, errno }.into()
+    }
+
+    /// The backend cannot run `scenario`, for `why`.
+    pub fn unavailable(scenario: &str, backend: &str, why: impl Into<String>) -> ScenarioError {
+        LabError::Unavailable {
+            scenario: scenario.into(),
+            backend: backend.into(),
+            why: why.into(),
+        }
+        .into()
     }
 }
 

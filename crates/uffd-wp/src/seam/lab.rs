@@ -36,8 +36,9 @@ impl Default for LabConfig {
     }
 }
 
-/// Why a lab could not do what a scenario asked.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a lab could not do what a scenario asked. Serializable (errnos as numbers), so a helper
+/// process can send it whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum LabError {
     /// The backend cannot do it (missing kernel feature, not root, ...).
     #[error("scenario {scenario} cannot run on {backend}: {why}")]
@@ -55,6 +56,7 @@ pub enum LabError {
         /// What was being done.
         what: String,
         /// The errno.
+        #[serde(with = "crate::sys::errno_serde")]
         errno: Errno,
     },
 }
