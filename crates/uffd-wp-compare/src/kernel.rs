@@ -11,7 +11,8 @@ use uffd_wp::sys::mem::{Backing, Mapping, Thp};
 use uffd_wp::sys::pagemap::Pagemap;
 use uffd_wp::sys::uffd::{Uffd, WP_MODE_WP};
 
-use crate::{ARENA_PAGES, BELOW_PUD, Case, CaseObs, MapKind, Side};
+use crate::driver::Side;
+use crate::{ARENA_PAGES, BELOW_PUD, Case, CaseObs, MapKind};
 
 struct KernelSide {
     uffd: Uffd,
@@ -128,7 +129,7 @@ fn run(case: &Case, arenas: Arenas) -> Result<CaseObs, Errno> {
         thp,
         maps: Vec::new(),
     };
-    let obs = crate::run_case(&mut side, case);
+    let obs = crate::driver::run_case(&mut side, case);
     // Tear down: closing the uffd releases every registration; the mappings unmap on drop.
     let KernelSide { uffd, maps, .. } = side;
     drop(uffd);

@@ -8,7 +8,8 @@ use uffd_wp_model::{
     UffdConfig,
 };
 
-use crate::{BELOW_PUD, Case, CaseObs, Side};
+use crate::driver::Side;
+use crate::{BELOW_PUD, Case, CaseObs};
 
 struct ModelSide {
     mm: ModelMm,
@@ -64,7 +65,7 @@ fn fresh(config: crate::CaseConfig) -> ModelSide {
 
 /// Runs a case on a fresh model process.
 pub(crate) fn run(case: &Case) -> CaseObs {
-    crate::run_case(&mut fresh(case.config), case)
+    crate::driver::run_case(&mut fresh(case.config), case)
 }
 
 /// The fuzz check: run the case (invariants checked after every operation by
@@ -72,7 +73,7 @@ pub(crate) fn run(case: &Case) -> CaseObs {
 pub(crate) fn fuzz(case: &Case, policy: u8) -> Result<(), String> {
     use uffd_wp::engine::protect::{OnError, WpOptions, write_protect};
     let mut side = fresh(case.config);
-    crate::run_case(&mut side, case);
+    crate::driver::run_case(&mut side, case);
     let arena = Range::from_bounds(side.base, side.base + side.pages * PAGE_SIZE);
     let opts = WpOptions {
         skip_pinned: policy & 1 != 0,
