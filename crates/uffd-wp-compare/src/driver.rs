@@ -2,41 +2,31 @@
 //! arena so that both sides get exactly the same calls, and records what each operation showed.
 
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
-use uffd_wp::seam::{Errno, ScanRequest};
-use uffd_wp::seam::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, bits, category};
-use uffd_wp::sys::errno_name;
+use uffd_wp::seam::lab::{self, Advice, Lab, LabError, WpFault};
+use uffd_wp::seam::{Errno, PageState, RegisterMode, ScanRequest, WpMode, errno_name};
+use uffd_wp::seam::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, category};
 
 use crate::{Case, CaseObs, MapKind, Op, StepObs, THP_SCALE, arena_pages};
 
-/// The operations a side (kernel or model) must provide, on absolute addresses.
-pub(crate) trait Side {
-    fn base(&self) -> u64;
-    fn map(&mut self, r: Range, kind: MapKind) -> Result<(), Errno>;
-    fn unmap(&mut self, r: Range) -> Result<(), Errno>;
-    /// Writes `v` at `addr`, serving WP faults by un-protecting the page; returns the faults.
-    fn write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno>;
-    fn dontneed(&mut self, r: Range) -> Result<(), Errno>;
-    fn pageout(&mut self, r: Range) -> Result<(), Errno>;
-    /// Pins the page at `addr`, writes 8 bytes of `v` at `addr` through the pin, unpins;
-    /// serves WP faults the pin raises. Returns the faults.
-    fn pin_write(&mut self, addr: u64, v: u8) -> Result<Vec<(u64, u64)>, Errno>;
-    fn register(&mut self, r: Range) -> Result<(), Errno>;
-    fn unregister(&mut self, r: Range) -> Result<(), Errno>;
-    fn protect(&mut self, r: Range, wp: bool) -> Result<(), Errno>;
-    /// One `PAGEMAP_SCAN`: regions and walk_end.
-    fn scan(&mut self, req: &ScanRequest, vec_len: usize) -> Result<(Vec<[u64; 3]>, u64), Errno>;
-    fn pagemap(&mut self) -> Vec<u64>;
-    /// A CPU read of the byte at `addr` (which faults the page in, swapping it in if need be).
-    fn first_byte(&mut self, addr: u64) -> Option<u8>;
-    /// Called after every operation: the model checks its internal invariants here.
-    fn after_op(&mut self) {}
-}
-
-/// Runs a case on one side. The decisions that depend on the arena's layout (skip a map that
-/// overlaps, write only mapped pages) are taken from the driver's own bookkeeping, so both
-/// sides see exactly the same calls.
-pub(crate) fn run_case(side: &mut dyn Side, case: &Case) -> CaseObs {
-    let mut d = Driver::new(side, case);
+/// Runs a case on one side: its lab (mappings, writes, pins, advice) and the lab's backend
+/// (registration, write-protection, pagemap, `PAGEMAP_SCAN`, memory), the arena starting at
+/// `base`. The decisions that depend on the arena's layout (skip a map that overlaps, write
+/// only mapped pages) are taken from the driver's own bookkeeping, so both sides see exactly
+/// the same calls. `check` runs after every operation (the model checks its invariants).
+pub(crate) fn run_case(
+    lab: &mut dyn Lab,
+    base: u64,
+    case: &Case,
+    check: &mut dyn FnMut(),
+) -> CaseObs {
+    let mut d = Driver {
+        lab,
+        check,
+        base,
+        pages: arena_pages(case.config.thp),
+        thp: case.config.thp,
+        layout: Layout::default(),
+    };
     let steps = case
         .ops
         .iter()
@@ -83,7 +73,8 @@ impl Layout {
 
 /// One side, the arena of the case and the layout the operations so far made.
 struct Driver<'a> {
-    side: &'a mut dyn Side,
+    lab: &'a mut dyn Lab,
+    check: &'a mut dyn FnMut(),
     base: u64,
     /// Pages in the arena.
     pages: u64,
@@ -92,11 +83,22 @@ struct Driver<'a> {
     layout: Layout,
 }
 
-/// An operation's result: `"ok"` or the errno's name.
+/// An operation's result: `"ok"` or the errno's name (a lab's error is its errno).
 fn result<T>(r: &Result<T, Errno>) -> String {
     match r {
         Ok(_) => "ok".into(),
         Err(e) => errno_name(*e),
+    }
+}
+
+/// The lab's mapping kind for a case's (anonymous memory has THP in the THP arena).
+fn lab_kind(kind: MapKind, thp: bool) -> lab::MapKind {
+    match kind {
+        MapKind::Anon if thp => lab::MapKind::AnonThp,
+        MapKind::Anon => lab::MapKind::Anon,
+        MapKind::Shmem => lab::MapKind::Memfd,
+        MapKind::FilePrivate => lab::MapKind::File { shared: false },
+        MapKind::FileShared => lab::MapKind::File { shared: true },
     }
 }
 
@@ -117,17 +119,7 @@ impl StepObs {
     }
 }
 
-impl<'a> Driver<'a> {
-    fn new(side: &'a mut dyn Side, case: &Case) -> Driver<'a> {
-        Driver {
-            base: side.base(),
-            side,
-            pages: arena_pages(case.config.thp),
-            thp: case.config.thp,
-            layout: Layout::default(),
-        }
-    }
-
+impl Driver<'_> {
     /// The arena pages `[off, off + pages)`, scaled in the THP arena and clamped to the arena
     /// (at least one page).
     fn range(&self, off: u64, pages: u64) -> Range {
@@ -153,13 +145,20 @@ impl<'a> Driver<'a> {
             Op::DontNeed { off, pages } => self.advise(off, pages, false),
             Op::PageOut { off, pages } => self.advise(off, pages, true),
             Op::Register { off, pages } => {
-                StepObs::result(result(&self.side.register(self.range(off, pages))))
+                let r = self.range(off, pages);
+                StepObs::result(result(&self.lab.mm().register(r, RegisterMode::WP)))
             }
             Op::Unregister { off, pages } => {
-                StepObs::result(result(&self.side.unregister(self.range(off, pages))))
+                StepObs::result(result(&self.lab.mm().unregister(self.range(off, pages))))
             }
             Op::Protect { off, pages, wp } => {
-                StepObs::result(result(&self.side.protect(self.range(off, pages), wp)))
+                let mode = if wp {
+                    WpMode::Protect
+                } else {
+                    WpMode::Unprotect { dontwake: false }
+                };
+                let r = self.range(off, pages);
+                StepObs::result(result(&self.lab.mm().writeprotect(r, mode)))
             }
             Op::Scan {
                 off,
@@ -167,9 +166,18 @@ impl<'a> Driver<'a> {
                 wp_matching,
             } => self.scan(off, pages, wp_matching),
         };
-        self.side.after_op();
-        obs.pages = pages_string(&self.side.pagemap());
+        (self.check)();
+        obs.pages = pages_string(&self.page_states());
         obs
+    }
+
+    /// The page states of the whole arena (none at all if they cannot be read).
+    fn page_states(&self) -> Vec<PageState> {
+        let arena = Range::from_bounds(self.base, self.base + self.pages * PAGE_SIZE);
+        self.lab
+            .mm()
+            .page_states(arena)
+            .unwrap_or_else(|_| vec![PageState::default(); self.pages as usize])
     }
 
     /// `Op::Map`, skipped where it would overlap a mapping.
@@ -179,7 +187,10 @@ impl<'a> Driver<'a> {
         if !self.layout.mapped.clip(r).is_empty() {
             return skipped();
         }
-        let x = self.side.map(r, kind);
+        let x = self
+            .lab
+            .map_at(r, lab_kind(kind, self.thp))
+            .map_err(|e| e.errno());
         if x.is_ok() {
             self.layout.add(r, kind);
         }
@@ -189,7 +200,7 @@ impl<'a> Driver<'a> {
     /// `Op::Unmap`.
     fn unmap(&mut self, off: u64, pages: u64) -> StepObs {
         let r = self.range(off, pages);
-        let x = self.side.unmap(r);
+        let x = self.lab.punch(r).map_err(|e| e.errno());
         if x.is_ok() {
             self.layout.remove(r);
         }
@@ -210,24 +221,43 @@ impl<'a> Driver<'a> {
         }
         let v = (i % 250) as u8 + 1;
         let x = if pin {
-            self.side.pin_write(r.start(), v)
+            self.pin_write(Range::from_bounds(r.start(), r.start() + PAGE_SIZE), v)
         } else {
-            self.side.write(r.start(), v)
-        };
+            self.lab.write(r.start(), &[v])
+        }
+        .map_err(|e| e.errno());
         let mut obs = StepObs::result(result(&x));
         if let Ok(f) = &x {
-            obs.faults = f.iter().map(|(a, fl)| [self.page_of(*a), *fl]).collect();
+            obs.faults = f
+                .iter()
+                .map(|f| [self.page_of(f.page), f.flags & 3])
+                .collect();
         }
         obs
+    }
+
+    /// Pins `page` as an io_uring fixed buffer (serving the WP faults the pin raises), writes 8
+    /// bytes of `v` at its start through the pin, unpins it.
+    fn pin_write(&mut self, page: Range, v: u8) -> Result<Vec<WpFault>, LabError> {
+        let faults = self.lab.pin_fixed_buffer(page)?;
+        let written = self.lab.write_through_pin(page.start(), &[v; 8]);
+        self.lab.unpin_fixed_buffer(page)?;
+        match written?.bytes {
+            8 => Ok(faults),
+            n => Err(LabError::Setup {
+                what: format!("{n} of 8 bytes written through the pin"),
+                errno: Errno::IO,
+            }),
+        }
     }
 
     /// `Op::DontNeed` on the mapped parts of the range or `Op::PageOut` on its anonymous
     /// parts, one call per part; skipped where there are none. The result is the last error.
     fn advise(&mut self, off: u64, pages: u64, pageout: bool) -> StepObs {
-        let within = if pageout {
-            &self.layout.anon
+        let (within, advice) = if pageout {
+            (&self.layout.anon, Advice::PageOut)
         } else {
-            &self.layout.mapped
+            (&self.layout.mapped, Advice::DontNeed)
         };
         let parts = within.clip(self.range(off, pages));
         if parts.is_empty() {
@@ -235,11 +265,7 @@ impl<'a> Driver<'a> {
         }
         let mut out = "ok".to_string();
         for p in parts.iter() {
-            let x = if pageout {
-                self.side.pageout(*p)
-            } else {
-                self.side.dontneed(*p)
-            };
+            let x = self.lab.advise(*p, advice).map_err(|e| e.errno());
             if x.is_err() {
                 out = result(&x);
             }
@@ -262,32 +288,37 @@ impl<'a> Driver<'a> {
             return_mask: category::WRITTEN,
             ..Default::default()
         };
-        let x = self.side.scan(&req, 64);
+        let x = self.lab.mm().scan(&req, 64);
         let mut obs = StepObs::result(result(&x));
-        if let Ok((regions, walk_end)) = &x {
+        if let Ok(s) = &x {
             let rel = |a: u64| self.page_of(a);
             obs.scan = Some((
-                regions
+                s.regions
                     .iter()
-                    .map(|g| [rel(g[0]), rel(g[1]), g[2]])
+                    .map(|g| [rel(g.start), rel(g.end), g.categories])
                     .collect(),
-                rel(*walk_end),
+                rel(s.walk_end),
             ));
         }
         obs
     }
 
-    /// The first byte of every present or swapped page (`-1`: neither; `-2`: the read failed).
+    /// The first byte of every present or swapped page, read through the backend's memory
+    /// (which faults the page in, swapping it in if need be); `-1`: neither present nor
+    /// swapped; `-2`: the read failed.
     fn contents(&mut self) -> Vec<i16> {
-        let entries = self.side.pagemap();
-        entries
+        let states = self.page_states();
+        states
             .iter()
             .enumerate()
-            .map(|(i, e)| {
-                if e & (bits::PRESENT | bits::SWAPPED) != 0 {
-                    self.side
-                        .first_byte(self.base + i as u64 * PAGE_SIZE)
-                        .map_or(-2, i16::from)
+            .map(|(i, s)| {
+                if s.present || s.swapped {
+                    let mut b = [0u8];
+                    let addr = self.base + i as u64 * PAGE_SIZE;
+                    match self.lab.mm().read_memory(addr, &mut b) {
+                        Ok(()) => i16::from(b[0]),
+                        Err(_) => -2,
+                    }
                 } else {
                     -1
                 }
@@ -297,22 +328,15 @@ impl<'a> Driver<'a> {
 }
 
 /// The pages of the arena as [`StepObs::pages`] shows them.
-fn pages_string(entries: &[u64]) -> String {
-    entries
+fn pages_string(states: &[PageState]) -> String {
+    states
         .iter()
-        .map(|e| {
-            let (present, wp, swap) = (
-                e & bits::PRESENT != 0,
-                e & bits::UFFD_WP != 0,
-                e & bits::SWAPPED != 0,
-            );
-            match (present, wp, swap) {
-                (true, true, _) => 'P',
-                (true, false, _) => 'p',
-                (false, true, _) => 'm',
-                (false, false, true) => 's',
-                _ => '.',
-            }
+        .map(|s| match (s.present, s.uffd_wp, s.swapped) {
+            (true, true, _) => 'P',
+            (true, false, _) => 'p',
+            (false, true, _) => 'm',
+            (false, false, true) => 's',
+            _ => '.',
         })
         .collect()
 }

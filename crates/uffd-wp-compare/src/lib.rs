@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use uffd_wp::features::Features;
 use uffd_wp::range::PAGE_SIZE;
 
+mod arena;
 mod driver;
 mod kernel;
 mod model;
