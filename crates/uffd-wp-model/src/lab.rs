@@ -17,15 +17,14 @@ use uffd_wp::scenario::{
     self, Lab, LabConfig, LabFactory, MapKind as LabMapKind, Outcome, PinWrite, ScenarioError, Step,
 };
 use uffd_wp::seam::Wrap;
-use uffd_wp::seam::lab::LabError;
-use uffd_wp::seam::lab::RawReturn;
+use uffd_wp::seam::lab::{Advice as LabAdvice, LabError, RawReturn, WpFault, serve_wp_faults};
 use uffd_wp::seam::prelude::*;
 use uffd_wp::seam::{Errno, WpMode};
 use uffd_wp::sys::errno_name;
 
 use crate::{
-    FailPolicy, MapKind, Model, ModelConfig, ModelMm, PinFlags, Progress, Semantics, Thp,
-    UffdConfig,
+    AccessId, Advice, Completion, FailPolicy, MapKind, Model, ModelConfig, ModelMm, PinFlags,
+    PinId, Progress, Semantics, Thp, UffdConfig,
 };
 
 /// The page-table allocations [`Lab::limit_next_writeprotect`] allows on the model: in the
@@ -86,8 +85,13 @@ impl ModelLab {
         } else {
             UffdConfig::without_unpopulated()
         };
-        let mm = ModelMm::open(ModelConfig::with_semantics(semantics), uffd)
-            .map_err(ScenarioError::setup("UFFDIO_API"))?;
+        Self::with_config(ModelConfig::with_semantics(semantics), uffd)
+    }
+
+    /// A fresh process configured by `cfg` with a uffd negotiated as `uffd` says (the
+    /// differential tester mirrors the kernel worker's machine and a case's features).
+    pub fn with_config(cfg: ModelConfig, uffd: UffdConfig) -> Result<ModelLab, ScenarioError> {
+        let mm = ModelMm::open(cfg, uffd).map_err(ScenarioError::setup("UFFDIO_API"))?;
         let model = mm.model().clone();
         Ok(ModelLab {
             mm: std::sync::Arc::new(InjectMm::new(mm)),
@@ -104,6 +108,43 @@ impl ModelLab {
     /// The uffd itself (for the proposed call).
     pub fn uffd(&self) -> &ModelMm {
         Wrap::inner(&*self.mm)
+    }
+
+    /// Serves uffd-wp faults ([`serve_wp_faults`], on the uffd itself, so that injected
+    /// failures hit only a scenario's calls) until access `id` completes; ETIMEDOUT when it
+    /// still waits after 64 rounds.
+    fn serve_until(&self, id: AccessId, faults: &mut Vec<WpFault>) -> Result<Completion, Errno> {
+        for _ in 0..64 {
+            serve_wp_faults(self.uffd(), faults)?;
+            if let Some(c) = self.model.completion(id) {
+                return match c {
+                    Completion::Failed(e) => Err(e),
+                    c => Ok(c),
+                };
+            }
+        }
+        Err(Errno::TIMEDOUT)
+    }
+}
+
+/// The result of a call that waits only for non-cooperative events, which labs never enable.
+fn done<T>(p: Result<Progress<T>, Errno>, what: &str) -> Result<(), LabError> {
+    match p.map_err(LabError::setup(what))? {
+        Progress::Done(_) => Ok(()),
+        Progress::Blocked(_) => Err(LabError::Setup {
+            what: format!("{what}: waits for the monitor"),
+            errno: Errno::INTR,
+        }),
+    }
+}
+
+/// The model's mapping kind for a lab's.
+fn model_kind(kind: LabMapKind) -> MapKind {
+    match kind {
+        LabMapKind::Anon => MapKind::Anon(Thp::NoHuge),
+        LabMapKind::AnonThp => MapKind::Anon(Thp::Huge),
+        LabMapKind::Memfd => MapKind::Memfd,
+        LabMapKind::File { shared } => MapKind::File { shared },
     }
 }
 
@@ -149,20 +190,28 @@ impl Lab for ModelLab {
         Ok(format!("budget of {PAGE_TABLE_BUDGET} page tables"))
     }
     fn map(&mut self, len: u64, align: u64, kind: LabMapKind) -> Result<Range, LabError> {
-        let k = match kind {
-            LabMapKind::Anon => MapKind::Anon(Thp::NoHuge),
-            LabMapKind::AnonThp => MapKind::Anon(Thp::Huge),
-            LabMapKind::Memfd => MapKind::Memfd,
-        };
         self.model
-            .map(len, align, k)
+            .map(len, align, model_kind(kind))
             .map_err(LabError::setup("mmap"))
     }
-    fn punch(&mut self, r: Range) -> Result<(), LabError> {
+    /// `MAP_FIXED_NOREPLACE`: EEXIST when a VMA overlaps `r`.
+    fn map_at(&mut self, r: Range, kind: LabMapKind) -> Result<(), LabError> {
+        let what = format!("mmap at {r}");
+        if self
+            .model
+            .vmas()
+            .iter()
+            .any(|v| v.start < r.end() && r.start() < v.end)
+        {
+            return Err(LabError::setup(what)(Errno::EXIST));
+        }
         self.model
-            .munmap(r)
+            .map_at(Some(r.start()), r.len(), PAGE_SIZE, model_kind(kind))
             .map(drop)
-            .map_err(LabError::setup("munmap"))
+            .map_err(LabError::setup(what))
+    }
+    fn punch(&mut self, r: Range) -> Result<(), LabError> {
+        done(self.model.munmap(r), "munmap")
     }
     fn touch(&mut self, r: Range) -> Result<(), LabError> {
         for p in r.page_iter() {
@@ -179,27 +228,67 @@ impl Lab for ModelLab {
         }
         Ok(())
     }
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<Vec<WpFault>, LabError> {
+        let what = format!("writing {:#x} bytes at {addr:#x}", data.len());
+        let mut faults = Vec::new();
+        match self
+            .model
+            .write(addr, data)
+            .map_err(LabError::setup(&what))?
+        {
+            Progress::Done(()) => {}
+            Progress::Blocked(id) => {
+                self.serve_until(id, &mut faults)
+                    .map_err(LabError::setup(what))?;
+            }
+        }
+        Ok(faults)
+    }
+    fn advise(&mut self, r: Range, advice: LabAdvice) -> Result<(), LabError> {
+        let advice = match advice {
+            LabAdvice::DontNeed => Advice::DontNeed,
+            LabAdvice::PageOut => Advice::PageOut,
+        };
+        done(self.model.madvise(r, advice), &format!("madvise of {r}"))
+    }
     /// A page-table walk of the model (pagemap bit 57), independent of the engine's
     /// `PAGEMAP_SCAN` read-back.
     fn verify_wp(&self, r: Range) -> Result<RangeSet, LabError> {
         Ok(self.model.wp_set(r))
     }
     /// An io_uring fixed buffer is a `FOLL_WRITE | FOLL_LONGTERM` pin.
-    fn pin_fixed_buffer(&mut self, r: Range) -> Result<(), LabError> {
-        match self
+    fn pin_fixed_buffer(&mut self, r: Range) -> Result<Vec<WpFault>, LabError> {
+        let what = format!("pinning {r}");
+        let mut faults = Vec::new();
+        let id = match self
             .model
-            .pin(r, crate::PinFlags::IO_URING)
-            .map_err(LabError::setup(format!("pinning {r}")))?
+            .pin(r, PinFlags::IO_URING)
+            .map_err(LabError::setup(&what))?
         {
-            Progress::Done(id) => {
-                self.pins.push((r, id));
-                Ok(())
-            }
-            Progress::Blocked(_) => Err(LabError::Setup {
-                what: format!("pinning {r}: the pin waits for the monitor"),
-                errno: Errno::AGAIN,
-            }),
-        }
+            Progress::Done(id) => id,
+            Progress::Blocked(access) => match self.serve_until(access, &mut faults) {
+                Ok(Completion::Pinned(p)) => PinId(p),
+                Ok(_) => return Err(LabError::setup(what)(Errno::FAULT)),
+                Err(e) => return Err(LabError::setup(what)(e)),
+            },
+        };
+        self.pins.push((r, id));
+        Ok(faults)
+    }
+    fn unpin_fixed_buffer(&mut self, r: Range) -> Result<(), LabError> {
+        let i = self
+            .pins
+            .iter()
+            .position(|(p, _)| *p == r)
+            .ok_or(LabError::Setup {
+                what: format!("no pinned buffer is {r}"),
+                errno: Errno::FAULT,
+            })?;
+        self.model
+            .unpin(self.pins[i].1)
+            .map_err(LabError::setup(format!("unpinning {r}")))?;
+        self.pins.remove(i);
+        Ok(())
     }
     /// `IORING_OP_READ_FIXED` writes through the pin: a DMA/kernel write, no page-table walk,
     /// so no uffd-wp fault.

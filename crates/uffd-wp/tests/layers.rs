@@ -140,6 +140,27 @@ fn the_models_backend_imports_only_the_seam_and_below() {
     );
 }
 
+/// The differential tester drives the kernel through the backend users run (`LinuxLab`,
+/// `LinuxMm`), never through the raw kernel interface, so that it tests that backend.
+#[test]
+fn the_differential_tester_does_not_reach_sys() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../uffd-wp-compare/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut checked = 0;
+    let mut bad = Vec::new();
+    for f in &files {
+        for m in imports(&code(f), "uffd_wp::") {
+            checked += 1;
+            if m == "sys" {
+                bad.push(f.display().to_string());
+            }
+        }
+    }
+    assert!(checked > 10, "the scan found only {checked} imports");
+    assert!(bad.is_empty(), "uffd_wp::sys used by {bad:#?}");
+}
+
 #[test]
 fn the_scan_sees_grouped_and_plain_imports() {
     let code = "use crate::{range::Range, seam};\nlet x = crate::engine::protect::f();";

@@ -1,10 +1,11 @@
 //! Labs: a backend plus the set-up operations scenarios need (map, punch a hole, touch pages,
-//! pin a buffer, inject a failure) and a read-back of the uffd-wp bit independent of the
-//! engines'. The Linux backend and the model each implement [`Lab`].
+//! write serving faults, advise, pin a buffer, inject a failure) and a read-back of the
+//! uffd-wp bit independent of the engines'. The Linux backend and the model each implement
+//! [`Lab`].
 
-use crate::range::{Range, RangeSet};
+use crate::range::{PAGE_SIZE, Range, RangeSet};
 use crate::seam::prelude::*;
-use crate::seam::{Errno, WpMode};
+use crate::seam::{Errno, Event, WpMode};
 use crate::sys::errno_name;
 
 /// What backs a lab mapping.
@@ -16,6 +17,49 @@ pub enum MapKind {
     AnonThp,
     /// A shared memfd (shmem).
     Memfd,
+    /// A new regular file (unlinked), mapped shared or private. uffd-wp registers it only with
+    /// `WP_ASYNC`.
+    File {
+        /// `MAP_SHARED` (else `MAP_PRIVATE`).
+        shared: bool,
+    },
+}
+
+/// `madvise(2)` advice a lab gives ([`Lab::advise`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_DONTNEED`: drops the pages (private pages read as zero again).
+    DontNeed,
+    /// `MADV_PAGEOUT`: reclaims the pages now (anonymous ones to swap, when a swap area is
+    /// active).
+    PageOut,
+}
+
+/// A uffd-wp fault a lab served while it accessed memory itself ([`Lab::write`],
+/// [`Lab::pin_fixed_buffer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WpFault {
+    /// The faulting page.
+    pub page: u64,
+    /// `UFFD_PAGEFAULT_FLAG_*` of the fault message.
+    pub flags: u64,
+}
+
+/// Serves the page faults pending on `uffd` (at most 16, without waiting): un-protects each
+/// faulting page, which wakes its writer, and appends the fault to `faults`. The one fault
+/// handler of both labs, for their own accesses.
+pub fn serve_wp_faults<U: Uffd + ?Sized>(uffd: &U, faults: &mut Vec<WpFault>) -> Result<(), Errno> {
+    for ev in uffd.read_events(16)? {
+        if let Event::PageFault { flags, address, .. } = ev {
+            let page = address & !(PAGE_SIZE - 1);
+            faults.push(WpFault { page, flags });
+            uffd.writeprotect(
+                Range::from_bounds(page, page + PAGE_SIZE),
+                WpMode::Unprotect { dontwake: false },
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// How to open a lab's uffd.
@@ -62,6 +106,15 @@ pub enum LabError {
 }
 
 impl LabError {
+    /// The errno behind the error: the failed set-up call's, EOPNOTSUPP when the lab cannot do
+    /// it at all.
+    pub fn errno(&self) -> Errno {
+        match self {
+            LabError::Setup { errno, .. } => *errno,
+            LabError::Unavailable { .. } => Errno::OPNOTSUPP,
+        }
+    }
+
     /// A set-up error.
     pub fn setup(what: impl Into<String>) -> impl FnOnce(Errno) -> LabError {
         let what = what.into();
@@ -142,20 +195,42 @@ pub trait Lab {
     fn raw_results(&self) -> Vec<(Option<Errno>, bool)>;
     /// Maps `len` bytes aligned to `align`.
     fn map(&mut self, len: u64, align: u64, kind: MapKind) -> Result<Range, LabError>;
-    /// Unmaps part of a mapping, leaving a hole.
+    /// Maps exactly `r` (fixed placement; on Linux `MAP_FIXED_NOREPLACE`): EEXIST when
+    /// anything is mapped there already.
+    fn map_at(&mut self, r: Range, kind: MapKind) -> Result<(), LabError>;
+    /// Unmaps `r`, leaving holes in the lab mappings it crosses (several mappings and the gaps
+    /// between them are fine).
     fn punch(&mut self, r: Range) -> Result<(), LabError>;
     /// Writes every page of `r` (populates it).
     fn touch(&mut self, r: Range) -> Result<(), LabError>;
+    /// A CPU write of `data` at `addr`, in lab mappings, through the page tables; every
+    /// uffd-wp fault it raises is served by un-protecting the faulting page
+    /// ([`serve_wp_faults`]). Returns those faults, in order. ETIMEDOUT when the write still
+    /// waits after serving for a while (on Linux 5 s; `addr`'s pages are then unregistered and
+    /// the writer woken).
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<Vec<WpFault>, LabError>;
+    /// `madvise(2)` of `r`, which lab mappings cover (on Linux: one call per mapping it
+    /// crosses).
+    fn advise(&mut self, r: Range, advice: Advice) -> Result<(), LabError>;
     /// The uffd-wp pages of `r`, read by a path independent of the engine's read-back
     /// (on Linux: `/proc/self/pagemap` bit 57, even where the engine uses `PAGEMAP_SCAN`).
     fn verify_wp(&self, r: Range) -> Result<RangeSet, LabError>;
 
     /// Pins `r` (inside one lab mapping) the way an application's io_uring fixed buffer is:
     /// a long-term, writable pin (`FOLL_WRITE | FOLL_LONGTERM`, on Linux
-    /// `IORING_REGISTER_BUFFERS`), held until the lab is dropped. The backend's
-    /// [`Mm::pinned`] must find it by itself (on Linux: in `/proc/self/fdinfo`), as it would
-    /// an application's.
-    fn pin_fixed_buffer(&mut self, r: Range) -> Result<(), LabError> {
+    /// `IORING_REGISTER_BUFFERS`), held until [`Lab::unpin_fixed_buffer`] or until the lab is
+    /// dropped. The backend's [`Mm::pinned`] must find it by itself (on Linux: in
+    /// `/proc/self/fdinfo`), as it would an application's. Pinning faults the pages in for
+    /// write: the uffd-wp faults that raises are served as [`Lab::write`] serves them, and
+    /// returned.
+    fn pin_fixed_buffer(&mut self, r: Range) -> Result<Vec<WpFault>, LabError> {
+        let _ = r;
+        Err(self.no_pins())
+    }
+
+    /// Releases the pin [`Lab::pin_fixed_buffer`] took over exactly `r` (on Linux
+    /// `IORING_UNREGISTER_BUFFERS`, the ring closed and its mapping back in the lab).
+    fn unpin_fixed_buffer(&mut self, r: Range) -> Result<(), LabError> {
         let _ = r;
         Err(self.no_pins())
     }

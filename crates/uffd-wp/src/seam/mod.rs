@@ -27,7 +27,7 @@ mod types;
 pub use quiesce::{FnQuiesce, Quiesce};
 pub use types::{
     Errno, Event, Mapping, PageState, Region, RegisterMode, SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING,
-    ScanRequest, ScanResult, VEC_MAX, WpMode, bits, category, pages_where, scan_all,
+    ScanRequest, ScanResult, VEC_MAX, WpMode, bits, category, errno_name, pages_where, scan_all,
 };
 
 use crate::features::Features;

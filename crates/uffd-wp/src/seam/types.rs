@@ -6,12 +6,12 @@ use linux_raw_sys::general as g;
 use serde::Serialize;
 
 use crate::range::{Range, RangeSet};
-pub use crate::sys::Errno;
 /// The image a snapshot copies into: an anonymous or file mapping of this process.
 pub use crate::sys::mem::Mapping;
 /// Kernel ABI values of `/proc/PID/pagemap` and `PAGEMAP_SCAN` (`PAGE_IS_*`, `PM_SCAN_*`).
 pub use crate::sys::pagemap::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, bits, category};
 use crate::sys::uffd::RawMsg;
+pub use crate::sys::{Errno, errno_name};
 
 /// `UFFDIO_REGISTER_MODE_*` bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -2,13 +2,17 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::backend::inject::InjectMm;
 use crate::backend::linux::memcg::{LIMIT_BYTES, Limiter, prepare_limited};
 use crate::backend::linux::{Config, LinuxMm};
 use crate::backend::pins::io::read_fixed_serving_faults;
-use crate::range::{Range, RangeSet};
-use crate::seam::lab::{Lab, LabConfig, LabError, MapKind, PinWrite, Rule};
+use crate::range::{PAGE_SIZE, Range, RangeSet};
+use crate::seam::lab::{
+    Advice, Lab, LabConfig, LabError, MapKind, PinWrite, Rule, WpFault, serve_wp_faults,
+};
 use crate::seam::prelude::*;
 use crate::seam::{Errno, Wrap};
 use crate::sys::mem::{Backing, Mapping, Thp};
@@ -44,6 +48,12 @@ impl LinuxLab {
         } else {
             Config::without_unpopulated()
         };
+        Self::open_with(c)
+    }
+
+    /// Opens a lab whose uffd negotiates exactly what `c` says (the differential tester asks
+    /// for the very features of a case).
+    pub fn open_with(c: Config) -> Result<LinuxLab, LabError> {
         let mm = LinuxMm::open_with(c).map_err(|e| LabError::Unavailable {
             scenario: "(any)".into(),
             backend: "linux".into(),
@@ -82,18 +92,53 @@ impl LinuxLab {
             })
     }
 
-    /// The mapping owning `r` (newest first: a fully punched mapping's addresses can be
-    /// reused by a later one).
-    fn owner(&mut self, r: Range) -> Result<&mut Mapping, LabError> {
-        self.maps
-            .iter_mut()
-            .rev()
-            .find(|m| m.range().intersect(&r) == Some(r) && m.holes().clip(r).is_empty())
-            .ok_or(LabError::Setup {
-                what: format!("no lab mapping holds {r}"),
-                errno: Errno::FAULT,
-            })
+    /// The backend itself, under the injector: the lab serves its own faults with it, so that
+    /// injected failures hit only the calls a scenario makes.
+    fn raw(&self) -> &LinuxMm {
+        Wrap::inner(&*self.mm)
     }
+}
+
+/// The parts of `r` that `m` holds (inside it, not in a hole).
+fn held(m: &Mapping, r: Range) -> RangeSet {
+    RangeSet::single(m.range()).difference(m.holes()).clip(r)
+}
+
+/// Runs `f` on another thread while this one serves the uffd-wp faults it raises through `mm`
+/// ([`serve_wp_faults`]). Gives up after 5 s with ETIMEDOUT, unregistering `r` and waking its
+/// waiters so that `f` can finish.
+fn serving<T: Send>(
+    mm: &LinuxMm,
+    r: Range,
+    f: impl FnOnce() -> Result<T, Errno> + Send,
+) -> (Result<T, Errno>, Vec<WpFault>) {
+    let done = AtomicBool::new(false);
+    let mut faults = Vec::new();
+    let mut timed_out = false;
+    let res = std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            let res = f();
+            done.store(true, Ordering::Release);
+            res
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done.load(Ordering::Acquire) {
+            if Instant::now() > deadline {
+                let _ = mm.unregister(r);
+                let _ = mm.wake(r);
+                timed_out = true;
+                break;
+            }
+            if mm.wait_event(1).unwrap_or(false) {
+                let _ = serve_wp_faults(mm, &mut faults);
+            }
+        }
+        worker.join().expect("the accessing thread")
+    });
+    if timed_out {
+        return (Err(Errno::TIMEDOUT), faults);
+    }
+    (res, faults)
 }
 
 impl Lab for LinuxLab {
@@ -118,19 +163,75 @@ impl Lab for LinuxLab {
             MapKind::Anon => (Backing::Anon, Thp::NoHuge),
             MapKind::AnonThp => (Backing::Anon, Thp::Huge),
             MapKind::Memfd => (Backing::Memfd, Thp::Default),
+            MapKind::File { shared } => (Backing::File { shared }, Thp::Default),
         };
         let m = Mapping::new(len, align, backing, thp).map_err(LabError::setup("mmap"))?;
         let r = m.range();
         self.maps.push(m);
         Ok(r)
     }
+    /// `MAP_FIXED_NOREPLACE`, with the THP advice of [`LinuxLab::map`].
+    fn map_at(&mut self, r: Range, kind: MapKind) -> Result<(), LabError> {
+        let backing = match kind {
+            MapKind::Anon => Backing::Anon,
+            MapKind::AnonThp => Backing::AnonHuge,
+            MapKind::Memfd => Backing::Memfd,
+            MapKind::File { shared } => Backing::File { shared },
+        };
+        let m = Mapping::new_at(r.start(), r.len(), backing)
+            .map_err(LabError::setup(format!("mmap at {r}")))?;
+        self.maps.push(m);
+        Ok(())
+    }
+    /// One `munmap` per part a mapping holds. Memory a ring holds (pinned) is refused.
     fn punch(&mut self, r: Range) -> Result<(), LabError> {
-        self.owner(r)?.punch(r).map_err(LabError::setup("munmap"))
+        if let Some(m) = self
+            .rings
+            .iter()
+            .flat_map(|g| g.memory())
+            .find(|m| !held(m, r).is_empty())
+        {
+            return Err(LabError::Setup {
+                what: format!("munmap of {r}: {} is pinned", m.range()),
+                errno: Errno::BUSY,
+            });
+        }
+        for m in &mut self.maps {
+            for part in held(m, r).iter() {
+                m.punch(*part).map_err(LabError::setup("munmap"))?;
+            }
+        }
+        Ok(())
     }
     fn touch(&mut self, r: Range) -> Result<(), LabError> {
         self.mapping(r)?
             .touch(r, 0x5a)
             .map_err(LabError::setup("touch pages"))
+    }
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<Vec<WpFault>, LabError> {
+        let what = || format!("writing {:#x} bytes at {addr:#x}", data.len());
+        let end = addr
+            .checked_add(data.len() as u64)
+            .filter(|_| !data.is_empty())
+            .ok_or_else(|| LabError::setup(what())(Errno::INVAL))?;
+        let r = Range::from_bounds(addr & !(PAGE_SIZE - 1), end.next_multiple_of(PAGE_SIZE));
+        let m = self.mapping(r)?;
+        let (res, faults) = serving(self.raw(), r, || m.write(addr, data));
+        res.map_err(LabError::setup(what()))?;
+        Ok(faults)
+    }
+    fn advise(&mut self, r: Range, advice: Advice) -> Result<(), LabError> {
+        let advice = match advice {
+            Advice::DontNeed => rustix::mm::Advice::LinuxDontNeed,
+            Advice::PageOut => rustix::mm::Advice::LinuxPageOut,
+        };
+        for m in &self.maps {
+            for part in held(m, r).iter() {
+                m.madvise(*part, advice)
+                    .map_err(LabError::setup(format!("madvise of {part}")))?;
+            }
+        }
+        Ok(())
     }
     fn verify_wp(&self, r: Range) -> Result<RangeSet, LabError> {
         let e = self
@@ -148,7 +249,7 @@ impl Lab for LinuxLab {
     }
 
     /// `IORING_REGISTER_BUFFERS` of `r` on a new ring, which takes over the mapping holding it.
-    fn pin_fixed_buffer(&mut self, r: Range) -> Result<(), LabError> {
+    fn pin_fixed_buffer(&mut self, r: Range) -> Result<Vec<WpFault>, LabError> {
         let i = self
             .maps
             .iter()
@@ -163,7 +264,8 @@ impl Lab for LinuxLab {
             why: format!("io_uring_setup: {}", crate::sys::errno_name(errno)),
         })?;
         ring.adopt(self.maps.remove(i));
-        if let Err(errno) = ring.register_buffers(&[r]) {
+        let (res, faults) = serving(self.raw(), r, || ring.register_buffers(&[r]));
+        if let Err(errno) = res {
             self.maps.extend(ring.take_memory().unwrap_or_default());
             return Err(LabError::Setup {
                 what: format!("IORING_REGISTER_BUFFERS of {r}"),
@@ -171,6 +273,24 @@ impl Lab for LinuxLab {
             });
         }
         self.rings.push(ring);
+        Ok(faults)
+    }
+
+    fn unpin_fixed_buffer(&mut self, r: Range) -> Result<(), LabError> {
+        let i = self
+            .rings
+            .iter()
+            .position(|g| g.buffers() == [r])
+            .ok_or(LabError::Setup {
+                what: format!("no pinned buffer is {r}"),
+                errno: Errno::FAULT,
+            })?;
+        let memory = self.rings[i]
+            .unregister_buffers()
+            .and_then(|()| self.rings[i].take_memory())
+            .map_err(LabError::setup(format!("IORING_UNREGISTER_BUFFERS of {r}")))?;
+        self.maps.extend(memory);
+        self.rings.remove(i);
         Ok(())
     }
 
