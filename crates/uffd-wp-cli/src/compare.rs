@@ -41,13 +41,9 @@ pub fn run(a: &Args) -> Result<(), CliError> {
                 message: e.to_string(),
             })?;
     }
-    let exe = std::env::current_exe().map_err(|source| CliError::Io {
-        operation: "locating",
-        path: "the uffd-wp binary".into(),
-        source,
-    })?;
-    let cmd = vec![exe.to_string_lossy().into_owned(), "compare-worker".into()];
-    let mut worker = Worker::spawn(&cmd).map_err(|e| CliError::Compare {
+    // /proc/self/exe names the running image even if the file was replaced since.
+    let exe = std::path::Path::new("/proc/self/exe");
+    let mut worker = Worker::spawn(exe).map_err(|e| CliError::Compare {
         operation: "starting the kernel worker",
         message: e.to_string(),
     })?;
@@ -150,7 +146,7 @@ fn replay(path: &std::path::Path, worker: &mut Worker) -> Result<(), CliError> {
     }
 }
 
-/// The hidden worker: runs cases on the real kernel for `compare`.
+/// The `compare-worker` helper (see `uffd_wp::helper`): runs cases on the real kernel.
 pub fn worker() -> ! {
     uffd_wp_compare::worker_main()
 }

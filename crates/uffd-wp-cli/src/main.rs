@@ -34,9 +34,6 @@ enum Command {
     Scenario(scenario::Args),
     /// Run random operation sequences on the real kernel and on the model and compare them.
     Compare(compare::Args),
-    /// (internal) The kernel side of `compare`.
-    #[command(hide = true)]
-    CompareWorker,
     /// List the pins of a process (io_uring buffers) and the unexplained part of its VmPin.
     Pins(pins::Args),
     /// Take a live copy-on-write snapshot of the built-in workload and check it with its oracle.
@@ -69,7 +66,6 @@ fn main() -> ExitCode {
         Command::Probe(a) => probe::run(&a),
         Command::Scenario(a) => scenario::run(&a),
         Command::Compare(a) => compare::run(&a),
-        Command::CompareWorker => compare::worker(),
         Command::Pins(a) => pins::run(&a),
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Bench(a) => bench::run(&a),

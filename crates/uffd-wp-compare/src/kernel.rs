@@ -1,19 +1,35 @@
 //! The kernel side of a case, run in a worker process: the driver on a [`LinuxLab`], the
 //! backend users run.
 
-use std::io::{BufRead, Write};
-
 use uffd_wp::backend::linux::Config;
 use uffd_wp::backend::linux::lab::LinuxLab;
+use uffd_wp::helper::Parent;
 use uffd_wp::seam::lab::LabError;
 use uffd_wp::seam::{Errno, errno_name};
 
 use crate::arena::{Arenas, surroundings};
 use crate::{Case, CaseObs};
 
-/// The worker's main loop: one JSON [`Case`] per line on stdin, one JSON
-/// `Result<CaseObs, String>` per line on stdout. Each case gets a fresh lab (a fresh uffd and
-/// fresh mappings) in an arena that straddles a 1 GiB boundary of a 2 GiB reservation.
+/// One case, refused if the machine's swap is not what the case says (the model would be told
+/// the wrong thing about MADV_PAGEOUT).
+fn run_checked(c: &Case, arenas: Arenas) -> Result<CaseObs, String> {
+    if c.config.swap != crate::swap_active() {
+        return Err(format!(
+            "the case wants swap {} but /proc/swaps says {}",
+            c.config.swap,
+            crate::swap_active()
+        ));
+    }
+    run(c, arenas).map_err(|e| match e {
+        LabError::Setup { what, errno } => format!("set-up: {what}: {}", errno_name(errno)),
+        e => format!("set-up: {e}"),
+    })
+}
+
+/// The worker's main loop (a [`uffd_wp::helper`] of kind `compare-worker`): one [`Case`] per
+/// line from its parent, one `Result<CaseObs, String>` per line back. Each case gets a fresh lab
+/// (a fresh uffd and fresh mappings) in an arena that straddles a 1 GiB boundary of a 2 GiB
+/// reservation.
 pub fn worker_main() -> ! {
     if let Err(e) = pin_to_one_cpu() {
         eprintln!("compare worker: pinning to one CPU: {e}");
@@ -27,33 +43,18 @@ pub fn worker_main() -> ! {
             std::process::exit(2);
         }
     };
-    let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
-    for line in stdin.lock().lines() {
-        let Ok(line) = line else { break };
-        let res: Result<CaseObs, String> = serde_json::from_str::<Case>(&line)
+    let mut parent = match Parent::connect::<()>() {
+        Ok((p, ())) => p,
+        Err(e) => {
+            eprintln!("compare worker: {e}");
+            std::process::exit(2);
+        }
+    };
+    while let Some(case) = parent.recv::<Case>() {
+        let res = case
             .map_err(|e| format!("bad case: {e}"))
-            .and_then(|c| {
-                // The model would be told the wrong thing about MADV_PAGEOUT.
-                if c.config.swap != crate::swap_active() {
-                    return Err(format!(
-                        "the case wants swap {} but /proc/swaps says {}",
-                        c.config.swap,
-                        crate::swap_active()
-                    ));
-                }
-                run(&c, arenas).map_err(|e| match e {
-                    LabError::Setup { what, errno } => {
-                        format!("set-up: {what}: {}", errno_name(errno))
-                    }
-                    e => format!("set-up: {e}"),
-                })
-            });
-        let answer = serde_json::to_string(&res).expect("answer serializes");
-        if writeln!(out, "{answer}")
-            .and_then(|()| out.flush())
-            .is_err()
-        {
+            .and_then(|c| run_checked(&c, arenas));
+        if !parent.send(&res) {
             break;
         }
     }

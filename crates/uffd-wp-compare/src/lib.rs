@@ -25,9 +25,7 @@
 //! Not covered (say so before trusting the model there): `MADV_PAGEOUT` of shmem, hugetlb, and
 //! every page-table allocation failure (the kernel cannot be made to fail one on demand).
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -35,6 +33,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde::{Deserialize, Serialize};
 use uffd_wp::features::Features;
+use uffd_wp::helper::{Helper, HelperError, Kind};
 use uffd_wp::range::PAGE_SIZE;
 
 mod arena;
@@ -391,76 +390,43 @@ pub enum CompareError {
     Generate(String),
 }
 
-/// Runs cases on the kernel: the worker process.
+/// How long a case may take on the kernel before its worker is replaced.
+const CASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs cases on the kernel: a [`Kind::CompareWorker`] helper process (see
+/// [`uffd_wp::helper`]) of an executable that serves it with [`worker_main`].
 #[derive(Debug)]
 pub struct Worker {
-    cmd: Vec<String>,
-    child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
+    exe: PathBuf,
+    helper: Helper,
 }
 
 impl Worker {
-    /// Starts `cmd[0] cmd[1..]`, which must run [`worker_main`].
-    pub fn spawn(cmd: &[String]) -> Result<Worker, CompareError> {
-        let mut child = Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| CompareError::Worker(format!("starting {}: {e}", cmd[0])))?;
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+    /// Starts `exe` as the worker.
+    pub fn spawn(exe: &Path) -> Result<Worker, CompareError> {
+        let helper = Helper::spawn(exe, &[], Kind::CompareWorker, &())
+            .map_err(|e| CompareError::Worker(e.to_string()))?;
         Ok(Worker {
-            cmd: cmd.to_vec(),
-            child,
-            stdin,
-            lines,
+            exe: exe.to_path_buf(),
+            helper,
         })
     }
 
-    /// Runs one case on the kernel. A worker that does not answer within 30 s is killed and
-    /// replaced, and the case reported as a kernel-side failure.
+    /// Runs one case on the kernel. A worker that does not answer within 30 s, or that died, is
+    /// killed and replaced, and the case reported as a kernel-side failure.
     pub fn run(&mut self, case: &Case) -> Result<Result<CaseObs, String>, CompareError> {
-        let line = serde_json::to_string(case).expect("case serializes");
-        if writeln!(self.stdin, "{line}")
-            .and_then(|()| self.stdin.flush())
-            .is_err()
-        {
-            self.restart()?;
-            return Ok(Err("the kernel worker died".into()));
-        }
-        match self.lines.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) => Ok(serde_json::from_str::<Result<CaseObs, String>>(&l)
-                .unwrap_or_else(|e| Err(format!("bad worker answer: {e}")))),
-            Err(_) => {
-                self.restart()?;
-                Ok(Err("the kernel side hung or crashed".into()))
+        let answer = self
+            .helper
+            .send(case)
+            .and_then(|()| self.helper.recv::<Result<CaseObs, String>>(CASE_TIMEOUT));
+        match answer {
+            Ok(obs) => Ok(obs),
+            Err(e @ HelperError::Protocol { .. }) => Ok(Err(format!("bad worker answer: {e}"))),
+            Err(e) => {
+                *self = Worker::spawn(&self.exe)?;
+                Ok(Err(format!("the kernel side hung or crashed: {e}")))
             }
         }
-    }
-
-    fn restart(&mut self) -> Result<(), CompareError> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        *self = Worker::spawn(&self.cmd)?;
-        Ok(())
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
