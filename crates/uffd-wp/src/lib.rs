@@ -17,11 +17,14 @@
 //!    ([`backend::procfs`]); the reference model is a backend in the `uffd-wp-model` crate;
 //! 6. [`engine`]: exact write-protection, live snapshots, dirty tracking, written against the
 //!    seam only;
-//! 7. [`scenario`]: reproducible situations run on any backend through a lab.
+//! 7. [`dump`]: whole-process dumps of another process (the remote backend and the snapshot
+//!    engine composed for one job);
+//! 8. [`scenario`]: reproducible situations run on any backend through a lab.
 
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod dump;
 pub mod engine;
 pub mod features;
 pub mod helper;

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 /// The library's layers, bottom to top. A module may import from its own layer and below.
 const LAYERS: &[&str] = &[
-    "range", "sys", "features", "helper", "seam", "backend", "engine", "scenario", "testing",
+    "range", "sys", "features", "helper", "seam", "backend", "engine", "dump", "scenario",
+    "testing",
 ];
 
 /// What the reference model's backend files may import from the library (its `lab.rs` also

@@ -112,6 +112,23 @@ impl Image {
         self.buf.write(dst, data)
     }
 
+    /// Reads `buf.len()` captured bytes at `addr` (all inside one captured range).
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let i = self.ranges.partition_point(|r| r.end() <= addr);
+        let r = self
+            .ranges
+            .get(i)
+            .filter(|r| r.contains(addr))
+            .ok_or(Errno::FAULT)?;
+        if addr + buf.len() as u64 > r.end() {
+            return Err(Errno::FAULT);
+        }
+        self.buf.read(
+            self.buf.range().start() + self.offsets[i] + (addr - r.start()),
+            buf,
+        )
+    }
+
     /// The captured page at `addr`.
     pub fn page(&self, addr: u64) -> Option<Vec<u8>> {
         let src = self.slot(addr & !(PAGE_SIZE - 1))?;

@@ -66,6 +66,16 @@ impl RemoteQuiesce {
         *self.last_stats.lock().expect("quiesce lock")
     }
 
+    /// The threads stopped by the current freeze (none when not frozen), in the order they
+    /// were stopped.
+    pub fn frozen_threads(&self) -> Vec<i32> {
+        self.frozen
+            .lock()
+            .expect("quiesce lock")
+            .as_ref()
+            .map_or_else(Vec::new, |f| f.threads.iter().map(|(t, _)| *t).collect())
+    }
+
     /// Whether the target is frozen by this quiesce.
     pub fn is_frozen(&self) -> bool {
         self.frozen.lock().expect("quiesce lock").is_some()

@@ -1,0 +1,128 @@
+//! The freeze of a dump: besides stopping every thread ([`RemoteQuiesce`]), it records each
+//! thread's registers and copies the mappings the kernel will not write-protect, so that all
+//! of it belongs to the instant the snapshot engine protects the rest.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::backend::linux::RemoteQuiesce;
+use crate::backend::linux::remote::read_remote;
+use crate::range::Range;
+use crate::seam::{Errno, Quiesce};
+use crate::sys::ptrace::{NT_PRFPREG, NT_PRSTATUS, NT_X86_XSTATE, get_regset};
+
+use super::DumpError;
+
+/// One thread's registers at the freeze, as `PTRACE_GETREGSET` gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadRegs {
+    /// Thread id.
+    pub tid: i32,
+    /// `struct user_regs_struct` (`NT_PRSTATUS`).
+    pub gpregs: Vec<u8>,
+    /// `struct user_fpregs_struct` (`NT_PRFPREG`).
+    pub fpregs: Vec<u8>,
+    /// The XSAVE area (`NT_X86_XSTATE`), if the kernel gives one.
+    pub xstate: Option<Vec<u8>>,
+}
+
+/// What the freeze captured.
+#[derive(Debug, Default)]
+pub struct Frozen {
+    /// Every thread, the main thread first when it is alive (gdb's current thread).
+    pub threads: Vec<ThreadRegs>,
+    /// The mappings copied inside the freeze, with their bytes.
+    pub copies: Vec<(Range, Vec<u8>)>,
+    /// Microseconds spent capturing inside the freeze (registers and copies).
+    pub capture_us: f64,
+    /// The first failure, if any (the freeze still resumes the target).
+    pub error: Option<DumpError>,
+}
+
+/// A [`Quiesce`] that freezes with `inner`, then captures the registers and the `in_freeze`
+/// ranges before returning.
+#[derive(Debug)]
+pub struct DumpQuiesce<'a> {
+    inner: &'a RemoteQuiesce,
+    pid: i32,
+    in_freeze: Vec<Range>,
+    frozen: Mutex<Frozen>,
+}
+
+impl<'a> DumpQuiesce<'a> {
+    /// Captures `in_freeze` of process `pid` at each freeze of `inner`.
+    pub fn new(inner: &'a RemoteQuiesce, pid: i32, in_freeze: Vec<Range>) -> Self {
+        DumpQuiesce {
+            inner,
+            pid,
+            in_freeze,
+            frozen: Mutex::new(Frozen::default()),
+        }
+    }
+
+    /// What the (last) freeze captured.
+    pub fn take(&self) -> Frozen {
+        std::mem::take(&mut *self.frozen.lock().expect("dump freeze lock"))
+    }
+
+    fn capture(&self) -> Frozen {
+        let t0 = Instant::now();
+        let mut f = Frozen::default();
+        let mut tids = self.inner.frozen_threads();
+        if tids.is_empty() {
+            f.error = Some(DumpError::Freeze(self.inner.last_error()));
+            return f;
+        }
+        tids.sort_by_key(|t| (*t != self.pid, *t));
+        let regs = tids.into_iter().map(thread_regs).collect();
+        match regs {
+            Ok(r) => f.threads = r,
+            Err(e) => f.error = Some(e),
+        }
+        for r in &self.in_freeze {
+            let mut buf = vec![0u8; r.len() as usize];
+            match read_remote(self.pid, r.start(), &mut buf) {
+                Ok(()) => f.copies.push((*r, buf)),
+                Err(errno) => {
+                    f.error.get_or_insert(DumpError::Copy {
+                        addr: r.start(),
+                        len: r.len(),
+                        errno,
+                    });
+                }
+            }
+        }
+        f.capture_us = t0.elapsed().as_secs_f64() * 1e6;
+        f
+    }
+}
+
+impl Quiesce for DumpQuiesce<'_> {
+    fn freeze(&self) {
+        self.inner.freeze();
+        let f = self.capture();
+        *self.frozen.lock().expect("dump freeze lock") = f;
+    }
+
+    fn resume(&self) {
+        self.inner.resume();
+    }
+}
+
+/// The registers of a stopped thread.
+fn thread_regs(tid: i32) -> Result<ThreadRegs, DumpError> {
+    let get = |nt: u32, max: usize| -> Result<Vec<u8>, Errno> {
+        let mut buf = vec![0u8; max];
+        let n = get_regset(tid, nt, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    };
+    let err = |errno| DumpError::Registers { tid, errno };
+    Ok(ThreadRegs {
+        tid,
+        gpregs: get(NT_PRSTATUS, 4096).map_err(err)?,
+        fpregs: get(NT_PRFPREG, 4096).map_err(err)?,
+        // The XSAVE area is a few KiB (about 11 KiB with AMX); absent on old CPUs.
+        xstate: get(NT_X86_XSTATE, 64 << 10).ok(),
+    })
+}

@@ -1,0 +1,326 @@
+//! Whole-process dumps: the memory and threads of another process at one instant, taken while
+//! it runs, for an ELF core.
+//!
+//! 1. Read the target from /proc before touching it ([`target`]): refuse what cannot be
+//!    dumped (no process, a zombie, a kernel thread), and plan each mapping by the kernel's
+//!    core-dump rules ([`plan`]).
+//! 2. Attach (a uffd created inside the target) and try registering each mapping to
+//!    write-protect; one the kernel refuses is copied inside the freeze instead (small) or
+//!    skipped with the errno (large).
+//! 3. Take a live snapshot of the write-protected part ([`crate::engine::snapshot::take`]),
+//!    whose freeze ([`capture::DumpQuiesce`]) also records every thread's registers and copies
+//!    the other mappings: one instant for all of it.
+//!
+//! This layer stands above the engines: it composes the remote backend with the snapshot
+//! engine for one job.
+
+pub mod capture;
+pub mod plan;
+pub mod target;
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::linux::remote::read_remote;
+use crate::backend::linux::{AttachError, Config, LinuxMm, RemoteQuiesce};
+use crate::backend::procfs::{self, MapEntry};
+use crate::engine::snapshot::{
+    self, Image, SnapshotError, SnapshotOptions, SnapshotReport, Source,
+};
+use crate::range::{PAGE_SIZE, Range, RangeSet};
+use crate::seam::prelude::*;
+use crate::seam::{Errno, Quiesce, RegisterMode};
+use crate::sys::errno_name;
+
+use capture::{DumpQuiesce, ThreadRegs};
+use plan::{Method, Planned};
+use target::ProcessInfo;
+
+/// Mappings the kernel refuses to write-protect are copied inside the freeze up to this size
+/// each; a larger one is skipped (with the errno) rather than lengthen the pause.
+pub const IN_FREEZE_LIMIT: u64 = 64 << 20;
+
+/// Why a dump failed. Nothing is left behind in the target in any case: the freeze resumes it
+/// and closing the uffd un-protects everything.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    /// There is no such process.
+    #[error("no process {pid}")]
+    NoProcess {
+        /// The pid.
+        pid: i32,
+    },
+    /// The process has exited and waits to be reaped: it has no memory left.
+    #[error("process {pid} is a zombie (exited, not yet reaped): nothing to dump")]
+    Zombie {
+        /// The pid.
+        pid: i32,
+    },
+    /// A kernel thread has no user memory.
+    #[error("process {pid} is a kernel thread: it has no user memory to dump")]
+    KernelThread {
+        /// The pid.
+        pid: i32,
+    },
+    /// Reading the target's /proc files failed.
+    #[error("reading /proc/{pid}/{what}: {}", errno_name(*errno))]
+    Proc {
+        /// The pid.
+        pid: i32,
+        /// The file.
+        what: &'static str,
+        /// The errno.
+        errno: Errno,
+    },
+    /// Attaching (creating the uffd inside the target) failed.
+    #[error("attaching: {0}")]
+    Attach(#[from] AttachError),
+    /// Freezing the target failed (it runs on).
+    #[error("freezing the target: {}", .0.as_ref().map_or("no thread could be stopped".to_string(), |e| e.to_string()))]
+    Freeze(Option<AttachError>),
+    /// Reading a stopped thread's registers failed.
+    #[error("reading the registers of thread {tid}: {}", errno_name(*errno))]
+    Registers {
+        /// The thread.
+        tid: i32,
+        /// The errno.
+        errno: Errno,
+    },
+    /// Copying a mapping inside the freeze failed.
+    #[error("copying {len:#x} bytes at {addr:#x} inside the freeze: {}", errno_name(*errno))]
+    Copy {
+        /// Start.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// The errno.
+        errno: Errno,
+    },
+    /// The snapshot of the write-protected part failed.
+    #[error("{0}")]
+    Snapshot(#[from] SnapshotError),
+}
+
+impl DumpError {
+    /// The errno that best explains it.
+    pub fn errno(&self) -> Errno {
+        match self {
+            DumpError::NoProcess { .. } | DumpError::Zombie { .. } => Errno::SRCH,
+            DumpError::KernelThread { .. } => Errno::PERM,
+            DumpError::Proc { errno, .. }
+            | DumpError::Registers { errno, .. }
+            | DumpError::Copy { errno, .. } => *errno,
+            DumpError::Attach(e) | DumpError::Freeze(Some(e)) => e.errno(),
+            DumpError::Freeze(None) => Errno::SRCH,
+            DumpError::Snapshot(e) => e.errno(),
+        }
+    }
+}
+
+/// What to dump and how.
+#[derive(Debug, Clone, Default)]
+pub struct DumpOptions {
+    /// The coredump filter (core(5)); `None`: the target's own `/proc/PID/coredump_filter`.
+    pub filter: Option<u32>,
+    /// Only these ranges (mappings outside them are in the core with no bytes).
+    pub only: Option<RangeSet>,
+    /// The snapshot engine's options for the write-protected part.
+    pub snapshot: SnapshotOptions,
+}
+
+/// One mapping in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct MappingReport {
+    /// Start address.
+    pub start: u64,
+    /// End address.
+    pub end: u64,
+    /// `rwxp`.
+    pub perms: String,
+    /// Path or pseudo-name.
+    pub name: String,
+    /// How it was captured (and why not, when it was not).
+    #[serde(flatten)]
+    pub method: Method,
+    /// Bytes it puts in the core.
+    pub bytes: u64,
+}
+
+/// What a dump did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DumpReport {
+    /// The target.
+    pub pid: i32,
+    /// Its threads, all captured at the freeze.
+    pub threads: usize,
+    /// How long the target was stopped, microseconds.
+    pub pause_us: f64,
+    /// Of which: stopping every thread, recording registers, copying inside the freeze.
+    pub freeze_us: f64,
+    /// Of which: recording registers and copying inside the freeze.
+    pub capture_in_freeze_us: f64,
+    /// Bytes copied inside the freeze.
+    pub in_freeze_bytes: u64,
+    /// Bytes write-protected in the pause and copied after it.
+    pub write_protected_bytes: u64,
+    /// Every mapping of the target, in address order.
+    pub mappings: Vec<MappingReport>,
+    /// The snapshot engine's report for the write-protected part (faults served, copy rate).
+    pub snapshot: Option<SnapshotReport>,
+}
+
+/// A captured process, ready to be written as a core.
+#[derive(Debug)]
+pub struct Captured {
+    /// Its identity.
+    pub process: ProcessInfo,
+    /// Every thread's registers at the freeze, the main thread first.
+    pub threads: Vec<ThreadRegs>,
+    /// Every mapping and how it was captured.
+    pub plan: Vec<Planned>,
+    /// Its auxiliary vector.
+    pub auxv: Vec<u8>,
+    /// What was done.
+    pub report: DumpReport,
+    image: Option<Image>,
+    copies: Vec<(Range, Vec<u8>)>,
+}
+
+impl Captured {
+    /// Reads captured bytes at `addr` (inside one captured mapping).
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let end = addr + buf.len() as u64;
+        if let Some((r, bytes)) = self
+            .copies
+            .iter()
+            .find(|(r, _)| r.start() <= addr && end <= r.end())
+        {
+            let off = (addr - r.start()) as usize;
+            buf.copy_from_slice(&bytes[off..off + buf.len()]);
+            return Ok(());
+        }
+        self.image.as_ref().ok_or(Errno::FAULT)?.read(addr, buf)
+    }
+}
+
+/// Captures process `pid` (see the module docs); `progress(done, total)` counts pages copied
+/// after the pause.
+pub fn capture(
+    pid: u32,
+    opts: &DumpOptions,
+    progress: impl FnMut(u64, u64),
+) -> Result<Captured, DumpError> {
+    let p = pid as i32;
+    let process = target::process_info(p)?;
+    let filter = match opts.filter {
+        Some(f) => f,
+        None => target::coredump_filter(p)?,
+    };
+    let auxv = target::auxv(p)?;
+    let written = target::written_mappings(p)?;
+    let maps = procfs::read_maps(p).map_err(|errno| DumpError::Proc {
+        pid: p,
+        what: "maps",
+        errno,
+    })?;
+    let elf = |m: &MapEntry| {
+        let mut b = [0u8; 4];
+        read_remote(p, m.start, &mut b).is_ok() && &b == b"\x7fELF"
+    };
+    let mut plan = plan::plan(
+        &maps,
+        filter,
+        opts.only.as_ref(),
+        |m| written.contains_key(&m.start),
+        elf,
+    );
+    let mm = LinuxMm::attach(pid, Config::default())?;
+    refuse_unregistrable(&mm, &mut plan);
+    let rq = RemoteQuiesce::new(pid);
+    let dq = DumpQuiesce::new(&rq, p, in_freeze_ranges(&plan));
+    let wp: RangeSet = plan
+        .iter()
+        .filter(|x| x.method == Method::WriteProtect)
+        .map(Planned::range)
+        .collect::<Vec<_>>()
+        .into();
+    let (image, snap, pause_us) = if wp.is_empty() {
+        let t0 = Instant::now();
+        dq.freeze();
+        dq.resume();
+        (None, None, t0.elapsed().as_secs_f64() * 1e6)
+    } else {
+        let (img, rep) = snapshot::take(&mm, &wp, Source::Mm, &dq, &opts.snapshot, progress)?;
+        let pause = rep.pause_us;
+        (Some(img), Some(rep), pause)
+    };
+    drop(mm); // closes the target's uffd: nothing of it stays registered
+    let frozen = dq.take();
+    if let Some(e) = frozen.error {
+        return Err(e);
+    }
+    let report = DumpReport {
+        pid: p,
+        threads: frozen.threads.len(),
+        pause_us,
+        freeze_us: snap.as_ref().map_or(pause_us, |s| s.freeze_us),
+        capture_in_freeze_us: frozen.capture_us,
+        in_freeze_bytes: frozen.copies.iter().map(|(r, _)| r.len()).sum(),
+        write_protected_bytes: wp.bytes(),
+        mappings: plan.iter().map(mapping_report).collect(),
+        snapshot: snap,
+    };
+    Ok(Captured {
+        process,
+        threads: frozen.threads,
+        plan,
+        auxv,
+        report,
+        image,
+        copies: frozen.copies,
+    })
+}
+
+/// Tries registering each mapping planned for write-protection; one the kernel refuses is
+/// copied inside the freeze when small, else skipped with the errno.
+fn refuse_unregistrable(mm: &LinuxMm, plan: &mut [Planned]) {
+    for p in plan.iter_mut().filter(|p| p.method == Method::WriteProtect) {
+        let r = p.range();
+        match mm.register(r, RegisterMode::WP) {
+            Ok(_) => {
+                let _ = mm.unregister(r);
+            }
+            Err(_) if r.len() <= IN_FREEZE_LIMIT => p.method = Method::InFreeze,
+            Err(errno) => {
+                p.method = Method::Skipped(format!(
+                    "UFFDIO_REGISTER(WP) refused it ({}) and it is larger than {} MiB",
+                    errno_name(errno),
+                    IN_FREEZE_LIMIT >> 20
+                ))
+            }
+        }
+    }
+}
+
+/// What the freeze copies: whole mappings, and the first page of ELF file mappings.
+fn in_freeze_ranges(plan: &[Planned]) -> Vec<Range> {
+    plan.iter()
+        .filter_map(|p| match p.method {
+            Method::InFreeze => Some(p.range()),
+            Method::ElfHeader => Some(Range::from_bounds(p.map.start, p.map.start + PAGE_SIZE)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn mapping_report(p: &Planned) -> MappingReport {
+    MappingReport {
+        start: p.map.start,
+        end: p.map.end,
+        perms: p.map.perms.clone(),
+        name: p.map.name.clone(),
+        method: p.method.clone(),
+        bytes: p.dump_bytes(),
+    }
+}

@@ -1,0 +1,302 @@
+//! Which mappings a dump captures, and how: the kernel's own rules (fs/binfmt_elf.c
+//! `vma_dump_size()`, steered by `/proc/PID/coredump_filter`), seen from outside the process.
+//!
+//! | mapping | filter bit | captured |
+//! |---|---|---|
+//! | private anonymous (heap, stacks, `[anon:..]`) | 0 anon private | whole, write-protected |
+//! | shared anonymous, shmem, memfd, SysV | 1 anon shared | whole, write-protected |
+//! | private file-backed with written pages (`.data`, `.bss`, relro) | 0 anon private | whole, copied inside the freeze (sync WP refuses private file memory) |
+//! | private file-backed, never written | 2 mapped private | whole, else the first page if it is an ELF header (bit 4) |
+//! | shared file-backed | 3 mapped shared | whole |
+//! | `[vvar]`, `[vvar_vclock]`, `[vsyscall]` | - | never: the kernel's own pages, unreadable (VM_IO/PFNMAP) |
+//!
+//! A mapping left out still gets its `PT_LOAD` (with no bytes), as in kernel cores.
+
+use crate::backend::procfs::MapEntry;
+use crate::range::{PAGE_SIZE, Range, RangeSet};
+
+/// `/proc/PID/coredump_filter` bits (see core(5)).
+pub mod filter {
+    /// Private anonymous memory (and the written pages of private file mappings).
+    pub const ANON_PRIVATE: u32 = 1 << 0;
+    /// Shared anonymous memory.
+    pub const ANON_SHARED: u32 = 1 << 1;
+    /// Private file-backed memory.
+    pub const MAPPED_PRIVATE: u32 = 1 << 2;
+    /// Shared file-backed memory.
+    pub const MAPPED_SHARED: u32 = 1 << 3;
+    /// The first page of ELF file mappings.
+    pub const ELF_HEADERS: u32 = 1 << 4;
+    /// Private hugetlb memory.
+    pub const HUGETLB_PRIVATE: u32 = 1 << 5;
+    /// Shared hugetlb memory.
+    pub const HUGETLB_SHARED: u32 = 1 << 6;
+    /// The kernel's default (0x33).
+    pub const DEFAULT: u32 = ANON_PRIVATE | ANON_SHARED | ELF_HEADERS | HUGETLB_PRIVATE;
+}
+
+/// How a mapping is captured.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "method", content = "why")]
+pub enum Method {
+    /// Registered for sync write-protection: protected in the pause, copied after it with
+    /// faults served first (the snapshot engine).
+    WriteProtect,
+    /// Copied inside the freeze (memory the kernel will not write-protect, all small).
+    InFreeze,
+    /// Only its first page, the ELF header, copied (it never changes).
+    ElfHeader,
+    /// In the core with no bytes: the coredump filter (or `--range`) leaves it out.
+    Omitted(String),
+    /// Not in the core: nobody can read it.
+    Skipped(String),
+}
+
+/// One mapping of the target and how it is captured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    /// The mapping, clipped to `--range` when one was given.
+    pub map: MapEntry,
+    /// How.
+    pub method: Method,
+}
+
+impl Planned {
+    /// Its range.
+    pub fn range(&self) -> Range {
+        Range::from_bounds(self.map.start, self.map.end)
+    }
+
+    /// The bytes it puts in the core (all of it, one page, or none).
+    pub fn dump_bytes(&self) -> u64 {
+        match self.method {
+            Method::WriteProtect | Method::InFreeze => self.map.end - self.map.start,
+            Method::ElfHeader => PAGE_SIZE,
+            Method::Omitted(_) | Method::Skipped(_) => 0,
+        }
+    }
+}
+
+/// What a mapping is, from its name and permissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    KernelPages,
+    Vdso,
+    Anon { shared: bool, huge: bool },
+    File { shared: bool },
+}
+
+fn kind(m: &MapEntry) -> Kind {
+    let shared = m.perms.as_bytes().get(3) == Some(&b's');
+    let n = m.name.as_str();
+    if matches!(n, "[vvar]" | "[vvar_vclock]" | "[vsyscall]") {
+        return Kind::KernelPages;
+    }
+    if n == "[vdso]" {
+        return Kind::Vdso;
+    }
+    // Files with no name left (memfd, SysV shm, /dev/zero, deleted files) count as anonymous
+    // shared memory, as the kernel's `i_nlink == 0` test makes them.
+    let unlinked = n.starts_with("/memfd:")
+        || n.starts_with("/SYSV")
+        || n.starts_with("/dev/zero")
+        || n.ends_with(" (deleted)");
+    let huge = n.starts_with("/anon_hugepage");
+    if n.is_empty() || n.starts_with('[') || huge || (shared && unlinked) {
+        Kind::Anon { shared, huge }
+    } else {
+        Kind::File { shared }
+    }
+}
+
+/// Plans every mapping of `maps` under `filter`; `written` tells whether a private file
+/// mapping has pages of its own (smaps `Anonymous:` above zero), `elf` whether a file
+/// mapping at offset 0 starts with an ELF header; `only` narrows the dump to some ranges.
+pub fn plan(
+    maps: &[MapEntry],
+    filter: u32,
+    only: Option<&RangeSet>,
+    written: impl Fn(&MapEntry) -> bool,
+    elf: impl Fn(&MapEntry) -> bool,
+) -> Vec<Planned> {
+    let mut out = Vec::new();
+    for m in maps {
+        for map in clip(m, only) {
+            let method = match only {
+                Some(o) if !o.covers(&Range::from_bounds(map.start, map.end)) => {
+                    Method::Omitted("outside --range".into())
+                }
+                _ => method(&map, filter, &written, &elf),
+            };
+            out.push(Planned { map, method });
+        }
+    }
+    out
+}
+
+/// `m`, or its parts inside and outside `only`.
+fn clip(m: &MapEntry, only: Option<&RangeSet>) -> Vec<MapEntry> {
+    let whole = Range::from_bounds(m.start, m.end);
+    let Some(only) = only else {
+        return vec![m.clone()];
+    };
+    let inside = only.clip(whole);
+    let outside = RangeSet::single(whole).difference(&inside);
+    let mut parts: Vec<Range> = inside.iter().chain(outside.iter()).copied().collect();
+    parts.sort();
+    parts
+        .into_iter()
+        .map(|r| MapEntry {
+            start: r.start(),
+            end: r.end(),
+            ..m.clone()
+        })
+        .collect()
+}
+
+fn method(
+    m: &MapEntry,
+    filter: u32,
+    written: &impl Fn(&MapEntry) -> bool,
+    elf: &impl Fn(&MapEntry) -> bool,
+) -> Method {
+    let on = |bit: u32| filter & bit != 0;
+    let off = |what: &str| Method::Omitted(format!("coredump_filter leaves out {what}"));
+    if !m.perms.starts_with('r') {
+        return Method::Omitted("not readable".into());
+    }
+    match kind(m) {
+        Kind::KernelPages => Method::Skipped("kernel pages no process can read (VM_IO)".into()),
+        Kind::Vdso => Method::InFreeze,
+        Kind::Anon { shared, huge } => {
+            let bit = match (shared, huge) {
+                (false, false) => filter::ANON_PRIVATE,
+                (true, false) => filter::ANON_SHARED,
+                (false, true) => filter::HUGETLB_PRIVATE,
+                (true, true) => filter::HUGETLB_SHARED,
+            };
+            if on(bit) {
+                Method::WriteProtect
+            } else {
+                off("this kind of anonymous memory")
+            }
+        }
+        Kind::File { shared: true } if on(filter::MAPPED_SHARED) => Method::InFreeze,
+        Kind::File { shared: true } => off("shared file mappings"),
+        Kind::File { shared: false } if on(filter::ANON_PRIVATE) && written(m) => Method::InFreeze,
+        Kind::File { shared: false } if on(filter::MAPPED_PRIVATE) => Method::InFreeze,
+        Kind::File { shared: false } if on(filter::ELF_HEADERS) && elf(m) => Method::ElfHeader,
+        Kind::File { shared: false } => off("unwritten private file mappings"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::procfs::parse_maps;
+
+    const MAPS: &str = "\
+55d0a0000000-55d0a0002000 r--p 00000000 fd:01 123 /usr/bin/prog
+55d0a0002000-55d0a0004000 r-xp 00002000 fd:01 123 /usr/bin/prog
+55d0a0004000-55d0a0005000 rw-p 00004000 fd:01 123 /usr/bin/prog
+55d0a1000000-55d0a1021000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000001000 ---p 00000000 00:00 0
+7f0000001000-7f0000800000 rw-p 00000000 00:00 0
+7f0000800000-7f0000900000 rw-s 00000000 00:01 77 /memfd:shm (deleted)
+7f0000900000-7f0000a00000 rw-s 00000000 fd:01 99 /var/data.bin
+7f0000a00000-7f0000a01000 r--p 00000000 fd:01 124 /usr/lib/libc.so.6
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0 [stack]
+7ffc00100000-7ffc00104000 r--p 00000000 00:00 0 [vvar]
+7ffc00104000-7ffc00106000 r-xp 00000000 00:00 0 [vdso]
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
+";
+
+    fn methods(filter: u32, only: Option<&RangeSet>) -> Vec<(u64, Method)> {
+        let maps = parse_maps(MAPS);
+        plan(
+            &maps,
+            filter,
+            only,
+            |m| m.perms.contains('w'),
+            |m| m.name.ends_with(".6"),
+        )
+        .into_iter()
+        .map(|p| (p.map.start, p.method))
+        .collect()
+    }
+
+    #[test]
+    fn the_default_filter_follows_the_kernel() {
+        let m = methods(filter::DEFAULT, None);
+        let of = |a: u64| m.iter().find(|(s, _)| *s == a).unwrap().1.clone();
+        assert_eq!(
+            of(0x55d0a0000000),
+            Method::Omitted("coredump_filter leaves out unwritten private file mappings".into())
+        );
+        assert_eq!(
+            of(0x55d0a0004000),
+            Method::InFreeze,
+            ".data: written private file memory"
+        );
+        assert_eq!(of(0x55d0a1000000), Method::WriteProtect, "[heap]");
+        assert_eq!(
+            of(0x7f0000000000),
+            Method::Omitted("not readable".into()),
+            "a guard page"
+        );
+        assert_eq!(of(0x7f0000001000), Method::WriteProtect, "anonymous");
+        assert_eq!(
+            of(0x7f0000800000),
+            Method::WriteProtect,
+            "memfd: anonymous shared"
+        );
+        assert!(
+            matches!(of(0x7f0000900000), Method::Omitted(_)),
+            "shared file: bit 3 off"
+        );
+        assert_eq!(
+            of(0x7f0000a00000),
+            Method::ElfHeader,
+            "a library's first page"
+        );
+        assert_eq!(of(0x7ffc00000000), Method::WriteProtect, "[stack]");
+        assert!(matches!(of(0x7ffc00100000), Method::Skipped(_)), "[vvar]");
+        assert_eq!(of(0x7ffc00104000), Method::InFreeze, "[vdso]");
+        assert!(
+            matches!(of(0xffffffffff600000), Method::Omitted(_)),
+            "[vsyscall] is --xp"
+        );
+    }
+
+    #[test]
+    fn filter_bits_turn_kinds_on_and_off() {
+        let m = methods(filter::MAPPED_SHARED | filter::MAPPED_PRIVATE, None);
+        let of = |a: u64| m.iter().find(|(s, _)| *s == a).unwrap().1.clone();
+        assert!(
+            matches!(of(0x55d0a1000000), Method::Omitted(_)),
+            "anon private off"
+        );
+        assert_eq!(of(0x7f0000900000), Method::InFreeze, "shared file on");
+        assert_eq!(of(0x55d0a0000000), Method::InFreeze, "private file on");
+    }
+
+    #[test]
+    fn a_range_narrows_and_splits_mappings() {
+        let r = Range::from_bounds(0x7f0000100000, 0x7f0000200000);
+        let m = methods(filter::DEFAULT, Some(&RangeSet::single(r)));
+        let anon: Vec<_> = m
+            .iter()
+            .filter(|(s, _)| (0x7f0000001000..0x7f0000800000).contains(s))
+            .collect();
+        assert_eq!(anon.len(), 3, "before, inside, after: {anon:?}");
+        assert_eq!(anon[1], &(r.start(), Method::WriteProtect));
+        assert!(matches!(anon[0].1, Method::Omitted(_)));
+        assert!(matches!(anon[2].1, Method::Omitted(_)));
+        assert!(
+            m.iter()
+                .filter(|(s, _)| *s == 0x55d0a1000000)
+                .all(|(_, x)| matches!(x, Method::Omitted(_))),
+            "the heap is outside the range"
+        );
+    }
+}
