@@ -1196,4 +1196,525 @@ mod tests {
             stats.hole_bytes
         );
     }
+
+    /// A real process stopped with ptrace, dumped through this module, read by gdb, and
+    /// compared with gdb's `gcore` of the same process and the kernel's own core of a twin.
+    mod live {
+        use std::collections::BTreeSet;
+        use std::os::unix::process::ExitStatusExt;
+        use std::path::Path;
+        use std::process::{Child, Command, Stdio};
+        use std::sync::mpsc;
+        use std::time::{Duration, Instant};
+
+        use super::*;
+        use crate::backend::procfs;
+        use crate::sys::ptrace::{self, WaitStatus};
+
+        /// Upper bound for anything awaited (a failure, not a measurement).
+        const PATIENCE: Duration = Duration::from_secs(60);
+
+        /// Skips with a message naming what is missing, or fails under
+        /// `UFFD_WP_REQUIRE_KERNEL=1`.
+        fn skip(what: &str) {
+            if std::env::var("UFFD_WP_REQUIRE_KERNEL").is_ok_and(|v| v == "1") {
+                panic!("core dump test needs {what} (UFFD_WP_REQUIRE_KERNEL=1)");
+            }
+            eprintln!("SKIPPED core dump test: needs {what}");
+        }
+
+        /// Runs `timeout 60 argv...`; its status and its stdout and stderr together.
+        fn run(argv: &[&str]) -> Option<(bool, String)> {
+            let out = Command::new("timeout")
+                .arg(PATIENCE.as_secs().to_string())
+                .args(argv)
+                .stdin(Stdio::null())
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+            Some((out.status.success(), text.into_owned()))
+        }
+
+        /// A directory in the temporary directory, removed with what it holds on drop.
+        struct TempDir(PathBuf);
+
+        impl TempDir {
+            fn new(tag: &str) -> TempDir {
+                let d = TempDir(Temp::new(tag).0.clone());
+                std::fs::create_dir(&d.0).expect("create a temporary directory");
+                d
+            }
+        }
+
+        impl Drop for TempDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+
+        /// The child: its seized threads detached, then it is killed and reaped, on drop. A
+        /// watchdog kills it if the test is still running after twice [`PATIENCE`], so that
+        /// no `waitpid` on it blocks for ever.
+        struct Target {
+            child: Child,
+            pid: i32,
+            seized: Vec<i32>,
+            watchdog: Option<mpsc::Sender<()>>,
+        }
+
+        impl Target {
+            /// Starts `cmd` and waits until its command name is `comm` and `threads` threads
+            /// of it sleep.
+            fn spawn(mut cmd: Command, comm: &str, threads: usize) -> Target {
+                let child = cmd
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn the target");
+                let pid = child.id() as i32;
+                let (tx, rx) = mpsc::channel::<()>();
+                std::thread::spawn(move || {
+                    if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(2 * PATIENCE) {
+                        let _ = ptrace::tgkill(pid, pid, libc::SIGKILL);
+                    }
+                });
+                let t = Target {
+                    child,
+                    pid,
+                    seized: Vec::new(),
+                    watchdog: Some(tx),
+                };
+                let start = Instant::now();
+                while !t.asleep(comm, threads) {
+                    assert!(start.elapsed() < PATIENCE, "{cmd:?} did not start");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                t
+            }
+
+            fn asleep(&self, comm: &str, threads: usize) -> bool {
+                let name = procfs::read(&procfs::path(self.pid, "comm")).unwrap_or_default();
+                let tids = procfs::thread_ids(self.pid).unwrap_or_default();
+                name.trim() == comm
+                    && tids.len() == threads
+                    && tids
+                        .iter()
+                        .all(|&t| procfs::thread_state(self.pid, t) == Some('S'))
+            }
+
+            /// Seizes every thread and stops it with `PTRACE_INTERRUPT`; the thread ids.
+            fn stop(&mut self) -> Result<Vec<i32>, Errno> {
+                let tids = procfs::thread_ids(self.pid)?;
+                for &t in &tids {
+                    ptrace::seize(t, 0)?;
+                    self.seized.push(t);
+                }
+                for &t in &tids {
+                    ptrace::interrupt(t)?;
+                }
+                for &t in &tids {
+                    loop {
+                        match ptrace::wait(t)? {
+                            WaitStatus::Event {
+                                event: ptrace::EVENT_STOP,
+                                ..
+                            } => break,
+                            WaitStatus::Signal(sig) => ptrace::cont(t, sig)?,
+                            other => panic!("thread {t} of the target: {other:?}"),
+                        }
+                    }
+                }
+                Ok(tids)
+            }
+
+            fn detach(&mut self) {
+                for t in self.seized.drain(..) {
+                    let _ = ptrace::detach(t, 0);
+                }
+            }
+        }
+
+        impl Drop for Target {
+            fn drop(&mut self) {
+                self.detach();
+                self.watchdog.take();
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+
+        /// A stopped thread's register sets.
+        fn registers(tid: i32) -> CoreThread {
+            let mut gpregs = vec![0; GPREGS_SIZE];
+            let n = ptrace::get_regset(tid, ptrace::nt::PRSTATUS, &mut gpregs).expect("gpregs");
+            assert_eq!(n, GPREGS_SIZE);
+            let mut fpregs = vec![0; FPREGS_SIZE];
+            let n = ptrace::get_regset(tid, ptrace::nt::PRFPREG, &mut fpregs).expect("fpregs");
+            assert_eq!(n, FPREGS_SIZE);
+            let mut x = vec![0; 64 << 10];
+            let xstate = match ptrace::get_regset(tid, ptrace::nt::X86_XSTATE, &mut x) {
+                Ok(n) => {
+                    assert!(
+                        (XSTATE_MIN_SIZE..x.len()).contains(&n),
+                        "xstate of {n} bytes"
+                    );
+                    x.truncate(n);
+                    Some(x)
+                }
+                Err(Errno::NODEV) => None,
+                Err(e) => panic!("NT_X86_XSTATE of {tid}: {e}"),
+            };
+            CoreThread {
+                tid,
+                gpregs,
+                fpregs,
+                xstate,
+            }
+        }
+
+        /// NT_PRPSINFO's facts from /proc/PID.
+        fn process(pid: i32) -> CoreProcess {
+            let stat = procfs::read(&procfs::path(pid, "stat")).expect("stat");
+            let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+            let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let status = procfs::read(&procfs::path(pid, "status")).expect("status");
+            let id = |key| -> u32 {
+                let v = procfs::status_field(&status, key).expect(key);
+                v.split_whitespace().next().unwrap().parse().unwrap()
+            };
+            let mut args = std::fs::read(procfs::path(pid, "cmdline")).expect("cmdline");
+            args.iter_mut().filter(|b| **b == 0).for_each(|b| *b = b' ');
+            CoreProcess {
+                pid,
+                ppid: f[1].parse().unwrap(),
+                pgrp: f[2].parse().unwrap(),
+                sid: f[3].parse().unwrap(),
+                uid: id("Uid"),
+                gid: id("Gid"),
+                state: f[0].as_bytes()[0],
+                fname: stat[open + 1..close].to_string(),
+                psargs: String::from_utf8_lossy(&args).into_owned(),
+            }
+        }
+
+        /// Every mapping of /proc/PID/maps, dumped when readable except `[vvar*]` (I/O
+        /// memory the kernel leaves out too) and `[vsyscall]`.
+        fn mappings(pid: i32) -> Vec<CoreMapping> {
+            let maps = procfs::read_maps(pid).expect("maps");
+            maps.into_iter()
+                .map(|m| {
+                    let p = m.perms.as_bytes();
+                    let special = m.name.starts_with("[vvar") || m.name == "[vsyscall]";
+                    CoreMapping {
+                        start: m.start,
+                        end: m.end,
+                        read: p[0] == b'r',
+                        write: p[1] == b'w',
+                        exec: p[2] == b'x',
+                        file: (m.inode != 0).then(|| (PathBuf::from(&m.name), m.offset)),
+                        dump: p[0] == b'r' && !special,
+                    }
+                })
+                .collect()
+        }
+
+        /// The memory of a stopped process, read with process_vm_readv.
+        struct ProcMem(i32);
+
+        impl CoreMemory for ProcMem {
+            fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+                match ptrace::process_vm_read(self.0, addr, buf)? {
+                    n if n == buf.len() => Ok(()),
+                    _ => Err(Errno::FAULT),
+                }
+            }
+        }
+
+        /// gdb's reading of `core`: `info registers rip`, `bt`, `info threads`.
+        fn gdb(exe: &Path, core: &Path) -> String {
+            let (exe, core) = (exe.to_str().unwrap(), core.to_str().unwrap());
+            let argv = [
+                "gdb",
+                "-batch",
+                "-nx",
+                "-ex",
+                "info registers rip",
+                "-ex",
+                "bt",
+                "-ex",
+                "info threads",
+                exe,
+                core,
+            ];
+            run(&argv).expect("run gdb").1
+        }
+
+        /// The lines of gdb's output where it complains (warnings, unreadable memory or
+        /// registers, not a core), thread ids and addresses replaced by `N`.
+        fn complaints(text: &str) -> BTreeSet<String> {
+            let bad = [
+                "warning",
+                "not a core dump",
+                "format not recognized",
+                "Couldn't find",
+                "Cannot access memory",
+                "Unexpected size",
+            ];
+            let numbers = |l: &str| {
+                let mut out = String::new();
+                for c in l.chars() {
+                    match (c.is_ascii_hexdigit(), out.ends_with('N')) {
+                        (true, true) => {}
+                        (true, false) => out.push('N'),
+                        _ => out.push(c),
+                    }
+                }
+                out
+            };
+            text.lines()
+                .filter(|l| bad.iter().any(|b| l.contains(b)))
+                .map(numbers)
+                .collect()
+        }
+
+        /// gdb's `rip` in its output.
+        fn gdb_rip(text: &str) -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix("rip"))
+                .and_then(|l| l.split_whitespace().next()?.strip_prefix("0x"))
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .unwrap_or_else(|| panic!("no rip in gdb's output:\n{text}"))
+        }
+
+        /// gcore's core of process `pid`, if gcore runs.
+        fn gcore(pid: i32) -> Option<Parsed> {
+            let prefix = Temp::new("gcore");
+            let file = Temp(PathBuf::from(format!("{}.{pid}", prefix.0.display())));
+            let (ok, text) = run(&["gcore", "-o", prefix.0.to_str()?, &pid.to_string()])?;
+            if !ok {
+                eprintln!("gcore failed:\n{text}");
+                return None;
+            }
+            Some(parse(&std::fs::read(&file.0).ok()?))
+        }
+
+        /// Every segment gcore dumped is one of ours with the same address, length and flags,
+        /// and dumped, but for the vsyscall page and `PROT_NONE` mappings, which we leave
+        /// out and gcore dumps (zeros read through /proc/PID/mem, marked readable). gcore
+        /// writes the same kinds of notes as we do (an `NT_SIGINFO` per thread, not one), but
+        /// for its target description, and lacks the kernel's XSAVE layout.
+        fn compare_with_gcore(ours: &Parsed, theirs: &Parsed) {
+            let dumped = theirs
+                .loads
+                .iter()
+                .filter(|l| l.filesz > 0 && l.vaddr < 0xffff_ffff_ff60_0000);
+            for l in dumped {
+                let mine = ours.loads.iter().find(|m| m.vaddr == l.vaddr);
+                let mine =
+                    mine.unwrap_or_else(|| panic!("gcore dumped {:#x}, we did not", l.vaddr));
+                if mine.flags == 0 {
+                    continue;
+                }
+                assert_eq!(
+                    (mine.memsz, mine.flags),
+                    (l.memsz, l.flags),
+                    "{:#x}",
+                    l.vaddr
+                );
+                assert_eq!(mine.filesz, mine.memsz, "{:#x} is dumped", l.vaddr);
+            }
+            let types = |p: &Parsed, skip: u32| -> BTreeSet<u32> {
+                p.notes.iter().map(|n| n.1).filter(|&t| t != skip).collect()
+            };
+            let gdb_tdesc = 0xff00_0000;
+            assert_eq!(types(theirs, gdb_tdesc), types(ours, nt::X86_XSAVE_LAYOUT));
+        }
+
+        /// The kernel's own core of a twin of the target.
+        struct KernelCore {
+            /// The directory the twin ran in, holding the core.
+            _dir: TempDir,
+            /// The core file.
+            path: PathBuf,
+            parsed: Parsed,
+        }
+
+        /// The kernel's own core of `argv` (killed with SIGABRT once `threads` threads sleep),
+        /// or `None` (with a message) where core_pattern does not write a plain file.
+        fn kernel_core(argv: &[&str], comm: &str, threads: usize) -> Option<KernelCore> {
+            let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").ok()?;
+            let pattern = pattern.trim();
+            if pattern.contains(['|', '/', '%']) {
+                eprintln!("kernel core not compared: core_pattern is {pattern:?}");
+                return None;
+            }
+            let dir = TempDir::new("kernel");
+            let mut cmd = Command::new("/bin/sh");
+            cmd.args(["-c", "ulimit -c unlimited && exec \"$0\" \"$@\""])
+                .args(argv)
+                .current_dir(&dir.0);
+            let mut target = Target::spawn(cmd, comm, threads);
+            ptrace::tgkill(target.pid, target.pid, libc::SIGABRT).expect("SIGABRT");
+            let status = target.child.wait().expect("wait for the aborted target");
+            if !status.core_dumped() {
+                eprintln!("kernel core not compared: no core dumped ({status:?})");
+                return None;
+            }
+            let entries = std::fs::read_dir(&dir.0).ok()?.flatten();
+            let path = entries.map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(pattern)
+            })?;
+            let parsed = parse(&std::fs::read(&path).ok()?);
+            Some(KernelCore {
+                _dir: dir,
+                path,
+                parsed,
+            })
+        }
+
+        /// The same notes as the kernel's (names, types, sizes, in order; the XSAVE layout byte
+        /// for byte) and the same segments (lengths, flags, alignment, in order).
+        fn compare_with_kernel(ours: &Parsed, kernel: &Parsed) {
+            let shape = |p: &Parsed| -> Vec<(String, u32, usize)> {
+                let name = |n: &[u8]| String::from_utf8_lossy(n).into_owned();
+                p.notes
+                    .iter()
+                    .map(|(n, t, d)| (name(n), *t, d.len()))
+                    .collect()
+            };
+            assert_eq!(shape(ours), shape(kernel), "notes: ours, the kernel's");
+            let layout = |p: &Parsed| {
+                p.notes
+                    .iter()
+                    .find(|n| n.1 == nt::X86_XSAVE_LAYOUT)
+                    .cloned()
+            };
+            assert_eq!(layout(ours), layout(kernel), "NT_X86_XSAVE_LAYOUT");
+            let shape = |p: &Parsed| -> Vec<(u64, u32, u64)> {
+                p.loads
+                    .iter()
+                    .map(|l| (l.memsz, l.flags, l.align))
+                    .collect()
+            };
+            assert_eq!(shape(ours), shape(kernel), "segments: ours, the kernel's");
+        }
+
+        /// Our core of a stopped process, as gdb reads it.
+        struct Dumped {
+            core: Temp,
+            exe: PathBuf,
+            threads: Vec<CoreThread>,
+            gcore: Option<Parsed>,
+        }
+
+        /// Stops `argv`, dumps it (its threads in reverse order, so that the first is not the
+        /// first of /proc), detaches and has gcore dump it too.
+        fn dump(argv: &[&str], comm: &str, threads: usize) -> Option<Dumped> {
+            let mut cmd = Command::new(argv[0]);
+            cmd.args(&argv[1..]);
+            let mut target = Target::spawn(cmd, comm, threads);
+            let pid = target.pid;
+            let tids = match target.stop() {
+                Ok(t) => t,
+                Err(e) => {
+                    skip(&format!("ptrace of a child ({})", errno_name(e)));
+                    return None;
+                }
+            };
+            let order: Vec<i32> = tids.iter().rev().copied().collect();
+            let threads: Vec<CoreThread> = order.iter().map(|&t| registers(t)).collect();
+            let (p, maps) = (process(pid), mappings(pid));
+            let auxv = std::fs::read(procfs::path(pid, "auxv")).expect("auxv");
+            let exe = std::fs::read_link(procfs::path(pid, "exe")).expect("exe");
+            let core = Temp::new("live");
+            let mem = ProcMem(pid);
+            let stats = write_core(&core.open(), &p, &threads, &maps, &auxv, &mem, |_, _| {})
+                .expect("write_core");
+            eprintln!("{comm}: {stats:?}");
+            assert!(stats.hole_bytes > 0 && stats.bytes_written < stats.file_size);
+            target.detach();
+            let gcore = gcore(pid);
+            Some(Dumped {
+                core,
+                exe,
+                threads,
+                gcore,
+            })
+        }
+
+        /// gdb reads our core of `argv`: the `rip` captured, a backtrace, every thread, the
+        /// first one current, and no complaint it does not also make about the kernel's own
+        /// core of the same program. The segments and notes agree with gcore's and the
+        /// kernel's.
+        fn dump_and_read_with_gdb(argv: &[&str], comm: &str, threads: usize) {
+            if run(&["gdb", "--version"]).is_none_or(|(ok, _)| !ok) {
+                return skip("gdb");
+            }
+            let Some(d) = dump(argv, comm, threads) else {
+                return;
+            };
+            let text = gdb(&d.exe, &d.core.0);
+            assert_eq!(gdb_rip(&text), le64(&d.threads[0].gpregs, RIP), "{text}");
+            assert!(text.contains("\n#1 "), "no backtrace:\n{text}");
+            for t in &d.threads {
+                assert!(
+                    text.contains(&format!("LWP {}", t.tid)),
+                    "no thread {}:\n{text}",
+                    t.tid
+                );
+            }
+            let current = text
+                .lines()
+                .find(|l| l.starts_with("* "))
+                .expect("a current thread");
+            assert!(
+                current.contains(&format!("LWP {})", d.threads[0].tid)),
+                "{text}"
+            );
+            let ours = parse(&std::fs::read(&d.core.0).unwrap());
+            match &d.gcore {
+                Some(g) => compare_with_gcore(&ours, g),
+                None => eprintln!("gcore's core not compared"),
+            }
+            // What gdb may complain about: what it complains about for the kernel's own core of
+            // the same program; without one, only what gdb 13 says on AMD CPUs with AVX-512
+            // (no MPX area): it assumes Intel's XSAVE layout, and finds the kernel's
+            // NT_X86_XSTATE too small.
+            let allowed = match kernel_core(argv, comm, threads) {
+                Some(k) => {
+                    compare_with_kernel(&ours, &k.parsed);
+                    let (n, l) = (k.parsed.notes.len(), k.parsed.loads.len());
+                    eprintln!("{comm}: {n} notes and {l} segments as in the kernel's core");
+                    complaints(&gdb(&d.exe, &k.path))
+                }
+                None => BTreeSet::from([
+                    "warning: Section `.reg-xstate/N' in core file too small.".to_string(),
+                ]),
+            };
+            let ours = complaints(&text);
+            let extra: Vec<&String> = ours.difference(&allowed).collect();
+            assert!(extra.is_empty(), "gdb complained: {extra:?}\n{text}");
+        }
+
+        /// `sleep`, one thread.
+        #[test]
+        fn gdb_reads_the_core_of_a_stopped_sleep() {
+            dump_and_read_with_gdb(&["/bin/sleep", "120"], "sleep", 1);
+        }
+
+        /// A Python process with three threads, all asleep.
+        #[test]
+        fn gdb_reads_the_core_of_a_stopped_threaded_python() {
+            let script = "import threading, time\n\
+                          for _ in range(2): threading.Thread(target=time.sleep, args=(120,)).start()\n\
+                          time.sleep(120)\n";
+            if !Path::new("/usr/bin/python3").exists() {
+                return skip("/usr/bin/python3");
+            }
+            dump_and_read_with_gdb(&["/usr/bin/python3", "-c", script], "python3", 3);
+        }
+    }
 }
