@@ -146,6 +146,11 @@ pub struct MapEntry {
     pub end: u64,
     /// `rwxp` flags.
     pub perms: String,
+    /// The byte offset in the mapped file (0 for anonymous memory).
+    pub offset: u64,
+    /// The mapped file's inode number (0 for anonymous memory and pseudo-names such as
+    /// `[heap]`; a file-backed mapping has one even when its name is ` (deleted)`).
+    pub inode: u64,
     /// Path or pseudo-name (`[vdso]`, `[heap]`), empty for anonymous memory.
     pub name: String,
 }
@@ -159,11 +164,16 @@ pub fn parse_maps(text: &str) -> Vec<MapEntry> {
             let mut it = l.splitn(6, ' ');
             let (a, b) = it.next()?.split_once('-')?;
             let perms = it.next()?.to_string();
-            let name = it.nth(3).unwrap_or("").trim().to_string();
+            let offset = u64::from_str_radix(it.next()?, 16).ok()?;
+            let _dev = it.next()?;
+            let inode = it.next()?.parse().ok()?;
+            let name = it.next().unwrap_or("").trim().to_string();
             Some(MapEntry {
                 start: u64::from_str_radix(a, 16).ok()?,
                 end: u64::from_str_radix(b, 16).ok()?,
                 perms,
+                offset,
+                inode,
                 name,
             })
         })
@@ -227,6 +237,8 @@ mod tests {
         assert_eq!(m.len(), 6);
         assert_eq!(m[0].start, 0x400000);
         assert_eq!(m[0].perms, "r-xp");
+        assert_eq!((m[1].offset, m[1].inode), (0x51000, 173521));
+        assert_eq!((m[3].offset, m[3].inode), (0, 0));
         assert_eq!(m[3].name, "");
         assert_eq!(m[4].name, "[vdso]");
         assert_eq!(m[5].name, "/tmp/a b (deleted)");

@@ -15,8 +15,10 @@
 //! - [`uring`]: io_uring fixed buffers over memory the ring owns (the `io-uring` crate).
 //! - [`direct`]: `O_DIRECT` reads and writes into memory a mapping owns.
 //! - [`signal`]: process-wide signal dispositions (`SIGPIPE` for the command line).
+//! - [`cpu`]: `CPUID` facts (the XSAVE layout a core file describes).
 #![allow(unsafe_code)]
 
+pub mod cpu;
 pub mod direct;
 pub mod mem;
 pub mod pagemap;

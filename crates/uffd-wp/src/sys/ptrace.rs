@@ -222,6 +222,42 @@ pub fn set_regs(tid: i32, regs: &Regs) -> Result<(), Errno> {
     check(rc).map(drop)
 }
 
+/// Register set note types for [`get_regset`] (the `n_type` of the core-file note that holds
+/// the same bytes).
+pub mod nt {
+    /// `NT_PRSTATUS`: `struct user_regs_struct` (216 bytes on x86_64).
+    pub const PRSTATUS: u32 = 1;
+    /// `NT_PRFPREG`: `struct user_fpregs_struct` (512 bytes on x86_64).
+    pub const PRFPREG: u32 = 2;
+    /// `NT_X86_XSTATE`: the XSAVE area (its size depends on the CPU's enabled features).
+    pub const X86_XSTATE: u32 = 0x202;
+}
+
+/// `PTRACE_GETREGSET` of a stopped tracee: the register set `nt_type` (see [`nt`]) into
+/// `buf`. Returns the bytes the kernel wrote, at most `buf.len()` (it shortens the iovec to
+/// the set's size; a shorter `buf` gets a prefix). ENODEV when the CPU lacks the set (no
+/// XSAVE), EINVAL for an unknown type.
+pub fn get_regset(tid: i32, nt_type: u32, buf: &mut [u8]) -> Result<usize, Errno> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast::<libc::c_void>(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: PTRACE_GETREGSET takes the set's type in `addr` (an integer) and a `struct
+    // iovec` at `data`: `iov` is a live local, and it describes `buf`, live and writable for
+    // the call; the kernel writes at most `iov_len` bytes there and stores the count written
+    // back into `iov.iov_len`.
+    let rc = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET as _,
+            tid as libc::pid_t,
+            nt_type as usize as *mut libc::c_void,
+            (&mut iov as *mut libc::iovec).cast::<libc::c_void>(),
+        )
+    };
+    check(rc)?;
+    Ok(iov.iov_len)
+}
+
 /// What `waitpid` reported about a traced thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStatus {
