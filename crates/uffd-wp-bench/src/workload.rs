@@ -68,6 +68,50 @@ pub enum PageVerdict {
     Torn,
 }
 
+/// What [`check_dump`] found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DumpVerdict {
+    /// Pages whose content is the version the version table records.
+    pub consistent: u64,
+    /// Pages caught mid-write: one version ahead of the table, or torn (at most one per writer
+    /// at any instant: a writer writes the page, then records its version).
+    pub in_flight: u64,
+    /// Pages that no single instant explains: behind the table, more than one ahead, or torn
+    /// beyond what the writers can have in flight.
+    pub inconsistent: u64,
+}
+
+/// Checks a capture of a whole workload process against itself: `page(p)` and `version(p)` read
+/// page `p` of the region and its entry in the version table (at [`Workload::versions_addr`])
+/// from the capture. At one instant every page holds its recorded version, except the page
+/// each of the `writers` is writing (one version ahead, or torn).
+pub fn check_dump(
+    pages: u64,
+    writers: u64,
+    mut page: impl FnMut(u64) -> Vec<u8>,
+    mut version: impl FnMut(u64) -> u64,
+) -> DumpVerdict {
+    let mut v = DumpVerdict {
+        consistent: 0,
+        in_flight: 0,
+        inconsistent: 0,
+    };
+    for p in 0..pages {
+        let recorded = version(p);
+        match check_page(p, recorded, &page(p)) {
+            PageVerdict::Consistent => v.consistent += 1,
+            PageVerdict::WrongVersion { found, .. } if found == recorded + 1 => v.in_flight += 1,
+            PageVerdict::Torn => v.in_flight += 1,
+            PageVerdict::WrongVersion { .. } => v.inconsistent += 1,
+        }
+    }
+    if v.in_flight > writers {
+        v.inconsistent += v.in_flight - writers;
+        v.in_flight = writers;
+    }
+    v
+}
+
 /// Checks one captured page against the version it had at the snapshot point.
 pub fn check_page(p: u64, expected: u64, data: &[u8]) -> PageVerdict {
     let word = |i: usize| u64::from_ne_bytes(data[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
@@ -248,6 +292,14 @@ impl Workload {
     }
 
     /// Each page's version (only meaningful while paused: the snapshot point).
+    /// Where this process keeps the version of each page (one `u64` per page, in the heap, not
+    /// in the region): a dump of the process that holds both can be checked against itself
+    /// ([`check_dump`]).
+    pub fn versions_addr(&self) -> u64 {
+        self.shared.versions.as_ptr() as u64
+    }
+
+    /// The versions of every page, as this process records them.
     pub fn versions(&self) -> Vec<u64> {
         let mut v = Vec::new();
         self.versions_into(&mut v);

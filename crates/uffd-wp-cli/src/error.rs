@@ -39,6 +39,14 @@ pub enum CliError {
     /// A snapshot failed (nothing is left protected: the engine releases everything).
     #[error("snapshot: {0}")]
     Snapshot(#[from] uffd_wp::engine::snapshot::SnapshotError),
+    /// A dump failed (the target runs on, nothing of it left protected or stopped).
+    #[error("dump of process {pid}: {source}")]
+    Dump {
+        /// The target.
+        pid: u32,
+        /// Why.
+        source: uffd_wp::dump::DumpError,
+    },
     /// Reading or writing a file failed.
     #[error("{operation} {path}: {source}")]
     Io {
@@ -106,6 +114,7 @@ impl CliError {
             CliError::Open(e) => e.errno(),
             CliError::Attach { source, .. } => source.errno(),
             CliError::Snapshot(e) => e.errno(),
+            CliError::Dump { source, .. } => source.errno(),
             CliError::Io { source, .. } => Errno::from_raw_os_error(source.raw_os_error()?),
             CliError::Os { errno, .. } => *errno,
             _ => return None,
@@ -125,6 +134,7 @@ impl CliError {
                 ("Attach", Some(format!("{operation} process {pid}")))
             }
             CliError::Snapshot(_) => ("Snapshot", None),
+            CliError::Dump { pid, .. } => ("Dump", Some(format!("dumping process {pid}"))),
             CliError::Io {
                 operation, path, ..
             } => ("Io", Some(format!("{operation} {path}"))),

@@ -2,6 +2,7 @@
 
 mod bench;
 mod compare;
+mod dump;
 mod error;
 mod pins;
 mod probe;
@@ -36,6 +37,8 @@ enum Command {
     Compare(compare::Args),
     /// List the pins of a process (io_uring buffers) and the unexplained part of its VmPin.
     Pins(pins::Args),
+    /// An ELF core of a whole running process at one instant, taken live (gdb reads it). Without a PID: a built-in target, dumped and checked.
+    Dump(dump::Args),
     /// Take a live copy-on-write snapshot of the built-in workload and check it with its oracle.
     Snapshot(snapshot::Args),
     /// Benchmarks, each against its alternative in the same run: `bench protect`, `bench track`, `bench snapshot`, `bench plot`.
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Scenario(a) => scenario::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::Pins(a) => pins::run(&a),
+        Command::Dump(a) => dump::run(&a),
         Command::Snapshot(a) => snapshot::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Track(a) => track::run(&a),

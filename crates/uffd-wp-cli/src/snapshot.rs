@@ -13,7 +13,7 @@ use uffd_wp_bench::workload::{Workload, WorkloadConfig};
 use crate::CliError;
 use crate::report;
 
-mod remote;
+pub(crate) mod remote;
 
 /// Arguments of `uffd-wp snapshot`.
 #[derive(Debug, clap::Args)]

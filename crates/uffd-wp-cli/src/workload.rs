@@ -2,8 +2,8 @@
 //! [`Kind::Workload`](uffd_wp::helper::Kind::Workload) (see [`uffd_wp::helper`]), the target of
 //! the remote backend (`uffd-wp snapshot --pid`) and its tests.
 //!
-//! Configured by a [`Target`]; answers `{"pid":..,"start":..,"len":..,"threads":..}` once the
-//! writers run, then `{"writes":N}` (total page writes so far) every `interval_ms`, until
+//! Configured by a [`Target`]; answers `{"pid":..,"start":..,"len":..,"threads":..,
+//! "versions":..}` (the address of its page-version table) once the writers run, then `{"writes":N}` (total page writes so far) every `interval_ms`, until
 //! killed or until its stdout is closed.
 
 use std::time::Duration;
@@ -62,6 +62,7 @@ fn serve(mut parent: Parent, t: &Target) -> Result<(), String> {
         "start": w.range().start(),
         "len": w.range().len(),
         "threads": t.threads,
+        "versions": w.versions_addr(),
     });
     if !parent.send(&head) {
         return Ok(());

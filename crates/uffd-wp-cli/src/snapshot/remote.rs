@@ -36,7 +36,7 @@ fn stall(what: &str) -> ! {
 }
 
 /// Parses `START:LEN` (START decimal or 0x hex; LEN decimal, 0x hex, or with K/M/G).
-fn parse_range(s: &str) -> Result<Range, CliError> {
+pub(crate) fn parse_range(s: &str) -> Result<Range, CliError> {
     let bad = |why: String| CliError::Usage(format!("--range {s:?}: {why}"));
     let (a, l) = s
         .split_once(':')

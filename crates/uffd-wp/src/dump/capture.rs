@@ -9,7 +9,7 @@ use crate::backend::linux::RemoteQuiesce;
 use crate::backend::linux::remote::read_remote;
 use crate::range::Range;
 use crate::seam::{Errno, Quiesce};
-use crate::sys::ptrace::{NT_PRFPREG, NT_PRSTATUS, NT_X86_XSTATE, get_regset};
+use crate::sys::ptrace::{get_regset, nt};
 
 use super::DumpError;
 
@@ -120,9 +120,9 @@ fn thread_regs(tid: i32) -> Result<ThreadRegs, DumpError> {
     let err = |errno| DumpError::Registers { tid, errno };
     Ok(ThreadRegs {
         tid,
-        gpregs: get(NT_PRSTATUS, 4096).map_err(err)?,
-        fpregs: get(NT_PRFPREG, 4096).map_err(err)?,
+        gpregs: get(nt::PRSTATUS, 4096).map_err(err)?,
+        fpregs: get(nt::PRFPREG, 4096).map_err(err)?,
         // The XSAVE area is a few KiB (about 11 KiB with AMX); absent on old CPUs.
-        xstate: get(NT_X86_XSTATE, 64 << 10).ok(),
+        xstate: get(nt::X86_XSTATE, 64 << 10).ok(),
     })
 }

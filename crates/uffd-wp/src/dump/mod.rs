@@ -1,5 +1,6 @@
 //! Whole-process dumps: the memory and threads of another process at one instant, taken while
-//! it runs, for an ELF core.
+//! it runs, as an ELF core ([`core_file`], laid out as the kernel's own core dumps so that gdb
+//! reads it as it reads those).
 //!
 //! 1. Read the target from /proc before touching it ([`target`]): refuse what cannot be
 //!    dumped (no process, a zombie, a kernel thread), and plan each mapping by the kernel's
@@ -15,8 +16,10 @@
 //! engine for one job.
 
 pub mod capture;
+pub mod core_file;
 pub mod plan;
 pub mod target;
+mod write;
 
 use std::time::Instant;
 
@@ -36,6 +39,7 @@ use crate::sys::errno_name;
 use capture::{DumpQuiesce, ThreadRegs};
 use plan::{Method, Planned};
 use target::ProcessInfo;
+pub use write::write_core;
 
 /// Mappings the kernel refuses to write-protect are copied inside the freeze up to this size
 /// each; a larger one is skipped (with the errno) rather than lengthen the pause.
@@ -100,6 +104,9 @@ pub enum DumpError {
     /// The snapshot of the write-protected part failed.
     #[error("{0}")]
     Snapshot(#[from] SnapshotError),
+    /// Writing the core failed.
+    #[error("writing the core: {0}")]
+    Core(#[from] core_file::CoreError),
 }
 
 impl DumpError {
@@ -114,6 +121,7 @@ impl DumpError {
             DumpError::Attach(e) | DumpError::Freeze(Some(e)) => e.errno(),
             DumpError::Freeze(None) => Errno::SRCH,
             DumpError::Snapshot(e) => e.errno(),
+            DumpError::Core(e) => e.errno(),
         }
     }
 }
@@ -226,7 +234,7 @@ pub fn capture(
     })?;
     let elf = |m: &MapEntry| {
         let mut b = [0u8; 4];
-        read_remote(p, m.start, &mut b).is_ok() && &b == b"\x7fELF"
+        m.offset == 0 && read_remote(p, m.start, &mut b).is_ok() && &b == b"\x7fELF"
     };
     let mut plan = plan::plan(
         &maps,

@@ -176,35 +176,6 @@ pub fn get_regs(tid: i32) -> Result<Regs, Errno> {
     Ok(Regs(unsafe { r.assume_init() }))
 }
 
-/// `NT_PRSTATUS`: the general-purpose registers, for [`get_regset`].
-pub const NT_PRSTATUS: u32 = 1;
-/// `NT_PRFPREG`: the legacy FPU/SSE state (`user_fpregs_struct`), for [`get_regset`].
-pub const NT_PRFPREG: u32 = 2;
-/// `NT_X86_XSTATE`: the XSAVE area, for [`get_regset`].
-pub const NT_X86_XSTATE: u32 = 0x202;
-
-/// `PTRACE_GETREGSET` of a stopped tracee: register set `nt` (an `NT_*` note type) into
-/// `buf`; returns the bytes the kernel wrote (at most `buf.len()`).
-pub fn get_regset(tid: i32, nt: u32, buf: &mut [u8]) -> Result<usize, Errno> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast::<libc::c_void>(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: PTRACE_GETREGSET writes at most `iov.iov_len` bytes at `iov.iov_base`, which
-    // points to `buf`, live and writable for that long, and updates `iov.iov_len`; `data`
-    // points to the live `iov`.
-    let rc = unsafe {
-        libc::ptrace(
-            libc::PTRACE_GETREGSET as _,
-            tid as libc::pid_t,
-            nt as usize as *mut libc::c_void,
-            (&raw mut iov).cast::<libc::c_void>(),
-        )
-    };
-    check(rc)?;
-    Ok(iov.iov_len)
-}
-
 /// `PTRACE_SETREGS` of a stopped tracee.
 #[cfg(target_arch = "x86_64")]
 pub fn set_regs(tid: i32, regs: &Regs) -> Result<(), Errno> {

@@ -173,9 +173,10 @@ pub struct CoreMapping {
     pub exec: bool,
     /// The file mapped and the byte offset in it (page aligned); `NT_FILE` lists these.
     pub file: Option<(PathBuf, u64)>,
-    /// Whether its bytes are in the core (false: `p_filesz` 0, as the kernel does for what
-    /// `coredump_filter` leaves out).
-    pub dump: bool,
+    /// How many of its bytes, from its start, are in the core: 0 for what `coredump_filter`
+    /// leaves out (`p_filesz` 0, as the kernel does), one page for an ELF file's header, or
+    /// its length (anything above counts as its length).
+    pub dump_bytes: u64,
 }
 
 impl CoreMapping {
@@ -199,7 +200,7 @@ impl CoreMapping {
 
     /// `p_filesz`: the bytes of this mapping in the file.
     fn file_size(&self) -> u64 {
-        if self.dump { self.len() } else { 0 }
+        self.dump_bytes.min(self.len())
     }
 }
 
@@ -300,6 +301,19 @@ pub enum CoreError {
     BadInput(#[from] BadInput),
 }
 
+impl CoreError {
+    /// The errno that explains it.
+    pub fn errno(&self) -> Errno {
+        match self {
+            CoreError::Io { source, .. } => source
+                .raw_os_error()
+                .map_or(Errno::IO, Errno::from_raw_os_error),
+            CoreError::Memory { errno, .. } => *errno,
+            CoreError::BadInput(_) => Errno::INVAL,
+        }
+    }
+}
+
 /// Writes the ELF core of process `p` to `out`: `threads` (the first one is the current
 /// thread in gdb), `maps` (in address order, one `PT_LOAD` each), the `auxv` bytes as
 /// /proc/PID/auxv gives them, and the bytes of every dumped mapping read from `mem` in
@@ -335,12 +349,10 @@ pub fn write_core(
     let mut done = 0;
     let mut buf = vec![0u8; CHUNK];
     for (m, &offset) in maps.iter().zip(&layout.offsets) {
-        if !m.dump {
-            continue;
-        }
+        let end = m.start + m.file_size();
         let mut addr = m.start;
-        while addr < m.end {
-            let n = (m.end - addr).min(CHUNK as u64) as usize;
+        while addr < end {
+            let n = (end - addr).min(CHUNK as u64) as usize;
             let chunk = &mut buf[..n];
             mem.read(addr, chunk).map_err(|errno| CoreError::Memory {
                 addr,
@@ -788,7 +800,7 @@ mod tests {
             write: perms.contains('w'),
             exec: perms.contains('x'),
             file: file.map(|(p, off)| (PathBuf::from(p), off)),
-            dump: true,
+            dump_bytes: u64::MAX,
         }
     }
 
@@ -819,7 +831,7 @@ mod tests {
             mapping(0x90_0000, 16, "r--", Some(("/lib/libz.so", 0))),
             mapping(0xa0_0000, 1, "rw-", None),
         ];
-        maps[2].dump = false;
+        maps[2].dump_bytes = 0;
         let mut mem = VecMem::default();
         let text: Vec<u8> = (0..3 * PAGE).map(|i| (i % 251) as u8 + 1).collect();
         mem.regions.insert(0x40_0000, text);
@@ -1009,10 +1021,10 @@ mod tests {
         for (l, m) in loads.iter().zip(&maps) {
             assert_eq!((l.vaddr, l.memsz, l.align), (m.start, m.len(), PAGE_SIZE));
             assert_eq!(l.flags, m.flags());
-            assert_eq!(l.filesz, if m.dump { m.len() } else { 0 });
+            assert_eq!(l.filesz, m.dump_bytes.min(m.len()));
             assert_eq!(l.offset, next, "segments follow each other");
             next += l.filesz;
-            if m.dump {
+            if m.dump_bytes > 0 {
                 let got = &data[l.offset as usize..(l.offset + l.filesz) as usize];
                 assert!(got == &mem.regions[&m.start][..], "bytes of {:#x}", m.start);
             }
@@ -1148,7 +1160,7 @@ mod tests {
         let (p, threads, _, auxv, mem) = sample();
         let maps: Vec<CoreMapping> = (0..0xffffu64)
             .map(|i| CoreMapping {
-                dump: false,
+                dump_bytes: 0,
                 ..mapping(0x1000_0000 + 2 * i * PAGE_SIZE, 1, "r--", None)
             })
             .collect();
@@ -1419,7 +1431,11 @@ mod tests {
                         write: p[1] == b'w',
                         exec: p[2] == b'x',
                         file: (m.inode != 0).then(|| (PathBuf::from(&m.name), m.offset)),
-                        dump: p[0] == b'r' && !special,
+                        dump_bytes: if p[0] == b'r' && !special {
+                            u64::MAX
+                        } else {
+                            0
+                        },
                     }
                 })
                 .collect()
