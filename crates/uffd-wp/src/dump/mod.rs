@@ -259,7 +259,12 @@ pub fn capture(
         dq.resume();
         (None, None, t0.elapsed().as_secs_f64() * 1e6)
     } else {
-        let (img, rep) = snapshot::take(&mm, &wp, Source::Mm, &dq, &opts.snapshot, progress)?;
+        // The target may unmap anything at any time: what goes is reported, not fatal.
+        let so = SnapshotOptions {
+            tolerate_vanishing: true,
+            ..opts.snapshot.clone()
+        };
+        let (img, rep) = snapshot::take(&mm, &wp, Source::Mm, &dq, &so, progress)?;
         let pause = rep.pause_us;
         (Some(img), Some(rep), pause)
     };

@@ -110,6 +110,11 @@ pub struct SnapshotOptions {
     /// those pages. Shortens the pause when protecting the whole range costs more than the
     /// pages written during it (4 KiB pages); pointless with THP, where protecting is cheap.
     pub prearm: bool,
+    /// Memory the target unmaps (or moves) while the snapshot is taken is not an error: its
+    /// pages not yet copied are reported in `not_captured` (their content at the snapshot
+    /// point is lost) and the rest goes on. For another process, which changes its mappings
+    /// at will; off for this process's own ranges, where it means a bug.
+    pub tolerate_vanishing: bool,
 }
 
 impl Default for SnapshotOptions {
@@ -129,6 +134,7 @@ impl Default for SnapshotOptions {
                 backoff: Duration::from_micros(100),
             },
             prearm: true,
+            tolerate_vanishing: false,
         }
     }
 }
@@ -307,8 +313,14 @@ pub fn take<M: Mm + ?Sized>(
     // The scope outlives the pause, so the pre-arm handler is joined after it.
     let prearm = Prearm::default();
     let report = std::thread::scope(|scope| {
-        Session::arm(mm, ranges, source, &image, quiesce)?
-            .run(scope, &prearm, ranges, opts, progress)
+        Session::arm(
+            mm,
+            ranges,
+            (source, &image),
+            quiesce,
+            opts.tolerate_vanishing,
+        )?
+        .run(scope, &prearm, ranges, opts, progress)
     })?;
     Ok((image, report))
 }

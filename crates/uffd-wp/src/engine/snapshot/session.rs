@@ -172,9 +172,9 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
     pub(super) fn arm(
         mm: &'a M,
         ranges: &RangeSet,
-        source: Source<'a>,
-        image: &'a Image,
+        (source, image): (Source<'a>, &'a Image),
         quiesce: &'a dyn Quiesce,
+        tolerate: bool,
     ) -> Result<Self, SnapshotError> {
         let mut guard = Cleanup {
             mm,
@@ -183,10 +183,14 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             frozen: false,
             protected: true,
         };
+        let mut unregistered = RangeSet::new();
         for r in ranges.iter() {
-            mm.register(*r, RegisterMode::WP)
-                .map_err(|errno| SnapshotError::Register { range: *r, errno })?;
-            guard.ranges.push(*r);
+            match mm.register(*r, RegisterMode::WP) {
+                Ok(_) => guard.ranges.push(*r),
+                // Unmapped since the caller looked (another process): not in the snapshot.
+                Err(_) if tolerate => unregistered.insert(*r),
+                Err(errno) => return Err(SnapshotError::Register { range: *r, errno }),
+            }
         }
         let mut first_page = Vec::new();
         let mut total_pages = 0;
@@ -204,14 +208,20 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             huge: ranges.iter().any(|r| any_huge(mm, *r)),
             faults: AtomicU64::new(0),
             service_ns: std::sync::Mutex::new(Vec::new()),
+            tolerate,
+            vanished: std::sync::Mutex::new(unregistered.clone()),
         };
-        let pinned = pinned_in(mm, ranges)?;
-        Ok(Session {
+        let pinned = pinned_in(mm, &ranges.difference(&unregistered))?;
+        let s = Session {
             sh,
             guard,
             pinned,
             total_pages,
-        })
+        };
+        for r in unregistered.iter() {
+            s.mark(*r, DONE);
+        }
+        Ok(s)
     }
 
     fn wp_options(opts: &SnapshotOptions) -> WpOptions {
@@ -228,7 +238,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
 
     /// The pause without pre-arming: freeze, then protect everything.
     pub(super) fn pause(&mut self, opts: &SnapshotOptions) -> (Paused, Results) {
-        let to_protect = self.ranges().difference(&self.pinned);
+        let to_protect = self.to_protect(&self.ranges());
         let t_pause = Instant::now();
         self.freeze();
         let freeze_us = t_pause.elapsed().as_secs_f64() * 1e6;
@@ -267,7 +277,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         let wp = Self::wp_options(opts);
         let stopper = StopPrearm(st);
         scope.spawn(move || prearm_handler(mm, ranges, st));
-        let to_protect = ranges.difference(&self.pinned);
+        let to_protect = self.to_protect(ranges);
         let mut results = protect_all(mm, &to_protect, opts.protect_threads, &wp);
         let t_pause = Instant::now();
         self.freeze();
@@ -485,6 +495,12 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         self.resume(&mut paused);
         let copy_s = self.copy(opts, progress)?;
         Ok(self.finish(paused, prot, settled, copy_s, opts))
+    }
+
+    /// `ranges` without the pinned pages and what was gone before the snapshot began.
+    fn to_protect(&self, ranges: &RangeSet) -> RangeSet {
+        let gone = self.sh.vanished.lock().expect("vanished lock").clone();
+        ranges.difference(&self.pinned).difference(&gone)
     }
 
     fn ranges(&self) -> RangeSet {

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::{Image, SnapshotError, Source};
-use crate::range::{PAGE_SIZE, PMD_SIZE, Range};
+use crate::range::{PAGE_SIZE, PMD_SIZE, Range, RangeSet};
 use crate::seam::prelude::*;
 use crate::seam::{Event, WpMode};
 
@@ -28,6 +28,10 @@ pub(super) struct Shared<'a, M: Mm + ?Sized> {
     pub(super) huge: bool,
     pub(super) faults: AtomicU64,
     pub(super) service_ns: std::sync::Mutex<Vec<u64>>,
+    /// [`super::SnapshotOptions::tolerate_vanishing`].
+    pub(super) tolerate: bool,
+    /// What the target unmapped before it could be copied (or registered).
+    pub(super) vanished: std::sync::Mutex<RangeSet>,
 }
 
 impl<M: Mm + ?Sized> Shared<'_, M> {
@@ -38,10 +42,25 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
     }
 
     pub(super) fn copy(&self, addr: u64, len: u64) -> Result<(), SnapshotError> {
-        let err = |errno| SnapshotError::Copy { addr, len, errno };
+        match self.copy_raw(addr, len) {
+            Err(errno) if self.tolerate => {
+                // Part of it is gone: copy what is left page by page, record the rest.
+                let _ = errno;
+                for p in Range::from_bounds(addr, addr + len).page_iter() {
+                    if self.copy_raw(p.start(), PAGE_SIZE).is_err() {
+                        self.vanished.lock().expect("vanished lock").insert(p);
+                    }
+                }
+                Ok(())
+            }
+            r => r.map_err(|errno| SnapshotError::Copy { addr, len, errno }),
+        }
+    }
+
+    fn copy_raw(&self, addr: u64, len: u64) -> Result<(), crate::seam::Errno> {
         match self.source {
-            Source::Mapping(m) => self.image.copy_from_mapping(m, addr, len).map_err(err),
-            Source::Mm => self.image.copy_from_mm(self.mm, addr, len).map_err(err),
+            Source::Mapping(m) => self.image.copy_from_mapping(m, addr, len),
+            Source::Mm => self.image.copy_from_mm(self.mm, addr, len),
         }
     }
 
@@ -70,13 +89,21 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
     }
 
     pub(super) fn unprotect(&self, r: Range) -> Result<(), SnapshotError> {
-        self.mm
-            .writeprotect(r, WpMode::Unprotect { dontwake: false })
-            .map_err(|errno| SnapshotError::Uffd {
+        let un = WpMode::Unprotect { dontwake: false };
+        match self.mm.writeprotect(r, un) {
+            // Part of it is gone (ENOENT: no longer registered): un-protect what is left.
+            Err(_) if self.tolerate => {
+                for p in r.page_iter() {
+                    let _ = self.mm.writeprotect(p, un);
+                }
+                Ok(())
+            }
+            res => res.map_err(|errno| SnapshotError::Uffd {
                 op: "UFFDIO_WRITEPROTECT(unprotect)",
                 addr: r.start(),
                 errno,
-            })
+            }),
+        }
     }
 
     /// Serves one event: a WP fault gets its page copied (if not yet), un-protected, woken.
