@@ -262,7 +262,7 @@ pub fn capture(
         // The target may unmap anything at any time: what goes is reported, not fatal.
         let so = SnapshotOptions {
             tolerate_vanishing: true,
-            ..opts.snapshot.clone()
+            ..opts.snapshot
         };
         let (img, rep) = snapshot::take(&mm, &wp, Source::Mm, &dq, &so, progress)?;
         let pause = rep.pause_us;
