@@ -180,3 +180,60 @@ fn bad_targets_are_refused_with_a_json_error_before_anything_is_touched() {
     assert_eq!(v["error"]["kind"], "Io", "{v}");
     child.wait().unwrap();
 }
+
+/// A python process whose threads map, fill and unmap 8 MiB in a loop: its mappings change
+/// during every copy. Each dump must succeed, and the process must run on, untraced.
+#[test]
+fn a_process_that_maps_and_unmaps_during_the_copy_is_dumped_and_runs_on() {
+    if !is_root() {
+        return skip("root");
+    }
+    let Ok(mut py) = Command::new("python3")
+        .args(["-c", CHURN])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    else {
+        return skip("python3");
+    };
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(py.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first.trim(), "ready");
+    let dir = Scratch::new("churn");
+    let core = dir.0.join("core");
+    let pid = py.id().to_string();
+    for i in 0..5 {
+        let o = uffd_wp(&["dump", &pid, "--json", "-o", core.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "dump {i}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["threads"], 3, "{v}");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    assert!(!status.contains("State:\tt"), "{status}");
+    assert!(py.try_wait().unwrap().is_none(), "python exited");
+    py.kill().unwrap();
+    py.wait().unwrap();
+}
+
+const CHURN: &str = r#"
+import mmap, threading
+keep = bytearray(b"k" * (16 << 20))
+def churn():
+    while True:
+        m = mmap.mmap(-1, 8 << 20)
+        m.write(b"x" * (8 << 20))
+        m.close()
+for _ in range(2):
+    threading.Thread(target=churn, daemon=True).start()
+print("ready", flush=True)
+churn()
+"#;
