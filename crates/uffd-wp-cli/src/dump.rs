@@ -63,6 +63,22 @@ struct Output {
     /// The built-in target's check of the dump against itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     oracle: Option<DumpVerdict>,
+    /// Where the built-in target keeps its region and its version table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<TargetLayout>,
+}
+
+/// The built-in target's layout, for checking the core with other tools (gdb).
+#[derive(Debug, Clone, Copy, Serialize)]
+struct TargetLayout {
+    /// The region's first page.
+    start: u64,
+    /// Its pages.
+    pages: u64,
+    /// The version table: one `u64` per page.
+    versions: u64,
+    /// Writer threads.
+    writers: u64,
 }
 
 /// Runs it.
@@ -96,6 +112,12 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         core: path.display().to_string(),
         dump: cap.report,
         oracle,
+        target: target.as_ref().map(|t| TargetLayout {
+            start: t.start,
+            pages: t.pages,
+            versions: t.versions,
+            writers: t.threads,
+        }),
     };
     report::emit(a.json, &out, print);
     match out.oracle {

@@ -121,6 +121,33 @@ fn the_builtin_target_dumps_consistently_and_gdb_reads_every_thread() {
         .map(|m| m["method"].as_str().unwrap())
         .collect();
     assert!(methods.contains(&"write-protect") && methods.contains(&"in-freeze"));
+    // gdb reads the memory too: page 0's header and its entry in the version table, both from
+    // the core, agree as the oracle says (equal, or the page one version ahead mid-write).
+    let t = &v["target"];
+    let (start, versions) = (
+        t["start"].as_u64().unwrap(),
+        t["versions"].as_u64().unwrap(),
+    );
+    let mem = gdb(
+        Path::new(BIN),
+        &core,
+        &[
+            &format!("x/1gx {start:#x}"),
+            &format!("x/1gx {versions:#x}"),
+        ],
+    );
+    let words: Vec<u64> = mem
+        .lines()
+        .filter_map(|l| l.split_once(":\t"))
+        .filter_map(|(_, w)| u64::from_str_radix(w.trim().trim_start_matches("0x"), 16).ok())
+        .collect();
+    assert_eq!(words.len(), 2, "gdb printed both words:\n{mem}");
+    assert!(
+        words[0] == words[1] || words[0] == words[1] + 1,
+        "page 0 holds version {} but the table says {}:\n{mem}",
+        words[0],
+        words[1]
+    );
     let out = gdb(Path::new(BIN), &core, &["info threads"]);
     // The rows of gdb's thread table: `* 1    Thread 0x... (LWP n) ...`.
     let threads = out
