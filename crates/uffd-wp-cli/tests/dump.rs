@@ -264,3 +264,69 @@ for _ in range(2):
 print("ready", flush=True)
 churn()
 "#;
+
+/// The PT_LOAD segments of a core: (vaddr, the bytes in the file).
+fn loads(core: &Path) -> Vec<(u64, Vec<u8>)> {
+    use object::elf::{FileHeader64, PT_LOAD};
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let data = std::fs::read(core).unwrap();
+    let h = FileHeader64::<object::Endianness>::parse(&*data).unwrap();
+    let e = h.endian().unwrap();
+    h.program_headers(e, &*data)
+        .unwrap()
+        .iter()
+        .filter(|p| p.p_type(e) == PT_LOAD)
+        .map(|p| (p.p_vaddr(e), p.data(e, &*data).unwrap().to_vec()))
+        .collect()
+}
+
+/// Beside gcore on the same idle process: every byte both cores hold is the same, and every
+/// segment gcore fills that the kernel's rules dump is filled in ours too.
+#[test]
+fn an_idle_process_dumps_the_same_bytes_as_gcore() {
+    if !is_root() {
+        return skip("root");
+    }
+    if Command::new("gcore").arg("--version").output().is_err() {
+        return skip("gcore (gdb)");
+    }
+    let mut idle = Command::new("sleep").arg("600").spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let pid = idle.id().to_string();
+    let dir = Scratch::new("gcore");
+    let ours = dir.0.join("ours");
+    let o = uffd_wp(&["dump", &pid, "--json", "-o", ours.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let prefix = dir.0.join("gcore");
+    let g = Command::new("timeout")
+        .args(["120", "gcore", "-o", prefix.to_str().unwrap(), &pid])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let theirs = loads(&dir.0.join(format!("gcore.{pid}")));
+    let ours = loads(&ours);
+    // The stack below the stack pointer is dead memory that attaching (ours, then gdb's)
+    // may write: the live part is what gdb's backtraces check.
+    let stack = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .find(|l| l.ends_with("[stack]"))
+        .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+        .unwrap();
+    let mut compared = 0;
+    for (addr, bytes) in ours.iter().filter(|(a, _)| *a != stack) {
+        let Some((_, gb)) = theirs.iter().find(|(a, _)| a == addr) else {
+            continue;
+        };
+        let n = bytes.len().min(gb.len());
+        assert_eq!(
+            bytes[..n],
+            gb[..n],
+            "segment at {addr:#x} differs from gcore's"
+        );
+        compared += n;
+    }
+    assert!(compared >= 100 << 10, "only {compared} bytes in common");
+    idle.kill().unwrap();
+    idle.wait().unwrap();
+}
