@@ -202,7 +202,10 @@ fn attach_protects_and_receives_the_targets_faults() {
     };
     eprintln!("attach: {rep:?}");
     assert_eq!(rep.pid, w.pid as i32);
-    assert_eq!(rep.tid, w.pid as i32, "the leader runs the injected calls");
+    assert_eq!(
+        rep.tid, w.pid as i32,
+        "the leader (in a system call, unlike the writers) runs the injected calls"
+    );
     // The target's copy of the uffd is closed: fd `target_fd` is gone or something else.
     let link = std::fs::read_link(format!("/proc/{}/fd/{}", w.pid, rep.target_fd));
     assert!(
@@ -264,10 +267,10 @@ fn attach_protects_and_receives_the_targets_faults() {
     w.assert_writing();
 }
 
-/// A thread interrupted in user space (a busy writer) runs the calls at a `syscall` found in
-/// the vDSO, and resumes intact: the workload goes on writing.
+/// A thread interrupted in user space (a busy writer) is sent into the restorer, whose
+/// rt_sigreturn entry is substituted, and resumes intact: the workload goes on writing.
 #[test]
-fn attach_through_a_busy_thread_uses_the_vdso() {
+fn attach_through_a_busy_thread_uses_the_restorer() {
     // One writer: once the write count grows it has left its start-up futex wait for good
     // (it never makes a system call again), so it is interrupted in user space.
     let mut w = Workload::spawn("8M", 1);
@@ -282,7 +285,11 @@ fn attach_through_a_busy_thread_uses_the_vdso() {
     };
     eprintln!("attach via writer: {rep:?}");
     assert_eq!(rep.tid, writer);
-    assert_eq!(rep.site, SyscallSite::Vdso, "a writer runs in user space");
+    assert_eq!(
+        rep.site,
+        SyscallSite::Restorer,
+        "a writer runs in user space"
+    );
     mm.register(w.range, RegisterMode::WP).unwrap();
     mm.writeprotect(w.range, WpMode::Protect).unwrap();
     assert!(mm.wait_event(PATIENCE.as_millis() as i32).unwrap());
@@ -292,8 +299,8 @@ fn attach_through_a_busy_thread_uses_the_vdso() {
     assert_eq!(bit57_pages(w.pid, w.range), 0);
 }
 
-/// A thread blocked in read(2) is interrupted, runs the calls at the `syscall` it entered the
-/// kernel through, and its read is restarted as if nothing happened: `cat` still echoes.
+/// A thread blocked in read(2) is interrupted, re-enters its read, which is substituted, and
+/// its read is restarted as if nothing happened: `cat` still echoes.
 #[test]
 fn attach_restarts_an_interrupted_blocking_call() {
     let mut cat = Command::new("cat")
@@ -316,7 +323,7 @@ fn attach_restarts_an_interrupted_blocking_call() {
     let mut out = BufReader::new(cat.stdout.take().unwrap());
     if let Some((mm, rep)) = attached {
         eprintln!("attach to cat: {rep:?}");
-        assert_eq!(rep.site, SyscallSite::Interrupted);
+        assert_eq!(rep.site, SyscallSite::Ridden);
         drop(mm);
         let state = remote::thread_state(pid as i32, pid as i32);
         assert!(
@@ -334,7 +341,7 @@ fn attach_restarts_an_interrupted_blocking_call() {
 }
 
 /// Typed errors, and the target is left running: no such process; a target another tracer
-/// holds (EPERM), here the freeze of this very test on another thread.
+/// holds (found before the attach), here the freeze of this very test on another thread.
 #[test]
 fn attach_errors_are_typed_and_leave_the_target_running() {
     if euid() != 0 {
@@ -366,11 +373,12 @@ fn attach_errors_are_typed_and_leave_the_target_running() {
     let other = std::thread::spawn(move || LinuxMm::attach(pid, Config::default()).map(drop))
         .join()
         .unwrap();
+    // Found before the attach, naming the other tracer (this test process).
     match other {
-        Err(AttachError::Permission { errno, .. }) => {
-            assert_eq!(errno, uffd_wp::seam::Errno::PERM)
+        Err(AttachError::AlreadyTraced { tracer, .. }) => {
+            assert_eq!(tracer, std::process::id() as i32)
         }
-        other => panic!("expected Permission, got {other:?}"),
+        other => panic!("expected AlreadyTraced, got {other:?}"),
     }
     q.try_resume().unwrap();
     assert!(
@@ -548,7 +556,7 @@ fn monitor_killed_in_the_freeze_leaves_the_target_running() {
     if !can_attach(&w) {
         return;
     }
-    kill_monitor_mid_snapshot(&mut w, "freeze", |w| {
+    kill_monitor_mid_snapshot(&mut w, "frozen", |w| {
         let states = thread_states(w.pid);
         assert_eq!(states.len(), w.threads + 1);
         assert!(

@@ -127,9 +127,11 @@ pub fn thread_state(pid: i32, tid: i32) -> Option<char> {
     stat_state(&read(&path(pid, &format!("task/{tid}/stat"))).ok()?)
 }
 
-/// Whether `/proc/PID` exists and is not a zombie.
+/// Whether `/proc/PID` exists and some thread of it is not a zombie (the leader may have
+/// exited while other threads run).
 pub fn process_alive(pid: i32) -> bool {
-    matches!(thread_state(pid, pid), Some(s) if s != 'Z' && s != 'X')
+    let live = |t: i32| matches!(thread_state(pid, t), Some(s) if s != 'Z' && s != 'X');
+    live(pid) || thread_ids(pid).is_ok_and(|tids| tids.into_iter().any(live))
 }
 
 /// The thread ids of process `pid` (`/proc/PID/task`), ascending.

@@ -6,10 +6,10 @@
 //! Resuming detaches them all. A ptrace stop is undone by the kernel when the tracer dies,
 //! which is what makes a monitor killed mid-snapshot leave the target running.
 
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::AttachError;
+use super::{AttachError, NoObserver, Observer, Step};
 use crate::backend::procfs::thread_ids;
 use crate::seam::{Errno, Quiesce};
 use crate::sys::ptrace::{self, WaitStatus};
@@ -42,17 +42,71 @@ pub struct RemoteQuiesce {
     frozen: Mutex<Option<Frozen>>,
     last_error: Mutex<Option<AttachError>>,
     last_stats: Mutex<FreezeStats>,
+    obs: Arc<dyn Observer>,
+}
+
+/// How long one thread may take to stop (a thread in uninterruptible sleep stops only when it
+/// leaves it).
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits for `tid`'s stop, leaving it unconsumed (a signal-delivery stop then keeps its
+/// signal if this process dies: `ptrace::peek`); the stop's signal to pass on when detaching
+/// (0: none); `Ok(None)` if the thread exited (reaped); `Err` if it did not stop in time.
+fn await_stop(pid: i32, tid: i32) -> Result<Option<i32>, AttachError> {
+    let until = Instant::now() + STOP_WAIT;
+    loop {
+        match ptrace::peek(tid, false) {
+            Ok(Some(WaitStatus::Signal(s))) => return Ok(Some(s)),
+            Ok(Some(WaitStatus::Event { .. } | WaitStatus::SyscallStop)) => return Ok(Some(0)),
+            Ok(Some(WaitStatus::Exited(_) | WaitStatus::Killed(_))) | Err(Errno::CHILD) => {
+                let _ = ptrace::wait(tid);
+                return Ok(None);
+            }
+            Ok(Some(WaitStatus::Other(_))) => {}
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_micros(20)),
+            Ok(None) => return Err(AttachError::Timeout { pid, tid }),
+            Err(e) => return Err(AttachError::from_errno(pid, tid, "waitid", e)),
+        }
+    }
+}
+
+/// Waits for every thread of `seized` to stop, recording it in `f`.
+fn await_all(pid: i32, seized: Vec<i32>, f: &mut Frozen) -> Result<(), AttachError> {
+    let mut res = Ok(());
+    for tid in seized {
+        match await_stop(pid, tid) {
+            Ok(Some(sig)) => f.threads.push((tid, sig)),
+            Ok(None) => {}
+            Err(e) => res = res.and(Err(e)),
+        }
+    }
+    res
 }
 
 impl RemoteQuiesce {
     /// A quiesce for process `pid` (nothing is done until [`Quiesce::freeze`]).
     pub fn new(pid: u32) -> RemoteQuiesce {
+        Self::with_observer(pid, Arc::new(NoObserver))
+    }
+
+    /// A quiesce that calls `obs` at [`Step::Freezing`] (the first threads seized and
+    /// interrupted) and [`Step::Frozen`] (all stopped); a cancel there resumes the target and
+    /// the freeze fails with [`AttachError::Cancelled`].
+    pub fn with_observer(pid: u32, obs: Arc<dyn Observer>) -> RemoteQuiesce {
         RemoteQuiesce {
             pid: pid as i32,
             frozen: Mutex::new(None),
             last_error: Mutex::new(None),
             last_stats: Mutex::new(FreezeStats::default()),
+            obs,
         }
+    }
+
+    fn step(&self, s: Step) -> Result<(), AttachError> {
+        self.obs.at(s).map_err(|_| AttachError::Cancelled {
+            pid: self.pid,
+            step: s,
+        })
     }
 
     /// The error of the last [`Quiesce::freeze`] or [`Quiesce::resume`], if any (the trait's
@@ -115,24 +169,18 @@ impl RemoteQuiesce {
                         }
                     }
                 }
-                for tid in seized {
-                    loop {
-                        match ptrace::wait(tid) {
-                            Ok(WaitStatus::Event { .. } | WaitStatus::SyscallStop) => {
-                                f.threads.push((tid, 0));
-                                break;
-                            }
-                            Ok(WaitStatus::Signal(s)) => {
-                                f.threads.push((tid, s));
-                                break;
-                            }
-                            Ok(WaitStatus::Exited(_) | WaitStatus::Killed(_)) | Err(_) => break,
-                            Ok(WaitStatus::Other(_)) => {}
-                        }
-                    }
-                }
+                // A cancel here still waits for the stops: only a stopped thread can be
+                // detached.
+                let cancel = if passes == 1 {
+                    self.step(Step::Freezing)
+                } else {
+                    Ok(())
+                };
+                await_all(pid, seized, &mut f)?;
+                cancel?;
             }
         })();
+        let res = res.and_then(|()| self.step(Step::Frozen));
         match res {
             Ok(()) => {
                 let stats = FreezeStats {
