@@ -51,14 +51,26 @@ fn stall(what: &str) -> Result<(), Cancel> {
     }
 }
 
-/// The CLI's [`Observer`]: cancels once a stop signal was caught; stalls at `--stall-at`.
+/// The CLI's [`Observer`]: cancels once a stop signal was caught; stalls at `--stall-at`;
+/// with `UFFD_WP_TRACE_STEPS` set (tests), names every step on stderr as it is reached.
 #[derive(Debug)]
 struct CliObserver {
     stall: Option<String>,
+    trace: bool,
+    t0: std::time::Instant,
 }
 
 impl Observer for CliObserver {
     fn at(&self, step: Step) -> Result<(), Cancel> {
+        if self.trace {
+            // One write, so that a kill never cuts a line.
+            let line = format!(
+                "uffd-wp: STEP {} +{}us\n",
+                step.name(),
+                self.t0.elapsed().as_micros()
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+        }
         if signal::caught_signal().is_some() {
             return Err(Cancel);
         }
@@ -191,7 +203,12 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
     })?;
     let obs = Arc::new(CliObserver {
         stall: a.stall_at.clone(),
+        trace: std::env::var_os("UFFD_WP_TRACE_STEPS").is_some(),
+        t0: std::time::Instant::now(),
     });
+    if obs.trace {
+        eprintln!("uffd-wp: STEP begin +0us");
+    }
     let (mm, attach) = LinuxMm::attach_observed(pid, a.thread, Config::default(), &*obs)
         .map_err(|e| attach_error("attaching to", pid, e))?;
     let rq = RemoteQuiesce::with_observer(pid, obs);

@@ -134,6 +134,12 @@ pub fn process_alive(pid: i32) -> bool {
     live(pid) || thread_ids(pid).is_ok_and(|tids| tids.into_iter().any(live))
 }
 
+/// The open fd numbers of thread `tid` of process `pid` (`/proc/PID/task/TID/fd`),
+/// ascending.
+pub fn fd_numbers(pid: i32, tid: i32) -> Result<Vec<i32>, Errno> {
+    numeric_entries_at(CWD, &path(pid, &format!("task/{tid}/fd")))
+}
+
 /// The thread ids of process `pid` (`/proc/PID/task`), ascending.
 pub fn thread_ids(pid: i32) -> Result<Vec<i32>, Errno> {
     numeric_entries_at(CWD, &path(pid, "task"))

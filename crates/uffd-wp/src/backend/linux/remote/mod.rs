@@ -16,20 +16,22 @@
 //!
 //! # Attaching ([`LinuxMm::attach`])
 //!
-//! One thread of the target (the thread-group leader unless it is a zombie) is seized,
-//! interrupted, made to run `userfaultfd(O_CLOEXEC | O_NONBLOCK)` and then `close(fd)` at a
-//! `syscall` instruction of its own ([`SyscallSite`]), after this process took a copy of the
-//! descriptor: this process holds the only reference, and when it closes it (or dies) the
-//! kernel releases the context and un-protects everything. The thread's registers are
-//! restored and an interrupted blocking call is restarted as if the thread had only been
-//! interrupted; signals that arrive meanwhile are re-sent after the detach. Every error path
-//! restores the registers and detaches, and a target is never left stopped: if this process
-//! dies, the kernel detaches its tracees itself. The one window that cannot be covered is this
-//! process being SIGKILLed during the ~100 us between writing the injected registers and
-//! restoring them: the thread would then resume at the `syscall` with the injected registers.
-//! Another hazard the kernel gives no way around: a fork(2) by another thread of the target
-//! between the injected userfaultfd(2) and close(2) would give the child a copy of the
-//! descriptor (O_CLOEXEC only helps across exec).
+//! First every check that can fail ([`preflight`]: the process, a kernel thread, another
+//! tracer, Yama, ownership, seccomp, pidfd_getfd; the kernel's userfaultfd features), then,
+//! with every other thread frozen, one thread of the target (one in a system call if there is
+//! one) is made to run `userfaultfd(O_CLOEXEC | O_NONBLOCK)` and `close(fd)`, after this
+//! process took a copy of the descriptor: this process holds the only reference, and when it
+//! closes it (or dies) the kernel releases the context and un-protects everything.
+//!
+//! The protocol (tracee.rs) is built so that this process may be SIGKILLed at any instant
+//! without harming the target: no single-step (whose state would survive the tracer and kill
+//! the target with SIGTRAP), stops observed without consuming them, signals passed through
+//! at once, and injected registers live only while a sigreturn frame on the thread's own stack
+//! (net.rs) both closes the injected fd and restores the thread. Every step calls an
+//! [`Observer`], which can cancel (the target is released first) or, in tests, stop there to
+//! be killed. The kill tests (crates/uffd-wp-cli/tests/remote_kill.rs) kill the monitor at
+//! each step and at random instants. What remains is stated in
+//! docs/notes/issue9-ptrace-protocol.md (a shadow-stack or libc-less target is refused).
 //!
 //! # Reading the target's memory
 //!
@@ -77,6 +79,9 @@ pub use tracee::SyscallSite;
 /// code `Manufactured`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Step {
+    /// Every other thread of the target frozen (so the fd table cannot change and no fork
+    /// can copy the injected fd); the thread not seized yet.
+    OthersFrozen,
     /// The thread is seized, not yet interrupted.
     Seized,
     /// `PTRACE_INTERRUPT` sent, the stop not yet seen.
@@ -99,10 +104,8 @@ pub enum Step {
     UffdExitStop,
     /// This process has its copy of the fd.
     FdTaken,
-    /// At the restorer's entry stop where close(2) will be substituted.
+    /// At the entry stop of the chain's close(2) of the target's copy.
     CloseEntryStop,
-    /// close(2) substituted (not run yet).
-    CloseSubstituted,
     /// At close's exit stop.
     CloseExitStop,
     /// The thread's own registers written back.
@@ -118,6 +121,7 @@ pub enum Step {
 impl Step {
     /// Every step, in protocol order.
     pub const ALL: [Step; 18] = [
+        Step::OthersFrozen,
         Step::Seized,
         Step::Interrupted,
         Step::EventStop,
@@ -130,7 +134,6 @@ impl Step {
         Step::UffdExitStop,
         Step::FdTaken,
         Step::CloseEntryStop,
-        Step::CloseSubstituted,
         Step::CloseExitStop,
         Step::Restored,
         Step::Detached,
@@ -141,6 +144,7 @@ impl Step {
     /// Its name on the command line (`--stall-at`): kebab-case.
     pub fn name(&self) -> &'static str {
         match self {
+            Step::OthersFrozen => "others-frozen",
             Step::Seized => "seized",
             Step::Interrupted => "interrupted",
             Step::EventStop => "event-stop",
@@ -153,7 +157,6 @@ impl Step {
             Step::UffdExitStop => "uffd-exit-stop",
             Step::FdTaken => "fd-taken",
             Step::CloseEntryStop => "close-entry-stop",
-            Step::CloseSubstituted => "close-substituted",
             Step::CloseExitStop => "close-exit-stop",
             Step::Restored => "restored",
             Step::Detached => "detached",

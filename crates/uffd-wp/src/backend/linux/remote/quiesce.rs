@@ -127,6 +127,12 @@ impl RemoteQuiesce {
 
     /// Stops every thread of the target; on error, resumes what was stopped.
     pub fn try_freeze(&self) -> Result<FreezeStats, AttachError> {
+        self.try_freeze_except(None)
+    }
+
+    /// Stops every thread of the target but `except` (none left is fine then); on error,
+    /// resumes what was stopped.
+    pub fn try_freeze_except(&self, except: Option<i32>) -> Result<FreezeStats, AttachError> {
         let mut g = self.frozen.lock().expect("quiesce lock");
         if g.is_some() {
             return Ok(self.last_stats());
@@ -144,10 +150,10 @@ impl RemoteQuiesce {
                 let tids = thread_ids(pid).map_err(|_| AttachError::NoSuchProcess { pid })?;
                 let new: Vec<i32> = tids
                     .into_iter()
-                    .filter(|t| !f.threads.iter().any(|(s, _)| s == t))
+                    .filter(|t| !f.threads.iter().any(|(s, _)| s == t) && Some(*t) != except)
                     .collect();
                 if new.is_empty() {
-                    if f.threads.is_empty() {
+                    if f.threads.is_empty() && except.is_none() {
                         return Err(AttachError::NoSuchProcess { pid });
                     }
                     return Ok(());

@@ -19,6 +19,9 @@
 //!
 //! # Steps ([`Step`])
 //!
+//! 0. Every other thread of the target is frozen ([`RemoteQuiesce`]): the fd table cannot
+//!    change (so the fd userfaultfd(2) will return is the lowest free one), and no fork(2) can
+//!    copy the injected fd.
 //! 1. `PTRACE_SEIZE` (nothing queued), `PTRACE_INTERRUPT`, the `PTRACE_EVENT_STOP` in
 //!    `get_signal()`: registers R0.
 //! 2. a. R0 inside a system call that the kernel restarts (`-ERESTART*`) or that returned
@@ -32,16 +35,18 @@
 //!    restorer (one SETREGS): it enters `rt_sigreturn`, a syscall-entry stop E of our making.
 //! 3. At E: the frame (if not written yet) restores C = "about to run its own call again"
 //!    (`rip` = S, `rax` = the call; for `restart_syscall` the frame re-runs the original call,
-//!    since rt_sigreturn resets the restart block). One SETREGS substitutes
-//!    `userfaultfd(flags)` for the call, returning to `ret` with RSP at the frame.
-//! 4. Its exit stop: the fd. `pidfd_getfd`. `PTRACE_SYSCALL`: the thread runs `ret` into the
-//!    restorer, whose entry stop is substituted by `close(fd)` the same way.
-//! 5. Close's exit stop: SETREGS(C) (so the restorer never runs on the normal path and
-//!    the restart block stays intact), `PTRACE_DETACH`.
+//!    since rt_sigreturn resets the restart block); below it the chain `pop %rdi` (fd) /
+//!    `pop %rax` (3) / `syscall` / `ret` into the restorer. One SETREGS substitutes
+//!    `userfaultfd(flags)` for the call, returning into the chain.
+//! 4. Its exit stop: the fd. `pidfd_getfd`. `PTRACE_SYSCALL`: the chain's close(fd), entry and
+//!    exit stops.
+//! 5. Close's exit stop: SETREGS(C) (so the restorer never runs on the normal path and the
+//!    restart block stays intact), `PTRACE_DETACH`; the other threads are resumed.
 //!
 //! Errors and cancellation release the thread at its current stop: where the injected
-//! registers are live, SETREGS(C) first; elsewhere the thread's registers are its own (or a
-//! signal handler's, whose return leads back into the net) and it is only detached.
+//! registers are live and no fd is waiting to be closed, SETREGS(C) first; elsewhere the
+//! thread's registers are its own (or a signal handler's, or the chain's, which lead back
+//! into the net) and it is only detached.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -49,7 +54,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use super::net::{Frame, Net};
-use super::{AttachError, AttachReport, Observer, Step};
+use super::{AttachError, AttachReport, Observer, RemoteQuiesce, Step};
 use crate::backend::procfs::{self, thread_ids, thread_state};
 use crate::seam::Errno;
 use crate::sys::ptrace::{self, Regs, SyscallInfo, WaitStatus, nr, restart};
@@ -111,6 +116,10 @@ struct Tracee<'a> {
     restore: Option<Regs>,
     /// The frame, once written.
     frame: Option<Frame>,
+    /// The fd the chain closes (predicted: the lowest free one).
+    fd: i32,
+    /// The injected fd exists in the target and the chain has not closed it yet.
+    fd_pending: bool,
 }
 
 impl<'a> Tracee<'a> {
@@ -134,6 +143,8 @@ impl<'a> Tracee<'a> {
             obs,
             restore: None,
             frame: None,
+            fd: -1,
+            fd_pending: false,
         };
         t.step(Step::Seized)?;
         ptrace::interrupt(tid).map_err(|e| t.err("PTRACE_INTERRUPT", e))?;
@@ -325,9 +336,10 @@ impl<'a> Tracee<'a> {
     fn manufacture_entry(&mut self, r0: Regs) -> Result<Entry, AttachError> {
         let restore = r0.with_orig_rax(u64::MAX);
         let mask = ptrace::get_sigmask(self.tid).map_err(|e| self.err("PTRACE_GETSIGMASK", e))?;
+        self.fd = self.lowest_free_fd()?;
         let frame = self
             .net
-            .write_frame(self.pid, self.tid, &restore, r0.sp(), mask)?;
+            .write_frame(self.pid, self.tid, &restore, r0.sp(), mask, self.fd)?;
         self.step(Step::FrameWritten)?;
         let to_restorer = restore
             .with_ip(self.net.restorer)
@@ -379,24 +391,17 @@ impl<'a> Tracee<'a> {
         }
     }
 
-    /// Steps 3-4: at entry stop `e`, substitutes `call(args)` returning into the net and runs
-    /// it to its exit stop; returns its result (negative: -errno).
-    fn substitute(
-        &mut self,
-        e: &Regs,
-        call: u64,
-        args: [u64; 6],
-        steps: [Step; 2],
-    ) -> Result<i64, AttachError> {
-        let frame = self.frame.expect("frame written before a substitution");
-        let subst = e
-            .with_orig_rax(call)
-            .with_args(args)
-            .with_ip(self.net.ret)
-            .with_sp(frame.base);
-        self.set_regs(&subst)?;
-        self.step(steps[0])?;
-        self.resume()?;
+    /// The lowest fd number free in the thread's table: what userfaultfd(2) will return,
+    /// every other thread being frozen.
+    fn lowest_free_fd(&self) -> Result<i32, AttachError> {
+        let fds = procfs::fd_numbers(self.pid, self.tid).map_err(|e| {
+            AttachError::from_errno(self.pid, self.tid, "listing /proc/PID/task/TID/fd", e)
+        })?;
+        Ok((0..).find(|n| fds.binary_search(n).is_err()).unwrap_or(0))
+    }
+
+    /// Waits (bounded) for the next syscall stop, passing anything else on.
+    fn next_syscall_stop(&mut self) -> Result<SyscallInfo, AttachError> {
         let give_up = Instant::now() + THREAD_WAIT;
         loop {
             let Some(st) = self.wait(give_up)? else {
@@ -405,16 +410,77 @@ impl<'a> Tracee<'a> {
                     tid: self.tid,
                 });
             };
-            if st == WaitStatus::SyscallStop
-                && let SyscallInfo::Exit { rval } =
-                    ptrace::syscall_info(self.tid).map_err(|e| self.err("GET_SYSCALL_INFO", e))?
-            {
-                self.step(steps[1])?;
-                return Ok(rval);
+            if st == WaitStatus::SyscallStop {
+                return ptrace::syscall_info(self.tid).map_err(|e| self.err("GET_SYSCALL_INFO", e));
             }
-            // Nothing else can stop a thread between a call's entry and its exit.
             self.resume()?;
         }
+    }
+
+    /// Steps 3-4: at entry stop `e`, substitutes userfaultfd(`flags`) returning into the
+    /// chain, and runs it to its exit stop; returns its result (negative: -errno), the chain
+    /// set to close the fd it got.
+    fn substitute(&mut self, e: &Regs, flags: u64) -> Result<i64, AttachError> {
+        let frame = self.frame.expect("frame written before a substitution");
+        let subst = e
+            .with_orig_rax(nr::USERFAULTFD)
+            .with_args([flags, 0, 0, 0, 0, 0])
+            .with_ip(self.net.pop_rdi)
+            .with_sp(frame.chain);
+        self.set_regs(&subst)?;
+        self.step(Step::Substituted)?;
+        self.resume()?;
+        // Nothing else can stop a thread between a call's entry and its exit.
+        let rval = match self.next_syscall_stop()? {
+            SyscallInfo::Exit { rval } => rval,
+            other => {
+                return Err(AttachError::Os {
+                    op: match other {
+                        SyscallInfo::Entry { .. } => "an entry stop after userfaultfd's entry",
+                        _ => "a stop other than userfaultfd's exit",
+                    },
+                    tid: self.tid,
+                    errno: Errno::PROTO,
+                });
+            }
+        };
+        self.fd_pending = rval >= 0;
+        if rval >= 0 && rval != i64::from(self.fd) {
+            // Another fd than predicted (a table shared with another process): aim the chain
+            // at it.
+            self.net
+                .retarget(self.pid, &frame, rval as i32)
+                .map_err(|e| self.err("writing the frame", e))?;
+        }
+        self.step(Step::UffdExitStop)?;
+        Ok(rval)
+    }
+
+    /// Step 4: lets the chain close the target's copy (entry and exit stops of its close);
+    /// returns close's result.
+    fn close_in_chain(&mut self) -> Result<i64, AttachError> {
+        self.resume()?;
+        let at = self.net.syscall_ret + 2;
+        loop {
+            let info = self.next_syscall_stop()?;
+            let ip = self.regs()?.ip();
+            if matches!(info, SyscallInfo::Entry { nr: nr::CLOSE, .. }) && ip == at {
+                break;
+            }
+            self.resume()?;
+        }
+        self.step(Step::CloseEntryStop)?;
+        self.resume()?;
+        let SyscallInfo::Exit { rval } = self.next_syscall_stop()? else {
+            return Err(AttachError::Os {
+                op: "a stop other than close's exit",
+                tid: self.tid,
+                errno: Errno::PROTO,
+            });
+        };
+        self.fd_pending = false;
+        self.step(Step::CloseExitStop)?;
+        Ok(rval)
     }
 
     /// Step 3 for a ridden entry: the frame, written now that the mask is the real one.
@@ -424,27 +490,32 @@ impl<'a> Tracee<'a> {
         }
         let net_regs = entry.net_regs();
         let mask = ptrace::get_sigmask(self.tid).map_err(|e| self.err("PTRACE_GETSIGMASK", e))?;
-        let frame = self
-            .net
-            .write_frame(self.pid, self.tid, &net_regs, entry.regs.sp(), mask)?;
+        self.fd = self.lowest_free_fd()?;
+        let frame = self.net.write_frame(
+            self.pid,
+            self.tid,
+            &net_regs,
+            entry.regs.sp(),
+            mask,
+            self.fd,
+        )?;
         self.restore = Some(entry.restore);
         self.frame = Some(frame);
         self.step(Step::FrameWritten)
     }
 
-    /// Whether the registers now are injected ones (RIP at a gadget, RSP at the frame).
+    /// Whether the registers now are injected ones (RIP at a gadget, RSP in the chain).
     fn injected(&mut self) -> Result<bool, AttachError> {
         let Some(f) = self.frame else {
             return Ok(false);
         };
         let r = self.regs()?;
-        let at_gadget =
-            [self.net.ret, self.net.restorer, self.net.restorer_entry].contains(&r.ip());
-        Ok(at_gadget && (r.sp() == f.base || r.sp() == f.after_ret()))
+        Ok(self.net.holds(r.ip()) && f.holds(r.sp()))
     }
 
     /// Brings the thread to a stop, puts its own state back where injected registers are
-    /// live, and detaches it (passing a signal-delivery stop's signal on).
+    /// live (unless the chain still has to close the injected fd: then the chain and the
+    /// restorer do it), and detaches it (passing a signal-delivery stop's signal on).
     fn release(&mut self) -> Result<(), AttachError> {
         match self.state {
             State::Gone | State::Detached => return Ok(()),
@@ -460,6 +531,7 @@ impl<'a> Tracee<'a> {
             }
         }
         if let Some(c) = self.restore
+            && !self.fd_pending
             && self.injected()?
         {
             self.set_regs(&c)?;
@@ -561,7 +633,7 @@ struct Injected {
     site: SyscallSite,
 }
 
-/// Steps 1-5 on thread `tid`.
+/// Steps 1-5 on thread `tid`, every other thread frozen meanwhile.
 fn inject(
     pid: i32,
     tid: i32,
@@ -577,35 +649,33 @@ fn inject(
         2 => ptrace::O_SUSPEND_SECCOMP,
         _ => return Err(AttachError::Seccomp { pid, tid }),
     };
+    let others = RemoteQuiesce::new(pid as u32);
+    others.try_freeze_except(Some(tid))?;
+    obs.at(Step::OthersFrozen)
+        .map_err(|_| AttachError::Cancelled {
+            pid,
+            step: Step::OthersFrozen,
+        })?;
     let mut t = Tracee::seize(pid, tid, options, net, mem, obs)?;
     let entry = t.reach_entry()?;
     t.arm(&entry)?;
-    let fd = t.substitute(
-        &entry.regs,
-        nr::USERFAULTFD,
-        [flags, 0, 0, 0, 0, 0],
-        [Step::Substituted, Step::UffdExitStop],
-    )?;
-    if fd < 0 {
-        return Err(userfaultfd_failed(pid, fd));
+    let fd = t.substitute(&entry.regs, flags)?;
+    let got = (fd >= 0).then(|| {
+        ptrace::pidfd_getfd(pidfd, fd as i32)
+            .map_err(|e| AttachError::from_errno(pid, pid, "pidfd_getfd", e))
+    });
+    if fd >= 0 {
+        t.step(Step::FdTaken)?;
     }
-    let fd = fd as i32;
-    let got = ptrace::pidfd_getfd(pidfd, fd)
-        .map_err(|e| AttachError::from_errno(pid, pid, "pidfd_getfd", e));
-    t.step(Step::FdTaken)?;
-    t.resume()?;
-    let e2 = t.restorer_entry()?;
-    t.step(Step::CloseEntryStop)?;
-    let closed = t.substitute(
-        &e2,
-        nr::CLOSE,
-        [fd as u64, 0, 0, 0, 0, 0],
-        [Step::CloseSubstituted, Step::CloseExitStop],
-    )?;
+    let closed = if fd >= 0 { t.close_in_chain()? } else { 0 };
     t.set_regs(&entry.restore)?;
     t.step(Step::Restored)?;
     t.release()?;
+    drop(others);
     t.step(Step::Detached)?;
+    let Some(got) = got else {
+        return Err(userfaultfd_failed(pid, fd));
+    };
     if closed < 0 {
         return Err(AttachError::TargetSyscall {
             pid,
@@ -615,7 +685,7 @@ fn inject(
     }
     Ok(Injected {
         fd: got,
-        target_fd: fd,
+        target_fd: fd as i32,
         site: entry.site,
     })
 }
