@@ -541,6 +541,17 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
     rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
 }
 
+/// `pidfd_open(tid, PIDFD_THREAD)` (6.9+): a pidfd for one thread, whose pidfd_getfd(2) reads
+/// that thread's fd table (the process's pidfd fails with ESRCH once the leader exited).
+pub fn pidfd_open_thread(tid: i32) -> Result<OwnedFd, Errno> {
+    const PIDFD_THREAD: libc::c_long = libc::O_EXCL as libc::c_long;
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor, owned from here.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::c_long, PIDFD_THREAD) };
+    let fd = check(rc)? as std::os::fd::RawFd;
+    // SAFETY: `fd` was just returned by the kernel, open and owned by nobody else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// `pidfd_getfd(2)`: a duplicate of descriptor `fd` of the process behind `pidfd`, in this
 /// process (`O_CLOEXEC`, the kernel's default for it).
 pub fn pidfd_getfd(pidfd: impl AsFd, fd: i32) -> Result<OwnedFd, Errno> {

@@ -51,6 +51,7 @@
 mod net;
 mod preflight;
 mod quiesce;
+mod restart;
 mod tracee;
 
 #[cfg(target_arch = "x86_64")]
@@ -458,5 +459,9 @@ impl LinuxMm {
 
 /// Reads target memory for [`LinuxMm::read_memory`] on a [`Target::Pid`].
 pub(super) fn read_memory(pid: u32, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
-    read_remote(pid as i32, addr, buf)
+    match read_remote(pid as i32, addr, buf) {
+        // The leader exited (other threads run): read through a live thread.
+        Err(Errno::SRCH) => read_remote(crate::backend::procfs::mm_tid(pid as i32), addr, buf),
+        r => r,
+    }
 }

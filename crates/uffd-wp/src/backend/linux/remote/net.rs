@@ -187,14 +187,16 @@ impl Net {
             .chain(&words)
             .flat_map(|w| w.to_ne_bytes())
             .collect();
-        write_all(pid, fp, &fp_img).map_err(os("writing the frame"))?;
-        write_all(pid, chain, &bytes).map_err(os("writing the frame"))?;
+        // Through the thread's own id: the leader's has no mm once it exited.
+        write_all(tid, fp, &fp_img).map_err(os("writing the frame"))?;
+        write_all(tid, chain, &bytes).map_err(os("writing the frame"))?;
         Ok(Frame { base, chain })
     }
 
-    /// Rewrites the fd the chain of `frame` closes (the injected call returned another one).
-    pub fn retarget(&self, pid: i32, frame: &Frame, fd: i32) -> Result<(), crate::seam::Errno> {
-        write_all(pid, frame.chain, &(fd as u64).to_ne_bytes())
+    /// Rewrites the fd the chain of `frame` (on thread `tid`'s stack) closes (the injected
+    /// call returned another one).
+    pub fn retarget(&self, tid: i32, frame: &Frame, fd: i32) -> Result<(), crate::seam::Errno> {
+        write_all(tid, frame.chain, &(fd as u64).to_ne_bytes())
     }
 }
 

@@ -62,6 +62,11 @@ fn check_tracers(pid: i32) -> Result<(), AttachError> {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
         if tracer != 0 {
+            // TracerPid is the tracing thread: name its process.
+            let tracer = procfs::read(&procfs::path(tracer, "status"))
+                .ok()
+                .and_then(|t| status_field(&t, "Tgid")?.trim().parse().ok())
+                .unwrap_or(tracer);
             let tracer_name = procfs::read(&procfs::path(tracer, "comm"))
                 .map(|c| c.trim().to_string())
                 .unwrap_or_else(|_| "?".into());

@@ -45,6 +45,8 @@ pub struct RemoteQuiesce {
     obs: Arc<dyn Observer>,
 }
 
+/// Passes over /proc/PID/task before a freeze gives up (threads created without end).
+const MAX_PASSES: usize = 1000;
 /// How long one thread may take to stop (a thread in uninterruptible sleep stops only when it
 /// leaves it).
 const STOP_WAIT: Duration = Duration::from_secs(5);
@@ -57,7 +59,14 @@ fn await_stop(pid: i32, tid: i32) -> Result<Option<i32>, AttachError> {
     loop {
         match ptrace::peek(tid, false) {
             Ok(Some(WaitStatus::Signal(s))) => return Ok(Some(s)),
-            Ok(Some(WaitStatus::Event { .. } | WaitStatus::SyscallStop)) => return Ok(Some(0)),
+            Ok(Some(WaitStatus::Event { .. })) => {
+                // An epoll wait interrupted by the freeze would return EINTR: rewind it.
+                if let Ok(r0) = ptrace::get_regs(tid) {
+                    let _ = super::restart::rewind_eintr(pid, tid, &r0);
+                }
+                return Ok(Some(0));
+            }
+            Ok(Some(WaitStatus::SyscallStop)) => return Ok(Some(0)),
             Ok(Some(WaitStatus::Exited(_) | WaitStatus::Killed(_))) | Err(Errno::CHILD) => {
                 let _ = ptrace::wait(tid);
                 return Ok(None);
@@ -68,6 +77,49 @@ fn await_stop(pid: i32, tid: i32) -> Result<Option<i32>, AttachError> {
             Err(e) => return Err(AttachError::from_errno(pid, tid, "waitid", e)),
         }
     }
+}
+
+/// Seizes and interrupts each of `new`; the threads seized (to await even on error), and the
+/// first error. Zombies (the leader exited while other threads run) go to `zombies`.
+fn seize_batch(
+    pid: i32,
+    new: Vec<i32>,
+    zombies: &mut Vec<i32>,
+) -> (Vec<i32>, Result<(), AttachError>) {
+    let mut seized = Vec::new();
+    for tid in new {
+        match ptrace::seize(tid, 0) {
+            Ok(()) => {}
+            Err(Errno::SRCH) => continue, // the thread exited
+            Err(Errno::PERM) if is_zombie(pid, tid) => {
+                zombies.push(tid);
+                continue;
+            }
+            Err(e) => {
+                return (
+                    seized,
+                    Err(AttachError::from_errno(pid, tid, "PTRACE_SEIZE", e)),
+                );
+            }
+        }
+        match ptrace::interrupt(tid) {
+            Ok(()) => seized.push(tid),
+            Err(Errno::SRCH) => {}
+            Err(e) => {
+                let _ = ptrace::detach(tid, 0);
+                return (
+                    seized,
+                    Err(AttachError::from_errno(pid, tid, "PTRACE_INTERRUPT", e)),
+                );
+            }
+        }
+    }
+    (seized, Ok(()))
+}
+
+/// Whether thread `tid` has exited (zombie or gone).
+fn is_zombie(pid: i32, tid: i32) -> bool {
+    !matches!(crate::backend::procfs::thread_state(pid, tid), Some(s) if s != 'Z' && s != 'X')
 }
 
 /// Waits for every thread of `seized` to stop, recording it in `f`.
@@ -138,56 +190,27 @@ impl RemoteQuiesce {
             return Ok(self.last_stats());
         }
         let t0 = Instant::now();
-        let pid = self.pid;
         let mut f = Frozen {
             tracer: ptrace::gettid(),
             threads: Vec::new(),
         };
         let mut passes = 0;
-        let res = (|| -> Result<(), AttachError> {
-            loop {
-                passes += 1;
-                let tids = thread_ids(pid).map_err(|_| AttachError::NoSuchProcess { pid })?;
-                let new: Vec<i32> = tids
-                    .into_iter()
-                    .filter(|t| !f.threads.iter().any(|(s, _)| s == t) && Some(*t) != except)
-                    .collect();
-                if new.is_empty() {
-                    if f.threads.is_empty() && except.is_none() {
-                        return Err(AttachError::NoSuchProcess { pid });
-                    }
-                    return Ok(());
+        let mut zombies = Vec::new();
+        let res = loop {
+            passes += 1;
+            match self.freeze_pass(except, passes, &mut f, &mut zombies) {
+                Ok(true) => break Ok(()),
+                Ok(false) if passes < MAX_PASSES => {}
+                Ok(false) => {
+                    break Err(AttachError::Timeout {
+                        pid: self.pid,
+                        tid: self.pid,
+                    });
                 }
-                // Seize and interrupt the whole batch first, so the threads stop in parallel.
-                let mut seized = Vec::new();
-                for tid in new {
-                    match ptrace::seize(tid, 0) {
-                        Ok(()) => {}
-                        Err(Errno::SRCH) => continue, // the thread exited
-                        Err(e) => return Err(AttachError::from_errno(pid, tid, "PTRACE_SEIZE", e)),
-                    }
-                    match ptrace::interrupt(tid) {
-                        Ok(()) => seized.push(tid),
-                        Err(Errno::SRCH) => {}
-                        Err(e) => {
-                            let _ = ptrace::detach(tid, 0);
-                            return Err(AttachError::from_errno(pid, tid, "PTRACE_INTERRUPT", e));
-                        }
-                    }
-                }
-                // A cancel here still waits for the stops: only a stopped thread can be
-                // detached.
-                let cancel = if passes == 1 {
-                    self.step(Step::Freezing)
-                } else {
-                    Ok(())
-                };
-                await_all(pid, seized, &mut f)?;
-                cancel?;
+                Err(e) => break Err(e),
             }
-        })();
-        let res = res.and_then(|()| self.step(Step::Frozen));
-        match res {
+        };
+        match res.and_then(|()| self.step(Step::Frozen)) {
             Ok(()) => {
                 let stats = FreezeStats {
                     threads: f.threads.len(),
@@ -203,6 +226,42 @@ impl RemoteQuiesce {
                 Err(e)
             }
         }
+    }
+
+    /// One pass over /proc/PID/task: seizes and interrupts every thread not stopped yet (the
+    /// whole batch first, so that they stop in parallel), then waits for their stops. `true`
+    /// when there was none left.
+    fn freeze_pass(
+        &self,
+        except: Option<i32>,
+        pass: usize,
+        f: &mut Frozen,
+        zombies: &mut Vec<i32>,
+    ) -> Result<bool, AttachError> {
+        let pid = self.pid;
+        let tids = thread_ids(pid).map_err(|_| AttachError::NoSuchProcess { pid })?;
+        let new: Vec<i32> = tids
+            .into_iter()
+            .filter(|t| {
+                !f.threads.iter().any(|(s, _)| s == t) && Some(*t) != except && !zombies.contains(t)
+            })
+            .collect();
+        if new.is_empty() {
+            if f.threads.is_empty() && except.is_none() {
+                return Err(AttachError::NoSuchProcess { pid });
+            }
+            return Ok(true);
+        }
+        let (seized, seizing) = seize_batch(pid, new, zombies);
+        // A cancel or error here still waits for the stops: only a stopped thread can be
+        // detached.
+        let cancel = if pass == 1 {
+            self.step(Step::Freezing)
+        } else {
+            Ok(())
+        };
+        await_all(pid, seized, f)?;
+        seizing.and(cancel).map(|()| false)
     }
 
     /// Detaches every stopped thread (they go on). A no-op when not frozen.

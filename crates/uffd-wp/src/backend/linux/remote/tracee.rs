@@ -54,6 +54,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use super::net::{Frame, Net};
+use super::restart as kernel_restart;
 use super::{AttachError, AttachReport, Observer, RemoteQuiesce, Step};
 use crate::backend::procfs::{self, thread_ids, thread_state};
 use crate::seam::Errno;
@@ -237,7 +238,7 @@ impl<'a> Tracee<'a> {
                 WaitStatus::Event { .. } => {
                     interrupted = false;
                     let r0 = self.at_event_stop()?;
-                    if !in_restartable_call(&r0) {
+                    if !kernel_restart::in_restartable_call(&r0) {
                         return self.manufacture_entry(r0);
                     }
                     ride = Some((r0, Instant::now() + RIDE_WAIT));
@@ -269,31 +270,14 @@ impl<'a> Tracee<'a> {
             });
         }
         self.step(Step::EventStop)?;
-        if !self.eintr_from_interrupt(&r0) {
+        if !kernel_restart::rewind_eintr(self.pid, self.tid, &r0)
+            .map_err(|e| self.err("PTRACE_SETREGS", e))?
+        {
             return Ok(r0);
         }
-        let rewound = r0
-            .with_ip(r0.ip() - 2)
-            .with_rax(r0.orig_rax())
-            .with_orig_rax(u64::MAX);
-        self.set_regs(&rewound)?;
         self.step(Step::Rewound)?;
         // Still "in a restartable call" for the ride: its mask may be a temporary one.
         Ok(r0.with_rax(restart::NOINTR as u64))
-    }
-
-    /// Whether R0 is an epoll wait without timeout that returned -EINTR only because of the
-    /// interrupt (no signal pending and unblocked), at a `syscall` instruction.
-    fn eintr_from_interrupt(&self, r0: &Regs) -> bool {
-        let infinite = match r0.orig_rax() {
-            nr::EPOLL_WAIT | nr::EPOLL_PWAIT => r0.arg(3) as i32 == -1,
-            nr::EPOLL_PWAIT2 => r0.arg(3) == 0,
-            _ => false,
-        };
-        infinite
-            && r0.rax() as i64 == -(Errno::INTR.raw_os_error() as i64)
-            && self.syscall_at(r0.ip())
-            && !signal_deliverable(self.pid, self.tid)
     }
 
     /// Whether the two bytes before `ip` are a `syscall` instruction.
@@ -449,7 +433,7 @@ impl<'a> Tracee<'a> {
             // Another fd than predicted (a table shared with another process): aim the chain
             // at it.
             self.net
-                .retarget(self.pid, &frame, rval as i32)
+                .retarget(self.tid, &frame, rval as i32)
                 .map_err(|e| self.err("writing the frame", e))?;
         }
         self.step(Step::UffdExitStop)?;
@@ -572,32 +556,6 @@ impl Entry {
     }
 }
 
-/// Whether R0 (at an event stop) is inside a system call whose end the kernel has not
-/// settled yet: a restart code, or -EINTR (the call may have a temporary signal mask that
-/// the kernel restores only on the way out).
-fn in_restartable_call(r0: &Regs) -> bool {
-    let rax = r0.rax() as i64;
-    (r0.orig_rax() as i64) >= 0
-        && (matches!(
-            rax,
-            restart::SYS | restart::NOINTR | restart::NOHAND | restart::RESTARTBLOCK
-        ) || rax == -(Errno::INTR.raw_os_error() as i64))
-}
-
-/// Whether a signal is pending for thread `tid` and not blocked (`/proc/.../status`); true
-/// when it cannot be read.
-fn signal_deliverable(pid: i32, tid: i32) -> bool {
-    let Ok(s) = procfs::read(&procfs::path(pid, &format!("task/{tid}/status"))) else {
-        return true;
-    };
-    let hex =
-        |k: &str| procfs::status_field(&s, k).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
-    match (hex("SigPnd"), hex("ShdPnd"), hex("SigBlk")) {
-        (Some(p), Some(sh), Some(b)) => (p | sh) & !b != 0,
-        _ => true,
-    }
-}
-
 /// The threads to try, best first: those blocked in a system call (they re-enter it at once),
 /// then the others; zombies left out.
 fn pick_threads(pid: i32) -> Result<Vec<i32>, AttachError> {
@@ -661,8 +619,13 @@ fn inject(
     t.arm(&entry)?;
     let fd = t.substitute(&entry.regs, flags)?;
     let got = (fd >= 0).then(|| {
-        ptrace::pidfd_getfd(pidfd, fd as i32)
-            .map_err(|e| AttachError::from_errno(pid, pid, "pidfd_getfd", e))
+        // Through the thread's own pidfd where the kernel has them: the leader's files are
+        // gone once it exited.
+        match ptrace::pidfd_open_thread(tid) {
+            Ok(thread) => ptrace::pidfd_getfd(&thread, fd as i32),
+            Err(_) => ptrace::pidfd_getfd(pidfd, fd as i32),
+        }
+        .map_err(|e| AttachError::from_errno(pid, pid, "pidfd_getfd", e))
     });
     if fd >= 0 {
         t.step(Step::FdTaken)?;
@@ -718,7 +681,7 @@ pub(super) fn steal_uffd(
     let t0 = Instant::now();
     let pidfd =
         ptrace::pidfd_open(pid).map_err(|e| AttachError::from_errno(pid, pid, "pidfd_open", e))?;
-    let mem = File::open(procfs::path(pid, "mem")).map_err(|e| {
+    let mem = File::open(format!("{}/mem", procfs::mm_dir(pid))).map_err(|e| {
         AttachError::from_errno(pid, pid, "opening /proc/PID/mem", crate::sys::errno_of(&e))
     })?;
     let net = Net::find(pid, &mem)?;
