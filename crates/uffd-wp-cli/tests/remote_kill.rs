@@ -63,12 +63,17 @@ const USER_STEPS: [&str; 14] = [
 
 /// Starts `uffd-wp snapshot --pid` on `w` with `extra` arguments, stderr piped, steps traced.
 fn spawn_monitor(w: &Workload, extra: &[&str]) -> Child {
+    spawn_monitor_to(w, extra, Stdio::null())
+}
+
+/// [`spawn_monitor`], its stdout to `stdout`.
+fn spawn_monitor_to(w: &Workload, extra: &[&str], stdout: Stdio) -> Child {
     let range = format!("{}:{}", w.range.start(), w.range.len());
     Command::new(BIN)
         .args(["snapshot", "--pid", &w.pid.to_string(), "--range", &range])
         .args(extra)
         .env("UFFD_WP_TRACE_STEPS", "1")
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the monitor")
@@ -296,4 +301,53 @@ fn monitor_killed_at_random_instants_leaves_the_target_intact() {
     w.assert_writing();
     assert_pages_whole(&w, "after the random kills");
     eprintln!("random kills: {n} of {n} left the target intact; last step reached: {last_steps:?}");
+}
+
+/// Sends `sig` (a name for kill(1)) to `pid`.
+fn send_signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill(1)");
+    assert!(st.success(), "kill -{sig} {pid}");
+}
+
+/// A stop signal (INT, TERM, HUP, PIPE) during the attach, the freeze or the copy ends the
+/// run cleanly: exit code 128 + the signal, a JSON error of kind `Interrupted`, the target
+/// released (checked as after a kill).
+#[test]
+fn monitor_stopped_by_a_signal_releases_the_target_and_says_so() {
+    let mut w = Workload::spawn("8M", 2);
+    if !can_attach(&w) {
+        return;
+    }
+    let cases = [
+        ("substituted", "TERM", 143),
+        ("entry-stop", "INT", 130),
+        ("fd-taken", "PIPE", 141),
+        ("close-exit-stop", "HUP", 129),
+        ("frozen", "INT", 130),
+        ("copy", "TERM", 143),
+    ];
+    for (step, sig, code) in cases {
+        let mut mon = spawn_monitor_to(&w, &["--stall-at", step, "--json"], Stdio::piped());
+        if let Err(seen) = await_stall(&mut mon, step) {
+            panic!("monitor never reached {step}: {seen}");
+        }
+        send_signal(mon.id(), sig);
+        let out = mon.wait_with_output().expect("the monitor's end");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+        assert_eq!(out.status.code(), Some(code), "SIG{sig} at {step}: {v}");
+        assert_eq!(v["error"]["kind"], "Interrupted", "SIG{sig} at {step}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("target was released"),
+            "{v}"
+        );
+        let what = format!("SIG{sig} at {step}");
+        assert_released(&mut w, &what);
+        w.assert_writing();
+    }
 }
