@@ -193,8 +193,8 @@ fn print_local(a: &Args, opts: &SnapshotOptions, t: &Local, bad: usize, stored: 
     });
     print_report(a, rep, stored, "workload", workload, || {
         println!(
-            "snapshot of {} MiB ({} writer threads, {}): {}",
-            a.size >> 20,
+            "snapshot of {} ({} writer threads, {}): {}",
+            report::fmt_bytes(a.size),
             a.threads,
             if a.thp { "THP" } else { "4 KiB pages" },
             if bad == 0 {

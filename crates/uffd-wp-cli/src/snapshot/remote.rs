@@ -151,21 +151,6 @@ fn check_bounds(start: u64, end: u64) -> Result<Range, String> {
     Ok(Range::from_bounds(start, end))
 }
 
-/// Bytes as an exact count and, from 1 KiB on, the largest binary unit with two decimals.
-pub fn fmt_bytes(n: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ];
-    match UNITS.iter().find(|(_, u)| n >= *u) {
-        Some((name, u)) if n % u == 0 => format!("{n} bytes ({} {name})", n / u),
-        Some((name, u)) => format!("{n} bytes ({:.2} {name})", n as f64 / *u as f64),
-        None => format!("{n} bytes"),
-    }
-}
-
 /// Maps an attach or freeze error, a cancel by a stop signal becoming `Interrupted`.
 fn attach_error(operation: &'static str, pid: u32, source: AttachError) -> CliError {
     match (source, signal::caught_signal()) {
@@ -313,7 +298,7 @@ fn print_remote(
     super::print_report(a, rep, stored, "remote", remote, || {
         println!(
             "snapshot of {} of process {pid} at {:#x} (no oracle: consistency not checked)",
-            fmt_bytes(r.len()),
+            crate::report::fmt_bytes(r.len()),
             r.start()
         );
         println!(
@@ -358,13 +343,5 @@ mod tests {
         assert!(e.contains("not an address"), "{e}");
         let e = parse_range("4096:1X").unwrap_err().to_string();
         assert!(e.contains("K, M, G or T"), "{e}");
-    }
-
-    #[test]
-    fn bytes_are_exact() {
-        assert_eq!(fmt_bytes(4096), "4096 bytes (4 KiB)");
-        assert_eq!(fmt_bytes(512 << 10), "524288 bytes (512 KiB)");
-        assert_eq!(fmt_bytes(3 << 19), "1572864 bytes (1.50 MiB)");
-        assert_eq!(fmt_bytes(100), "100 bytes");
     }
 }
