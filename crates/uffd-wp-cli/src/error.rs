@@ -76,6 +76,14 @@ pub enum CliError {
     /// A report did not match the page tables.
     #[error("{0}")]
     Unverified(String),
+    /// A stop signal (INT, TERM, HUP, PIPE) ended the run; the target was released first.
+    #[error("interrupted by signal {signal} during {during}: the target was released")]
+    Interrupted {
+        /// The signal number.
+        signal: i32,
+        /// What was being done (`attach`, `freeze`, `copy`).
+        during: &'static str,
+    },
 }
 
 /// The JSON of a failure: `{"error": {"kind", "errno", "address", "operation", "message"}}`.
@@ -94,10 +102,12 @@ pub struct ErrorReport {
 }
 
 impl CliError {
-    /// The exit code: 1 when a report did not verify, 2 otherwise.
+    /// The exit code: 1 when a report did not verify, 128 + the signal when a stop signal
+    /// ended the run (130 for SIGINT, 143 for SIGTERM), 2 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Unverified(_) => 1,
+            CliError::Interrupted { signal, .. } => (128 + signal) as u8,
             _ => 2,
         }
     }
@@ -117,6 +127,7 @@ impl CliError {
             CliError::Dump { source, .. } => source.errno(),
             CliError::Io { source, .. } => Errno::from_raw_os_error(source.raw_os_error()?),
             CliError::Os { errno, .. } => *errno,
+            CliError::Interrupted { .. } => Errno::INTR,
             _ => return None,
         })
     }
@@ -141,6 +152,7 @@ impl CliError {
             CliError::Os { operation, .. } => ("Os", Some(operation.clone())),
             CliError::Compare { operation, .. } => ("Compare", Some((*operation).into())),
             CliError::Unverified(_) => ("Unverified", None),
+            CliError::Interrupted { during, .. } => ("Interrupted", Some((*during).into())),
         };
         let address = match self {
             CliError::Snapshot(e) => e.addr(),

@@ -36,3 +36,31 @@ pub fn bar(show: bool, len: u64, template: &str, msg: String) -> ProgressBar {
     pb.set_message(msg);
     pb
 }
+
+/// Bytes as an exact count and, from 1 KiB on, the largest binary unit with two decimals.
+pub fn fmt_bytes(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    match UNITS.iter().find(|(_, u)| n >= *u) {
+        Some((name, u)) if n % u == 0 => format!("{n} bytes ({} {name})", n / u),
+        Some((name, u)) => format!("{n} bytes ({:.2} {name})", n as f64 / *u as f64),
+        None => format!("{n} bytes"),
+    }
+}
+
+#[cfg(test)]
+mod bytes_tests {
+    use super::fmt_bytes;
+
+    #[test]
+    fn bytes_are_exact() {
+        assert_eq!(fmt_bytes(4096), "4096 bytes (4 KiB)");
+        assert_eq!(fmt_bytes(512 << 10), "524288 bytes (512 KiB)");
+        assert_eq!(fmt_bytes(3 << 19), "1572864 bytes (1.50 MiB)");
+        assert_eq!(fmt_bytes(100), "100 bytes");
+    }
+}

@@ -50,12 +50,17 @@ pub struct Args {
     /// through ptrace; needs root or CAP_SYS_PTRACE over it). Needs --range.
     #[arg(long, requires = "range")]
     pid: Option<u32>,
-    /// With --pid: the range START:LEN to capture (START decimal or 0x hex, LEN with K/M/G).
+    /// With --pid: the range to capture, START:LEN (START decimal, or hex with or without 0x;
+    /// LEN with K, M, G or T) or START-END as /proc/PID/maps prints it.
     #[arg(long, requires = "pid")]
     range: Option<String>,
-    /// Tests only: stop making progress at this point and wait to be killed.
+    /// Tests only: stop at this step of the attach/freeze/copy protocol and wait to be killed
+    /// (a stop signal ends the wait and the run).
+    #[arg(long, hide = true, requires = "pid", value_parser = remote::parse_stall)]
+    stall_at: Option<String>,
+    /// Tests only: the thread of the target that runs the injected calls.
     #[arg(long, hide = true, requires = "pid")]
-    stall_at: Option<remote::StallAt>,
+    thread: Option<u32>,
 }
 
 /// Runs it.
@@ -188,8 +193,8 @@ fn print_local(a: &Args, opts: &SnapshotOptions, t: &Local, bad: usize, stored: 
     });
     print_report(a, rep, stored, "workload", workload, || {
         println!(
-            "snapshot of {} MiB ({} writer threads, {}): {}",
-            a.size >> 20,
+            "snapshot of {} ({} writer threads, {}): {}",
+            report::fmt_bytes(a.size),
             a.threads,
             if a.thp { "THP" } else { "4 KiB pages" },
             if bad == 0 {

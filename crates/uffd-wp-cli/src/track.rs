@@ -233,10 +233,10 @@ impl Output {
 /// The text report of `track`: a table of the epochs and a verdict.
 fn print_epochs(out: &Output) {
     println!(
-        "method {} ({}); {} MiB, {} writers, {} ms per epoch",
+        "method {} ({}); {}, {} writers, {} ms per epoch",
         out.method,
         out.selection.reason,
-        out.size >> 20,
+        crate::report::fmt_bytes(out.size),
         out.threads,
         out.interval_ms
     );

@@ -53,7 +53,8 @@ fn json_errors_are_json_with_kind_errno_and_operation() {
     let e = &v["error"];
     assert_eq!(e["kind"], "Attach", "{v}");
     assert_eq!(e["errno"], "ESRCH", "{v}");
-    assert_eq!(e["operation"], "attaching to process 2147483646", "{v}");
+    // Found by the checks made before anything is done to a process.
+    assert_eq!(e["operation"], "checking process 2147483646", "{v}");
     assert!(stderr.contains(e["message"].as_str().unwrap()), "{stderr}");
 
     // Bad input: Usage, EINVAL.

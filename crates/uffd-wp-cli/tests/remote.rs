@@ -8,189 +8,21 @@
 //! pidfd_getfd needs PTRACE_MODE_ATTACH) and a kernel with pidfd_getfd (5.6+): otherwise each
 //! test is skipped with a message, or fails under `UFFD_WP_REQUIRE_KERNEL=1`.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
 use std::process::{ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::Value;
 use uffd_wp::backend::linux::remote::{self, SyscallSite};
 use uffd_wp::backend::linux::{AttachError, Config, LinuxMm, RemoteQuiesce};
 use uffd_wp::engine::snapshot::Image;
-use uffd_wp::helper::{Helper, HelperError, Kind};
 use uffd_wp::range::{PAGE_SIZE, Range};
 use uffd_wp::seam::prelude::*;
 use uffd_wp::seam::{Event, RegisterMode, WpMode};
 use uffd_wp_bench::workload::{PageVerdict, check_page};
-
-const BIN: &str = env!("CARGO_BIN_EXE_uffd-wp");
-/// Upper bound for anything awaited from a child (a failure, not a measurement).
-const PATIENCE: Duration = Duration::from_secs(120);
-
-/// Skips with a message naming what is missing, or fails under `UFFD_WP_REQUIRE_KERNEL=1`.
-fn skip(what: &str) {
-    if std::env::var("UFFD_WP_REQUIRE_KERNEL").as_deref() == Ok("1") {
-        panic!("remote backend test needs {what} (UFFD_WP_REQUIRE_KERNEL=1)");
-    }
-    eprintln!("SKIPPED remote backend test: needs {what}");
-}
-
-fn euid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
-        .expect("effective uid")
-}
-
-/// A workload helper process (`uffd-wp`, helper kind `workload`): its region, and its write
-/// counts as it answers them.
-struct Workload {
-    child: Helper,
-    pid: u32,
-    range: Range,
-    threads: usize,
-}
-
-impl Workload {
-    fn spawn(size: &str, threads: usize) -> Workload {
-        let target = serde_json::json!({
-            "size": uffd_wp::range::parse_size(size).expect("size"),
-            "threads": threads,
-            "interval_ms": 20,
-        });
-        let mut child = Helper::spawn(Path::new(BIN), &[], Kind::Workload, &target)
-            .expect("spawn the workload helper");
-        let v: Value = child.recv(PATIENCE).expect("workload header");
-        let start = v["start"].as_u64().expect("start");
-        let len = v["len"].as_u64().expect("len");
-        let pid = v["pid"].as_u64().expect("pid") as u32;
-        assert_eq!(pid, child.pid());
-        Workload {
-            child,
-            pid,
-            range: Range::from_bounds(start, start + len),
-            threads,
-        }
-    }
-
-    /// The next write count it answers within `wait` (None if none came).
-    fn writes_within(&mut self, wait: Duration) -> Option<u64> {
-        match self.child.recv::<Value>(wait) {
-            Ok(v) => Some(v["writes"].as_u64().expect("a write count")),
-            Err(HelperError::Timeout { .. }) => None,
-            Err(e) => panic!("workload {}: {e}", self.pid),
-        }
-    }
-
-    /// The next write count it prints (panics if it stops printing).
-    fn next_writes(&mut self) -> u64 {
-        self.writes_within(PATIENCE)
-            .unwrap_or_else(|| panic!("workload {} stopped reporting", self.pid))
-    }
-
-    /// Waits until its write count grows past the latest value it printed, proving its writers
-    /// run; returns (latest before, grown value).
-    fn assert_writing(&mut self) -> (u64, u64) {
-        // Drain what is already buffered: the latest value is the baseline.
-        let mut base = self.next_writes();
-        while let Some(n) = self.writes_within(Duration::ZERO) {
-            base = n;
-        }
-        let t0 = Instant::now();
-        loop {
-            let n = self.next_writes();
-            if n > base {
-                return (base, n);
-            }
-            assert!(
-                t0.elapsed() < PATIENCE,
-                "workload {} writes stuck at {base}",
-                self.pid
-            );
-        }
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().is_none()
-    }
-}
-
-/// The state letters of every thread of `pid`.
-fn thread_states(pid: u32) -> Vec<(i32, char)> {
-    let pid = pid as i32;
-    remote::thread_ids(pid)
-        .expect("list threads")
-        .into_iter()
-        .filter_map(|t| Some((t, remote::thread_state(pid, t)?)))
-        .collect()
-}
-
-/// Whether some VMA overlapping `r` carries the `uw` (VM_UFFD_WP) flag, from /proc/PID/smaps.
-fn smaps_uw(pid: u32, r: Range) -> bool {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("read smaps");
-    let mut overlaps = false;
-    for line in text.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-')
-            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
-        {
-            overlaps = a < r.end() && r.start() < b;
-            continue;
-        }
-        if overlaps
-            && let Some(flags) = line.strip_prefix("VmFlags:")
-            && flags.split_whitespace().any(|f| f == "uw")
-        {
-            return true;
-        }
-    }
-    false
-}
-
-/// Pages of `r` with pagemap bit 57 (uffd-wp) set, read from /proc/PID/pagemap directly.
-fn bit57_pages(pid: u32, r: Range) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(format!("/proc/{pid}/pagemap")).expect("open pagemap");
-    let mut buf = vec![0u8; (r.pages() * 8) as usize];
-    f.read_exact_at(&mut buf, r.start() / PAGE_SIZE * 8)
-        .expect("read pagemap");
-    buf.chunks_exact(8)
-        .filter(|c| u64::from_ne_bytes((*c).try_into().unwrap()) & (1 << 57) != 0)
-        .count() as u64
-}
-
-/// Attaches, or returns `None` after a skip when this machine cannot (no root, no ptrace, no
-/// pidfd_getfd). Any other failure fails the test.
-fn attach(pid: u32, tid: Option<u32>) -> Option<(LinuxMm, remote::AttachReport)> {
-    if euid() != 0 {
-        skip("root (ptrace and pidfd_getfd of another process)");
-        return None;
-    }
-    match LinuxMm::attach_thread(pid, tid, Config::default()) {
-        Ok(x) => Some(x),
-        Err(e @ AttachError::Permission { .. }) => {
-            skip(&format!("ptrace permission: {e}"));
-            None
-        }
-        Err(e @ AttachError::Os { errno, .. }) if errno == uffd_wp::seam::Errno::NOSYS => {
-            skip(&format!("pidfd_getfd (5.6+): {e}"));
-            None
-        }
-        Err(e @ AttachError::UnsupportedArch { .. }) => {
-            skip(&format!("x86_64: {e}"));
-            None
-        }
-        Err(e) => panic!("attach to {pid}: {e}"),
-    }
-}
-
-/// Whether this machine can attach to `w` (root, ptrace, pidfd_getfd, x86_64); skips (or fails
-/// under `UFFD_WP_REQUIRE_KERNEL=1`) when it cannot. The probe attaches and releases at once.
-fn can_attach(w: &Workload) -> bool {
-    attach(w.pid, None).is_some()
-}
 
 /// The target's writes arrive as WP faults on the monitor's uffd; protection set from here is
 /// exactly what the target's page tables say; releasing the uffd leaves nothing protected.
@@ -202,7 +34,10 @@ fn attach_protects_and_receives_the_targets_faults() {
     };
     eprintln!("attach: {rep:?}");
     assert_eq!(rep.pid, w.pid as i32);
-    assert_eq!(rep.tid, w.pid as i32, "the leader runs the injected calls");
+    assert_eq!(
+        rep.tid, w.pid as i32,
+        "the leader (in a system call, unlike the writers) runs the injected calls"
+    );
     // The target's copy of the uffd is closed: fd `target_fd` is gone or something else.
     let link = std::fs::read_link(format!("/proc/{}/fd/{}", w.pid, rep.target_fd));
     assert!(
@@ -264,10 +99,10 @@ fn attach_protects_and_receives_the_targets_faults() {
     w.assert_writing();
 }
 
-/// A thread interrupted in user space (a busy writer) runs the calls at a `syscall` found in
-/// the vDSO, and resumes intact: the workload goes on writing.
+/// A thread interrupted in user space (a busy writer) is sent into the restorer, whose
+/// rt_sigreturn entry is substituted, and resumes intact: the workload goes on writing.
 #[test]
-fn attach_through_a_busy_thread_uses_the_vdso() {
+fn attach_through_a_busy_thread_uses_the_restorer() {
     // One writer: once the write count grows it has left its start-up futex wait for good
     // (it never makes a system call again), so it is interrupted in user space.
     let mut w = Workload::spawn("8M", 1);
@@ -282,7 +117,11 @@ fn attach_through_a_busy_thread_uses_the_vdso() {
     };
     eprintln!("attach via writer: {rep:?}");
     assert_eq!(rep.tid, writer);
-    assert_eq!(rep.site, SyscallSite::Vdso, "a writer runs in user space");
+    assert_eq!(
+        rep.site,
+        SyscallSite::Restorer,
+        "a writer runs in user space"
+    );
     mm.register(w.range, RegisterMode::WP).unwrap();
     mm.writeprotect(w.range, WpMode::Protect).unwrap();
     assert!(mm.wait_event(PATIENCE.as_millis() as i32).unwrap());
@@ -292,8 +131,8 @@ fn attach_through_a_busy_thread_uses_the_vdso() {
     assert_eq!(bit57_pages(w.pid, w.range), 0);
 }
 
-/// A thread blocked in read(2) is interrupted, runs the calls at the `syscall` it entered the
-/// kernel through, and its read is restarted as if nothing happened: `cat` still echoes.
+/// A thread blocked in read(2) is interrupted, re-enters its read, which is substituted, and
+/// its read is restarted as if nothing happened: `cat` still echoes.
 #[test]
 fn attach_restarts_an_interrupted_blocking_call() {
     let mut cat = Command::new("cat")
@@ -316,7 +155,7 @@ fn attach_restarts_an_interrupted_blocking_call() {
     let mut out = BufReader::new(cat.stdout.take().unwrap());
     if let Some((mm, rep)) = attached {
         eprintln!("attach to cat: {rep:?}");
-        assert_eq!(rep.site, SyscallSite::Interrupted);
+        assert_eq!(rep.site, SyscallSite::Ridden);
         drop(mm);
         let state = remote::thread_state(pid as i32, pid as i32);
         assert!(
@@ -334,7 +173,7 @@ fn attach_restarts_an_interrupted_blocking_call() {
 }
 
 /// Typed errors, and the target is left running: no such process; a target another tracer
-/// holds (EPERM), here the freeze of this very test on another thread.
+/// holds (found before the attach), here the freeze of this very test on another thread.
 #[test]
 fn attach_errors_are_typed_and_leave_the_target_running() {
     if euid() != 0 {
@@ -366,11 +205,12 @@ fn attach_errors_are_typed_and_leave_the_target_running() {
     let other = std::thread::spawn(move || LinuxMm::attach(pid, Config::default()).map(drop))
         .join()
         .unwrap();
+    // Found before the attach, naming the other tracer (this test process).
     match other {
-        Err(AttachError::Permission { errno, .. }) => {
-            assert_eq!(errno, uffd_wp::seam::Errno::PERM)
+        Err(AttachError::AlreadyTraced { tracer, .. }) => {
+            assert_eq!(tracer, std::process::id() as i32)
         }
-        other => panic!("expected Permission, got {other:?}"),
+        other => panic!("expected AlreadyTraced, got {other:?}"),
     }
     q.try_resume().unwrap();
     assert!(
@@ -548,7 +388,7 @@ fn monitor_killed_in_the_freeze_leaves_the_target_running() {
     if !can_attach(&w) {
         return;
     }
-    kill_monitor_mid_snapshot(&mut w, "freeze", |w| {
+    kill_monitor_mid_snapshot(&mut w, "frozen", |w| {
         let states = thread_states(w.pid);
         assert_eq!(states.len(), w.threads + 1);
         assert!(

@@ -373,15 +373,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let cut = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(cut);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("size {s:?}: expected a number with an optional K/M/G suffix"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("size {s:?}: expected a number with an optional K, M, G or T suffix")
+    })?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" | "kb" => 1 << 10,
         "m" | "mib" | "mb" => 1 << 20,
         "g" | "gib" | "gb" => 1 << 30,
-        _ => return Err(format!("size {s:?}: unknown unit {unit:?} (use K, M or G)")),
+        "t" | "tib" | "tb" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "size {s:?}: unknown unit {unit:?} (use K, M, G or T)"
+            ));
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} overflows"))

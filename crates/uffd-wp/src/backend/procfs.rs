@@ -72,10 +72,11 @@ pub struct ProcDir {
 }
 
 impl ProcDir {
-    /// Opens `/proc/PID` (`O_PATH`).
+    /// Opens `/proc/PID` (`O_PATH`), or `/proc/PID/task/TID` of a live thread once the
+    /// leader exited ([`mm_dir`]: the leader's `status`, `fd` and `fdinfo` are empty then).
     pub fn open(pid: u32) -> Result<ProcDir, Errno> {
         let dir = rustix::fs::open(
-            format!("/proc/{pid}").as_str(),
+            mm_dir(pid as i32).as_str(),
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
@@ -127,9 +128,40 @@ pub fn thread_state(pid: i32, tid: i32) -> Option<char> {
     stat_state(&read(&path(pid, &format!("task/{tid}/stat"))).ok()?)
 }
 
-/// Whether `/proc/PID` exists and is not a zombie.
+/// A thread of process `pid` that still has its mm: `pid` itself, or the first live thread
+/// once the leader exited (a zombie leader has no mm: its `/proc` files and
+/// process_vm_readv(2) on its id fail with ESRCH).
+pub fn mm_tid(pid: i32) -> i32 {
+    let live = |t: i32| matches!(thread_state(pid, t), Some(s) if s != 'Z' && s != 'X');
+    if live(pid) {
+        return pid;
+    }
+    thread_ids(pid)
+        .ok()
+        .and_then(|t| t.into_iter().find(|t| live(*t)))
+        .unwrap_or(pid)
+}
+
+/// The `/proc` directory whose `maps`, `mem` and `pagemap` show process `pid`'s memory:
+/// `/proc/PID`, or `/proc/PID/task/TID` of [`mm_tid`] once the leader exited.
+pub fn mm_dir(pid: i32) -> String {
+    match mm_tid(pid) {
+        t if t == pid => format!("/proc/{pid}"),
+        t => format!("/proc/{pid}/task/{t}"),
+    }
+}
+
+/// Whether `/proc/PID` exists and some thread of it is not a zombie (the leader may have
+/// exited while other threads run).
 pub fn process_alive(pid: i32) -> bool {
-    matches!(thread_state(pid, pid), Some(s) if s != 'Z' && s != 'X')
+    let live = |t: i32| matches!(thread_state(pid, t), Some(s) if s != 'Z' && s != 'X');
+    live(pid) || thread_ids(pid).is_ok_and(|tids| tids.into_iter().any(live))
+}
+
+/// The open fd numbers of thread `tid` of process `pid` (`/proc/PID/task/TID/fd`),
+/// ascending.
+pub fn fd_numbers(pid: i32, tid: i32) -> Result<Vec<i32>, Errno> {
+    numeric_entries_at(CWD, &path(pid, &format!("task/{tid}/fd")))
 }
 
 /// The thread ids of process `pid` (`/proc/PID/task`), ascending.
@@ -200,13 +232,13 @@ pub fn maps_cover(maps: &[MapEntry], r: Range) -> bool {
 
 /// Reads /proc/PID/maps.
 pub fn read_maps(pid: i32) -> Result<Vec<MapEntry>, Errno> {
-    Ok(parse_maps(&read(&path(pid, "maps"))?))
+    Ok(parse_maps(&read(&format!("{}/maps", mm_dir(pid)))?))
 }
 
 /// Whether every byte of `r` is mapped in process `pid`: `PROCMAP_QUERY` on its
 /// /proc/PID/maps (one ioctl per VMA crossed, 6.11+), else parsing the whole file.
 pub fn fully_mapped(pid: i32, r: Range) -> Result<bool, Errno> {
-    let maps = File::open(path(pid, "maps")).map_err(|e| errno_of(&e))?;
+    let maps = File::open(format!("{}/maps", mm_dir(pid))).map_err(|e| errno_of(&e))?;
     let mut cur = r.start();
     while cur < r.end() {
         match ptrace::procmap_query(&maps, cur) {

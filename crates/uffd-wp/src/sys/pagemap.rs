@@ -80,7 +80,9 @@ impl Pagemap {
         Self::open_path(&format!("/proc/{pid}/pagemap"))
     }
 
-    fn open_path(path: &str) -> Result<Pagemap, Errno> {
+    /// Opens the pagemap file at `path` (`/proc/PID/task/TID/pagemap` for a process whose
+    /// leader exited).
+    pub fn open_path(path: &str) -> Result<Pagemap, Errno> {
         let file = File::open(path).map_err(|e| errno_of(&e))?;
         Ok(Pagemap { file })
     }

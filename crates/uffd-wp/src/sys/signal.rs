@@ -16,3 +16,50 @@ pub fn default_sigpipe() -> Result<(), Errno> {
         Ok(())
     }
 }
+
+/// The last signal caught by [`catch_stop_signals`]'s handler (0: none).
+static CAUGHT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// The signals a command line run is stopped with: `SIGINT` (Ctrl-C), `SIGTERM`, `SIGHUP`,
+/// `SIGPIPE`.
+pub const STOP_SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE];
+
+extern "C" fn record(sig: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    CAUGHT.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes [`STOP_SIGNALS`] non-fatal for the whole process: each is only recorded (an atomic
+/// store, nothing else runs in signal context), for the program to see with
+/// [`caught_signal`] and end cleanly. `SA_RESTART`: interrupted system calls resume.
+pub fn catch_stop_signals() -> Result<(), Errno> {
+    for sig in STOP_SIGNALS {
+        // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler is an
+        // `extern "C" fn(c_int)` doing one atomic store, async-signal-safe.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = record as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: `sa` is a live, initialised sigaction; the old action is not asked for.
+        let rc = unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(Errno::INVAL);
+        }
+    }
+    Ok(())
+}
+
+/// Gives [`STOP_SIGNALS`] back their default action (terminate).
+pub fn default_stop_signals() {
+    for sig in STOP_SIGNALS {
+        // SAFETY: signal(2) with SIG_DFL installs no handler.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+}
+
+/// The last of [`STOP_SIGNALS`] caught since [`catch_stop_signals`], if any.
+pub fn caught_signal() -> Option<i32> {
+    match CAUGHT.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}

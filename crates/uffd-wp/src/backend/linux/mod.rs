@@ -182,14 +182,10 @@ impl LinuxMm {
         };
         let proc_dir = match target {
             Target::SelfProcess => "/proc/self".to_string(),
-            Target::Pid(pid) => format!("/proc/{pid}"),
+            Target::Pid(pid) => procfs::mm_dir(pid as i32),
         };
         let pagemap_path = format!("{proc_dir}/pagemap");
-        let pagemap = match target {
-            Target::SelfProcess => Pagemap::open_self(),
-            Target::Pid(pid) => Pagemap::open_pid(pid),
-        }
-        .map_err(proc_err(&pagemap_path))?;
+        let pagemap = Pagemap::open_path(&pagemap_path).map_err(proc_err(&pagemap_path))?;
         let mem_path = format!("{proc_dir}/mem");
         let mem = File::open(&mem_path)
             .map_err(|e| errno_of(&e))
@@ -403,7 +399,12 @@ impl Memory for LinuxMm {
                     .read_from_file(dst_addr + done, self.mem.as_fd(), addr + done, left)
                     .map_err(|e| if e == Errno::IO { Errno::FAULT } else { e })?,
                 Target::Pid(pid) => {
-                    dst.read_from_process(dst_addr + done, pid as i32, addr + done, left)?
+                    let read = |p| dst.read_from_process(dst_addr + done, p, addr + done, left);
+                    match read(pid as i32) {
+                        // The leader exited (other threads run): through a live thread.
+                        Err(Errno::SRCH) => read(procfs::mm_tid(pid as i32))?,
+                        r => r?,
+                    }
                 }
             };
             if n == 0 {

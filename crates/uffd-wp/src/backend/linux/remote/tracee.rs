@@ -1,338 +1,644 @@
-//! The ptrace injection: one thread of the target runs userfaultfd(2), and this process takes
-//! the new descriptor with pidfd_getfd(2). The only code of the remote backend that stops a
-//! thread to change its registers (issue #9 replaces this protocol, see
-//! docs/notes/issue9-ptrace-protocol.md).
+//! The ptrace injection: one thread of the target runs userfaultfd(2), this process takes the
+//! new descriptor with pidfd_getfd(2), the thread closes its copy. The only code of the remote
+//! backend that changes a thread's registers. Designed so that this process may die (SIGKILL)
+//! at any instant without harming the target (docs/notes/issue9-ptrace-protocol.md).
 //!
-//! # How a uffd is obtained in the target ([`LinuxMm::attach`](crate::backend::linux::LinuxMm::attach))
+//! # Invariants
 //!
-//! userfaultfd(2) binds the new context to the mm of the *caller*, so the target itself must
-//! make the call. One thread of the target is made to do it:
+//! - No single-step, ever: a dead tracer's single-step state survives it (`exit_ptrace()`
+//!   never calls `ptrace_disable()`) and kills the target with SIGTRAP. Only
+//!   `PTRACE_SYSCALL` stops, with `PTRACE_O_TRACESYSGOOD` (a syscall stop left by a dead
+//!   tracer sends `SIGTRAP | 0x80`, which `send_sig_info()` rejects).
+//! - Every stop is observed with `waitid(WNOWAIT)` ([`ptrace::peek`]): its `exit_code` stays,
+//!   so an abandoned signal-delivery stop still delivers its signal (`ptrace_signal()`).
+//! - Signals are passed through at once, never held back or re-sent.
+//! - Injected registers are live only while a frame of the [safety net](super::net) on the
+//!   thread's stack restores the thread's own state: if this process dies, the thread runs the
+//!   injected call, returns to a `ret` that pops the restorer, and `rt_sigreturn(2)` restores
+//!   it. Each register write is one `PTRACE_SETREGS` on a frozen tracee (atomic for it).
 //!
-//! 1. `PTRACE_SEIZE` + `PTRACE_INTERRUPT` the thread (the thread-group leader unless it is a
-//!    zombie) and wait for its `PTRACE_EVENT_STOP`. The stop happens in `get_signal()`, on the
-//!    way back to user space: if the thread was blocked in a system call, that call has
-//!    returned `-ERESTART*` and the kernel's restart logic (`arch_do_signal_or_restart`) runs
-//!    *after* this stop, from the registers as they are then.
-//! 2. Save the registers.
-//! 3. Find a `syscall` instruction (`0f 05`), in this order: the two bytes just before RIP
-//!    when the thread stopped inside a system call (`orig_rax >= 0`: it entered the kernel
-//!    through that very instruction, so it is executable and exactly there); else the
-//!    `[vdso]` (always mapped, and its clock_gettime/getrandom fallbacks contain `syscall`);
-//!    else any other executable mapping. Any `0f 05` byte pair in an executable mapping will
-//!    do, even inside a longer instruction: the CPU decodes from where RIP points, and the
-//!    thread is stopped at the system call's exit, before the bytes after it run.
-//! 4. Set RIP to it, `rax` = the call number, the arguments, `orig_rax` = -1 (so the restart
-//!    logic leaves these registers alone), then `PTRACE_SINGLESTEP`: the thread executes the
-//!    `syscall` and, because x86 arms `SYSCALL_EXIT_TRAP` with the step, traps at the call's
-//!    exit before any user instruction: a `SIGTRAP` signal-delivery stop, in `get_signal()`
-//!    again, with the result in `rax` and RIP = site + 2 (which tells this trap from a foreign
-//!    SIGTRAP). First `userfaultfd(O_CLOEXEC | O_NONBLOCK)`.
-//! 5. `pidfd_open` + `pidfd_getfd` copy the new descriptor into this process; then the thread
-//!    runs `close(fd)` the same way, so this process holds the only reference: when it closes
-//!    its copy (or dies), the kernel releases the context and un-protects everything.
-//! 6. Restore the saved registers at that `get_signal()` stop and detach suppressing the
-//!    SIGTRAP: an interrupted blocking call is restarted exactly as if the thread had only been
-//!    interrupted. (Restoring them at a syscall-exit stop instead, as with `PTRACE_SYSCALL`,
-//!    would let `-ERESTARTSYS` leak to user space when no signal is pending.) Three stops in
-//!    all, each a scheduling round trip of the target's thread: `PTRACE_SYSCALL` would take
-//!    six (entry and exit of each call, and an interrupt to get back to `get_signal()`).
+//! # Steps ([`Step`])
 //!
-//! Signals that arrive while the thread is traced are suppressed at their signal-delivery stop
-//! and re-sent with tgkill(2) right after the detach. Every error path restores the registers
-//! and detaches ([`Tracee`]'s drop). The hazards that remain (this process SIGKILLed between
-//! writing the injected registers and restoring them; a fork(2) by another thread between the
-//! injected userfaultfd(2) and close(2)) are stated in the remote module's docs (`mod.rs`).
+//! 0. Every other thread of the target is frozen ([`RemoteQuiesce`]): the fd table cannot
+//!    change (so the fd userfaultfd(2) will return is the lowest free one), and no fork(2) can
+//!    copy the injected fd.
+//! 1. `PTRACE_SEIZE` (nothing queued), `PTRACE_INTERRUPT`, the `PTRACE_EVENT_STOP` in
+//!    `get_signal()`: registers R0.
+//! 2. a. R0 inside a system call that the kernel restarts (`-ERESTART*`) or that returned
+//!    `-EINTR`: **ride** it: `PTRACE_SYSCALL` with R0 untouched, so the kernel's restart logic
+//!    (and the restoring of a ppoll/pselect temporary signal mask) runs as for any signal, and
+//!    the thread re-enters its call: a syscall-entry stop E at its own `syscall` S. An
+//!    `epoll_wait` with no timeout that returned `-EINTR` because of the interrupt alone is
+//!    first rewound to its `syscall` (`rip -= 2`, one SETREGS), so it never sees the EINTR.
+//!    b. Otherwise (user code, or a call that completed): the state C = R0 (with `orig_rax`
+//!    = -1) is one user code can be in; write the frame for C and point the thread at the
+//!    restorer (one SETREGS): it enters `rt_sigreturn`, a syscall-entry stop E of our making.
+//! 3. At E: the frame (if not written yet) restores C = "about to run its own call again"
+//!    (`rip` = S, `rax` = the call; for `restart_syscall` the frame re-runs the original call,
+//!    since rt_sigreturn resets the restart block); below it the chain `pop %rdi` (fd) /
+//!    `pop %rax` (3) / `syscall` / `ret` into the restorer. One SETREGS substitutes
+//!    `userfaultfd(flags)` for the call, returning into the chain.
+//! 4. Its exit stop: the fd. `pidfd_getfd`. `PTRACE_SYSCALL`: the chain's close(fd), entry and
+//!    exit stops.
+//! 5. Close's exit stop: SETREGS(C) (so the restorer never runs on the normal path and the
+//!    restart block stays intact), `PTRACE_DETACH`; the other threads are resumed.
+//!
+//! Errors and cancellation release the thread at its current stop: where the injected
+//! registers are live and no fd is waiting to be closed, SETREGS(C) first; elsewhere the
+//! thread's registers are its own (or a signal handler's, or the chain's, which lead back
+//! into the net) and it is only detached.
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::{AttachError, AttachReport};
-use crate::backend::procfs::{self, MapEntry, process_alive, read_maps, thread_ids, thread_state};
+use super::net::{Frame, Net};
+use super::restart as kernel_restart;
+use super::{AttachError, AttachReport, Observer, RemoteQuiesce, Step};
+use crate::backend::procfs::{self, thread_ids, thread_state};
 use crate::seam::Errno;
-use crate::sys::ptrace::{self, WaitStatus};
+use crate::sys::ptrace::{self, Regs, SyscallInfo, WaitStatus, nr, restart};
 
-/// Where the injected system calls ran.
+/// How the injected calls reached a syscall-entry stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum SyscallSite {
-    /// The `syscall` instruction just before RIP (the thread was stopped in a system call).
-    Interrupted,
-    /// A `syscall` byte pair in the `[vdso]`.
-    Vdso,
-    /// A `syscall` byte pair in another executable mapping.
-    Mapping,
+    /// The thread's own next system call (it was in a system call when interrupted).
+    Ridden,
+    /// The restorer's `rt_sigreturn`, the thread sent there from user code.
+    Restorer,
 }
+
+/// How long a thread in a restartable call has to re-enter it before it is interrupted again.
+const RIDE_WAIT: Duration = Duration::from_millis(20);
+/// How long one thread may take to reach a usable stop at all.
+const THREAD_WAIT: Duration = Duration::from_secs(2);
+/// How long a release waits for the thread to stop.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// Where the thread is, as far as this tracer knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TraceeState {
-    /// Resumed; no stop awaited yet.
+enum State {
+    /// Resumed; no stop observed since.
     Running,
-    /// Stopped in `get_signal()` (an interrupt/group-stop event or a signal-delivery stop):
-    /// registers written here are what the restart logic and user space see.
-    SignalPath,
-    /// It exited.
+    /// At this (unconsumed) stop.
+    Stopped(WaitStatus),
+    /// It exited (reaped).
     Gone,
     /// Detached.
     Detached,
 }
 
-/// A thread seized by this thread. Dropping it restores the registers (if they were changed)
-/// at a signal-path stop and detaches.
-#[derive(Debug)]
-struct Tracee {
-    pid: i32,
-    tid: i32,
-    state: TraceeState,
-    /// The registers at the first stop, once they have been changed.
-    #[cfg(target_arch = "x86_64")]
-    saved: Option<ptrace::Regs>,
-    /// Signals suppressed at signal-delivery stops, re-sent after the detach.
-    signals: Vec<i32>,
+/// What step 2 found: the entry stop to substitute at.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// The registers at the entry stop.
+    regs: Regs,
+    /// The thread's own state to restore (C).
+    restore: Regs,
+    /// The frame, when already written (step 2b).
+    frame: Option<Frame>,
+    /// For a `restart_syscall` entry: the original call, which the frame runs instead.
+    net_call: Option<u64>,
+    /// How the entry stop was reached.
+    site: SyscallSite,
 }
 
-impl Tracee {
-    /// Seizes `tid` and waits until it is stopped in `get_signal()`.
-    fn seize(pid: i32, tid: i32) -> Result<Tracee, AttachError> {
-        ptrace::seize(tid, ptrace::O_TRACESYSGOOD)
+/// A thread seized by this thread; dropping it releases it (see the module docs).
+#[derive(Debug)]
+struct Tracee<'a> {
+    pid: i32,
+    tid: i32,
+    state: State,
+    net: Net,
+    mem: &'a File,
+    obs: &'a dyn Observer,
+    /// The thread's own state, once injected registers may be live.
+    restore: Option<Regs>,
+    /// The frame, once written.
+    frame: Option<Frame>,
+    /// The fd the chain closes (predicted: the lowest free one).
+    fd: i32,
+    /// The injected fd exists in the target and the chain has not closed it yet.
+    fd_pending: bool,
+}
+
+impl<'a> Tracee<'a> {
+    /// Step 1: seizes and interrupts `tid`.
+    fn seize(
+        pid: i32,
+        tid: i32,
+        options: u32,
+        net: Net,
+        mem: &'a File,
+        obs: &'a dyn Observer,
+    ) -> Result<Tracee<'a>, AttachError> {
+        ptrace::seize(tid, ptrace::O_TRACESYSGOOD | options)
             .map_err(|e| AttachError::from_errno(pid, tid, "PTRACE_SEIZE", e))?;
         let mut t = Tracee {
             pid,
             tid,
-            state: TraceeState::Running,
-            #[cfg(target_arch = "x86_64")]
-            saved: None,
-            signals: Vec::new(),
+            state: State::Running,
+            net,
+            mem,
+            obs,
+            restore: None,
+            frame: None,
+            fd: -1,
+            fd_pending: false,
         };
+        t.step(Step::Seized)?;
         ptrace::interrupt(tid).map_err(|e| t.err("PTRACE_INTERRUPT", e))?;
-        t.wait_signal_path("stopping the thread")?;
+        t.step(Step::Interrupted)?;
         Ok(t)
     }
 
+    fn step(&self, s: Step) -> Result<(), AttachError> {
+        self.obs.at(s).map_err(|_| AttachError::Cancelled {
+            pid: self.pid,
+            step: s,
+        })
+    }
+
     fn err(&mut self, op: &'static str, e: Errno) -> AttachError {
-        if e == Errno::SRCH && !process_alive(self.pid) {
-            self.state = TraceeState::Gone;
-        }
         AttachError::from_errno(self.pid, self.tid, op, e)
     }
 
-    fn gone(&mut self, op: &'static str) -> AttachError {
-        self.state = TraceeState::Gone;
-        AttachError::Exited { pid: self.pid, op }
+    /// Waits until `until` for the thread's next stop (left unconsumed); `None` on timeout.
+    /// An exit is consumed and is an error.
+    fn wait(&mut self, until: Instant) -> Result<Option<WaitStatus>, AttachError> {
+        if let State::Stopped(s) = self.state {
+            return Ok(Some(s));
+        }
+        let mut spins = 0u32;
+        loop {
+            match ptrace::peek(self.tid, false).map_err(|e| self.err("waitid", e))? {
+                Some(WaitStatus::Exited(_) | WaitStatus::Killed(_)) => {
+                    let _ = ptrace::wait(self.tid);
+                    self.state = State::Gone;
+                    return Err(AttachError::Exited {
+                        pid: self.pid,
+                        op: "the injection",
+                    });
+                }
+                Some(WaitStatus::Other(_)) => {}
+                Some(s) => {
+                    self.state = State::Stopped(s);
+                    return Ok(Some(s));
+                }
+                None if Instant::now() >= until => return Ok(None),
+                None if spins < 200 => std::thread::yield_now(),
+                None => std::thread::sleep(Duration::from_micros(20)),
+            }
+            spins += 1;
+        }
     }
 
-    /// Waits (the thread running or on its way to an interrupt) for a stop in `get_signal()`,
-    /// letting syscall stops go on.
-    fn wait_signal_path(&mut self, op: &'static str) -> Result<(), AttachError> {
-        loop {
-            match ptrace::wait(self.tid).map_err(|e| self.err("waitpid", e))? {
-                WaitStatus::Event { .. } => break,
-                WaitStatus::Signal(s) => {
-                    self.signals.push(s);
-                    break;
-                }
-                WaitStatus::SyscallStop => {
-                    ptrace::cont(self.tid, 0).map_err(|e| self.err("PTRACE_CONT", e))?
-                }
-                WaitStatus::Exited(_) | WaitStatus::Killed(_) => return Err(self.gone(op)),
-                WaitStatus::Other(_) => {}
-            }
-        }
-        self.state = TraceeState::SignalPath;
+    /// `PTRACE_SYSCALL` from the current stop, passing a signal-delivery stop's signal on.
+    fn resume(&mut self) -> Result<(), AttachError> {
+        let sig = match self.state {
+            State::Stopped(WaitStatus::Signal(s)) => s,
+            _ => 0,
+        };
+        ptrace::syscall(self.tid, sig).map_err(|e| self.err("PTRACE_SYSCALL", e))?;
+        self.state = State::Running;
         Ok(())
     }
 
-    /// Runs system call `nr(args)` in the thread at the `syscall` instruction `site`; returns
-    /// the kernel's result (negative: -errno). The thread is left at the SIGTRAP stop that
-    /// follows the call's exit (in `get_signal()`).
-    #[cfg(target_arch = "x86_64")]
-    fn run_syscall(
-        &mut self,
-        site: u64,
-        nr: u64,
-        args: [u64; 6],
-        call: &'static str,
-    ) -> Result<i64, AttachError> {
-        let base = match self.saved {
-            Some(r) => r,
-            None => {
-                let r = ptrace::get_regs(self.tid).map_err(|e| self.err("PTRACE_GETREGS", e))?;
-                self.saved = Some(r);
-                r
-            }
-        };
-        ptrace::set_regs(self.tid, &base.for_syscall(site, nr, args))
-            .map_err(|e| self.err("PTRACE_SETREGS", e))?;
+    fn regs(&mut self) -> Result<Regs, AttachError> {
+        ptrace::get_regs(self.tid).map_err(|e| self.err("PTRACE_GETREGS", e))
+    }
+
+    fn set_regs(&mut self, r: &Regs) -> Result<(), AttachError> {
+        ptrace::set_regs(self.tid, r).map_err(|e| self.err("PTRACE_SETREGS", e))
+    }
+
+    /// Step 2: drives the thread to an entry stop where a call may be substituted.
+    fn reach_entry(&mut self) -> Result<Entry, AttachError> {
+        let give_up = Instant::now() + THREAD_WAIT;
+        let mut ride: Option<(Regs, Instant)> = None;
+        let mut interrupted = true;
         loop {
-            ptrace::singlestep(self.tid, 0).map_err(|e| self.err("PTRACE_SINGLESTEP", e))?;
-            self.state = TraceeState::Running;
-            match ptrace::wait(self.tid).map_err(|e| self.err("waitpid", e))? {
-                WaitStatus::Signal(ptrace::SIGTRAP) => {
-                    self.state = TraceeState::SignalPath;
-                    let r =
-                        ptrace::get_regs(self.tid).map_err(|e| self.err("PTRACE_GETREGS", e))?;
-                    if r.ip() == site + 2 {
-                        return Ok(r.rax() as i64);
+            let until = ride.map_or(give_up, |(_, t)| t.min(give_up));
+            let Some(st) = self.wait(until)? else {
+                if Instant::now() >= give_up {
+                    return Err(AttachError::Timeout {
+                        pid: self.pid,
+                        tid: self.tid,
+                    });
+                }
+                if !interrupted {
+                    ptrace::interrupt(self.tid).map_err(|e| self.err("PTRACE_INTERRUPT", e))?;
+                    interrupted = true;
+                }
+                ride = ride.map(|(r, _)| (r, give_up));
+                continue;
+            };
+            match st {
+                WaitStatus::Event { .. } => {
+                    interrupted = false;
+                    let r0 = self.at_event_stop()?;
+                    if !kernel_restart::in_restartable_call(&r0) {
+                        return self.manufacture_entry(r0);
                     }
-                    // A SIGTRAP from elsewhere, before the call ran: keep it for later.
-                    self.signals.push(ptrace::SIGTRAP);
+                    ride = Some((r0, Instant::now() + RIDE_WAIT));
+                    self.step(Step::Riding)?;
                 }
-                // A signal pending before the call ran (suppressed, re-sent after the detach),
-                // or an event stop (a group-stop): the registers are still ours, go on.
-                WaitStatus::Signal(s) => {
-                    self.state = TraceeState::SignalPath;
-                    self.signals.push(s);
+                WaitStatus::SyscallStop => {
+                    if let Some((r0, _)) = ride
+                        && let Some(e) = self.usable_entry(&r0)?
+                    {
+                        return Ok(e);
+                    }
                 }
-                WaitStatus::Event { .. } | WaitStatus::SyscallStop | WaitStatus::Other(_) => {
-                    self.state = TraceeState::SignalPath;
-                }
-                WaitStatus::Exited(_) | WaitStatus::Killed(_) => return Err(self.gone(call)),
+                _ => {}
             }
+            self.resume()?;
         }
     }
 
-    /// Brings the thread back to a `get_signal()` stop, restores its registers, detaches it
-    /// and re-sends the signals it received meanwhile.
+    /// At an event stop: R0, after the checks and the EINTR rewind.
+    fn at_event_stop(&mut self) -> Result<Regs, AttachError> {
+        let r0 = self.regs()?;
+        if r0.cs() != ptrace::USER_CS_64 {
+            return Err(AttachError::UnsupportedArch {
+                why: format!(
+                    "thread {} runs with code segment {:#x}, not 64-bit user mode",
+                    self.tid,
+                    r0.cs()
+                ),
+            });
+        }
+        self.step(Step::EventStop)?;
+        if !kernel_restart::rewind_eintr(self.pid, self.tid, &r0)
+            .map_err(|e| self.err("PTRACE_SETREGS", e))?
+        {
+            return Ok(r0);
+        }
+        self.step(Step::Rewound)?;
+        // Still "in a restartable call" for the ride: its mask may be a temporary one.
+        Ok(r0.with_rax(restart::NOINTR as u64))
+    }
+
+    /// Whether the two bytes before `ip` are a `syscall` instruction.
+    fn syscall_at(&self, ip: u64) -> bool {
+        let mut b = [0u8; 2];
+        ip >= 2 && self.mem.read_exact_at(&mut b, ip - 2).is_ok() && b == [0x0f, 0x05]
+    }
+
+    /// At a syscall stop while riding: the entry to substitute, if this is a usable one.
+    fn usable_entry(&mut self, r0: &Regs) -> Result<Option<Entry>, AttachError> {
+        let info = ptrace::syscall_info(self.tid).map_err(|e| self.err("GET_SYSCALL_INFO", e))?;
+        let SyscallInfo::Entry { arch, nr: x } = info else {
+            return Ok(None);
+        };
+        let e = self.regs()?;
+        if arch != ptrace::AUDIT_ARCH_X86_64
+            || x & ptrace::X32_SYSCALL_BIT != 0
+            || x == nr::EXIT
+            || x == nr::EXIT_GROUP
+            || !self.syscall_at(e.ip())
+        {
+            return Ok(None);
+        }
+        self.step(Step::EntryStop)?;
+        let restore = e.with_ip(e.ip() - 2).with_rax(x).with_orig_rax(u64::MAX);
+        Ok(Some(
+            Entry {
+                regs: e,
+                restore,
+                frame: None,
+                net_call: None,
+                site: SyscallSite::Ridden,
+            }
+            .with_original_call(r0),
+        ))
+    }
+
+    /// Step 2b: writes the frame restoring R0 and sends the thread into the restorer; returns
+    /// its entry stop.
+    fn manufacture_entry(&mut self, r0: Regs) -> Result<Entry, AttachError> {
+        let restore = r0.with_orig_rax(u64::MAX);
+        let mask = ptrace::get_sigmask(self.tid).map_err(|e| self.err("PTRACE_GETSIGMASK", e))?;
+        self.fd = self.lowest_free_fd()?;
+        let frame = self
+            .net
+            .write_frame(self.pid, self.tid, &restore, r0.sp(), mask, self.fd)?;
+        self.step(Step::FrameWritten)?;
+        let to_restorer = restore
+            .with_ip(self.net.restorer)
+            .with_sp(frame.after_ret());
+        self.restore = Some(restore);
+        self.frame = Some(frame);
+        self.set_regs(&to_restorer)?;
+        self.step(Step::Manufactured)?;
+        self.resume()?;
+        let regs = self.restorer_entry()?;
+        self.step(Step::EntryStop)?;
+        Ok(Entry {
+            regs,
+            restore,
+            frame: Some(frame),
+            net_call: None,
+            site: SyscallSite::Restorer,
+        })
+    }
+
+    /// Runs the thread (passing signals and foreign syscall stops on) to the restorer's entry
+    /// stop; returns the registers there.
+    fn restorer_entry(&mut self) -> Result<Regs, AttachError> {
+        let give_up = Instant::now() + THREAD_WAIT;
+        loop {
+            let Some(st) = self.wait(give_up)? else {
+                return Err(AttachError::Timeout {
+                    pid: self.pid,
+                    tid: self.tid,
+                });
+            };
+            if st == WaitStatus::SyscallStop {
+                let info =
+                    ptrace::syscall_info(self.tid).map_err(|e| self.err("GET_SYSCALL_INFO", e))?;
+                let r = self.regs()?;
+                if matches!(
+                    info,
+                    SyscallInfo::Entry {
+                        nr: nr::RT_SIGRETURN,
+                        ..
+                    }
+                ) && r.ip() == self.net.restorer_entry
+                    && Some(r.sp()) == self.frame.map(|f| f.after_ret())
+                {
+                    return Ok(r);
+                }
+            }
+            self.resume()?;
+        }
+    }
+
+    /// The lowest fd number free in the thread's table: what userfaultfd(2) will return,
+    /// every other thread being frozen.
+    fn lowest_free_fd(&self) -> Result<i32, AttachError> {
+        let fds = procfs::fd_numbers(self.pid, self.tid).map_err(|e| {
+            AttachError::from_errno(self.pid, self.tid, "listing /proc/PID/task/TID/fd", e)
+        })?;
+        Ok((0..).find(|n| fds.binary_search(n).is_err()).unwrap_or(0))
+    }
+
+    /// Waits (bounded) for the next syscall stop, passing anything else on.
+    fn next_syscall_stop(&mut self) -> Result<SyscallInfo, AttachError> {
+        let give_up = Instant::now() + THREAD_WAIT;
+        loop {
+            let Some(st) = self.wait(give_up)? else {
+                return Err(AttachError::Timeout {
+                    pid: self.pid,
+                    tid: self.tid,
+                });
+            };
+            if st == WaitStatus::SyscallStop {
+                return ptrace::syscall_info(self.tid).map_err(|e| self.err("GET_SYSCALL_INFO", e));
+            }
+            self.resume()?;
+        }
+    }
+
+    /// Steps 3-4: at entry stop `e`, substitutes userfaultfd(`flags`) returning into the
+    /// chain, and runs it to its exit stop; returns its result (negative: -errno), the chain
+    /// set to close the fd it got.
+    fn substitute(&mut self, e: &Regs, flags: u64) -> Result<i64, AttachError> {
+        let frame = self.frame.expect("frame written before a substitution");
+        let subst = e
+            .with_orig_rax(nr::USERFAULTFD)
+            .with_args([flags, 0, 0, 0, 0, 0])
+            .with_ip(self.net.pop_rdi)
+            .with_sp(frame.chain);
+        self.set_regs(&subst)?;
+        self.step(Step::Substituted)?;
+        self.resume()?;
+        // Nothing else can stop a thread between a call's entry and its exit.
+        let rval = match self.next_syscall_stop()? {
+            SyscallInfo::Exit { rval } => rval,
+            other => {
+                return Err(AttachError::Os {
+                    op: match other {
+                        SyscallInfo::Entry { .. } => "an entry stop after userfaultfd's entry",
+                        _ => "a stop other than userfaultfd's exit",
+                    },
+                    tid: self.tid,
+                    errno: Errno::PROTO,
+                });
+            }
+        };
+        self.fd_pending = rval >= 0;
+        if rval >= 0 && rval != i64::from(self.fd) {
+            // Another fd than predicted (a table shared with another process): aim the chain
+            // at it.
+            self.net
+                .retarget(self.tid, &frame, rval as i32)
+                .map_err(|e| self.err("writing the frame", e))?;
+        }
+        self.step(Step::UffdExitStop)?;
+        Ok(rval)
+    }
+
+    /// Step 4: lets the chain close the target's copy (entry and exit stops of its close);
+    /// returns close's result.
+    fn close_in_chain(&mut self) -> Result<i64, AttachError> {
+        self.resume()?;
+        let at = self.net.syscall_ret + 2;
+        loop {
+            let info = self.next_syscall_stop()?;
+            let ip = self.regs()?.ip();
+            if matches!(info, SyscallInfo::Entry { nr: nr::CLOSE, .. }) && ip == at {
+                break;
+            }
+            self.resume()?;
+        }
+        self.step(Step::CloseEntryStop)?;
+        self.resume()?;
+        let SyscallInfo::Exit { rval } = self.next_syscall_stop()? else {
+            return Err(AttachError::Os {
+                op: "a stop other than close's exit",
+                tid: self.tid,
+                errno: Errno::PROTO,
+            });
+        };
+        self.fd_pending = false;
+        self.step(Step::CloseExitStop)?;
+        Ok(rval)
+    }
+
+    /// Step 3 for a ridden entry: the frame, written now that the mask is the real one.
+    fn arm(&mut self, entry: &Entry) -> Result<(), AttachError> {
+        if entry.frame.is_some() {
+            return Ok(());
+        }
+        let net_regs = entry.net_regs();
+        let mask = ptrace::get_sigmask(self.tid).map_err(|e| self.err("PTRACE_GETSIGMASK", e))?;
+        self.fd = self.lowest_free_fd()?;
+        let frame = self.net.write_frame(
+            self.pid,
+            self.tid,
+            &net_regs,
+            entry.regs.sp(),
+            mask,
+            self.fd,
+        )?;
+        self.restore = Some(entry.restore);
+        self.frame = Some(frame);
+        self.step(Step::FrameWritten)
+    }
+
+    /// Whether the registers now are injected ones (RIP at a gadget, RSP in the chain).
+    fn injected(&mut self) -> Result<bool, AttachError> {
+        let Some(f) = self.frame else {
+            return Ok(false);
+        };
+        let r = self.regs()?;
+        Ok(self.net.holds(r.ip()) && f.holds(r.sp()))
+    }
+
+    /// Brings the thread to a stop, puts its own state back where injected registers are
+    /// live (unless the chain still has to close the injected fd: then the chain and the
+    /// restorer do it), and detaches it (passing a signal-delivery stop's signal on).
     fn release(&mut self) -> Result<(), AttachError> {
         match self.state {
-            TraceeState::Gone | TraceeState::Detached => return Ok(()),
-            TraceeState::SignalPath => {}
-            TraceeState::Running => {
+            State::Gone | State::Detached => return Ok(()),
+            State::Stopped(_) => {}
+            State::Running => {
                 ptrace::interrupt(self.tid).map_err(|e| self.err("PTRACE_INTERRUPT", e))?;
-                self.wait_signal_path("restoring the thread")?;
+                if self.wait(Instant::now() + RELEASE_WAIT)?.is_none() {
+                    return Err(AttachError::Timeout {
+                        pid: self.pid,
+                        tid: self.tid,
+                    });
+                }
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(r) = self.saved {
-            ptrace::set_regs(self.tid, &r).map_err(|e| self.err("PTRACE_SETREGS", e))?;
+        if let Some(c) = self.restore
+            && !self.fd_pending
+            && self.injected()?
+        {
+            self.set_regs(&c)?;
         }
-        ptrace::detach(self.tid, 0).map_err(|e| self.err("PTRACE_DETACH", e))?;
-        self.state = TraceeState::Detached;
-        for s in self.signals.drain(..) {
-            let _ = ptrace::tgkill(self.pid, self.tid, s);
-        }
+        let sig = match self.state {
+            State::Stopped(WaitStatus::Signal(s)) => s,
+            _ => 0,
+        };
+        ptrace::detach(self.tid, sig).map_err(|e| self.err("PTRACE_DETACH", e))?;
+        self.state = State::Detached;
         Ok(())
     }
 }
 
-impl Drop for Tracee {
+impl Drop for Tracee<'_> {
     fn drop(&mut self) {
         let _ = self.release();
     }
 }
 
-/// The `syscall` instruction to use in the stopped thread; see the module docs.
-#[cfg(target_arch = "x86_64")]
-fn find_syscall_site(pid: i32, tid: i32, mem: &File) -> Result<(u64, SyscallSite), AttachError> {
-    let regs = ptrace::get_regs(tid)
-        .map_err(|e| AttachError::from_errno(pid, tid, "PTRACE_GETREGS", e))?;
-    if regs.cs() != ptrace::USER_CS_64 {
-        return Err(AttachError::UnsupportedArch {
-            why: format!(
-                "thread {tid} runs with code segment {:#x}, not 64-bit user mode",
-                regs.cs()
-            ),
-        });
+impl Entry {
+    /// For a `restart_syscall` entry right after R0's `-ERESTART_RESTARTBLOCK`: the frame
+    /// re-runs R0's original call instead (rt_sigreturn resets the restart block).
+    fn with_original_call(mut self, r0: &Regs) -> Entry {
+        self.net_call = (self.regs.orig_rax() == nr::RESTART_SYSCALL
+            && r0.rax() as i64 == restart::RESTARTBLOCK
+            && r0.ip() == self.regs.ip())
+        .then(|| r0.orig_rax());
+        self
     }
-    const SYSCALL: [u8; 2] = [0x0f, 0x05];
-    if (regs.orig_rax() as i64) >= 0 && regs.ip() >= 2 {
-        let mut b = [0u8; 2];
-        if mem.read_exact_at(&mut b, regs.ip() - 2).is_ok() && b == SYSCALL {
-            return Ok((regs.ip() - 2, SyscallSite::Interrupted));
+
+    /// The registers the frame restores.
+    fn net_regs(&self) -> Regs {
+        match self.net_call {
+            Some(call) => self.restore.with_rax(call),
+            None => self.restore,
         }
     }
-    let maps = read_maps(pid)
-        .map_err(|e| AttachError::from_errno(pid, tid, "reading /proc/PID/maps", e))?;
-    let exec: Vec<&MapEntry> = maps.iter().filter(|m| m.perms.contains('x')).collect();
-    let ordered = exec.iter().filter(|m| m.name == "[vdso]").chain(
-        exec.iter()
-            .filter(|m| m.name != "[vdso]" && m.name != "[vsyscall]"),
-    );
-    for m in ordered {
-        let len = (m.end - m.start).min(4 << 20) as usize;
-        let mut buf = vec![0u8; len];
-        if mem.read_exact_at(&mut buf, m.start).is_err() {
-            continue;
-        }
-        if let Some(i) = buf.windows(2).position(|w| w == SYSCALL) {
-            let kind = if m.name == "[vdso]" {
-                SyscallSite::Vdso
-            } else {
-                SyscallSite::Mapping
-            };
-            return Ok((m.start + i as u64, kind));
-        }
-    }
-    Err(AttachError::NoSyscallSite { pid })
 }
 
-/// The thread to run the injected calls: the leader unless it is a zombie (it called
-/// pthread_exit while other threads run), then the first live one.
-fn pick_thread(pid: i32) -> Result<i32, AttachError> {
+/// The threads to try, best first: those blocked in a system call (they re-enter it at once),
+/// then the others; zombies left out.
+fn pick_threads(pid: i32) -> Result<Vec<i32>, AttachError> {
     let tids = thread_ids(pid).map_err(|_| AttachError::NoSuchProcess { pid })?;
-    let live = |t: &i32| matches!(thread_state(pid, *t), Some(s) if s != 'Z' && s != 'X');
-    if live(&pid) {
-        return Ok(pid);
+    let mut live: Vec<(bool, i32)> = tids
+        .into_iter()
+        .filter(|t| matches!(thread_state(pid, *t), Some(s) if s != 'Z' && s != 'X'))
+        .map(|t| {
+            let sc = procfs::read(&procfs::path(pid, &format!("task/{t}/syscall")));
+            let in_call = sc.is_ok_and(|s| !s.starts_with("running") && !s.starts_with('-'));
+            (!in_call, t)
+        })
+        .collect();
+    live.sort();
+    if live.is_empty() {
+        return Err(AttachError::NoSuchProcess { pid });
     }
-    tids.into_iter()
-        .find(live)
-        .ok_or(AttachError::NoSuchProcess { pid })
+    Ok(live.into_iter().map(|(_, t)| t).collect())
 }
 
-/// Creates a userfaultfd inside process `pid` and returns this process's copy of it; see the
-/// module docs.
-#[cfg(target_arch = "x86_64")]
-pub(super) fn steal_uffd(
+/// The seccomp mode of thread `tid` (0 none, 1 strict, 2 filter).
+fn seccomp_mode(pid: i32, tid: i32) -> u32 {
+    procfs::read(&procfs::path(pid, &format!("task/{tid}/status")))
+        .ok()
+        .and_then(|s| procfs::status_field(&s, "Seccomp")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one thread's injection produced.
+struct Injected {
+    fd: Result<OwnedFd, AttachError>,
+    target_fd: i32,
+    site: SyscallSite,
+}
+
+/// Steps 1-5 on thread `tid`, every other thread frozen meanwhile.
+fn inject(
     pid: i32,
-    tid: Option<i32>,
+    tid: i32,
+    pidfd: &OwnedFd,
+    mem: &File,
+    net: Net,
     flags: u64,
-) -> Result<(std::os::fd::OwnedFd, AttachReport), AttachError> {
-    let t0 = Instant::now();
-    let tid = match tid {
-        Some(t) => t,
-        None => pick_thread(pid)?,
+    obs: &dyn Observer,
+) -> Result<Injected, AttachError> {
+    Net::check_thread(pid, tid)?;
+    let options = match seccomp_mode(pid, tid) {
+        0 => 0,
+        2 => ptrace::O_SUSPEND_SECCOMP,
+        _ => return Err(AttachError::Seccomp { pid, tid }),
     };
-    let pidfd =
-        ptrace::pidfd_open(pid).map_err(|e| AttachError::from_errno(pid, pid, "pidfd_open", e))?;
-    let mem = File::open(procfs::path(pid, "mem")).map_err(|e| {
-        AttachError::from_errno(pid, pid, "opening /proc/PID/mem", crate::sys::errno_of(&e))
-    })?;
-    let t_stop = Instant::now();
-    let mut t = Tracee::seize(pid, tid)?;
-    let (site, kind) = find_syscall_site(pid, tid, &mem)?;
-    let fd = t.run_syscall(
-        site,
-        ptrace::nr::USERFAULTFD,
-        [flags, 0, 0, 0, 0, 0],
-        "userfaultfd(2)",
-    )?;
-    if fd < 0 {
-        let errno = Errno::from_raw_os_error(-fd as i32);
-        return Err(match errno {
-            Errno::PERM | Errno::ACCESS => AttachError::Permission {
-                pid,
-                op: "userfaultfd(2) in the target",
-                errno,
-            },
-            _ => AttachError::TargetSyscall {
-                pid,
-                call: "userfaultfd(2)",
-                errno,
-            },
-        });
+    let others = RemoteQuiesce::new(pid as u32);
+    others.try_freeze_except(Some(tid))?;
+    obs.at(Step::OthersFrozen)
+        .map_err(|_| AttachError::Cancelled {
+            pid,
+            step: Step::OthersFrozen,
+        })?;
+    let mut t = Tracee::seize(pid, tid, options, net, mem, obs)?;
+    let entry = t.reach_entry()?;
+    t.arm(&entry)?;
+    let fd = t.substitute(&entry.regs, flags)?;
+    let got = (fd >= 0).then(|| {
+        // Through the thread's own pidfd where the kernel has them: the leader's files are
+        // gone once it exited.
+        match ptrace::pidfd_open_thread(tid) {
+            Ok(thread) => ptrace::pidfd_getfd(&thread, fd as i32),
+            Err(_) => ptrace::pidfd_getfd(pidfd, fd as i32),
+        }
+        .map_err(|e| AttachError::from_errno(pid, pid, "pidfd_getfd", e))
+    });
+    if fd >= 0 {
+        t.step(Step::FdTaken)?;
     }
-    let fd = fd as i32;
-    let got = ptrace::pidfd_getfd(&pidfd, fd);
-    // Close the target's copy whatever pidfd_getfd said.
-    let closed = t.run_syscall(
-        site,
-        ptrace::nr::CLOSE,
-        [fd as u64, 0, 0, 0, 0, 0],
-        "close(2)",
-    )?;
+    let closed = if fd >= 0 { t.close_in_chain()? } else { 0 };
+    t.set_regs(&entry.restore)?;
+    t.step(Step::Restored)?;
     t.release()?;
-    let stopped_us = t_stop.elapsed().as_secs_f64() * 1e6;
-    let owned = got.map_err(|e| AttachError::from_errno(pid, pid, "pidfd_getfd", e))?;
+    drop(others);
+    t.step(Step::Detached)?;
+    let Some(got) = got else {
+        return Err(userfaultfd_failed(pid, fd));
+    };
     if closed < 0 {
         return Err(AttachError::TargetSyscall {
             pid,
@@ -340,15 +646,68 @@ pub(super) fn steal_uffd(
             errno: Errno::from_raw_os_error(-closed as i32),
         });
     }
-    Ok((
-        owned,
-        AttachReport {
+    Ok(Injected {
+        fd: got,
+        target_fd: fd as i32,
+        site: entry.site,
+    })
+}
+
+fn userfaultfd_failed(pid: i32, rval: i64) -> AttachError {
+    let errno = Errno::from_raw_os_error(-rval as i32);
+    match errno {
+        Errno::PERM | Errno::ACCESS => AttachError::Permission {
             pid,
-            tid,
-            site: kind,
-            target_fd: fd,
-            stopped_us,
-            total_us: t0.elapsed().as_secs_f64() * 1e6,
+            op: "userfaultfd(2) in the target",
+            errno,
         },
-    ))
+        _ => AttachError::TargetSyscall {
+            pid,
+            call: "userfaultfd(2)",
+            errno,
+        },
+    }
+}
+
+/// Creates a userfaultfd inside process `pid` and returns this process's copy of it; see the
+/// module docs. `tid`: the thread to use (default: the best of them, trying the next on a
+/// timeout).
+pub(super) fn steal_uffd(
+    pid: i32,
+    tid: Option<i32>,
+    flags: u64,
+    obs: &dyn Observer,
+) -> Result<(OwnedFd, AttachReport), AttachError> {
+    let t0 = Instant::now();
+    let pidfd =
+        ptrace::pidfd_open(pid).map_err(|e| AttachError::from_errno(pid, pid, "pidfd_open", e))?;
+    let mem = File::open(format!("{}/mem", procfs::mm_dir(pid))).map_err(|e| {
+        AttachError::from_errno(pid, pid, "opening /proc/PID/mem", crate::sys::errno_of(&e))
+    })?;
+    let net = Net::find(pid, &mem)?;
+    let tids = match tid {
+        Some(t) => vec![t],
+        None => pick_threads(pid)?,
+    };
+    let mut last = AttachError::NoSuchProcess { pid };
+    for tid in tids.into_iter().take(4) {
+        let t_stop = Instant::now();
+        match inject(pid, tid, &pidfd, &mem, net, flags, obs) {
+            Ok(done) => {
+                let stopped_us = t_stop.elapsed().as_secs_f64() * 1e6;
+                let report = AttachReport {
+                    pid,
+                    tid,
+                    site: done.site,
+                    target_fd: done.target_fd,
+                    stopped_us,
+                    total_us: t0.elapsed().as_secs_f64() * 1e6,
+                };
+                return Ok((done.fd?, report));
+            }
+            Err(e @ AttachError::Timeout { .. }) => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
