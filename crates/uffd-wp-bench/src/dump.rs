@@ -8,11 +8,11 @@
 //! total writes, the longest stall that ended since its previous line, and the line's
 //! `CLOCK_MONOTONIC` time, on which this process places its own measurements. Each round:
 //!
-//! - **dump**: after an undisturbed lead at least as long as the previous dump, the target is
+//! - **dump**: after an undisturbed lead longer than the previous copy, the target is
 //!   captured ([`uffd_wp::dump::capture`]). Our pause is the report's `pause_us`; from the
-//!   target's side, its longest stall and its write rate over the lines covering the capture
-//!   (attach, pause, copy), against the same over the undisturbed stretch of the same length
-//!   just before. The capture is checked against itself (the workload's oracle), then
+//!   target's side, its longest stall over the lines covering the whole capture (attach,
+//!   pre-arming, pause, copy, release) and its write rate over those covering the copy,
+//!   against the same over the undisturbed stretch of the same length just before. The capture is checked against itself (the workload's oracle), then
 //!   written as a core ([`uffd_wp::dump::write_core`]), timed against a plain sequential write
 //!   of the same number of bytes into the same directory (both into the page cache: no
 //!   fsync, as neither gcore nor the kernel's core dumps sync).
@@ -337,7 +337,12 @@ pub struct DumpSide {
     pub copy_ms: f64,
     /// Write-protect faults of the writers served during the copy.
     pub faults_served: u64,
-    /// The target over the capture.
+    /// The target's longest stall over the whole capture (attach, pre-arming, pause, copy,
+    /// release), us.
+    pub max_stall_us: f64,
+    /// The target over the whole capture (its stall is `max_stall_us`).
+    pub capture: Window,
+    /// The target over the copy after the pause.
     pub during: Window,
     /// The target over the undisturbed stretch of the same length just before.
     pub undisturbed: Window,
@@ -410,7 +415,7 @@ pub struct DumpFigures {
     pub gcore_stop_us: Option<f64>,
     /// `pause_us / gcore_stop_us`, median of the rounds' (goal: at most 0.01).
     pub pause_ratio_vs_gcore: Option<f64>,
-    /// The target's longest stall over the dump's capture, us.
+    /// The target's longest stall over the dump's whole capture, us.
     pub target_max_stall_us: f64,
     /// Its longest stall over the undisturbed stretch before, us.
     pub undisturbed_max_stall_us: f64,
@@ -418,7 +423,7 @@ pub struct DumpFigures {
     pub gcore_max_stall_us: Option<f64>,
     /// `target_max_stall_us / gcore_max_stall_us`, median of the rounds'.
     pub stall_ratio_vs_gcore: Option<f64>,
-    /// The target's page writes per second over the capture (copy included).
+    /// The target's page writes per second over the copy after the pause.
     pub throughput_during_copy: f64,
     /// The same over the undisturbed stretch before.
     pub throughput_undisturbed: f64,
@@ -467,7 +472,7 @@ pub fn measure(
     };
     let mut t = Target::start(&spec, spawn)?;
     progress(Step::Target);
-    // The first lead assumes a copy at 500 MB/s; later ones follow the previous capture.
+    // The first lead assumes a copy at 500 MB/s; later ones follow the previous copy.
     let mut last = Duration::from_secs_f64(cfg.size as f64 / 500e6);
     let mut rounds = Vec::new();
     for r in 0..cfg.rounds.max(1) {
@@ -480,7 +485,7 @@ pub fn measure(
         progress(Step::Dump(r));
         let lead = last.mul_f64(1.5).max(Duration::from_millis(300));
         let (cap, dump) = dump_round(&mut t, lead, cfg.interval_ms, r)?;
-        last = Duration::from_secs_f64(dump.capture_ms / 1e3);
+        last = Duration::from_secs_f64(dump.during.ms / 1e3);
         progress(Step::Write(r));
         let write = write_round(&cap, &cfg.dir);
         drop(cap);
@@ -499,23 +504,33 @@ fn no_window(what: &str) -> DumpBenchError {
 }
 
 /// Runs the target undisturbed for `lead`, then dumps it; the capture is checked against
-/// itself. The undisturbed window is as long as the capture, and at least 5 report intervals.
+/// itself. The target's stall counts over the whole capture, its throughput over the copy
+/// (from the first to the last progress call of the copy after the pause), against the
+/// undisturbed stretch of the same length (at least 5 report intervals, within the lead)
+/// just before the capture.
 fn dump_round(
     t: &mut Target,
     lead: Duration,
     interval_ms: u64,
     round: usize,
 ) -> Result<(Captured, DumpSide), DumpBenchError> {
+    let lead_start = monotonic_ns();
     t.run_for(lead)?;
     let a = monotonic_ns();
     let t0 = Instant::now();
-    let cap = dump::capture(t.pid, &DumpOptions::default(), |_, _| {})?;
+    let mut copy: Option<(u64, u64)> = None;
+    let cap = dump::capture(t.pid, &DumpOptions::default(), |_, _| {
+        let now = monotonic_ns();
+        copy = Some(copy.map_or((now, now), |(first, _)| (first, now)));
+    })?;
     let capture = t0.elapsed();
     let b = monotonic_ns();
     t.wait_after(b, 2)?;
-    let during = Window::covering(&t.lines, a, b).ok_or_else(|| no_window("the dump"))?;
-    let span = (b - a).max(5 * interval_ms * 1_000_000);
-    let undisturbed = Window::inside(&t.lines, a.saturating_sub(span), a)
+    let (c0, c1) = copy.unwrap_or((a, b));
+    let capture_w = Window::covering(&t.lines, a, b).ok_or_else(|| no_window("the dump"))?;
+    let during = Window::covering(&t.lines, c0, c1).ok_or_else(|| no_window("the copy"))?;
+    let span = (c1 - c0).max(5 * interval_ms * 1_000_000);
+    let undisturbed = Window::inside(&t.lines, a.saturating_sub(span).max(lead_start), a)
         .ok_or_else(|| no_window("the undisturbed stretch"))?;
     let v = t.verdict(&cap);
     if v.inconsistent > 0 {
@@ -532,6 +547,8 @@ fn dump_round(
         capture_ms: capture.as_secs_f64() * 1e3,
         copy_ms: rep.snapshot.as_ref().map_or(0.0, |s| s.copy_ms),
         faults_served: rep.snapshot.as_ref().map_or(0, |s| s.faults_served),
+        max_stall_us: capture_w.max_stall_us,
+        capture: capture_w,
         during,
         undisturbed,
         throughput_ratio: during.writes_per_s / undisturbed.writes_per_s,
@@ -638,10 +655,10 @@ fn figures(cfg: &DumpBenchConfig, rounds: Vec<DumpRound>) -> DumpFigures {
         pause_us: med(&|r| r.dump.pause_us),
         gcore_stop_us: gmed(&|_, g| gcore_stop(g)),
         pause_ratio_vs_gcore: gmed(&|r, g| r.dump.pause_us / gcore_stop(g)),
-        target_max_stall_us: med(&|r| r.dump.during.max_stall_us),
+        target_max_stall_us: med(&|r| r.dump.max_stall_us),
         undisturbed_max_stall_us: med(&|r| r.dump.undisturbed.max_stall_us),
         gcore_max_stall_us: gmed(&|_, g| g.during.max_stall_us),
-        stall_ratio_vs_gcore: gmed(&|r, g| r.dump.during.max_stall_us / g.during.max_stall_us),
+        stall_ratio_vs_gcore: gmed(&|r, g| r.dump.max_stall_us / g.during.max_stall_us),
         throughput_during_copy: med(&|r| r.dump.during.writes_per_s),
         throughput_undisturbed: med(&|r| r.dump.undisturbed.writes_per_s),
         throughput_ratio: med(&|r| r.dump.throughput_ratio),

@@ -139,7 +139,7 @@ fn print_table(o: &Output) {
     let ratio = f.pause_ratio_vs_gcore;
     println!(
         "  pause_ratio_vs_gcore    {:>15}  goal <= {}: {}",
-        opt(ratio.map(|r| r * 1e3), " e-3"),
+        ratio.map_or("n/a".to_string(), |r| format!("{r:.4}")),
         f.goal_pause_ratio_vs_gcore,
         match ratio {
             Some(r) if r <= f.goal_pause_ratio_vs_gcore => "ok",
@@ -148,14 +148,16 @@ fn print_table(o: &Output) {
         }
     );
     println!(
-        "\n  target's longest stall: dump {:.1} us, undisturbed {:.1} us, gcore {}",
+        "\n  target's longest stall: dump {:.1} us (whole capture, {:.0} ms), undisturbed {:.1} us, \
+         gcore {}",
         f.target_max_stall_us,
+        f.capture_ms,
         f.undisturbed_max_stall_us,
         opt(f.gcore_max_stall_us, " us")
     );
     println!(
-        "  target's writes/s: during the capture ({:.0} ms) {:.0}, undisturbed {:.0} -> {:.2}x",
-        f.capture_ms, f.throughput_during_copy, f.throughput_undisturbed, f.throughput_ratio
+        "  target's writes/s: during the copy {:.0}, undisturbed just before {:.0} -> {:.2}x",
+        f.throughput_during_copy, f.throughput_undisturbed, f.throughput_ratio
     );
     println!(
         "  core write {:.0} MB/s, plain sequential write {:.0} MB/s -> {:.2}x ({} MiB core, {} \
