@@ -15,7 +15,8 @@
 //!   against the same over the undisturbed stretch of the same length just before. The capture is checked against itself (the workload's oracle), then
 //!   written as a core ([`uffd_wp::dump::write_core`]), timed against a plain sequential write
 //!   of the same number of bytes into the same directory (both into the page cache: no
-//!   fsync, as neither gcore nor the kernel's core dumps sync).
+//!   fsync, as neither gcore nor the kernel's core dumps sync), which of the two goes first
+//!   alternating from round to round.
 //! - **gcore**: `gcore -o PREFIX PID` on the same target. Its stop time is how long the target
 //!   was seen stopped (`t`/`T` in `/proc/PID/task/*/stat`, polled every
 //!   [`WATCH_PERIOD`] from a thread of this process), and the target's own longest stall in
@@ -363,6 +364,10 @@ pub struct WriteSide {
     pub core_write_mb_s: f64,
     /// A plain sequential write of as many bytes into the same directory, MB/s.
     pub seq_write_mb_s: f64,
+    /// The plain file's length (the core's, or an earlier round's core's when written first).
+    pub seq_bytes: u64,
+    /// The plain file was written first.
+    pub seq_first: bool,
     /// `core_write_mb_s / seq_write_mb_s`.
     pub core_write_ratio_vs_seq: f64,
 }
@@ -487,7 +492,11 @@ pub fn measure(
         let (cap, dump) = dump_round(&mut t, lead, cfg.interval_ms, r)?;
         last = Duration::from_secs_f64(dump.during.ms / 1e3);
         progress(Step::Write(r));
-        let write = write_round(&cap, &cfg.dir);
+        let seq_first = rounds
+            .last()
+            .filter(|_| r % 2 == 1)
+            .map(|p: &DumpRound| p.write.core_bytes);
+        let write = write_round(&cap, &cfg.dir, seq_first);
         drop(cap);
         let write = write?;
         if !gcore_first {
@@ -557,9 +566,24 @@ fn dump_round(
     Ok((cap, side))
 }
 
-/// Writes `cap` as a core into `dir`, then as many plain bytes; each file is removed before
-/// the other is written, so both start from the same page cache.
-fn write_round(cap: &Captured, dir: &Path) -> Result<WriteSide, DumpBenchError> {
+/// Writes `cap` as a core into `dir` and a plain file of as many bytes, each removed before
+/// the other is written. With `seq_first` (the core's length in an earlier round: the same
+/// target gives the same length, within a few pages), the plain file goes first: the order
+/// alternates from round to round, since on this kind of machine the second of two large
+/// writes often runs at a different speed than the first (page cache pages freed a moment
+/// ago against pages the guest has not touched for a while).
+fn write_round(
+    cap: &Captured,
+    dir: &Path,
+    seq_first: Option<u64>,
+) -> Result<WriteSide, DumpBenchError> {
+    let plain = dir.join(format!("uffd-wp-bench-dump-{}.seq", std::process::id()));
+    let seq = |bytes: u64| {
+        let took = plain_write(&plain, bytes);
+        let _ = std::fs::remove_file(&plain);
+        took.map_err(io("writing", &plain))
+    };
+    let early = seq_first.map(|b| seq(b).map(|t| (b, t))).transpose()?;
     let core = dir.join(format!("uffd-wp-bench-dump-{}.core", std::process::id()));
     let f = File::create(&core).map_err(io("creating", &core))?;
     let t0 = Instant::now();
@@ -568,17 +592,20 @@ fn write_round(cap: &Captured, dir: &Path) -> Result<WriteSide, DumpBenchError> 
     drop(f);
     let _ = std::fs::remove_file(&core);
     let stats = stats?;
-    let plain = dir.join(format!("uffd-wp-bench-dump-{}.seq", std::process::id()));
-    let seq = plain_write(&plain, stats.file_size);
-    let _ = std::fs::remove_file(&plain);
-    let seq_took = seq.map_err(io("writing", &plain))?;
-    let mb_s = |d: Duration| stats.file_size as f64 / d.as_secs_f64().max(1e-9) / 1e6;
+    let (seq_bytes, seq_took) = match early {
+        Some(e) => e,
+        None => (stats.file_size, seq(stats.file_size)?),
+    };
+    let mb_s = |b: u64, d: Duration| b as f64 / d.as_secs_f64().max(1e-9) / 1e6;
+    let (core_mb_s, seq_mb_s) = (mb_s(stats.file_size, core_took), mb_s(seq_bytes, seq_took));
     Ok(WriteSide {
         core_bytes: stats.file_size,
         hole_bytes: stats.hole_bytes,
-        core_write_mb_s: mb_s(core_took),
-        seq_write_mb_s: mb_s(seq_took),
-        core_write_ratio_vs_seq: seq_took.as_secs_f64() / core_took.as_secs_f64().max(1e-9),
+        seq_bytes,
+        seq_first: seq_first.is_some(),
+        core_write_mb_s: core_mb_s,
+        seq_write_mb_s: seq_mb_s,
+        core_write_ratio_vs_seq: core_mb_s / seq_mb_s,
     })
 }
 
