@@ -332,6 +332,10 @@ pub struct DumpSide {
     pub pause_us: f64,
     /// Of which stopping every thread and capturing registers and in-freeze copies, us.
     pub freeze_us: f64,
+    /// Of which write-protecting (the pages written since pre-arming), us.
+    pub protect_us: f64,
+    /// Pages the writers wrote between pre-arming and the freeze (re-protected in the pause).
+    pub prearm_dirty_pages: u64,
     /// The whole capture (attach, plan, pause, copy), ms.
     pub capture_ms: f64,
     /// The snapshot's copy after the pause, ms.
@@ -553,6 +557,8 @@ fn dump_round(
         threads: rep.threads,
         pause_us: rep.pause_us,
         freeze_us: rep.freeze_us,
+        protect_us: rep.snapshot.as_ref().map_or(0.0, |s| s.protect_us),
+        prearm_dirty_pages: rep.snapshot.as_ref().map_or(0, |s| s.prearm_dirty_pages),
         capture_ms: capture.as_secs_f64() * 1e3,
         copy_ms: rep.snapshot.as_ref().map_or(0.0, |s| s.copy_ms),
         faults_served: rep.snapshot.as_ref().map_or(0, |s| s.faults_served),
