@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod dump;
 pub mod protect;
 pub mod snapshot;
 pub mod sys;

@@ -85,7 +85,7 @@ fn setup(what: &'static str) -> impl Fn(Errno) -> SnapshotBenchError {
 }
 
 /// Median of some values (NaN when empty).
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -277,47 +277,70 @@ pub enum Gcore {
     Skipped,
 }
 
-/// Runs `gcore -o FILE PID` on a forked copy of this process (sleeping in `pause(2)`, holding
-/// the same memory) and times it; the core file is removed afterwards.
-pub fn time_gcore() -> Result<Gcore, SnapshotBenchError> {
-    let child = SleepingChild::fork().map_err(setup("fork"))?;
-    let prefix = std::env::temp_dir().join(format!("uffd-wp-bench-core-{}", std::process::id()));
+/// One `gcore -o PREFIX PID` run ([`run_gcore`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GcoreRun {
+    /// Its wall time.
+    pub took: Duration,
+    /// Size of the core file it wrote (0 if none).
+    pub core_bytes: u64,
+    /// Whether it exited with success.
+    pub success: bool,
+}
+
+/// Runs `gcore -o PREFIX PID` (its output discarded), times it and removes the core file it
+/// writes (`PREFIX.PID`). `Ok(None)`: gcore is not on the PATH.
+pub fn run_gcore(pid: u32, prefix: &std::path::Path) -> std::io::Result<Option<GcoreRun>> {
     let core = prefix.with_file_name(format!(
-        "{}.{}",
+        "{}.{pid}",
         prefix
             .file_name()
             .and_then(|s| s.to_str())
             .unwrap_or("core"),
-        child.pid()
     ));
     let t = Instant::now();
     let status = std::process::Command::new("gcore")
         .arg("-o")
-        .arg(&prefix)
-        .arg(child.pid().to_string())
+        .arg(prefix)
+        .arg(pid.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status();
     let took = t.elapsed();
-    drop(child);
     let status = match status {
         Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Gcore::NotInstalled),
-        Err(e) => {
-            return Err(SnapshotBenchError::Setup {
-                what: "running gcore",
-                errno: uffd_wp::sys::errno_of(&e),
-            });
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
     };
     let core_bytes = std::fs::metadata(&core).map_or(0, |m| m.len());
     let _ = std::fs::remove_file(&core);
-    Ok(Gcore::Ran {
-        ms: ms(took),
+    Ok(Some(GcoreRun {
+        took,
         core_bytes,
         success: status.success(),
-    })
+    }))
+}
+
+/// Runs `gcore -o FILE PID` on a forked copy of this process (sleeping in `pause(2)`, holding
+/// the same memory) and times it; the core file is removed afterwards.
+pub fn time_gcore() -> Result<Gcore, SnapshotBenchError> {
+    let child = SleepingChild::fork().map_err(setup("fork"))?;
+    let prefix = std::env::temp_dir().join(format!("uffd-wp-bench-core-{}", std::process::id()));
+    let run = run_gcore(child.pid(), &prefix);
+    drop(child);
+    match run {
+        Ok(None) => Ok(Gcore::NotInstalled),
+        Ok(Some(r)) => Ok(Gcore::Ran {
+            ms: ms(r.took),
+            core_bytes: r.core_bytes,
+            success: r.success,
+        }),
+        Err(e) => Err(SnapshotBenchError::Setup {
+            what: "running gcore",
+            errno: uffd_wp::sys::errno_of(&e),
+        }),
+    }
 }
 
 /// What [`measure_pause`] measures.

@@ -19,6 +19,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
 use uffd_wp::sys::Errno;
@@ -154,6 +155,11 @@ struct Shared {
     parked: AtomicUsize,
     stop: AtomicBool,
     writes: AtomicU64,
+    /// The longest time, ns, between two consecutive page writes of one writer (a writer's
+    /// stall: preempted, stopped by a debugger, waiting on a write-protect fault), over all
+    /// writers since the last [`Workload::take_max_gap`]. Time parked by [`Workload::pause`]
+    /// does not count.
+    max_gap_ns: AtomicU64,
 }
 
 /// The workload: a region and its writer threads.
@@ -212,6 +218,7 @@ impl Workload {
             parked: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             writes: AtomicU64::new(0),
+            max_gap_ns: AtomicU64::new(0),
         });
         if cfg.prefill {
             for p in 0..pages {
@@ -254,6 +261,12 @@ impl Workload {
     /// Total page writes so far.
     pub fn writes(&self) -> u64 {
         self.shared.writes.load(Ordering::Relaxed)
+    }
+
+    /// The longest gap between two consecutive page writes of any writer since the last call
+    /// (or the start), and a new period starts: the writers' longest stall in the period.
+    pub fn take_max_gap(&self) -> Duration {
+        Duration::from_nanos(self.shared.max_gap_ns.swap(0, Ordering::AcqRel))
     }
 
     /// Waits until every writer is parked: first spinning (yielding the CPU to writers that
@@ -379,6 +392,7 @@ fn write_page(m: &Mapping, s: &Shared, p: u64) -> Result<(), Errno> {
 /// page (a page's content always matches its version).
 fn writer(m: &Mapping, s: &Shared, mut seed: u64, hot: u64, id: u64, n: u64) {
     let mine = (hot.saturating_sub(id)).div_ceil(n).max(1);
+    let mut last = Instant::now();
     loop {
         if s.stop.load(Ordering::Acquire) {
             return;
@@ -392,6 +406,7 @@ fn writer(m: &Mapping, s: &Shared, mut seed: u64, hot: u64, id: u64, n: u64) {
             }
             drop(g);
             s.parked.fetch_sub(1, Ordering::AcqRel);
+            last = Instant::now();
             continue;
         }
         seed ^= seed << 13;
@@ -401,5 +416,19 @@ fn writer(m: &Mapping, s: &Shared, mut seed: u64, hot: u64, id: u64, n: u64) {
         if p >= s.pages || write_page(m, s, p).is_err() {
             continue;
         }
+        let now = Instant::now();
+        let gap = now.duration_since(last).as_nanos() as u64;
+        last = now;
+        // Reading first keeps the shared line clean while the maximum stands.
+        if gap > s.max_gap_ns.load(Ordering::Relaxed) {
+            s.max_gap_ns.fetch_max(gap, Ordering::AcqRel);
+        }
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the machine, so that a
+/// workload process's reports and its parent's measurements line up.
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }

@@ -8,6 +8,7 @@ use uffd_wp_bench::protect::{self as bench, PageKind, ProtectBench, ProtectFigur
 
 use crate::{CliError, report};
 
+mod dump;
 mod plot;
 mod snapshot;
 
@@ -35,6 +36,10 @@ enum What {
     /// Live snapshots against fork() (pause), memcpy (copy) and a bare fault handler (fault
     /// latency), 1 GiB, 4 KiB pages and THP.
     Snapshot(snapshot::Args),
+    /// A live whole-process dump against gcore on the same running target: the pause against
+    /// gcore's stop, the target's stall and throughput during the copy, the core write
+    /// against a plain sequential write (1 GiB, 2 writers).
+    Dump(dump::Args),
     /// An SVG of the ratios in `--json` outputs of the benches against the goals.
     Plot(plot::Args),
 }
@@ -101,6 +106,7 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         What::Protect(p) => protect(p),
         What::Track(t) => crate::track::bench(t),
         What::Snapshot(s) => snapshot::run(s),
+        What::Dump(d) => dump::run(d),
         What::Plot(p) => plot::run(p),
     }
 }

@@ -17,6 +17,9 @@ pub enum CliError {
     /// A benchmark could not run, or a measured report was wrong.
     #[error(transparent)]
     Bench(#[from] uffd_wp_bench::protect::BenchError),
+    /// The dump benchmark could not run.
+    #[error(transparent)]
+    DumpBench(#[from] uffd_wp_bench::dump::DumpBenchError),
     /// Dirty tracking failed.
     #[error(transparent)]
     Track(#[from] uffd_wp::engine::track::TrackError),
@@ -125,6 +128,7 @@ impl CliError {
             CliError::Attach { source, .. } => source.errno(),
             CliError::Snapshot(e) => e.errno(),
             CliError::Dump { source, .. } => source.errno(),
+            CliError::DumpBench(e) => return e.errno(),
             CliError::Io { source, .. } => Errno::from_raw_os_error(source.raw_os_error()?),
             CliError::Os { errno, .. } => *errno,
             CliError::Interrupted { .. } => Errno::INTR,
@@ -138,6 +142,7 @@ impl CliError {
             CliError::Usage(_) => ("Usage", Some("parsing the command line".to_string())),
             CliError::Scenario(_) => ("Scenario", None),
             CliError::Bench(_) => ("Bench", None),
+            CliError::DumpBench(_) => ("Bench", Some("bench dump".into())),
             CliError::Track(_) => ("Track", None),
             CliError::Pins(_) => ("Pins", None),
             CliError::Open(_) => ("Open", Some("opening a userfaultfd".into())),

@@ -41,7 +41,7 @@ enum Command {
     Dump(dump::Args),
     /// Take a live copy-on-write snapshot of the built-in workload and check it with its oracle.
     Snapshot(snapshot::Args),
-    /// Benchmarks, each against its alternative in the same run: `bench protect`, `bench track`, `bench snapshot`, `bench plot`.
+    /// Benchmarks, each against its alternative in the same run: `bench protect`, `bench track`, `bench snapshot`, `bench dump`, `bench plot`.
     Bench(bench::Args),
     /// Dirty-tracking epochs over the built-in workload, each beside the writers' ground truth.
     Track(track::Args),

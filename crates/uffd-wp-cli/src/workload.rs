@@ -3,14 +3,18 @@
 //! the remote backend (`uffd-wp snapshot --pid`) and its tests.
 //!
 //! Configured by a [`Target`]; answers `{"pid":..,"start":..,"len":..,"threads":..,
-//! "versions":..}` (the address of its page-version table) once the writers run, then `{"writes":N}` (total page writes so far) every `interval_ms`, until
-//! killed or until its stdout is closed.
+//! "versions":..}` (the address of its page-version table) once the writers run, then
+//! `{"writes":N,"max_gap_us":G,"t_ns":T}` every `interval_ms`, until killed or until its stdout
+//! is closed: N total page writes so far, G the longest gap between two consecutive page writes
+//! of any writer that ended since the previous line (the writers' longest stall), T the
+//! `CLOCK_MONOTONIC` time of the line in ns (the parent lines it up with its own measurements:
+//! `uffd-wp bench dump`).
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use uffd_wp::helper::Parent;
-use uffd_wp_bench::workload::{Workload, WorkloadConfig};
+use uffd_wp_bench::workload::{Workload, WorkloadConfig, monotonic_ns};
 
 /// The workload process's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,7 +73,12 @@ fn serve(mut parent: Parent, t: &Target) -> Result<(), String> {
     }
     loop {
         std::thread::sleep(Duration::from_millis(t.interval_ms.max(1)));
-        if !parent.send(&serde_json::json!({ "writes": w.writes() })) {
+        let line = serde_json::json!({
+            "writes": w.writes(),
+            "max_gap_us": w.take_max_gap().as_secs_f64() * 1e6,
+            "t_ns": monotonic_ns(),
+        });
+        if !parent.send(&line) {
             return Ok(());
         }
     }

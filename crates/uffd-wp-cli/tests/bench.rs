@@ -2,7 +2,8 @@
 //! of its output (every snapshot is oracle-checked, the JSON carries the ratios against their
 //! goals, the SVG names each ratio), `bench protect --json` (the issue's flat fields beside each
 //! page kind's figures; each measurement is checked against pagemap inside the bench); bad
-//! input is refused.
+//! input is refused; `bench dump --json` (a dump against gcore on a tiny target: every figure
+//! there, no timing asserted).
 
 use std::process::Command;
 
@@ -172,4 +173,87 @@ fn bench_protect_refuses_bad_sizes() {
     let (code, _, err) = uffd_wp(&["bench", "protect", "--size", "3M", "--json"]);
     assert_eq!(code, 2);
     assert!(err.contains("multiple of 2 MiB"), "{err}");
+}
+
+/// Whether `bench dump` can run here: root (ptrace of the target, a uffd inside it) and gdb's
+/// gcore on the PATH; without them the test is skipped, unless UFFD_WP_REQUIRE_KERNEL=1.
+fn dump_prerequisites() -> bool {
+    let root = uid_is_root();
+    let gcore = Command::new("sh")
+        .args(["-c", "command -v gcore"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if root && gcore && kernel() {
+        return true;
+    }
+    let why = format!("root: {root}, gcore installed: {gcore}");
+    if std::env::var("UFFD_WP_REQUIRE_KERNEL").as_deref() == Ok("1") {
+        panic!("bench dump needs root and gcore (UFFD_WP_REQUIRE_KERNEL=1): {why}");
+    }
+    eprintln!("SKIPPED bench dump test: {why}");
+    false
+}
+
+fn uid_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            == Some("0")
+    })
+}
+
+/// `bench dump` on a tiny target: every figure the issue asks for is there and positive (no
+/// timing is asserted), every dump was checked against itself.
+#[test]
+fn bench_dump_json_has_the_issue_fields() {
+    if !dump_prerequisites() {
+        return;
+    }
+    let (code, out, err) = uffd_wp(&["bench", "dump", "--size", "16M", "--rounds", "1", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["bench"], "dump");
+    assert_eq!(v["goal_pause_ratio_vs_gcore"], 0.01);
+    assert_eq!(v["consistent"], true);
+    assert_eq!(v["rounds"], 1);
+    assert_eq!(v["writers"], 2);
+    for k in [
+        "pause_us",
+        "gcore_stop_us",
+        "pause_ratio_vs_gcore",
+        "target_max_stall_us",
+        "undisturbed_max_stall_us",
+        "gcore_max_stall_us",
+        "stall_ratio_vs_gcore",
+        "throughput_during_copy",
+        "throughput_undisturbed",
+        "throughput_ratio",
+        "core_write_mb_s",
+        "seq_write_mb_s",
+        "core_write_ratio_vs_seq",
+        "capture_ms",
+        "gcore_wall_ms",
+    ] {
+        let x = v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"));
+        assert!(x.is_finite() && x > 0.0, "{k} = {x}");
+    }
+    for k in ["core_bytes", "threads", "gcore_core_bytes"] {
+        assert!(v[k].as_u64().unwrap_or(0) > 0, "{k}: {v}");
+    }
+    // The workload's threads: its writers and its reporting main thread.
+    assert!(v["threads"].as_u64().unwrap() > 2);
+    assert!(
+        v["core_bytes"].as_u64().unwrap() > 16 << 20,
+        "the region is in the core"
+    );
+    assert!(v["hole_bytes"].as_u64().is_some());
+    assert_eq!(v["per_round"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bench_dump_refuses_bad_sizes() {
+    let (code, _, err) = uffd_wp(&["bench", "dump", "--size", "5000", "--json"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("multiple of 4 KiB"), "{err}");
 }

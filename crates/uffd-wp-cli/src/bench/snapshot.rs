@@ -101,7 +101,7 @@ struct Output {
     faults: Option<FaultFigures>,
 }
 
-fn loadavg() -> [f64; 3] {
+pub(super) fn loadavg() -> [f64; 3] {
     let s = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut it = s.split_whitespace().map(|x| x.parse().unwrap_or(f64::NAN));
     [
@@ -111,7 +111,7 @@ fn loadavg() -> [f64; 3] {
     ]
 }
 
-fn spinner(show: bool) -> ProgressBar {
+pub(super) fn spinner(show: bool) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
