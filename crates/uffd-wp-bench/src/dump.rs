@@ -40,7 +40,7 @@ use uffd_wp::helper::{Helper, HelperError};
 use uffd_wp::range::PAGE_SIZE;
 
 use crate::snapshot::{median, run_gcore};
-use crate::workload::{DumpVerdict, check_dump, monotonic_ns};
+use crate::workload::{DumpVerdict, Layout, monotonic_ns};
 
 /// The goal: the dump's pause at most this fraction of gcore's stop.
 pub const GOAL_PAUSE_RATIO_VS_GCORE: f64 = 0.01;
@@ -170,11 +170,7 @@ struct Line {
 /// The running target and the lines it has reported.
 struct Target {
     helper: Helper,
-    pid: u32,
-    start: u64,
-    pages: u64,
-    writers: u64,
-    versions: u64,
+    layout: Layout,
     lines: Vec<Line>,
 }
 
@@ -185,17 +181,9 @@ impl Target {
     ) -> Result<Target, DumpBenchError> {
         let mut helper = spawn(spec)?;
         let head: serde_json::Value = helper.recv(TARGET_PATIENCE)?;
-        let field = |k: &str| {
-            head[k]
-                .as_u64()
-                .ok_or_else(|| DumpBenchError::Report(format!("no {k:?} in its header {head}")))
-        };
+        let layout = Layout::from_header(&head).map_err(DumpBenchError::Report)?;
         Ok(Target {
-            pid: field("pid")? as u32,
-            start: field("start")?,
-            pages: field("len")? / PAGE_SIZE,
-            writers: field("threads")?,
-            versions: field("versions")?,
+            layout,
             lines: Vec::new(),
             helper,
         })
@@ -218,17 +206,9 @@ impl Target {
 
     /// The capture checked against itself (the workload's oracle).
     fn verdict(&self, cap: &Captured) -> DumpVerdict {
-        let page = |p: u64| {
-            let mut b = vec![0u8; PAGE_SIZE as usize];
-            let _ = cap.read(self.start + p * PAGE_SIZE, &mut b);
-            b
-        };
-        let version = |p: u64| {
-            let mut b = [0u8; 8];
-            let _ = cap.read(self.versions + p * 8, &mut b);
-            u64::from_ne_bytes(b)
-        };
-        check_dump(self.pages, self.writers, page, version)
+        self.layout.check(|a, b| {
+            let _ = cap.read(a, b);
+        })
     }
 }
 
@@ -532,7 +512,7 @@ fn dump_round(
     let a = monotonic_ns();
     let t0 = Instant::now();
     let mut copy: Option<(u64, u64)> = None;
-    let cap = dump::capture(t.pid, &DumpOptions::default(), |_, _| {
+    let cap = dump::capture(t.layout.pid, &DumpOptions::default(), |_, _| {
         let now = monotonic_ns();
         copy = Some(copy.map_or((now, now), |(first, _)| (first, now)));
     })?;
@@ -639,8 +619,8 @@ fn gcore_round(t: &mut Target, dir: &Path) -> Result<Option<GcoreSide>, DumpBenc
     t.run_for(GCORE_SETTLE)?;
     let prefix = dir.join(format!("uffd-wp-bench-gcore-{}", std::process::id()));
     let a = monotonic_ns();
-    let watch = StopWatch::start(t.pid);
-    let run = run_gcore(t.pid, &prefix);
+    let watch = StopWatch::start(t.layout.pid);
+    let run = run_gcore(t.layout.pid, &prefix);
     let seen = watch.finish();
     let b = monotonic_ns();
     let Some(run) = run.map_err(io("running gcore for", &prefix))? else {
@@ -649,7 +629,7 @@ fn gcore_round(t: &mut Target, dir: &Path) -> Result<Option<GcoreSide>, DumpBenc
     if !run.success {
         return Err(DumpBenchError::Report(format!(
             "gcore of process {} failed ({} bytes of core)",
-            t.pid, run.core_bytes
+            t.layout.pid, run.core_bytes
         )));
     }
     t.wait_after(b, 2)?;

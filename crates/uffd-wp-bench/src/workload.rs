@@ -113,6 +113,56 @@ pub fn check_dump(
     v
 }
 
+/// Where a workload process keeps its region and its version table, as its helper's first
+/// line reports them (`{"pid", "start", "len", "threads", "versions"}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Layout {
+    /// The process.
+    pub pid: u32,
+    /// The region's first page.
+    pub start: u64,
+    /// Its pages.
+    pub pages: u64,
+    /// Writer threads.
+    pub writers: u64,
+    /// The version table: one `u64` per page ([`Workload::versions_addr`]).
+    pub versions: u64,
+}
+
+impl Layout {
+    /// From the helper's first line.
+    pub fn from_header(head: &serde_json::Value) -> Result<Layout, String> {
+        let field = |k: &str| {
+            head[k]
+                .as_u64()
+                .ok_or_else(|| format!("no {k:?} in the workload's header {head}"))
+        };
+        Ok(Layout {
+            pid: field("pid")? as u32,
+            start: field("start")?,
+            pages: field("len")? / PAGE_SIZE,
+            writers: field("threads")?,
+            versions: field("versions")?,
+        })
+    }
+
+    /// Checks a capture of the process against itself ([`check_dump`]); `read(addr, buf)`
+    /// reads the capture (a page it cannot read stays zero, and is found wrong).
+    pub fn check(&self, read: impl Fn(u64, &mut [u8])) -> DumpVerdict {
+        let page = |p: u64| {
+            let mut b = vec![0u8; PAGE_SIZE as usize];
+            read(self.start + p * PAGE_SIZE, &mut b);
+            b
+        };
+        let version = |p: u64| {
+            let mut b = [0u8; 8];
+            read(self.versions + p * 8, &mut b);
+            u64::from_ne_bytes(b)
+        };
+        check_dump(self.pages, self.writers, page, version)
+    }
+}
+
 /// Checks one captured page against the version it had at the snapshot point.
 pub fn check_page(p: u64, expected: u64, data: &[u8]) -> PageVerdict {
     let word = |i: usize| u64::from_ne_bytes(data[i * 8..i * 8 + 8].try_into().expect("8 bytes"));

@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde::Serialize;
 use uffd_wp::dump::{self, Captured, DumpOptions, DumpReport};
 use uffd_wp::helper::{Helper, Kind};
-use uffd_wp::range::{PAGE_SIZE, RangeSet, parse_size};
-use uffd_wp_bench::workload::{DumpVerdict, check_dump};
+use uffd_wp::range::{RangeSet, parse_size};
+use uffd_wp_bench::workload::{DumpVerdict, Layout};
 
 use crate::snapshot::remote::parse_range;
 use crate::workload::Target;
@@ -65,20 +65,7 @@ struct Output {
     oracle: Option<DumpVerdict>,
     /// Where the built-in target keeps its region and its version table.
     #[serde(skip_serializing_if = "Option::is_none")]
-    target: Option<TargetLayout>,
-}
-
-/// The built-in target's layout, for checking the core with other tools (gdb).
-#[derive(Debug, Clone, Copy, Serialize)]
-struct TargetLayout {
-    /// The region's first page.
-    start: u64,
-    /// Its pages.
-    pages: u64,
-    /// The version table: one `u64` per page.
-    versions: u64,
-    /// Writer threads.
-    writers: u64,
+    target: Option<Layout>,
 }
 
 /// Runs it.
@@ -88,7 +75,10 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         Some(_) => None,
         None => Some(start_target(a)?),
     };
-    let pid = a.pid.or(target.as_ref().map(|t| t.pid)).expect("a pid");
+    let pid = a
+        .pid
+        .or(target.as_ref().map(|t| t.layout.pid))
+        .expect("a pid");
     let path = a
         .out
         .clone()
@@ -112,12 +102,7 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         core: path.display().to_string(),
         dump: cap.report,
         oracle,
-        target: target.as_ref().map(|t| TargetLayout {
-            start: t.start,
-            pages: t.pages,
-            versions: t.versions,
-            writers: t.threads,
-        }),
+        target: target.as_ref().map(|t| t.layout),
     };
     report::emit(a.json, &out, print);
     match out.oracle {
@@ -155,14 +140,10 @@ fn create(path: &Path) -> Result<std::fs::File, CliError> {
     })
 }
 
-/// The built-in target: the workload in a helper process.
+/// The built-in target: the workload in a helper process (killed when dropped).
 struct BuiltIn {
     _helper: Helper,
-    pid: u32,
-    start: u64,
-    pages: u64,
-    threads: u64,
-    versions: u64,
+    layout: Layout,
 }
 
 fn start_target(a: &Args) -> Result<BuiltIn, CliError> {
@@ -172,20 +153,17 @@ fn start_target(a: &Args) -> Result<BuiltIn, CliError> {
         thp: false,
         interval_ms: 1000,
     };
-    let failed = |e: uffd_wp::helper::HelperError| CliError::Os {
+    let failed = |e: String| CliError::Os {
         operation: format!("starting the built-in target: {e}"),
         errno: uffd_wp::sys::Errno::CHILD,
     };
-    let mut helper =
-        Helper::spawn(Path::new("/proc/self/exe"), &[], Kind::Workload, &target).map_err(failed)?;
-    let head: serde_json::Value = helper.recv(TARGET_PATIENCE).map_err(failed)?;
-    let field = |k: &str| head[k].as_u64().unwrap_or(0);
+    let mut helper = Helper::spawn(Path::new("/proc/self/exe"), &[], Kind::Workload, &target)
+        .map_err(|e| failed(e.to_string()))?;
+    let head: serde_json::Value = helper
+        .recv(TARGET_PATIENCE)
+        .map_err(|e| failed(e.to_string()))?;
     Ok(BuiltIn {
-        pid: helper.pid(),
-        start: field("start"),
-        pages: field("len") / PAGE_SIZE,
-        threads: field("threads"),
-        versions: field("versions"),
+        layout: Layout::from_header(&head).map_err(failed)?,
         _helper: helper,
     })
 }
@@ -194,17 +172,9 @@ impl BuiltIn {
     /// The dump against itself: the region's pages against the version table, both read
     /// from the capture.
     fn check(&mut self, cap: &Captured) -> DumpVerdict {
-        let page = |p: u64| {
-            let mut b = vec![0u8; PAGE_SIZE as usize];
-            let _ = cap.read(self.start + p * PAGE_SIZE, &mut b);
-            b
-        };
-        let version = |p: u64| {
-            let mut b = [0u8; 8];
-            let _ = cap.read(self.versions + p * 8, &mut b);
-            u64::from_ne_bytes(b)
-        };
-        check_dump(self.pages, self.threads, page, version)
+        self.layout.check(|a, b| {
+            let _ = cap.read(a, b);
+        })
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::backend::linux::RemoteQuiesce;
 use crate::backend::linux::remote::read_remote;
-use crate::range::Range;
+use crate::range::{PAGE_SIZE, Range, RangeSet};
 use crate::seam::{Errno, Quiesce};
 use crate::sys::ptrace::{get_regset, nt};
 
@@ -33,6 +33,8 @@ pub struct Frozen {
     pub threads: Vec<ThreadRegs>,
     /// The mappings copied inside the freeze, with their bytes.
     pub copies: Vec<(Range, Vec<u8>)>,
+    /// Pages of `copies` that were unmapped by the target before the freeze (left zero).
+    pub gone: RangeSet,
     /// Microseconds spent capturing inside the freeze (registers and copies).
     pub capture_us: f64,
     /// The first failure, if any (the freeze still resumes the target).
@@ -82,7 +84,9 @@ impl<'a> DumpQuiesce<'a> {
         for r in &self.in_freeze {
             let mut buf = vec![0u8; r.len() as usize];
             match read_remote(self.pid, r.start(), &mut buf) {
-                Ok(()) => f.copies.push((*r, buf)),
+                Ok(()) => {}
+                // Unmapped since it was planned: what is left, page by page.
+                Err(Errno::FAULT) => f.gone.extend(&self.copy_pages(*r, &mut buf)),
                 Err(errno) => {
                     f.error.get_or_insert(DumpError::Copy {
                         addr: r.start(),
@@ -91,9 +95,24 @@ impl<'a> DumpQuiesce<'a> {
                     });
                 }
             }
+            f.copies.push((*r, buf));
         }
         f.capture_us = t0.elapsed().as_secs_f64() * 1e6;
         f
+    }
+}
+
+impl DumpQuiesce<'_> {
+    /// Copies `r` into `buf` page by page; returns the pages that are gone.
+    fn copy_pages(&self, r: Range, buf: &mut [u8]) -> RangeSet {
+        let mut gone = RangeSet::new();
+        for (p, chunk) in r.page_iter().zip(buf.chunks_mut(PAGE_SIZE as usize)) {
+            if read_remote(self.pid, p.start(), chunk).is_err() {
+                chunk.fill(0);
+                gone.insert(p);
+            }
+        }
+        gone
     }
 }
 

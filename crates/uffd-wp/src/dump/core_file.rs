@@ -134,29 +134,10 @@ pub struct CoreThread {
     pub xstate: Option<Vec<u8>>,
 }
 
-/// The process-wide facts of `NT_PRPSINFO`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CoreProcess {
-    /// Process id (the thread group's).
-    pub pid: i32,
-    /// Parent's process id.
-    pub ppid: i32,
-    /// Process group id.
-    pub pgrp: i32,
-    /// Session id.
-    pub sid: i32,
-    /// Real user id.
-    pub uid: u32,
-    /// Real group id.
-    pub gid: u32,
-    /// The state letter of /proc/PID/stat (`R`, `S`, `D`, `T`, `t`, `Z`, ...).
-    pub state: u8,
-    /// The command name (`comm`); cut to 15 bytes, as the kernel's `TASK_COMM_LEN` does.
-    pub fname: String,
-    /// The command line, arguments separated by spaces; cut to 79 bytes, as the kernel cuts
-    /// `pr_psargs`.
-    pub psargs: String,
-}
+/// The process-wide facts of `NT_PRPSINFO`: the target's identity as /proc gives it (`comm`
+/// is cut to 15 bytes as the kernel's `TASK_COMM_LEN` does, the command line to 79 as the
+/// kernel cuts `pr_psargs`).
+pub use super::target::ProcessInfo as CoreProcess;
 
 /// One mapping: one `PT_LOAD`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -572,19 +553,22 @@ fn prstatus(p: &CoreProcess, t: &CoreThread) -> [u8; PRSTATUS_SIZE] {
 fn prpsinfo(p: &CoreProcess) -> [u8; PRPSINFO_SIZE] {
     use prpsinfo::*;
     let mut b = [0u8; PRPSINFO_SIZE];
-    let state = b"RSDTZW".iter().position(|&c| c == p.state).unwrap_or(0);
+    let state = b"RSDTZW"
+        .iter()
+        .position(|&c| c == p.state as u8)
+        .unwrap_or(0);
     b[STATE] = state as u8;
-    b[SNAME] = p.state;
-    b[ZOMB] = u8::from(p.state == b'Z');
+    b[SNAME] = p.state as u8;
+    b[ZOMB] = u8::from(p.state == 'Z');
     put(&mut b, UID, &p.uid.to_le_bytes());
     put(&mut b, GID, &p.gid.to_le_bytes());
     put(&mut b, PID, &p.pid.to_le_bytes());
     put(&mut b, PPID, &p.ppid.to_le_bytes());
     put(&mut b, PGRP, &p.pgrp.to_le_bytes());
     put(&mut b, SID, &p.sid.to_le_bytes());
-    let fname = p.fname.as_bytes();
+    let fname = p.comm.as_bytes();
     put(&mut b, FNAME, &fname[..fname.len().min(FNAME_LEN - 1)]);
-    let args = p.psargs.as_bytes();
+    let args = p.cmdline.as_bytes();
     put(&mut b, PSARGS, &args[..args.len().min(PSARGS_LEN - 1)]);
     b
 }
@@ -820,9 +804,9 @@ mod tests {
             sid: 7,
             uid: 1000,
             gid: 1001,
-            state: b'S',
-            fname: "a-very-long-command-name".into(),
-            psargs: "prog ".repeat(30),
+            state: 'S',
+            comm: "a-very-long-command-name".into(),
+            cmdline: "prog ".repeat(30),
         };
         let threads = vec![thread(101, true), thread(100, false)];
         let mut maps = vec![
@@ -972,7 +956,7 @@ mod tests {
             [100, 1, 100, 7]
         );
         assert_eq!(&ps[40..56], b"a-very-long-com\0", "comm cut to 15 bytes");
-        assert_eq!(&ps[56..135], &p.psargs.as_bytes()[..79]);
+        assert_eq!(&ps[56..135], &p.cmdline.as_bytes()[..79]);
         assert_eq!(ps[135], 0, "psargs cut to 79 bytes and NUL-terminated");
         assert_eq!(notes[2].2, vec![0; SIGINFO_SIZE]);
         assert_eq!(notes[3].2, auxv);
@@ -1410,9 +1394,9 @@ mod tests {
                 sid: f[3].parse().unwrap(),
                 uid: id("Uid"),
                 gid: id("Gid"),
-                state: f[0].as_bytes()[0],
-                fname: stat[open + 1..close].to_string(),
-                psargs: String::from_utf8_lossy(&args).into_owned(),
+                state: f[0].chars().next().unwrap_or('?'),
+                comm: stat[open + 1..close].to_string(),
+                cmdline: String::from_utf8_lossy(&args).into_owned(),
             }
         }
 

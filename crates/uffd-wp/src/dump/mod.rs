@@ -172,6 +172,9 @@ pub struct DumpReport {
     pub in_freeze_bytes: u64,
     /// Bytes write-protected in the pause and copied after it.
     pub write_protected_bytes: u64,
+    /// Bytes the target unmapped after they were planned and before the freeze: not part of
+    /// the process at the snapshot instant (zero in the core).
+    pub gone_before_freeze_bytes: u64,
     /// Every mapping of the target, in address order.
     pub mappings: Vec<MappingReport>,
     /// The snapshot engine's report for the write-protected part (faults served, copy rate).
@@ -281,6 +284,7 @@ pub fn capture(
         capture_in_freeze_us: frozen.capture_us,
         in_freeze_bytes: frozen.copies.iter().map(|(r, _)| r.len()).sum(),
         write_protected_bytes: wp.bytes(),
+        gone_before_freeze_bytes: frozen.gone.bytes(),
         mappings: plan.iter().map(mapping_report).collect(),
         snapshot: snap,
     };

@@ -4,9 +4,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 
-use super::core_file::{
-    CoreMapping, CoreMemory, CoreProcess, CoreStats, CoreThread, write_core as write_file,
-};
+use super::core_file::{CoreMapping, CoreMemory, CoreStats, CoreThread, write_core as write_file};
 use super::plan::Method;
 use super::{Captured, DumpError};
 use crate::seam::Errno;
@@ -23,18 +21,6 @@ pub fn write_core(
     out: &File,
     progress: impl FnMut(u64, u64),
 ) -> Result<CoreStats, DumpError> {
-    let p = &cap.process;
-    let process = CoreProcess {
-        pid: p.pid,
-        ppid: p.ppid,
-        pgrp: p.pgrp,
-        sid: p.sid,
-        uid: p.uid,
-        gid: p.gid,
-        state: p.state as u8,
-        fname: p.comm.clone(),
-        psargs: p.cmdline.clone(),
-    };
     let threads: Vec<CoreThread> = cap
         .threads
         .iter()
@@ -47,7 +33,13 @@ pub fn write_core(
         .collect();
     let maps: Vec<CoreMapping> = cap.plan.iter().map(core_mapping).collect();
     Ok(write_file(
-        out, &process, &threads, &maps, &cap.auxv, cap, progress,
+        out,
+        &cap.process,
+        &threads,
+        &maps,
+        &cap.auxv,
+        cap,
+        progress,
     )?)
 }
 
