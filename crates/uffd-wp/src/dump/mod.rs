@@ -224,28 +224,8 @@ pub fn capture(
 ) -> Result<Captured, DumpError> {
     let p = pid as i32;
     let process = target::process_info(p)?;
-    let filter = match opts.filter {
-        Some(f) => f,
-        None => target::coredump_filter(p)?,
-    };
     let auxv = target::auxv(p)?;
-    let written = target::written_mappings(p)?;
-    let maps = procfs::read_maps(p).map_err(|errno| DumpError::Proc {
-        pid: p,
-        what: "maps",
-        errno,
-    })?;
-    let elf = |m: &MapEntry| {
-        let mut b = [0u8; 4];
-        m.offset == 0 && read_remote(p, m.start, &mut b).is_ok() && &b == b"\x7fELF"
-    };
-    let mut plan = plan::plan(
-        &maps,
-        filter,
-        opts.only.as_ref(),
-        |m| written.contains_key(&m.start),
-        elf,
-    );
+    let mut plan = plan_target(p, opts)?;
     let mm = LinuxMm::attach(pid, Config::default())?;
     refuse_unregistrable(&mm, &mut plan);
     let rq = RemoteQuiesce::new(pid);
@@ -297,6 +277,32 @@ pub fn capture(
         image,
         copies: frozen.copies,
     })
+}
+
+/// Reads the target's mappings and plans each by the kernel's core-dump rules (nothing is
+/// touched yet).
+fn plan_target(p: i32, opts: &DumpOptions) -> Result<Vec<Planned>, DumpError> {
+    let filter = match opts.filter {
+        Some(f) => f,
+        None => target::coredump_filter(p)?,
+    };
+    let written = target::written_mappings(p)?;
+    let maps = procfs::read_maps(p).map_err(|errno| DumpError::Proc {
+        pid: p,
+        what: "maps",
+        errno,
+    })?;
+    let elf = |m: &MapEntry| {
+        let mut b = [0u8; 4];
+        m.offset == 0 && read_remote(p, m.start, &mut b).is_ok() && &b == b"\x7fELF"
+    };
+    Ok(plan::plan(
+        &maps,
+        filter,
+        opts.only.as_ref(),
+        |m| written.contains_key(&m.start),
+        elf,
+    ))
 }
 
 /// Tries registering each mapping planned for write-protection; one the kernel refuses is
