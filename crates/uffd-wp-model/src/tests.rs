@@ -300,7 +300,7 @@ fn thp_splits_on_partial_protection() {
 }
 
 #[test]
-fn sync_async_and_dma_writes() {
+fn sync_writes_wait_until_unprotected() {
     // Sync: the write waits until un-protected; a wake without un-protecting re-faults.
     let mm = open(Semantics::Linux, UffdConfig::default());
     let m = mm.model();
@@ -350,7 +350,10 @@ fn sync_async_and_dma_writes() {
         ),
         Err(Errno::FAULT)
     );
+}
 
+#[test]
+fn async_writes_clear_the_bit_and_read_as_written() {
     // Async: the kernel clears the bit; the page reads as written.
     let am = open(Semantics::Linux, UffdConfig::async_wp());
     let m = am.model();
@@ -373,7 +376,10 @@ fn sync_async_and_dma_writes() {
     assert_eq!(dirty.regions.len(), 1);
     assert_eq!(dirty.regions[0].start, r.start() + 2 * P);
     assert_eq!(flags(m, r), "SW SW PWX SW", "WP_MATCHING re-protected it");
+}
 
+#[test]
+fn dma_writes_through_a_pin_bypass_the_protection() {
     // DMA through a long-term pin: no fault, the bit stays, nothing reads as written.
     let mm = open(Semantics::Linux, UffdConfig::default());
     let m = mm.model();
