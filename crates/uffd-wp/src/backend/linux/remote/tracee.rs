@@ -349,27 +349,18 @@ impl<'a> Tracee<'a> {
     fn restorer_entry(&mut self) -> Result<Regs, AttachError> {
         let give_up = Instant::now() + THREAD_WAIT;
         loop {
-            let Some(st) = self.wait(give_up)? else {
-                return Err(AttachError::Timeout {
-                    pid: self.pid,
-                    tid: self.tid,
-                });
-            };
-            if st == WaitStatus::SyscallStop {
-                let info =
-                    ptrace::syscall_info(self.tid).map_err(|e| self.err("GET_SYSCALL_INFO", e))?;
-                let r = self.regs()?;
-                if matches!(
-                    info,
-                    SyscallInfo::Entry {
-                        nr: nr::RT_SIGRETURN,
-                        ..
-                    }
-                ) && r.ip() == self.net.restorer_entry
-                    && Some(r.sp()) == self.frame.map(|f| f.after_ret())
-                {
-                    return Ok(r);
+            let info = self.syscall_stop_before(give_up)?;
+            let r = self.regs()?;
+            if matches!(
+                info,
+                SyscallInfo::Entry {
+                    nr: nr::RT_SIGRETURN,
+                    ..
                 }
+            ) && r.ip() == self.net.restorer_entry
+                && Some(r.sp()) == self.frame.map(|f| f.after_ret())
+            {
+                return Ok(r);
             }
             self.resume()?;
         }
@@ -386,7 +377,11 @@ impl<'a> Tracee<'a> {
 
     /// Waits (bounded) for the next syscall stop, passing anything else on.
     fn next_syscall_stop(&mut self) -> Result<SyscallInfo, AttachError> {
-        let give_up = Instant::now() + THREAD_WAIT;
+        self.syscall_stop_before(Instant::now() + THREAD_WAIT)
+    }
+
+    /// Waits for the next syscall stop until `give_up`, passing anything else on.
+    fn syscall_stop_before(&mut self, give_up: Instant) -> Result<SyscallInfo, AttachError> {
         loop {
             let Some(st) = self.wait(give_up)? else {
                 return Err(AttachError::Timeout {
