@@ -314,8 +314,10 @@ pub struct DumpSide {
     pub freeze_us: f64,
     /// Of which write-protecting (the pages written since pre-arming), us.
     pub protect_us: f64,
-    /// Pages the writers wrote between pre-arming and the freeze (re-protected in the pause).
+    /// Pages the writers wrote during the last pre-arm pass (re-protected in the pause).
     pub prearm_dirty_pages: u64,
+    /// Pre-arm passes before the pause (each re-protects what was written during the last).
+    pub prearm_passes: u32,
     /// The whole capture (attach, plan, pause, copy), ms.
     pub capture_ms: f64,
     /// The snapshot's copy after the pause, ms.
@@ -539,6 +541,7 @@ fn dump_round(
         freeze_us: rep.freeze_us,
         protect_us: rep.snapshot.as_ref().map_or(0.0, |s| s.protect_us),
         prearm_dirty_pages: rep.snapshot.as_ref().map_or(0, |s| s.prearm_dirty_pages),
+        prearm_passes: rep.snapshot.as_ref().map_or(0, |s| s.prearm_passes),
         capture_ms: capture.as_secs_f64() * 1e3,
         copy_ms: rep.snapshot.as_ref().map_or(0.0, |s| s.copy_ms),
         faults_served: rep.snapshot.as_ref().map_or(0, |s| s.faults_served),

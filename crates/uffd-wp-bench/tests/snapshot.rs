@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use uffd_wp::backend::inject::{InjectMm, Rule};
 use uffd_wp::backend::linux::LinuxMm;
-use uffd_wp::engine::snapshot::{self, HandlerMode, SnapshotOptions, Source, Unprotected};
+use uffd_wp::engine::snapshot::{self, Copier, HandlerMode, SnapshotOptions, Source, Unprotected};
 use uffd_wp::range::{PAGE_SIZE, RangeSet};
 use uffd_wp::seam::Errno;
 use uffd_wp::seam::FnQuiesce;
@@ -43,6 +43,16 @@ fn run(
     mm: &dyn Mm,
     w: &Workload,
     opts: &SnapshotOptions,
+) -> (snapshot::Image, snapshot::SnapshotReport, Vec<u64>) {
+    run_watching(mm, w, opts, || {})
+}
+
+/// [`run`], calling `watch` at every progress report of the copy.
+fn run_watching(
+    mm: &dyn Mm,
+    w: &Workload,
+    opts: &SnapshotOptions,
+    mut watch: impl FnMut(),
 ) -> (snapshot::Image, snapshot::SnapshotReport, Vec<u64>) {
     let at_freeze = Mutex::new(Vec::new());
     let at_resume = AtomicU64::new(0);
@@ -79,6 +89,7 @@ fn run(
                         || (inline && mm.wait_event(1).unwrap_or(true))
                 });
             }
+            watch();
         },
     )
     .expect("snapshot");
@@ -138,6 +149,62 @@ fn snapshots_of_a_running_workload_are_consistent_in_every_handler_mode() {
             assert!(rep.faults_served >= 1, "{handler:?}: {rep:?}");
         }
     }
+    w.pause();
+    assert_eq!(wp_bits_left(&w), 0, "nothing left write-protected");
+}
+
+/// The nice values of this process's threads (/proc/self/task/TID/stat, field 19).
+fn thread_nice_values() -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        out.push(after_name.split(' ').nth(16).unwrap().parse().unwrap());
+    }
+    out
+}
+
+/// `Copier::Background`: the copy runs in a thread at nice 19 while it lasts (seen in
+/// /proc), the rest of the process keeps its priority, and the snapshots stay consistent
+/// with a handler thread alone or beside the copier's own polls.
+#[test]
+fn a_background_copier_runs_at_nice_19_and_snapshots_stay_consistent() {
+    let Some(mm) = common::need("userfaultfd with WP_UNPOPULATED", LinuxMm::open()) else {
+        return;
+    };
+    let w = workload(128 << 20, 2);
+    w.resume();
+    for handler in [HandlerMode::Thread, HandlerMode::Hybrid { chunk_pages: 32 }] {
+        let opts = SnapshotOptions {
+            handler,
+            copier: Copier::Background,
+            ..SnapshotOptions::default()
+        };
+        let mut seen = Vec::new();
+        let (img, rep, versions) = run_watching(&mm, &w, &opts, || {
+            seen.push(thread_nice_values());
+        });
+        check(&w, &img, &versions);
+        assert_eq!(rep.copier, Copier::Background);
+        assert!(rep.faults_served >= 1, "{rep:?}");
+        assert!(
+            seen.iter()
+                .any(|n| n.iter().filter(|&&x| x == 19).count() == 1),
+            "one thread at nice 19 during the copy: {seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .all(|n| n.iter().filter(|&&x| x == 0).count() >= 3),
+            "the test, the handler and the writers keep nice 0: {seen:?}"
+        );
+    }
+    assert!(
+        thread_nice_values().iter().all(|&n| n == 0),
+        "no thread left at nice 19: {:?}",
+        thread_nice_values()
+    );
     w.pause();
     assert_eq!(wp_bits_left(&w), 0, "nothing left write-protected");
 }

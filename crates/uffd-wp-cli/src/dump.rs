@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use uffd_wp::dump::{self, Captured, DumpOptions, DumpReport};
+use uffd_wp::engine::snapshot::Copier;
 use uffd_wp::helper::{Helper, Kind};
 use uffd_wp::range::{RangeSet, parse_size};
 use uffd_wp_bench::workload::{DumpVerdict, Layout};
@@ -39,9 +40,21 @@ pub struct Args {
     /// The built-in target's writer threads.
     #[arg(long, default_value_t = 2, conflicts_with = "pid")]
     threads: usize,
+    /// How the copy after the pause competes with the target for CPU: `normal` (the
+    /// shortest copy) or `background` (the copier at nice 19 takes only the CPU the target
+    /// leaves; faults are still served at once).
+    #[arg(long, value_enum, default_value_t = CopierArg::Normal)]
+    copier: CopierArg,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `--copier`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CopierArg {
+    Normal,
+    Background,
 }
 
 fn parse_filter(s: &str) -> Result<u32, String> {
@@ -125,11 +138,16 @@ fn options(a: &Args) -> Result<DumpOptions, CliError> {
             .collect::<Result<Vec<_>, _>>()?;
         Some(RangeSet::from_ranges(rs))
     };
-    Ok(DumpOptions {
+    let mut opts = DumpOptions {
         filter: a.filter,
         only,
         ..DumpOptions::default()
-    })
+    };
+    opts.snapshot.copier = match a.copier {
+        CopierArg::Normal => Copier::Normal,
+        CopierArg::Background => Copier::Background,
+    };
+    Ok(opts)
 }
 
 fn create(path: &Path) -> Result<std::fs::File, CliError> {
@@ -189,6 +207,12 @@ fn print(o: &Output) {
         "  {} bytes write-protected and copied live, {} bytes copied inside the freeze",
         d.write_protected_bytes, d.in_freeze_bytes
     );
+    if let Some(c) = &d.target_cpu {
+        println!(
+            "  the target over {:.0} ms: {:.0} ms on a CPU, {:.0} ms waiting for one",
+            c.wall_ms, c.on_cpu_ms, c.runqueue_wait_ms
+        );
+    }
     for m in &d.mappings {
         let how = serde_json::to_value(&m.method).unwrap_or_default();
         println!(

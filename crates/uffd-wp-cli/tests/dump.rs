@@ -291,8 +291,13 @@ fn an_idle_process_dumps_the_same_bytes_as_gcore() {
         return skip("gcore (gdb)");
     }
     let mut idle = Command::new("sleep").arg("600").spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
     let pid = idle.id().to_string();
+    // Dump `sleep` itself, not the test's child before its exec (slow on a loaded machine).
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap() != "sleep\n" {
+        assert!(t.elapsed().as_secs() < 30, "sleep did not start in 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let dir = Scratch::new("gcore");
     let ours = dir.0.join("ours");
     let o = uffd_wp(&["dump", &pid, "--json", "-o", ours.to_str().unwrap()]);

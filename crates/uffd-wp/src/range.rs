@@ -307,6 +307,19 @@ impl RangeSet {
         RangeSet::single(r).difference(self)
     }
 
+    /// The set with every gap of at most `max_gap` bytes between two of its ranges filled:
+    /// fewer, larger ranges covering at least the same pages.
+    pub fn bridged(&self, max_gap: u64) -> RangeSet {
+        let mut out: Vec<Range> = Vec::with_capacity(self.ranges.len());
+        for r in &self.ranges {
+            match out.last_mut() {
+                Some(last) if r.start - last.end <= max_gap => last.end = r.end,
+                _ => out.push(*r),
+            }
+        }
+        RangeSet { ranges: out }
+    }
+
     /// The set with every address shifted down by `base` (for reports relative to a request).
     pub fn offsets_from(&self, base: u64) -> Vec<[u64; 2]> {
         self.ranges
@@ -480,6 +493,24 @@ mod tests {
             prop_assert_eq!(inc, sb.clone());
             for p in 0..64u64 {
                 prop_assert_eq!(sa.contains(p * P), a & (1 << p) != 0);
+            }
+        }
+
+        #[test]
+        fn bridging_fills_exactly_the_small_gaps(a: u64, gap in 0u64..8) {
+            let sa = from_bits(a);
+            let b = sa.bridged(gap * P);
+            // Every page of the set stays; a page is added iff it lies in a gap of at most
+            // `gap` pages between two of the set's pages.
+            for p in 0..64u64 {
+                let before = (0..p).rev().find(|q| a & (1 << q) != 0);
+                let after = (p..64).find(|q| a & (1 << q) != 0);
+                let filled = match (before, after) {
+                    (_, Some(q)) if q == p => true,
+                    (Some(x), Some(y)) => y - x - 1 <= gap,
+                    _ => false,
+                };
+                prop_assert_eq!(b.contains(p * P), filled, "page {} of {:#x}, gap {}", p, a, gap);
             }
         }
 

@@ -169,6 +169,24 @@ pub fn thread_ids(pid: i32) -> Result<Vec<i32>, Errno> {
     numeric_entries_at(CWD, &path(pid, "task"))
 }
 
+/// Nanoseconds the threads of process `pid` have run on a CPU and waited on a run queue,
+/// summed over its live threads (`/proc/PID/task/TID/schedstat`, sched-stats.rst); a thread
+/// that exits between two readings takes its share with it.
+pub fn cpu_and_wait_ns(pid: i32) -> Result<(u64, u64), Errno> {
+    let mut sum = (0, 0);
+    for tid in thread_ids(pid)? {
+        let Ok(text) = read(&path(pid, &format!("task/{tid}/schedstat"))) else {
+            continue; // exited since the listing
+        };
+        let mut f = text
+            .split_whitespace()
+            .map(|x| x.parse::<u64>().unwrap_or(0));
+        sum.0 += f.next().unwrap_or(0);
+        sum.1 += f.next().unwrap_or(0);
+    }
+    Ok(sum)
+}
+
 /// One line of /proc/PID/maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapEntry {
@@ -372,6 +390,22 @@ mod tests {
 
     /// The same listing by path and through a `ProcDir`, with this thread in it; a pid that
     /// does not exist is ENOENT both ways.
+    #[test]
+    fn this_process_has_run() {
+        let pid = std::process::id() as i32;
+        let (cpu0, _) = cpu_and_wait_ns(pid).expect("schedstat");
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(20) {
+            std::hint::black_box(t.elapsed());
+        }
+        let (cpu1, _) = cpu_and_wait_ns(pid).expect("schedstat");
+        assert!(
+            cpu1 >= cpu0 + 10_000_000,
+            "{cpu0} -> {cpu1} after 20 ms of spinning"
+        );
+        assert_eq!(cpu_and_wait_ns(-1), Err(Errno::NOENT));
+    }
+
     #[test]
     fn threads_of_this_process() {
         let me = std::process::id();

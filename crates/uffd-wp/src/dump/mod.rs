@@ -179,6 +179,49 @@ pub struct DumpReport {
     pub mappings: Vec<MappingReport>,
     /// The snapshot engine's report for the write-protected part (faults served, copy rate).
     pub snapshot: Option<SnapshotReport>,
+    /// What the target's threads did while the dump ran, from attach to release.
+    pub target_cpu: Option<TargetCpu>,
+}
+
+/// The target's threads over the dump (`/proc/PID/task/*/schedstat`): time on a CPU, and
+/// time ready to run but waiting for one, which is how much the dump's threads (the copier
+/// above all) crowded it out. Time stopped in the pause or in a write-protect fault is
+/// neither. `None` in the report where the kernel has no schedstat.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TargetCpu {
+    /// Wall-clock time of the dump, ms.
+    pub wall_ms: f64,
+    /// The target's threads on a CPU, summed, ms.
+    pub on_cpu_ms: f64,
+    /// The target's threads runnable but waiting for a CPU, summed, ms.
+    pub runqueue_wait_ms: f64,
+}
+
+/// Samples the target's CPU time to report [`TargetCpu`] over a span.
+struct CpuWatch {
+    pid: i32,
+    t0: Instant,
+    start: Option<(u64, u64)>,
+}
+
+impl CpuWatch {
+    fn start(pid: i32) -> CpuWatch {
+        CpuWatch {
+            pid,
+            t0: Instant::now(),
+            start: procfs::cpu_and_wait_ns(pid).ok(),
+        }
+    }
+
+    fn stop(self) -> Option<TargetCpu> {
+        let (c0, w0) = self.start?;
+        let (c1, w1) = procfs::cpu_and_wait_ns(self.pid).ok()?;
+        Some(TargetCpu {
+            wall_ms: self.t0.elapsed().as_secs_f64() * 1e3,
+            on_cpu_ms: c1.saturating_sub(c0) as f64 / 1e6,
+            runqueue_wait_ms: w1.saturating_sub(w0) as f64 / 1e6,
+        })
+    }
 }
 
 /// A captured process, ready to be written as a core.
@@ -226,6 +269,7 @@ pub fn capture(
     let process = target::process_info(p)?;
     let auxv = target::auxv(p)?;
     let mut plan = plan_target(p, opts)?;
+    let watch = CpuWatch::start(p);
     let mm = LinuxMm::attach(pid, Config::default())?;
     refuse_unregistrable(&mm, &mut plan);
     let rq = RemoteQuiesce::new(pid);
@@ -252,6 +296,7 @@ pub fn capture(
         (Some(img), Some(rep), pause)
     };
     drop(mm); // closes the target's uffd: nothing of it stays registered
+    let target_cpu = watch.stop();
     let frozen = dq.take();
     if let Some(e) = frozen.error {
         return Err(e);
@@ -267,6 +312,7 @@ pub fn capture(
         gone_before_freeze_bytes: frozen.gone.bytes(),
         mappings: plan.iter().map(mapping_report).collect(),
         snapshot: snap,
+        target_cpu,
     };
     Ok(Captured {
         process,

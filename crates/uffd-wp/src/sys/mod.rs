@@ -15,6 +15,7 @@
 //! - [`uring`]: io_uring fixed buffers over memory the ring owns (the `io-uring` crate).
 //! - [`direct`]: `O_DIRECT` reads and writes into memory a mapping owns.
 //! - [`signal`]: process-wide signal dispositions (`SIGPIPE` for the command line).
+//! - [`sched`]: the nice value of the calling thread (a background copier).
 //! - [`cpu`]: `CPUID` facts (the XSAVE layout a core file describes).
 #![allow(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod direct;
 pub mod mem;
 pub mod pagemap;
 pub mod ptrace;
+pub mod sched;
 pub mod signal;
 pub mod uffd;
 pub mod uring;

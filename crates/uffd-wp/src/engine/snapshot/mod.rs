@@ -83,6 +83,21 @@ impl HandlerMode {
     }
 }
 
+/// How the bulk copy competes with the target for CPU. Faults are always served at the
+/// caller's priority (the handler thread keeps it): only the copier yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Copier {
+    /// The copier runs at the caller's priority: the shortest copy.
+    #[default]
+    Normal,
+    /// The copier runs in a thread of its own at nice 19 and takes the CPU the target leaves:
+    /// the target's throughput during the copy is closest to undisturbed, the copy takes as
+    /// long as the target keeps the CPUs busy. The handler must have a thread
+    /// ([`HandlerMode::Thread`] or [`HandlerMode::Hybrid`]), or faults would wait for it.
+    Background,
+}
+
 /// What to do with pages that could not be write-protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Unprotected {
@@ -115,6 +130,8 @@ pub struct SnapshotOptions {
     /// point is lost) and the rest goes on. For another process, which changes its mappings
     /// at will; off for this process's own ranges, where it means a bug.
     pub tolerate_vanishing: bool,
+    /// How the bulk copy competes with the target for CPU.
+    pub copier: Copier,
 }
 
 impl Default for SnapshotOptions {
@@ -135,6 +152,7 @@ impl Default for SnapshotOptions {
             },
             prearm: true,
             tolerate_vanishing: false,
+            copier: Copier::Normal,
         }
     }
 }
@@ -177,9 +195,12 @@ pub struct SnapshotReport {
     pub freeze_us: f64,
     /// Of which write-protecting.
     pub protect_us: f64,
-    /// Pages written between the pre-arming write-protect and the pause (re-protected in
-    /// the pause); 0 without `prearm`.
+    /// Pages written during the last pre-arm pass (re-protected in the pause); 0 without
+    /// `prearm`.
     pub prearm_dirty_pages: u64,
+    /// Pre-arm passes before the pause: the first protects everything, each later one what
+    /// was written during the one before (0 without `prearm`).
+    pub prearm_passes: u32,
     /// Pages captured.
     pub pages: u64,
     /// Bytes captured.
@@ -208,6 +229,8 @@ pub struct SnapshotReport {
     pub protect_error: Option<String>,
     /// How faults were served.
     pub handler: HandlerMode,
+    /// How the copier competed with the target for CPU.
+    pub copier: Copier,
 }
 
 /// A range left out of the image.

@@ -70,6 +70,32 @@ pub(super) fn prearm_handler<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, st: &Pre
     }
 }
 
+/// Pre-arm passes at most: the first protects everything, each later one re-protects (with the
+/// writers running) what they wrote during the one before.
+pub(super) const MAX_PASSES: u32 = 4;
+
+/// A pass ends the pre-arming when it leaves at most this many pages written: re-protecting
+/// them inside the pause costs less than another pass's bookkeeping.
+const SETTLED_PAGES: u64 = 64;
+
+impl Prearm {
+    /// What the writers wrote since the last take, taken for another pass (the handler
+    /// records later writes afresh), or `None` when the pre-arming has converged: few pages
+    /// left, or no fewer than `previous` (the writers dirty pages as fast as a pass protects
+    /// them). A handler failure is returned at once.
+    pub(super) fn take_for_pass(&self, previous: u64) -> Result<Option<RangeSet>, SnapshotError> {
+        let mut rec = self.record.lock().expect("pre-arm record");
+        if let Some(e) = rec.1.take() {
+            return Err(e);
+        }
+        let pages = rec.0.pages();
+        if pages <= SETTLED_PAGES || pages * 2 > previous {
+            return Ok(None);
+        }
+        Ok(Some(std::mem::take(&mut rec.0)))
+    }
+}
+
 /// Sets the pre-arm handler's `stop` when dropped, on every path out of [`take_in`] (the
 /// scope joins the handler after it).
 pub(super) struct StopPrearm<'a>(pub(super) &'a Prearm);
@@ -77,5 +103,48 @@ pub(super) struct StopPrearm<'a>(pub(super) &'a Prearm);
 impl Drop for StopPrearm<'_> {
     fn drop(&mut self) {
         self.0.stop.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::range::Range;
+
+    fn with_written(pages: u64) -> Prearm {
+        let st = Prearm::default();
+        st.record
+            .lock()
+            .unwrap()
+            .0
+            .insert(Range::from_bounds(0, pages * PAGE_SIZE));
+        st
+    }
+
+    #[test]
+    fn another_pass_only_while_the_written_set_halves_and_is_not_small() {
+        // Shrinking fast and large: taken, and the record starts afresh.
+        let st = with_written(1000);
+        let taken = st.take_for_pass(262_144).unwrap().expect("another pass");
+        assert_eq!(taken.pages(), 1000);
+        assert!(st.record.lock().unwrap().0.is_empty());
+        // Not halving: the writers keep up with the passes.
+        assert!(with_written(600).take_for_pass(1000).unwrap().is_none());
+        // Small enough for the pause: left in the record for it.
+        let st = with_written(SETTLED_PAGES);
+        assert!(st.take_for_pass(1 << 20).unwrap().is_none());
+        assert_eq!(st.record.lock().unwrap().0.pages(), SETTLED_PAGES);
+    }
+
+    #[test]
+    fn a_handler_failure_ends_the_pre_arming_with_its_error() {
+        let st = with_written(1000);
+        let e = SnapshotError::Uffd {
+            op: "read(uffd)",
+            addr: 0,
+            errno: crate::seam::Errno::BADF,
+        };
+        st.record.lock().unwrap().1 = Some(e.clone());
+        assert_eq!(st.take_for_pass(1 << 20).unwrap_err(), e);
     }
 }

@@ -15,6 +15,25 @@ pub(super) const DONE: u8 = 2;
 /// copied after everything else.
 pub(super) const LAST: u8 = 3;
 
+/// Waiting for a page another thread is copying: a copy takes microseconds, so spin first;
+/// then yield the CPU, which the copier may need (a background copier runs at nice 19 and
+/// can be preempted while it holds a page).
+#[derive(Default)]
+struct Wait(u32);
+
+impl Wait {
+    const SPINS: u32 = 256;
+
+    fn pause(&mut self) {
+        if self.0 < Self::SPINS {
+            self.0 += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// The state the copier and the fault handler share.
 pub(super) struct Shared<'a, M: Mm + ?Sized> {
     pub(super) mm: &'a M,
@@ -70,6 +89,7 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
         let Some(i) = self.index(addr) else {
             return Ok(false);
         };
+        let mut wait = Wait::default();
         loop {
             match self.state[i].compare_exchange(
                 PENDING,
@@ -83,7 +103,7 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
                     return res.map(|()| true);
                 }
                 Err(DONE | LAST) => return Ok(false),
-                Err(_) => std::hint::spin_loop(),
+                Err(_) => wait.pause(),
             }
         }
     }
@@ -198,8 +218,9 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
     pub(super) fn release(&self, r: Range) -> Result<(), SnapshotError> {
         let i0 = self.index(r.start()).expect("range inside the snapshot");
         for s in &self.state[i0..i0 + r.pages() as usize] {
+            let mut wait = Wait::default();
             while s.load(Ordering::Acquire) == COPYING {
-                std::hint::spin_loop();
+                wait.pause();
             }
         }
         self.unprotect(r)
