@@ -14,3 +14,4 @@ pub mod snapshot;
 pub mod sys;
 pub mod track;
 pub mod workload;
+pub mod zoo;

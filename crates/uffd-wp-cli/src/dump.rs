@@ -170,6 +170,7 @@ fn start_target(a: &Args) -> Result<BuiltIn, CliError> {
         threads: a.threads,
         thp: false,
         interval_ms: 1000,
+        zoo: false,
     };
     let failed = |e: String| CliError::Os {
         operation: format!("starting the built-in target: {e}"),

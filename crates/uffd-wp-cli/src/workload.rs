@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uffd_wp::helper::Parent;
 use uffd_wp_bench::workload::{Workload, WorkloadConfig, monotonic_ns};
+use uffd_wp_bench::zoo::{Zoo, ZooConfig};
 
 /// The workload process's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +30,13 @@ pub struct Target {
     /// Milliseconds between two write-count lines.
     #[serde(default = "default_interval")]
     pub interval_ms: u64,
+    /// Run the zoo instead ([`uffd_wp_bench::zoo`]: every kind of memory, and mapping changes
+    /// on command): `size` is its `anon` region. Answers a header line
+    /// `{"pid","zoo":true,"directory","max_writers","slabs":{name: addr}}`, then one line per
+    /// command `{"op": NAME}` read on stdin (`{"op","ok":true,"addr","len","from","writes"}` or
+    /// `{"op","error"}`); `{"op":"exit"}` or end of file ends it with exit code 0.
+    #[serde(default)]
+    pub zoo: bool,
 }
 
 fn default_interval() -> u64 {
@@ -52,6 +60,9 @@ fn serve(mut parent: Parent, t: &Target) -> Result<(), String> {
             "size {} must be a non-zero multiple of the page size and threads {} at least 1",
             t.size, t.threads
         ));
+    }
+    if t.zoo {
+        return serve_zoo(parent, t);
     }
     let w = Workload::start(WorkloadConfig {
         size: t.size,
@@ -82,4 +93,45 @@ fn serve(mut parent: Parent, t: &Target) -> Result<(), String> {
             return Ok(());
         }
     }
+}
+
+fn serve_zoo(mut parent: Parent, t: &Target) -> Result<(), String> {
+    let z = Zoo::start(ZooConfig {
+        anon: t.size,
+        writers: t.threads,
+    })
+    .map_err(|errno| format!("starting the zoo: {}", uffd_wp::sys::errno_name(errno)))?;
+    let slabs: serde_json::Map<String, serde_json::Value> = z
+        .slab_addrs()
+        .into_iter()
+        .map(|(n, a)| (n, a.into()))
+        .collect();
+    let head = serde_json::json!({
+        "pid": std::process::id(),
+        "zoo": true,
+        "directory": z.directory_addr(),
+        "max_writers": z.max_writers(),
+        "slabs": slabs,
+    });
+    if !parent.send(&head) {
+        return Ok(());
+    }
+    while let Some(cmd) = parent.recv::<serde_json::Value>() {
+        let cmd = cmd?;
+        let op = cmd["op"].as_str().unwrap_or("").to_string();
+        if op == "exit" {
+            break;
+        }
+        let line = match z.op(&op) {
+            Ok(r) => serde_json::json!({
+                "op": op, "ok": true, "addr": r.addr, "len": r.len, "from": r.from,
+                "writes": z.writes(),
+            }),
+            Err(errno) => serde_json::json!({"op": op, "error": uffd_wp::sys::errno_name(errno)}),
+        };
+        if !parent.send(&line) {
+            break;
+        }
+    }
+    Ok(())
 }

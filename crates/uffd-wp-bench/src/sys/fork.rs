@@ -38,6 +38,54 @@ pub fn time_fork() -> Result<Duration, Errno> {
     Ok(took)
 }
 
+/// Forks a child that writes `byte` over `[addr, addr+len)` of its own copy of this process's
+/// memory, then `_exit(0)`s; waits for it (bounded by `patience`: killed then). The parent's
+/// memory is not touched (private memory is copy-on-write; never pass shared memory). Returns
+/// the child's pid.
+pub fn fork_write_exit(
+    m: &uffd_wp::sys::mem::Mapping,
+    addr: u64,
+    len: u64,
+    byte: u8,
+    patience: Duration,
+) -> Result<i32, Errno> {
+    if !m.range().contains(addr) || addr + len > m.range().end() {
+        return Err(Errno::INVAL);
+    }
+    // SAFETY: fork(2) has no memory-safety preconditions. The child only stores bytes into
+    // [addr, addr+len), which the check above puts inside a mapping this process owns (its
+    // copy in the child is as valid), with volatile writes (no allocation, no lock), then calls
+    // `_exit`, which is async-signal-safe and runs no Rust destructor.
+    let pid = unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            for a in addr..addr + len {
+                std::ptr::write_volatile(a as *mut u8, byte);
+            }
+            libc::_exit(0);
+        }
+        pid
+    };
+    if pid < 0 {
+        return Err(uffd_wp::sys::errno_of(&std::io::Error::last_os_error()));
+    }
+    let t0 = Instant::now();
+    let p = Pid::from_raw(pid).ok_or(Errno::SRCH)?;
+    loop {
+        match waitpid(Some(p), WaitOptions::NOHANG) {
+            Ok(Some(_)) | Err(Errno::CHILD) => return Ok(pid),
+            Ok(None) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+        if t0.elapsed() > patience {
+            let _ = kill_process(p, Signal::KILL);
+            reap(pid)?;
+            return Err(Errno::TIMEDOUT);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Waits for the child `pid`. ECHILD (another thread's `waitpid(-1)` reaped it first) means it
 /// is gone too.
 fn reap(pid: i32) -> Result<(), Errno> {

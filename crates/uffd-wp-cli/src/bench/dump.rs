@@ -107,6 +107,7 @@ fn spawn(spec: &TargetSpec) -> Result<Helper, uffd_wp::helper::HelperError> {
         threads: spec.threads,
         thp: false,
         interval_ms: spec.interval_ms,
+        zoo: false,
     };
     Helper::spawn(Path::new("/proc/self/exe"), &[], Kind::Workload, &target)
 }

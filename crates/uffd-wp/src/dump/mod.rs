@@ -31,6 +31,7 @@ use crate::backend::procfs::{self, MapEntry};
 use crate::engine::snapshot::{
     self, Image, SnapshotError, SnapshotOptions, SnapshotReport, Source,
 };
+use crate::features::Features;
 use crate::range::{PAGE_SIZE, Range, RangeSet};
 use crate::seam::prelude::*;
 use crate::seam::{Errno, Quiesce, RegisterMode};
@@ -270,7 +271,7 @@ pub fn capture(
     let auxv = target::auxv(p)?;
     let mut plan = plan_target(p, opts)?;
     let watch = CpuWatch::start(p);
-    let mm = LinuxMm::attach(pid, Config::default())?;
+    let mm = LinuxMm::attach(pid, event_config())?;
     refuse_unregistrable(&mm, &mut plan);
     let rq = RemoteQuiesce::new(pid);
     let dq = DumpQuiesce::new(&rq, p, in_freeze_ranges(&plan));
@@ -323,6 +324,23 @@ pub fn capture(
         image,
         copies: frozen.copies,
     })
+}
+
+/// The dump's uffd: the default, plus the REMOVE, UNMAP and REMAP events, which say what the
+/// target unmaps, drops or moves during the copy (so that it is reported lost, or copied from
+/// where it went, never copied from whatever is mapped there later: see
+/// [`crate::engine::snapshot`]'s events). Not FORK: a child's copy of the memory is not the
+/// target's, and the event would stop every `fork()` until read.
+fn event_config() -> Config {
+    let d = Config::default();
+    Config {
+        wanted: d
+            .wanted
+            .with(Features::EVENT_REMOVE)
+            .with(Features::EVENT_UNMAP)
+            .with(Features::EVENT_REMAP),
+        ..d
+    }
 }
 
 /// Reads the target's mappings and plans each by the kernel's core-dump rules (nothing is

@@ -58,6 +58,14 @@ pub trait Uffd: Send + Sync {
 
     /// Waits up to `timeout_ms` (-1: forever) for an event; returns whether one is pending.
     fn wait_event(&self, timeout_ms: i32) -> Result<bool, Errno>;
+
+    /// Whether a non-cooperative event (remap, remove, unmap, fork) is in flight: raised by
+    /// the kernel before the process changes its mappings and lowered once the monitor has
+    /// read the event; meanwhile `UFFDIO_WRITEPROTECT` fails with EAGAIN. False on a backend
+    /// without such events.
+    fn events_in_flight(&self) -> Result<bool, Errno> {
+        Ok(false)
+    }
 }
 
 /// The page tables of the monitored address space, read back.
@@ -175,6 +183,9 @@ impl<W: Wrap> Uffd for W {
     }
     fn wait_event(&self, timeout_ms: i32) -> Result<bool, Errno> {
         self.inner().wait_event(timeout_ms)
+    }
+    fn events_in_flight(&self) -> Result<bool, Errno> {
+        self.inner().events_in_flight()
     }
 }
 

@@ -23,6 +23,8 @@ pub enum Backing {
     AnonHuge,
     /// `MAP_SHARED` of a memfd (shmem).
     Memfd,
+    /// `MAP_SHARED | MAP_ANONYMOUS` (shmem too, named `/dev/zero (deleted)` in the maps).
+    SharedAnon,
     /// A new, unnamed regular file (`O_TMPFILE` in the temporary directory), mapped shared or
     /// private. uffd-wp cannot register it (only anonymous, shmem and hugetlb memory): kept for
     /// tests that check the kernel says so.
@@ -36,7 +38,7 @@ pub enum Backing {
 fn backing_file(backing: Backing, len: u64) -> Result<Option<(OwnedFd, bool)>, Errno> {
     use rustix::fs::{Mode, OFlags};
     let fd = match backing {
-        Backing::Anon | Backing::AnonHuge => return Ok(None),
+        Backing::Anon | Backing::AnonHuge | Backing::SharedAnon => return Ok(None),
         Backing::Memfd => rustix::fs::memfd_create("uffd-wp", rustix::fs::MemfdFlags::CLOEXEC)?,
         Backing::File { .. } => rustix::fs::open(
             std::env::temp_dir(),
@@ -103,7 +105,7 @@ impl Mapping {
                     start as *mut c_void,
                     len_us,
                     prot,
-                    MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+                    share(backing == Backing::SharedAnon) | MapFlags::FIXED | MapFlags::NORESERVE,
                 )
             },
             // SAFETY: as above; the file is at least `len` bytes long.
@@ -160,7 +162,9 @@ impl Mapping {
                     addr as *mut c_void,
                     len as usize,
                     prot,
-                    MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE | MapFlags::NORESERVE,
+                    share(backing == Backing::SharedAnon)
+                        | MapFlags::FIXED_NOREPLACE
+                        | MapFlags::NORESERVE,
                 )
             },
             // SAFETY: as above; the file is `len` bytes long.
@@ -245,6 +249,49 @@ impl Mapping {
         unsafe { rustix::mm::munmap(r.start() as *mut c_void, r.len() as usize) }?;
         self.holes.insert(r);
         Ok(())
+    }
+
+    /// Moves the mapping to a new place and makes it `new_len` bytes long (`mremap(2)` with
+    /// `MREMAP_MAYMOVE | MREMAP_FIXED` onto a fresh reservation, so it always moves); what grows
+    /// is new memory. Fails (changing nothing) on a mapping with holes.
+    pub fn move_and_resize(&mut self, new_len: u64) -> Result<(), Errno> {
+        if !self.holes.is_empty() || new_len == 0 || new_len % PAGE_SIZE != 0 {
+            return Err(Errno::INVAL);
+        }
+        let new_us = usize::try_from(new_len).map_err(|_| Errno::NOMEM)?;
+        // SAFETY: a fresh PROT_NONE reservation at an address the kernel chooses overlaps
+        // nothing that Rust owns.
+        let to = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                new_us,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }?;
+        // SAFETY: the source is this mapping, which owns it and has no holes; the destination
+        // is the reservation made above, which MREMAP_FIXED replaces. Nothing refers to the
+        // old addresses afterwards: the range is updated below.
+        let moved = unsafe {
+            rustix::mm::mremap_fixed(
+                self.range.start() as *mut c_void,
+                self.range.len() as usize,
+                new_us,
+                rustix::mm::MremapFlags::MAYMOVE,
+                to,
+            )
+        };
+        match moved {
+            Ok(at) => {
+                self.range = Range::new(at as u64, new_len).map_err(|_| Errno::INVAL)?;
+                Ok(())
+            }
+            Err(e) => {
+                // SAFETY: the reservation is ours and nothing else maps there.
+                let _ = unsafe { rustix::mm::munmap(to, new_us) };
+                Err(e)
+            }
+        }
     }
 
     /// Copies `data` to `addr` (inside the mapping). A write to a write-protected page blocks

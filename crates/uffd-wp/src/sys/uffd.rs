@@ -179,6 +179,18 @@ impl Uffd {
         unsafe { ioctl_with(&self.fd, io::UFFDIO_WRITEPROTECT, &mut w) }.map(drop)
     }
 
+    /// Whether a non-cooperative event is in flight (the context's `mmap_changing`): one
+    /// `UFFDIO_WRITEPROTECT` of an empty range, which fs/userfaultfd.c answers with EAGAIN
+    /// while an event is being prepared or waits to be read (the check comes first), and with
+    /// EINVAL (len 0) otherwise. Changes nothing.
+    pub fn mmap_changing(&self) -> Result<bool, Errno> {
+        match self.writeprotect(0, 0, 0) {
+            Err(Errno::AGAIN) => Ok(true),
+            Err(Errno::INVAL) | Ok(()) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `UFFDIO_WAKE` of `[start, start+len)`.
     pub fn wake(&self, start: u64, len: u64) -> Result<(), Errno> {
         let mut r = range(start, len);

@@ -308,6 +308,10 @@ impl Uffd for LinuxMm {
     fn wait_event(&self, timeout_ms: i32) -> Result<bool, Errno> {
         self.uffd.poll(timeout_ms)
     }
+
+    fn events_in_flight(&self) -> Result<bool, Errno> {
+        self.uffd.mmap_changing()
+    }
 }
 
 impl PageTables for LinuxMm {

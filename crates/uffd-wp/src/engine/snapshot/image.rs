@@ -106,6 +106,19 @@ impl Image {
         mm.read_memory_into(addr, &self.buf, dst, len)
     }
 
+    /// [`Image::copy_from_mm`] of memory the process moved (`mremap`): `len` bytes read at
+    /// `src` of `mm`'s address space are stored as the content at `addr`.
+    pub fn copy_moved_from_mm<M: crate::seam::Mm + ?Sized>(
+        &self,
+        mm: &M,
+        src: u64,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), Errno> {
+        let dst = self.slot(addr).ok_or(Errno::FAULT)?;
+        mm.read_memory_into(src, &self.buf, dst, len)
+    }
+
     /// Stores `data` as the content at `addr`.
     pub fn store(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
         let dst = self.slot(addr).ok_or(Errno::FAULT)?;

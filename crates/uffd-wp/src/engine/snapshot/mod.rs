@@ -16,6 +16,7 @@
 //! waits in LAST, which neither copies, until everything else is copied). Any failure or
 //! early return un-protects and unregisters everything and resumes the writers (a drop guard).
 
+mod events;
 mod image;
 mod prearm;
 mod session;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use events::EventCounts;
 pub use image::{Image, ImageError};
 use prearm::Prearm;
 use session::Session;
@@ -231,6 +233,9 @@ pub struct SnapshotReport {
     pub handler: HandlerMode,
     /// How the copier competed with the target for CPU.
     pub copier: Copier,
+    /// The target's own mapping changes read during the copy (with a backend that delivers
+    /// REMOVE, UNMAP and REMAP events: a dump's).
+    pub events: EventCounts,
 }
 
 /// A range left out of the image.

@@ -18,6 +18,9 @@ pub(super) struct Prearm {
     /// the writer), and the handler's error if it failed. Held while the handler reads and
     /// serves events, so whoever holds it after setting `stop` sees the final record.
     pub(super) record: std::sync::Mutex<(RangeSet, Option<SnapshotError>)>,
+    /// What the process unmapped or moved away meanwhile (UNMAP and REMAP events, when the
+    /// backend delivers them): not part of the snapshot point.
+    pub(super) gone: std::sync::Mutex<RangeSet>,
 }
 
 /// Before the pause: un-protects what a writer faults on and records it, until `stop`. A page
@@ -28,18 +31,41 @@ pub(super) fn prearm_handler<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, st: &Pre
     // Waits in poll(2) for 1 ms at most between rounds: a fault wakes it at once, and
     // whoever stops it never waits for the wait (see `Prearm::record`).
     let uffd_err = |op, addr| move |errno| SnapshotError::Uffd { op, addr, errno };
-    let serve = |dirty: &mut RangeSet| -> Result<bool, SnapshotError> {
+    let read = |queue: &mut Vec<Event>| -> Result<bool, SnapshotError> {
         let evs = mm.read_events(64).map_err(uffd_err("read(uffd)", 0))?;
-        for ev in &evs {
-            if let Event::PageFault { address, .. } = *ev {
-                let start = address & !(PAGE_SIZE - 1);
-                let block = unprotect_block(mm, ranges.iter(), start);
-                dirty.insert(block);
-                mm.writeprotect(block, WpMode::Unprotect { dontwake: false })
-                    .map_err(uffd_err("UFFDIO_WRITEPROTECT(unprotect)", start))?;
+        let any = !evs.is_empty();
+        for ev in evs {
+            match ev {
+                Event::PageFault { .. } => queue.push(ev),
+                Event::Unmap { start, end } => gone_range(st, start, end),
+                Event::Remap { from, len, .. } => gone_range(st, from, from + len),
+                _ => {}
             }
         }
-        Ok(!evs.is_empty())
+        Ok(any)
+    };
+    let serve = |dirty: &mut RangeSet| -> Result<bool, SnapshotError> {
+        let mut queue = Vec::new();
+        let any = read(&mut queue)?;
+        while let Some(Event::PageFault { address, .. }) = queue.pop() {
+            let start = address & !(PAGE_SIZE - 1);
+            let block = unprotect_block(mm, ranges.iter(), start);
+            dirty.insert(block);
+            let un = WpMode::Unprotect { dontwake: false };
+            let t0 = std::time::Instant::now();
+            loop {
+                match mm.writeprotect(block, un) {
+                    // A mapping change in flight: reading its event lowers the flag.
+                    Err(crate::seam::Errno::AGAIN) if t0.elapsed().as_secs() < 10 => {
+                        if !read(&mut queue)? {
+                            std::thread::sleep(std::time::Duration::from_micros(20));
+                        }
+                    }
+                    r => break r.map_err(uffd_err("UFFDIO_WRITEPROTECT(unprotect)", start))?,
+                }
+            }
+        }
+        Ok(any)
     };
     // A writer may be waiting in a fault this handler can no longer serve, and the freeze
     // would wait for it: un-protect (and wake) everything; the snapshot fails on the recorded
@@ -93,6 +119,17 @@ impl Prearm {
             return Ok(None);
         }
         Ok(Some(std::mem::take(&mut rec.0)))
+    }
+}
+
+/// Records `[start, end)` (page-rounded) as gone before the snapshot point.
+fn gone_range(st: &Prearm, start: u64, end: u64) {
+    let (s, e) = (start & !(PAGE_SIZE - 1), end.next_multiple_of(PAGE_SIZE));
+    if s < e {
+        st.gone
+            .lock()
+            .expect("pre-arm gone")
+            .insert(crate::range::Range::from_bounds(s, e));
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Instant;
 
+use super::events::Changes;
 use super::prearm::{MAX_PASSES, Prearm, StopPrearm, prearm_handler};
 use super::shared::{DONE, LAST, PENDING, Shared, any_huge};
 use super::{
@@ -12,6 +13,7 @@ use super::{
     SnapshotOptions, SnapshotReport, Source, Unprotected,
 };
 use crate::engine::protect::{FailureKind, WpError, WpOp, WpOptions, WpReport, write_protect};
+use crate::features::Features;
 use crate::range::{PAGE_SIZE, Range, RangeSet};
 use crate::seam::prelude::*;
 use crate::seam::{Errno, Quiesce, RegisterMode, WpMode};
@@ -222,6 +224,13 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             service_ns: std::sync::Mutex::new(Vec::new()),
             tolerate,
             vanished: std::sync::Mutex::new(unregistered.clone()),
+            changes: Changes::new(
+                mm.features().0
+                    & (Features::EVENT_REMOVE.0
+                        | Features::EVENT_UNMAP.0
+                        | Features::EVENT_REMAP.0)
+                    != 0,
+            ),
         };
         let pinned = pinned_in(mm, &ranges.difference(&unregistered))?;
         let s = Session {
@@ -312,9 +321,23 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         if let Some(e) = err {
             return Err(e);
         }
+        // Unmapped or moved away before the snapshot point: not part of it, never copied
+        // (whatever is mapped there now came later).
+        let gone = std::mem::take(&mut *st.gone.lock().expect("pre-arm gone"));
+        for r in gone.iter() {
+            self.mark(*r, DONE);
+        }
+        self.sh
+            .vanished
+            .lock()
+            .expect("vanished lock")
+            .extend(&gone);
+        // What phase 1 could not protect (EAGAIN: a mapping change was in flight) is protected
+        // now, frozen, like the pages written meanwhile.
+        let missed = Protected::sum(std::mem::take(&mut results));
         let t_protect = Instant::now();
-        // Phase-1 reports still count: what they could not protect is settled after.
-        results.extend(protect_all(mm, &self.to_reprotect(&dirty), 1, &wp));
+        let again = self.to_reprotect(&dirty.union(&missed.unprotected));
+        results.extend(protect_all(mm, &again, 1, &wp));
         let paused = Paused {
             t_pause,
             pause_us: 0.0,
@@ -399,6 +422,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             self.sh.copy(r.start(), r.len())?;
         }
         self.sh.serve_pending()?;
+        self.sh.unprotect_moved();
         self.guard.protected = false; // the copier un-protected every chunk
         Ok(t_copy.elapsed().as_secs_f64())
     }
@@ -502,6 +526,15 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             sh, guard, pinned, ..
         } = self;
         drop(guard); // unregister
+        let mut settled = settled;
+        let gone = sh.vanished.lock().expect("vanished lock").clone();
+        settled
+            .not_captured
+            .extend(gone.iter().map(|r| NotCaptured {
+                range: [r.start(), r.end()],
+                why: "unmapped or moved away by the target before the snapshot point".to_string(),
+            }));
+        settled.not_captured.extend(sh.changes.not_captured());
         let not_captured: u64 = settled
             .not_captured
             .iter()
@@ -530,6 +563,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             protect_error: prot.first_error.map(|e| e.to_string()),
             handler: opts.handler,
             copier: opts.copier,
+            events: sh.changes.counts(),
         }
     }
 

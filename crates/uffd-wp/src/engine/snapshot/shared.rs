@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Instant;
 
+use super::events::Changes;
 use super::{Image, SnapshotError, Source};
 use crate::range::{PAGE_SIZE, PMD_SIZE, Range, RangeSet};
 use crate::seam::prelude::*;
@@ -49,8 +50,11 @@ pub(super) struct Shared<'a, M: Mm + ?Sized> {
     pub(super) service_ns: std::sync::Mutex<Vec<u64>>,
     /// [`super::SnapshotOptions::tolerate_vanishing`].
     pub(super) tolerate: bool,
-    /// What the target unmapped before it could be copied (or registered).
+    /// What the target unmapped before the snapshot point (at registration, or seen by the
+    /// pre-arm handler): not copied, reported.
     pub(super) vanished: std::sync::Mutex<RangeSet>,
+    /// The target's own mapping changes during the copy ([`super::events`]).
+    pub(super) changes: Changes,
 }
 
 impl<M: Mm + ?Sized> Shared<'_, M> {
@@ -61,13 +65,16 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
     }
 
     pub(super) fn copy(&self, addr: u64, len: u64) -> Result<(), SnapshotError> {
+        if self.changes.enabled {
+            return self.copy_checked(addr, len);
+        }
         match self.copy_raw(addr, len) {
             Err(errno) if self.tolerate => {
                 // Part of it is gone: copy what is left page by page, record the rest.
                 let _ = errno;
                 for p in Range::from_bounds(addr, addr + len).page_iter() {
                     if self.copy_raw(p.start(), PAGE_SIZE).is_err() {
-                        self.vanished.lock().expect("vanished lock").insert(p);
+                        self.changes.lost_unreadable(p);
                     }
                 }
                 Ok(())
@@ -76,7 +83,7 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
         }
     }
 
-    fn copy_raw(&self, addr: u64, len: u64) -> Result<(), crate::seam::Errno> {
+    pub(super) fn copy_raw(&self, addr: u64, len: u64) -> Result<(), crate::seam::Errno> {
         match self.source {
             Source::Mapping(m) => self.image.copy_from_mapping(m, addr, len),
             Source::Mm => self.image.copy_from_mm(self.mm, addr, len),
@@ -110,7 +117,13 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
 
     pub(super) fn unprotect(&self, r: Range) -> Result<(), SnapshotError> {
         let un = WpMode::Unprotect { dontwake: false };
-        match self.mm.writeprotect(r, un) {
+        let mut res = self.mm.writeprotect(r, un);
+        while res == Err(crate::seam::Errno::AGAIN) && self.changes.enabled {
+            // A mapping change is in flight: its event, once read, lowers the flag.
+            self.after_eagain()?;
+            res = self.mm.writeprotect(r, un);
+        }
+        match res {
             // Part of it is gone (ENOENT: no longer registered): un-protect what is left.
             Err(_) if self.tolerate => {
                 for p in r.page_iter() {
@@ -137,13 +150,17 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
         };
         let t = Instant::now();
         let page = address & !(PAGE_SIZE - 1);
-        let block = if self.huge {
+        let block = if self.huge && !self.moved() {
             unprotect_block(self.mm, &self.ranges, page)
         } else {
             Range::from_bounds(page, page + PAGE_SIZE)
         };
         if block.pages() == 1 {
-            self.claim_and_copy(page)?;
+            // Where the page was at the snapshot point, if it moved since (none: it came
+            // later, nothing to copy).
+            if let Some(orig) = self.snapshot_addr(page) {
+                self.claim_and_copy(orig)?;
+            }
             self.unprotect(block)?;
         } else {
             self.copy_unclaimed(block)?;
@@ -163,14 +180,7 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
     /// since the extra syscall is where the woken writer gets the CPU back from the copier.
     pub(super) fn serve_pending(&self) -> Result<(), SnapshotError> {
         loop {
-            let evs = self
-                .mm
-                .read_events(16)
-                .map_err(|errno| SnapshotError::Uffd {
-                    op: "read(uffd)",
-                    addr: 0,
-                    errno,
-                })?;
+            let evs = self.next_faults(16)?;
             if evs.is_empty() {
                 return Ok(());
             }

@@ -1,0 +1,354 @@
+//! `uffd-wp dump` of the zoo target (every kind of memory: anonymous, `.data`, `.bss`, heap,
+//! `MAP_SHARED` anonymous, memfd, thread stacks), checked against the target's own record of
+//! the snapshot point, which is inside the dump: while the process maps, unmaps, moves, grows,
+//! drops memory, forks, starts and ends threads during the copy, and 50 times under load.
+//!
+//! The dumps run in this test process through the library, so that a mapping change can be
+//! made at a chosen moment: from the copier's progress callback, after the pause, with most of
+//! the copy still to do (the copier waits for the target's answer).
+//!
+//! Needs root (ptrace and a uffd inside another process) and gdb: each test is skipped with a
+//! message without them, or fails under `UFFD_WP_REQUIRE_KERNEL=1`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use uffd_wp::dump::{self, Captured, DumpOptions};
+use uffd_wp::helper::{Helper, Kind};
+use uffd_wp::range::PAGE_SIZE;
+use uffd_wp_bench::zoo::{self, DIR_WORDS, LIVE, ZooVerdict};
+
+const BIN: &str = env!("CARGO_BIN_EXE_uffd-wp");
+
+fn skip(what: &str) -> bool {
+    if std::env::var("UFFD_WP_REQUIRE_KERNEL").as_deref() == Ok("1") {
+        panic!("dump test needs {what} (UFFD_WP_REQUIRE_KERNEL=1)");
+    }
+    eprintln!("SKIPPED dump test: needs {what}");
+    true
+}
+
+fn not_root() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
+            l.split_whitespace().nth(2).map(|u| u == "0")
+        })
+        .unwrap_or(false);
+    !root && skip("root")
+}
+
+/// A zoo process (killed when dropped).
+struct Target {
+    h: Helper,
+    pid: u32,
+    dir: u64,
+    max_writers: u64,
+}
+
+impl Target {
+    fn start(anon: u64, writers: usize) -> Target {
+        let cfg = json!({"size": anon, "threads": writers, "zoo": true});
+        let mut h = Helper::spawn(Path::new(BIN), &[], Kind::Workload, &cfg).unwrap();
+        let head: Value = h.recv(Duration::from_secs(60)).unwrap();
+        Target {
+            pid: head["pid"].as_u64().unwrap() as u32,
+            dir: head["directory"].as_u64().unwrap(),
+            max_writers: head["max_writers"].as_u64().unwrap(),
+
+            h,
+        }
+    }
+
+    /// Runs one operation in the target, bounded.
+    fn op(&mut self, op: &str) -> Value {
+        self.h.send(&json!({ "op": op })).unwrap();
+        let r: Value = self.h.recv(Duration::from_secs(60)).unwrap();
+        assert_eq!(r["ok"], true, "{op}: {r}");
+        r
+    }
+
+    /// Dumps the target; `during` runs in it at the copier's first progress call.
+    fn dump(&mut self, during: &[&str]) -> (Captured, Vec<Value>, Duration) {
+        let mut replies = Vec::new();
+        let t0 = Instant::now();
+        let pid = self.pid;
+        let cap = dump::capture(pid, &DumpOptions::default(), |done, _| {
+            if done > 0 && replies.is_empty() {
+                for op in during {
+                    replies.push(self.op(op));
+                }
+            }
+        })
+        .unwrap();
+        (cap, replies, t0.elapsed())
+    }
+
+    fn verdict(&self, cap: &Captured) -> ZooVerdict {
+        let nc = not_captured(cap);
+        zoo::check(
+            self.dir,
+            self.max_writers,
+            |a, b| cap.read(a, b).is_ok(),
+            |a| !nc.iter().any(|r| r[0] <= a && a < r[1]),
+        )
+    }
+
+    /// The target runs on: it writes every page it has (no page left write-protected, no
+    /// fault left unanswered), is neither traced nor stopped, and exits 0 when told.
+    fn runs_on_and_exits(mut self) {
+        let t0 = Instant::now();
+        let r = self.op("touch-all");
+        assert!(r["len"].as_u64().unwrap() > 0, "{r}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "touch-all took {:?}",
+            t0.elapsed()
+        );
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        assert!(status.contains("TracerPid:\t0"), "{status}");
+        assert!(!status.contains("State:\tt"), "{status}");
+        self.h.send(&json!({"op": "exit"})).unwrap();
+        let t0 = Instant::now();
+        let st = loop {
+            if let Some(st) = self.h.try_wait() {
+                break st;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the target did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(st.success(), "the target exited {st}");
+    }
+}
+
+fn not_captured(cap: &Captured) -> Vec<[u64; 2]> {
+    cap.report
+        .snapshot
+        .as_ref()
+        .map(|s| s.not_captured.iter().map(|n| n.range).collect())
+        .unwrap_or_default()
+}
+
+fn in_ranges(ranges: &[[u64; 2]], a: u64, len: u64) -> bool {
+    ranges.iter().any(|r| r[0] < a + len && a < r[1])
+}
+
+/// One line of what a dump did, for the test log (and the report).
+fn summary(op: &str, cap: &Captured, v: &ZooVerdict, took: Duration) -> Value {
+    let s = cap.report.snapshot.as_ref().unwrap();
+    let nc: u64 = s.not_captured.iter().map(|n| n.range[1] - n.range[0]).sum();
+    json!({
+        "op": op, "took_ms": took.as_millis() as u64, "pause_us": cap.report.pause_us as u64,
+        "consistent": v.consistent, "in_flight": v.in_flight, "inconsistent": v.inconsistent,
+        "skipped_not_captured_pages": v.not_captured, "not_captured_bytes": nc,
+        "events": s.events, "faults": s.faults_served, "kinds": v.kinds,
+    })
+}
+
+#[test]
+fn every_mapping_change_during_the_copy_keeps_the_dump_consistent() {
+    if not_root() {
+        return;
+    }
+    let mut t = Target::start(4 << 20, 2);
+    let ops: [(&str, &str); 8] = [
+        ("mmap", ""),
+        ("munmap", "unmap"),
+        ("mremap-move", "move"),
+        ("mremap-grow", "grow"),
+        ("dontneed", "dontneed"),
+        ("fork", ""),
+        ("thread-start", ""),
+        ("thread-exit", ""),
+    ];
+    for (op, slab) in ops {
+        let (cap, replies, took) = t.dump(&[op]);
+        assert_eq!(replies.len(), 1, "{op} ran during the copy");
+        assert!(
+            took < Duration::from_secs(60),
+            "{op}: the dump took {took:?}"
+        );
+        let v = t.verdict(&cap);
+        eprintln!("{}", summary(op, &cap, &v, took));
+        assert_eq!(v.inconsistent, 0, "{op}: {v:?}");
+        let s = cap.report.snapshot.as_ref().unwrap();
+        let r = &replies[0];
+        match op {
+            // A mapping made after the snapshot point is not in the dump.
+            "mmap" => {
+                let mut b = [0u8; 8];
+                assert!(
+                    cap.read(r["addr"].as_u64().unwrap(), &mut b).is_err(),
+                    "{r}"
+                );
+            }
+            "munmap" => assert!(s.events.unmap >= 1, "{op}: {s:?}"),
+            "mremap-move" | "mremap-grow" => assert!(s.events.remap >= 1, "{op}: {s:?}"),
+            "dontneed" => assert!(s.events.remove >= 1, "{op}: {s:?}"),
+            _ => {}
+        }
+        // The slab the operation changed: at its address at the snapshot point, every page
+        // is its snapshot content (the oracle saw it) or reported as not captured.
+        if !slab.is_empty() {
+            let from = r["from"].as_u64().unwrap();
+            let lost = in_ranges(&not_captured(&cap), from, 8 * PAGE_SIZE);
+            eprintln!("  {op}: slab {slab} at {from:#x}: lost pages reported: {lost}");
+        }
+        assert!(v.consistent > 1000, "{v:?}");
+        let kinds: Vec<&str> = v.kinds.iter().map(|k| k.0.as_str()).collect();
+        for k in [
+            "anon",
+            "data",
+            "bss",
+            "heap",
+            "shared-anon",
+            "memfd",
+            "stack",
+        ] {
+            assert!(kinds.contains(&k), "{op}: no {k} pages checked: {v:?}");
+        }
+    }
+    t.runs_on_and_exits();
+}
+
+#[test]
+fn fifty_dumps_under_load_are_consistent_across_every_kind_of_memory() {
+    if not_root() {
+        return;
+    }
+    let mut t = Target::start(4 << 20, 3);
+    let repeatable = ["mmap", "fork", "thread-start", "thread-exit"];
+    let mut pauses = Vec::new();
+    let mut pages = 0;
+    let t0 = Instant::now();
+    for i in 0..50 {
+        let during: Vec<&str> = if i % 5 == 4 {
+            vec![repeatable[(i / 5) % repeatable.len()]]
+        } else {
+            vec![]
+        };
+        let (cap, _, took) = t.dump(&during);
+        let v = t.verdict(&cap);
+        assert_eq!(v.inconsistent, 0, "dump {i} ({during:?}): {v:?}");
+        assert!(took < Duration::from_secs(60), "dump {i} took {took:?}");
+        pages += v.consistent + v.in_flight;
+        pauses.push(cap.report.pause_us);
+    }
+    pauses.sort_by(f64::total_cmp);
+    eprintln!(
+        "{}",
+        json!({"dumps": 50, "pages_checked": pages, "inconsistent": 0,
+               "pause_us_p50": pauses[25], "pause_us_max": pauses[49],
+               "seconds": t0.elapsed().as_secs_f64()})
+    );
+    t.runs_on_and_exits();
+}
+
+fn gdb(core: &Path, cmds: &[String]) -> String {
+    let mut c = Command::new("timeout");
+    c.args(["120", "gdb", "-batch", "-nx"]);
+    for x in cmds {
+        c.args(["-ex", x]);
+    }
+    let o = c.arg(BIN).arg(core).output().expect("run gdb");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The words gdb printed for `x/Ngx` commands, in order.
+fn words(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.split_once(":\t"))
+        .flat_map(|(_, w)| {
+            w.split_whitespace()
+                .filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// gdb reads the core at known addresses of every kind of memory: the directory entry, the
+/// first two words of the slab's first page (version, page index) and its version-table
+/// entry agree (equal, or the page one version ahead mid-write), for a core taken while the
+/// target mapped one slab and unmapped another during the copy.
+#[test]
+fn gdb_reads_every_kind_of_memory_at_known_addresses_as_the_target_recorded_it() {
+    if not_root() {
+        return;
+    }
+    if Command::new("gdb").arg("--version").output().is_err() && skip("gdb") {
+        return;
+    }
+    let mut t = Target::start(2 << 20, 2);
+    // Mapped first, so that it cannot land in the hole the unmap leaves.
+    let (cap, replies, _) = t.dump(&["mmap", "munmap"]);
+    let dir = std::env::temp_dir().join(format!("uffd-wp-dump-zoo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let core = dir.join("core");
+    let file = std::fs::File::create(&core).unwrap();
+    dump::write_core(&cap, &file, |_, _| {}).unwrap();
+    let nc = not_captured(&cap);
+    // The directory, as gdb reads it from the core.
+    let n = 16;
+    let ent = words(&gdb(
+        &core,
+        &[format!("x/{}gx {:#x}", n * DIR_WORDS, t.dir)],
+    ));
+    assert_eq!(ent.len(), n * DIR_WORDS, "gdb read the directory");
+    let mut cmds = Vec::new();
+    let mut slabs = Vec::new();
+    for e in ent.chunks(DIR_WORDS).filter(|e| e[0] == LIVE) {
+        let (kind, base, table) = (e[1], e[2], e[4]);
+        if in_ranges(&nc, base, PAGE_SIZE) {
+            eprintln!("slab at {base:#x} (kind {kind}) reported not captured");
+            continue;
+        }
+        cmds.push(format!("x/2gx {base:#x}"));
+        cmds.push(format!("x/1gx {table:#x}"));
+        slabs.push((zoo::KINDS[kind as usize], base));
+    }
+    let w = words(&gdb(&core, &cmds));
+    assert_eq!(w.len(), slabs.len() * 3, "gdb read every slab");
+    for (i, (kind, base)) in slabs.iter().enumerate() {
+        let (v, p, rec) = (w[3 * i], w[3 * i + 1], w[3 * i + 2]);
+        assert_eq!(p, 0, "{kind} at {base:#x}: page index");
+        assert!(
+            v == rec || v == rec + 1,
+            "{kind} at {base:#x}: page holds version {v}, the table {rec}"
+        );
+    }
+    let kinds: Vec<&str> = slabs.iter().map(|s| s.0).collect();
+    for k in [
+        "anon",
+        "data",
+        "bss",
+        "heap",
+        "shared-anon",
+        "memfd",
+        "stack",
+    ] {
+        assert!(kinds.contains(&k), "gdb checked no {k}: {kinds:?}");
+    }
+    // The slab unmapped during the copy: in the core as the snapshot had it, or reported.
+    let unmapped = replies[1]["from"].as_u64().unwrap();
+    let lost = in_ranges(&nc, unmapped, PAGE_SIZE);
+    assert!(
+        lost || slabs.iter().any(|s| s.1 == unmapped),
+        "the unmapped slab is neither checked nor reported"
+    );
+    // The mapping made during the copy is not in the core.
+    let made = replies[0]["addr"].as_u64().unwrap();
+    let out = gdb(&core, &[format!("x/1gx {made:#x}")]);
+    assert!(out.contains("Cannot access memory"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+    t.runs_on_and_exits();
+}
