@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use uffd_wp::dump::{self, Captured, DumpError, DumpOptions};
+use uffd_wp::engine::snapshot::Copier;
 use uffd_wp::helper::{Helper, HelperError};
 use uffd_wp::range::PAGE_SIZE;
 
@@ -157,6 +158,8 @@ pub enum Step {
     Write(usize),
     /// Round `n`: running gcore.
     Gcore(usize),
+    /// Round `n`: dumping with the background copier.
+    Background(usize),
 }
 
 /// One report line of the target.
@@ -337,6 +340,9 @@ pub struct DumpSide {
     pub throughput_ratio: f64,
     /// Pages caught mid-write (at most one per writer), by the oracle.
     pub in_flight_pages: u64,
+    /// The target's threads runnable but waiting for a CPU over the capture, summed, ms
+    /// (`DumpReport::target_cpu`; `None` without schedstat).
+    pub runqueue_wait_ms: Option<f64>,
 }
 
 /// One round's core write against a plain write.
@@ -382,6 +388,8 @@ pub struct DumpRound {
     pub write: WriteSide,
     /// gcore (`None`: not installed).
     pub gcore: Option<GcoreSide>,
+    /// The same dump with the background copier (`Copier::Background`).
+    pub background: DumpSide,
 }
 
 /// The figures of a run: medians over the rounds, and each round.
@@ -436,6 +444,21 @@ pub struct DumpFigures {
     pub gcore_wall_ms: Option<f64>,
     /// gcore's core's length.
     pub gcore_core_bytes: Option<u64>,
+    /// The same figures with the background copier: its pause, us.
+    pub background_pause_us: f64,
+    /// With the background copier: the target's longest stall over the capture, us.
+    pub background_max_stall_us: f64,
+    /// With the background copier: the target's throughput over the copy against
+    /// undisturbed, median of the rounds'.
+    pub background_throughput_ratio: f64,
+    /// With the background copier: the copy after the pause, ms.
+    pub background_copy_ms: f64,
+    /// The copy after the pause with the normal copier, ms.
+    pub copy_ms: f64,
+    /// The target's run-queue wait over the capture (normal copier), ms.
+    pub runqueue_wait_ms: Option<f64>,
+    /// The same with the background copier, ms.
+    pub background_runqueue_wait_ms: Option<f64>,
     /// Every dump was checked against itself and is one instant of the target.
     pub consistent: bool,
     /// Each round.
@@ -475,7 +498,8 @@ pub fn measure(
         }
         progress(Step::Dump(r));
         let lead = last.mul_f64(1.5).max(Duration::from_millis(300));
-        let (cap, dump) = dump_round(&mut t, lead, cfg.interval_ms, r)?;
+        let pace = (lead, cfg.interval_ms);
+        let (cap, dump) = dump_round(&mut t, pace, Copier::Normal, r)?;
         last = Duration::from_secs_f64(dump.during.ms / 1e3);
         progress(Step::Write(r));
         let seq_first = rounds
@@ -489,7 +513,15 @@ pub fn measure(
             progress(Step::Gcore(r));
             gcore = gcore_round(&mut t, &cfg.dir)?;
         }
-        rounds.push(DumpRound { dump, write, gcore });
+        progress(Step::Background(r));
+        let lead = last.mul_f64(3.0).max(Duration::from_millis(300));
+        let (_, background) = dump_round(&mut t, (lead, cfg.interval_ms), Copier::Background, r)?;
+        rounds.push(DumpRound {
+            dump,
+            write,
+            gcore,
+            background,
+        });
     }
     Ok(figures(cfg, rounds))
 }
@@ -505,8 +537,8 @@ fn no_window(what: &str) -> DumpBenchError {
 /// just before the capture.
 fn dump_round(
     t: &mut Target,
-    lead: Duration,
-    interval_ms: u64,
+    (lead, interval_ms): (Duration, u64),
+    copier: Copier,
     round: usize,
 ) -> Result<(Captured, DumpSide), DumpBenchError> {
     let lead_start = monotonic_ns();
@@ -514,7 +546,9 @@ fn dump_round(
     let a = monotonic_ns();
     let t0 = Instant::now();
     let mut copy: Option<(u64, u64)> = None;
-    let cap = dump::capture(t.layout.pid, &DumpOptions::default(), |_, _| {
+    let mut opts = DumpOptions::default();
+    opts.snapshot.copier = copier;
+    let cap = dump::capture(t.layout.pid, &opts, |_, _| {
         let now = monotonic_ns();
         copy = Some(copy.map_or((now, now), |(first, _)| (first, now)));
     })?;
@@ -551,6 +585,7 @@ fn dump_round(
         undisturbed,
         throughput_ratio: during.writes_per_s / undisturbed.writes_per_s,
         in_flight_pages: v.in_flight,
+        runqueue_wait_ms: rep.target_cpu.map(|c| c.runqueue_wait_ms),
     };
     Ok((cap, side))
 }
@@ -661,6 +696,10 @@ fn figures(cfg: &DumpBenchConfig, rounds: Vec<DumpRound>) -> DumpFigures {
             .collect();
         (!v.is_empty()).then(|| median(&v))
     };
+    let omed = |f: &dyn Fn(&DumpRound) -> Option<f64>| {
+        let v: Vec<f64> = rounds.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(&v))
+    };
     DumpFigures {
         size: cfg.size,
         writers: cfg.threads,
@@ -686,6 +725,13 @@ fn figures(cfg: &DumpBenchConfig, rounds: Vec<DumpRound>) -> DumpFigures {
         capture_ms: med(&|r| r.dump.capture_ms),
         gcore_wall_ms: gmed(&|_, g| g.wall_ms),
         gcore_core_bytes: gmed(&|_, g| g.core_bytes as f64).map(|b| b as u64),
+        background_pause_us: med(&|r| r.background.pause_us),
+        background_max_stall_us: med(&|r| r.background.max_stall_us),
+        background_throughput_ratio: med(&|r| r.background.throughput_ratio),
+        background_copy_ms: med(&|r| r.background.copy_ms),
+        copy_ms: med(&|r| r.dump.copy_ms),
+        runqueue_wait_ms: omed(&|r| r.dump.runqueue_wait_ms),
+        background_runqueue_wait_ms: omed(&|r| r.background.runqueue_wait_ms),
         consistent: true,
         per_round: rounds,
     }

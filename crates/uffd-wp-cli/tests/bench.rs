@@ -234,6 +234,13 @@ fn bench_dump_json_has_the_issue_fields() {
         "core_write_ratio_vs_seq",
         "capture_ms",
         "gcore_wall_ms",
+        "copy_ms",
+        "background_pause_us",
+        "background_max_stall_us",
+        "background_throughput_ratio",
+        "background_copy_ms",
+        "runqueue_wait_ms",
+        "background_runqueue_wait_ms",
     ] {
         let x = v[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {v}"));
         assert!(x.is_finite() && x > 0.0, "{k} = {x}");

@@ -81,6 +81,7 @@ pub fn run(a: &Args) -> Result<(), CliError> {
             Step::Dump(r) => format!("round {}/{total}: dump", r + 1),
             Step::Write(r) => format!("round {}/{total}: core and plain write", r + 1),
             Step::Gcore(r) => format!("round {}/{total}: gcore", r + 1),
+            Step::Background(r) => format!("round {}/{total}: dump, background copier", r + 1),
         })
     })
     .map_err(|e| match e {
@@ -170,6 +171,24 @@ fn print_table(o: &Output) {
         f.hole_bytes >> 20,
         f.gcore_core_bytes.map_or(0, |b| b >> 20),
         opt(f.gcore_wall_ms, " ms")
+    );
+    let ms = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0} ms"));
+    println!(
+        "  copier normal:     copy {:.0} ms, target's writes/s {:.2}x undisturbed, longest stall \
+         {:.1} us, run-queue wait {}",
+        f.copy_ms,
+        f.throughput_ratio,
+        f.target_max_stall_us,
+        ms(f.runqueue_wait_ms)
+    );
+    println!(
+        "  copier background: copy {:.0} ms, target's writes/s {:.2}x undisturbed, longest stall \
+         {:.1} us, run-queue wait {} (pause {:.1} us)",
+        f.background_copy_ms,
+        f.background_throughput_ratio,
+        f.background_max_stall_us,
+        ms(f.background_runqueue_wait_ms),
+        f.background_pause_us
     );
     println!("  every dump consistent with itself: {}", f.consistent);
 }
