@@ -23,6 +23,27 @@ pub fn need<T, E: std::fmt::Display>(feature: &str, r: Result<T, E>) -> Option<T
     }
 }
 
+/// Whether the tests run on one of kernel/run's test kernels (`UFFD_WP_REQUIRE_TEST_KERNEL=1`,
+/// set by its guest): what only those kernels have (fault injection) is then required too.
+pub fn require_test_kernel() -> bool {
+    std::env::var("UFFD_WP_REQUIRE_TEST_KERNEL").is_ok_and(|v| v == "1")
+}
+
+/// Like [`need`] for a feature only the test kernels of kernel/run have (fault injection):
+/// skips with a message naming it, or panics under `UFFD_WP_REQUIRE_TEST_KERNEL=1`.
+pub fn need_test_kernel<T, E: std::fmt::Display>(feature: &str, r: Result<T, E>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) if require_test_kernel() => {
+            panic!("test-kernel feature {feature} is required (UFFD_WP_REQUIRE_TEST_KERNEL=1): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: needs {feature}, which kernel/run's test kernels have: {e}");
+            None
+        }
+    }
+}
+
 /// A Linux lab, or a skip when userfaultfd is unavailable.
 pub fn lab(wp_unpopulated: bool) -> Option<crate::backend::linux::lab::LinuxLab> {
     need(

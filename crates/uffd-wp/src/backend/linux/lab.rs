@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::backend::inject::InjectMm;
+use crate::backend::linux::fail_nth::FailNth;
 use crate::backend::linux::memcg::{LIMIT_BYTES, Limiter, prepare_limited};
 use crate::backend::linux::{Config, LinuxMm};
 use crate::backend::pins::io::read_fixed_serving_faults;
@@ -352,16 +353,42 @@ impl Lab for LinuxLab {
         })
     }
 
+    /// Makes the next raw call's page-table allocations fail after [`PAGE_TABLES_ALLOWED`]:
+    /// with the kernel's fault injection where it has it ([`FailNth`]: this thread's next
+    /// allocations, disarmed right after the call), else through the lab's memory cgroup
+    /// ([`Self::limit_through_memcg`]).
+    fn limit_next_writeprotect(&mut self) -> Result<String, LabError> {
+        if !FailNth::available() {
+            return self.limit_through_memcg();
+        }
+        let mut fail = FailNth::open()?;
+        fail.arm(PAGE_TABLES_ALLOWED)?;
+        self.mm.after_next_writeprotect(Box::new(move || {
+            let _ = fail.disarm();
+        }));
+        Ok(format!(
+            "fault injection: page allocation {} of this thread fails",
+            PAGE_TABLES_ALLOWED + 1
+        ))
+    }
+}
+
+/// Page tables a limited raw call may allocate: as many as fit in the memory cgroup's limit,
+/// and the same for fault injection, so both ways fail at the same allocation.
+pub const PAGE_TABLES_ALLOWED: u64 = LIMIT_BYTES / PAGE_SIZE;
+
+impl LinuxLab {
     /// Moves this process into its limiter's cgroup (limited to [`LIMIT_BYTES`]); the
     /// injector raises the limit right after the next raw call returns. The hook is built and
     /// the stack and heap warmed before entering: nothing may fault in a page while limited.
-    fn limit_next_writeprotect(&mut self) -> Result<String, LabError> {
+    fn limit_through_memcg(&mut self) -> Result<String, LabError> {
         let Some(limiter) = self.limiter.clone() else {
             return Err(LabError::Unavailable {
                 scenario: "(page-table limit)".into(),
                 backend: "linux".into(),
-                why: "only a lab opened with a memory cgroup limiter (LinuxLab::with_limiter, in \
-                      a limited helper process) can limit page-table allocations"
+                why: "this kernel has no fault injection (FAIL_PAGE_ALLOC), and only a lab \
+                      opened with a memory cgroup limiter (LinuxLab::with_limiter, in a limited \
+                      helper process) can limit page-table allocations otherwise"
                     .into(),
             });
         };

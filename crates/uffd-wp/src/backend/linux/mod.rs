@@ -5,6 +5,7 @@
 //! pidfd_getfd, see [`remote`]). Everything that names the address space goes through
 //! [`Target`] (its pagemap, its memory, its maps), so the engines run unchanged on both.
 
+pub mod fail_nth;
 pub mod lab;
 pub mod memcg;
 pub mod remote;
