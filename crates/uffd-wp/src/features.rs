@@ -14,7 +14,7 @@ use crate::sys::{self, Errno};
 pub struct Features(pub u64);
 
 /// The kernel's feature names without the `UFFD_FEATURE_` prefix, lower case, by bit.
-pub const FEATURE_NAMES: [&str; 17] = [
+pub const FEATURE_NAMES: [&str; 19] = [
     "pagefault_flag_wp",
     "event_fork",
     "event_remap",
@@ -32,6 +32,8 @@ pub const FEATURE_NAMES: [&str; 17] = [
     "poison",
     "wp_async",
     "move",
+    "wp_report",
+    "wp_skip_pinned",
 ];
 
 impl Features {
@@ -56,6 +58,13 @@ impl Features {
     pub const WP_ASYNC: Features = Features(1 << 15);
     /// `UFFD_FEATURE_MOVE` (6.8).
     pub const MOVE: Features = Features(1 << 16);
+    /// `UFFD_FEATURE_WP_REPORT` (kernel/README.md; no released kernel): the kernel accepts
+    /// `UFFDIO_WRITEPROTECT_REPORT`, which says how far the protection got (`done`) even on
+    /// failure.
+    pub const WP_REPORT: Features = Features(1 << 17);
+    /// `UFFD_FEATURE_WP_SKIP_PINNED` (kernel/README.md): `UFFDIO_WRITEPROTECT_REPORT` accepts
+    /// `MODE_SKIP_PINNED` and leaves maybe-DMA-pinned pages writable, counted in `pinned`.
+    pub const WP_SKIP_PINNED: Features = Features(1 << 18);
 
     /// No feature.
     pub const fn empty() -> Features {
