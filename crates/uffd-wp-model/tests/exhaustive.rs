@@ -40,12 +40,18 @@ fn touch(mm: &ModelMm, a: u64) {
     assert_eq!(mm.model().write(a, b"t").unwrap(), Progress::Done(()));
 }
 
-/// A uffd that asks for the write-protect report where the semantics offers it.
+thread_local! {
+    /// Layouts built on this thread do not ask for the report ([`same_figures`]).
+    static WITHOUT_REPORT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A uffd that asks for the write-protect report where the semantics offers it (unless
+/// [`WITHOUT_REPORT`]).
 fn open(sem: Semantics) -> ModelMm {
     let uffd = UffdConfig::default().with_report_if(Features(PROPOSED_FEATURES));
     let uffd = match sem {
-        Semantics::Linux => UffdConfig::default(),
-        Semantics::Proposed => uffd,
+        Semantics::Proposed if !WITHOUT_REPORT.get() => uffd,
+        _ => UffdConfig::default(),
     };
     ModelMm::open(ModelConfig::with_semantics(sem), uffd).unwrap()
 }
@@ -278,6 +284,47 @@ fn report_case(l: &Layout, policy: FailPolicy, skip: bool, engine_bytes: u64) {
     pm.model().check_invariants().unwrap();
 }
 
+/// Under `proposed`, the engine's two paths on identical fresh layouts with `policy`: the
+/// kernel's report and the read-back path (a uffd that does not ask for the report) give the
+/// same protected, skipped and not-protected pages and the same failure kind; the failure's
+/// address too, except where a gap lies between the failed call's start and the kernel's stop
+/// (the read-back path names the gap's first page, the report path the first page at or after
+/// the stop).
+fn same_figures(l: &Layout, policy: FailPolicy, skip_pinned: bool) {
+    let opts = WpOptions {
+        skip_pinned,
+        on_error: OnError::Stop,
+    };
+    let run = |without: bool| {
+        WITHOUT_REPORT.set(without);
+        let (mm, r) = (l.build)(Semantics::Proposed);
+        WITHOUT_REPORT.set(false);
+        mm.model().set_alloc_policy(policy);
+        write_protect(&mm, r, &opts)
+    };
+    let (new, old) = (run(false), run(true));
+    let what = format!("{} {policy:?} skip={skip_pinned}", l.name);
+    match (new, old) {
+        (Ok(n), Ok(o)) => {
+            assert_eq!(n.provenance.exactness, Exactness::KernelReport, "{what}");
+            assert_eq!(o.provenance.exactness, Exactness::ReadBack, "{what}");
+            assert_eq!(
+                (&n.protected, &n.skipped, &n.not_protected),
+                (&o.protected, &o.skipped, &o.not_protected),
+                "{what}"
+            );
+            let kind = |r: &uffd_wp::WpReport| r.error.as_ref().map(|e| (e.kind(), e.errno()));
+            assert_eq!(kind(&n), kind(&o), "{what}");
+            if l.name != "mixed" {
+                let addr = |r: &uffd_wp::WpReport| r.error.as_ref().map(|e| e.addr());
+                assert_eq!(addr(&n), addr(&o), "{what}");
+            }
+        }
+        (Err(n), Err(o)) => assert_eq!((n.kind(), n.errno()), (o.kind(), o.errno()), "{what}"),
+        (n, o) => panic!("{what}: report path {n:?}, read-back path {o:?}"),
+    }
+}
+
 /// One case: a fresh model, `policy` set, the engine protects. Returns the report's
 /// bytes-not-protected.
 fn engine_case(l: &Layout, sem: Semantics, policy: FailPolicy, skip_pinned: bool) -> u64 {
@@ -351,7 +398,8 @@ fn every_allocation_failure_index() {
                         match sem {
                             Semantics::Proposed => {
                                 report_case(l, policy, skip, report_bytes);
-                                cases += 1;
+                                same_figures(l, policy, skip);
+                                cases += 2;
                             }
                             Semantics::Linux if !skip => {
                                 let (lm, lr) = (l.build)(sem);
