@@ -31,6 +31,26 @@ pub fn run(a: &Args) -> Result<(), CliError> {
     println!("io_uring          {}", yes(p.io_uring));
     println!("THP               {}", p.thp);
     println!("ptrace            {}", yes(p.ptrace));
+    let w = &p.wp_report;
+    println!(
+        "WP report         report: {}, skip_pinned: {} (engine: {}, {})",
+        yes(w.report),
+        yes(w.skip_pinned),
+        w.engine_call,
+        w.exactness
+    );
+    if let Some(t) = &w.trial {
+        println!(
+            "  trial           {} mode {} on {} bytes: {}, done {}, pinned {}, protected {}",
+            t.command,
+            t.mode,
+            t.len,
+            t.errno.as_deref().unwrap_or("0 (success)"),
+            t.done,
+            t.pinned,
+            yes(t.protected)
+        );
+    }
     println!("features:");
     for name in uffd_wp::features::FEATURE_NAMES {
         println!(

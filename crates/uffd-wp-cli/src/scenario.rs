@@ -130,9 +130,37 @@ fn print_table(o: &Outcome) {
             s.kernel_errno.map_or("success".to_string(), errno_name),
             if s.injected { " (injected)" } else { "" }
         );
+        if let Some(k) = s.detail.as_ref().map(|d| &d["kernel_returned"]) {
+            println!(
+                "    kernel call        {}{}",
+                k["call"].as_str().unwrap_or("?"),
+                match (k["done"].as_u64(), k["pinned"].as_u64()) {
+                    (Some(d), Some(p)) => format!(": done {d}, pinned {p}"),
+                    _ => String::new(),
+                }
+            );
+        } else {
+            let path = match r.provenance.kernel {
+                Some(k) => format!(
+                    "kernel report ({} UFFDIO_WRITEPROTECT_REPORT calls, done {}, pinned {})",
+                    k.calls, k.done, k.pinned
+                ),
+                None => "read-back (UFFDIO_WRITEPROTECT per PUD)".to_string(),
+            };
+            println!("    exact by           {path}");
+        }
         println!("    requested          [0, {})", r.requested.pages());
         println!("    protected          {}", pages(&r.protected, base));
         println!("    skipped            {}", pages(&r.skipped, base));
+        if !r.skipped.is_empty() {
+            let p = &r.provenance;
+            println!(
+                "    skipped by         declared {}, discovered {}, kernel {} (pages)",
+                p.skipped_declared.pages(),
+                p.skipped_discovered.pages(),
+                p.skipped_kernel.pages()
+            );
+        }
         println!("    not protected      {}", pages(&r.not_protected, base));
         println!("    bytes not protected {}", r.bytes_not_protected());
         if let Some(e) = &r.error {

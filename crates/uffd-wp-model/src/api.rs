@@ -6,6 +6,7 @@
 //! populate, `MADV_DONTNEED`, `MADV_PAGEOUT`, `munmap`, `UFFDIO_REGISTER`, `UFFDIO_WRITEPROTECT`,
 //! CPU writes (blocking on a sync WP fault), `PAGEMAP_SCAN`, pins and writes through them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use uffd_wp::features::Features;
@@ -13,7 +14,7 @@ use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
 use uffd_wp::seam::category;
 use uffd_wp::seam::prelude::*;
 use uffd_wp::seam::{
-    Errno, Event, PageState, RegisterMode, ScanRequest, ScanResult, WpMode, scan_all,
+    Errno, Event, KernelReport, PageState, RegisterMode, ScanRequest, ScanResult, WpMode, scan_all,
 };
 
 use crate::alloc::{AllocStats, Attempt, FailPolicy, TableCounts};
@@ -158,6 +159,15 @@ impl UffdConfig {
         UffdConfig {
             features: d.features.without(Features::WP_UNPOPULATED),
             ..d
+        }
+    }
+    /// These features plus the write-protect report and its skip-pinned mode where `offered`
+    /// has them (as the Linux backend's default asks for them where the kernel offers them).
+    pub fn with_report_if(self, offered: Features) -> Self {
+        let report = Features::WP_REPORT.with(Features::WP_SKIP_PINNED);
+        UffdConfig {
+            features: self.features.with(Features(report.0 & offered.0)),
+            ..self
         }
     }
     /// The default plus `WP_ASYNC`.
@@ -589,6 +599,12 @@ impl Model {
 
     // ---------------------------------------------------------------------------- uffd
 
+    /// What `UFFDIO_API` answers this kernel offers: 6.18's features, plus `WP_REPORT` and
+    /// `WP_SKIP_PINNED` under the proposed semantics.
+    pub fn offered_features(&self) -> Features {
+        Features(self.k().offered_features())
+    }
+
     /// `userfaultfd()` + `UFFDIO_API`: a uffd on this process. EINVAL for a feature the kernel
     /// does not know (asking for `WP_ASYNC` also enables `WP_UNPOPULATED`).
     pub fn open_uffd(&self, cfg: UffdConfig) -> Result<ModelMm, Errno> {
@@ -599,6 +615,7 @@ impl Model {
             ctx,
             features,
             owner: true,
+            pins_hidden: AtomicBool::new(false),
         })
     }
 }
@@ -611,6 +628,8 @@ pub struct ModelMm {
     ctx: u64,
     features: Features,
     owner: bool,
+    /// [`ModelMm::hide_pins`].
+    pins_hidden: AtomicBool,
 }
 
 impl Drop for ModelMm {
@@ -644,6 +663,7 @@ impl ModelMm {
             ctx: self.ctx,
             features: self.features,
             owner: true,
+            pins_hidden: AtomicBool::new(self.pins_hidden.load(Ordering::Relaxed)),
         }
     }
 
@@ -669,21 +689,21 @@ impl ModelMm {
         Ok(())
     }
 
-    /// The proposed `UFFDIO_WRITEPROTECT` (seed thread): returns the bytes of `r` not in the
-    /// requested state when it returns (not write-protected for [`WpMode::Protect`], pinned pages
-    /// counting as protected when `skip_pinned`; still write-protected for an un-protect), or
-    /// fails with the first errno when something failed and no byte is in the requested state.
-    /// With `skip_pinned`, pages whose folio may be DMA-pinned are left as they are. Only the
-    /// `proposed` semantics has it: under `linux` it fails with ENOTTY.
-    pub fn writeprotect_proposed(
-        &self,
-        r: Range,
-        mode: WpMode,
-        skip_pinned: bool,
-    ) -> Result<u64, Errno> {
+    /// `UFFDIO_WRITEPROTECT_REPORT` with raw arguments (`mode`: `UFFDIO_WRITEPROTECT_MODE_*`
+    /// bits, `MODE_SKIP_PINNED` = 4 included): the ioctl's result, `done` and `pinned`
+    /// (kernel/README.md). Only the `proposed` semantics has it: under `linux` it answers as
+    /// Linux does to an unknown command (EINVAL, nothing written).
+    pub fn writeprotect_report_raw(&self, start: u64, len: u64, mode: u64) -> KernelReport {
         self.model
             .k()
-            .writeprotect_proposed(self.ctx, r.start(), r.len(), mode.bits(), skip_pinned)
+            .writeprotect_report(self.ctx, start, len, mode)
+    }
+
+    /// Hides (or shows again) every pin from [`Pins::pinned`], as a monitor on Linux cannot
+    /// see a transient `O_DIRECT` pin or a device's: only the kernel (`MODE_SKIP_PINNED`) then
+    /// knows where they are.
+    pub fn hide_pins(&self, hidden: bool) {
+        self.pins_hidden.store(hidden, Ordering::Relaxed);
     }
 
     /// Whether `mmap_changing` is raised (a non-cooperative event is unread).
@@ -715,6 +735,10 @@ impl Uffd for ModelMm {
 
     fn writeprotect(&self, r: Range, mode: WpMode) -> Result<(), Errno> {
         self.writeprotect_raw(r.start(), r.len(), mode.bits())
+    }
+
+    fn writeprotect_report(&self, r: Range, mode: WpMode, skip_pinned: bool) -> KernelReport {
+        self.writeprotect_report_raw(r.start(), r.len(), mode.report_bits(skip_pinned))
     }
 
     fn wake(&self, r: Range) -> Result<(), Errno> {
@@ -777,7 +801,11 @@ impl PageTables for ModelMm {
 }
 
 impl Pins for ModelMm {
+    /// The true pin counts, unless [`ModelMm::hide_pins`].
     fn pinned(&self, r: Range) -> Result<RangeSet, Errno> {
+        if self.pins_hidden.load(Ordering::Relaxed) {
+            return Ok(RangeSet::new());
+        }
         Ok(self.model.pinned_pages(r))
     }
 }

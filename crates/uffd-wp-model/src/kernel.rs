@@ -25,8 +25,9 @@ pub enum Semantics {
     #[default]
     Linux,
     /// The seed thread's proposal: a page-table allocation failure stops the walk and is always
-    /// reported; the extended call ([`crate::ModelMm::writeprotect_proposed`]) returns the bytes
-    /// not write-protected unless nothing was, and can skip pinned pages.
+    /// reported; the kernel offers `UFFDIO_WRITEPROTECT_REPORT`
+    /// ([`crate::ModelMm::writeprotect_report_raw`]), which returns how far the protection got
+    /// even on failure, and can skip pinned pages (kernel/README.md).
     Proposed,
 }
 
@@ -135,6 +136,9 @@ const IOCTL_CONTINUE: u64 = 1 << 7;
 
 /// Every feature this kernel offers (`UFFD_API_FEATURES` on 6.18 x86_64).
 pub const OFFERED_FEATURES: u64 = 0x1ffff;
+/// What the proposed semantics offers beyond it: `UFFD_FEATURE_WP_REPORT` and
+/// `UFFD_FEATURE_WP_SKIP_PINNED` (kernel/README.md).
+pub const PROPOSED_FEATURES: u64 = Features::WP_REPORT.0 | Features::WP_SKIP_PINNED.0;
 pub(crate) const F_SIGBUS: Features = Features(1 << 7);
 pub(crate) const F_EXACT_ADDRESS: Features = Features(1 << 11);
 
@@ -1252,13 +1256,21 @@ impl Kernel {
     // userfaultfd contexts (fs/userfaultfd.c)
 
     /// `userfaultfd()` + `UFFDIO_API` (userfaultfd_api()).
+    /// `UFFD_API_FEATURES` of this kernel.
+    pub(crate) fn offered_features(&self) -> u64 {
+        match self.cfg.semantics {
+            Semantics::Linux => OFFERED_FEATURES,
+            Semantics::Proposed => OFFERED_FEATURES | PROPOSED_FEATURES,
+        }
+    }
+
     pub(crate) fn open_ctx(&mut self, features: u64, user_mode_only: bool) -> Result<u64, Errno> {
         let mut f = features;
         // WP_ASYNC relies on WP_UNPOPULATED, choose it unconditionally.
         if f & Features::WP_ASYNC.0 != 0 {
             f |= Features::WP_UNPOPULATED.0;
         }
-        if f & !OFFERED_FEATURES != 0 {
+        if f & !self.offered_features() != 0 {
             return Err(Errno::INVAL);
         }
         let id = self.next_ctx;

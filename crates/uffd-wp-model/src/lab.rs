@@ -11,7 +11,8 @@ use uffd_wp::backend::inject::{InjectMm, Rule};
 use uffd_wp::engine::protect::{OnError, WpOptions};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
 use uffd_wp::scenario::raw::{
-    describe, engine_note, engine_step, mib, raw_step, registered, slots, stop, touch_at,
+    describe, engine_note, engine_step, mib, raw_step, registered, result_name, slots, stop,
+    touch_at,
 };
 use uffd_wp::scenario::{
     self, Lab, LabConfig, LabFactory, MapKind as LabMapKind, Outcome, PinWrite, ScenarioError, Step,
@@ -76,7 +77,8 @@ pub struct ModelLab {
 
 impl ModelLab {
     /// A fresh process with a uffd negotiated like the Linux lab's (WP_UNPOPULATED as `cfg`
-    /// says).
+    /// says; the write-protect report and its skip-pinned mode where the semantics offers
+    /// them, as the Linux backend asks for them where the kernel offers them).
     pub fn open(semantics: Semantics, cfg: LabConfig) -> Result<ModelLab, ScenarioError> {
         let uffd = if cfg.async_wp {
             UffdConfig::async_wp()
@@ -85,7 +87,9 @@ impl ModelLab {
         } else {
             UffdConfig::without_unpopulated()
         };
-        Self::with_config(ModelConfig::with_semantics(semantics), uffd)
+        let cfg = ModelConfig::with_semantics(semantics);
+        let offered = Model::new(cfg).offered_features();
+        Self::with_config(cfg, uffd.with_report_if(offered))
     }
 
     /// A fresh process configured by `cfg` with a uffd negotiated as `uffd` says (the
@@ -105,7 +109,7 @@ impl ModelLab {
         &self.model
     }
 
-    /// The uffd itself (for the proposed call).
+    /// The uffd itself, behind no injector.
     pub fn uffd(&self) -> &ModelMm {
         Wrap::inner(&*self.mm)
     }
@@ -166,20 +170,8 @@ impl Lab for ModelLab {
     fn raw_results(&self) -> Vec<(Option<Errno>, bool)> {
         self.mm.raw_results()
     }
-    /// Under the proposed semantics, the proposed call (not seen by the injector).
-    fn raw_protect(&self, r: Range, skip_pinned: bool) -> RawReturn {
-        match self.model.semantics() {
-            Semantics::Linux => RawReturn::Linux(self.mm.writeprotect(r, WpMode::Protect)),
-            Semantics::Proposed => RawReturn::Proposed(self.uffd().writeprotect_proposed(
-                r,
-                WpMode::Protect,
-                skip_pinned,
-            )),
-        }
-    }
     /// A budget of [`PAGE_TABLE_BUDGET`] page-table allocations, lifted after the next raw
-    /// call (or, for the proposed call, which the injector does not see, by the next
-    /// `limit_next_writeprotect` or [`Lab::reset_injection`]).
+    /// call (either command).
     fn limit_next_writeprotect(&mut self) -> Result<String, LabError> {
         self.model
             .set_alloc_policy(FailPolicy::Budget(PAGE_TABLE_BUDGET));
@@ -393,7 +385,7 @@ fn enomem_pmd(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
         "64 MiB (32 slots of 2 MiB) inside one PUD, slot 0 populated, 10 page tables left: {}; \
          true state: protected slots {}, not protected {}. Inside one PUD change_pmd_range()'s \
          -ENOMEM is the whole result, so the failure is reported",
-        describe(&ret),
+        describe(&ret, ra),
         slots(&wp, ra.start()),
         slots(&wp.complement_in(ra), ra.start()),
     );
@@ -445,15 +437,17 @@ fn enomem_pud_raw(
             mib(hole.bytes())
         ),
         (RawReturn::Linux(Err(e)), _) => format!("the kernel reports {}", errno_name(*e)),
-        (RawReturn::Proposed(Ok(n)), _) if *n == hole.bytes() => {
-            "the returned figure is exactly the unprotected part".into()
-        }
-        (RawReturn::Proposed(_), _) => "the returned figure does NOT match the page tables".into(),
+        (RawReturn::Report(k), _) if r.len() - k.done == hole.bytes() => format!(
+            "the report keeps the errno ({}) and says exactly where it stopped: len - done is \
+             the unprotected part",
+            result_name(k.errno())
+        ),
+        (RawReturn::Report(_), _) => "the reported prefix does NOT match the page tables".into(),
         _ => "everything is protected".into(),
     };
     let note = format!(
         "{what}: {}; true state: protected slots {}, NOT protected {} ({}); {verdict}",
-        describe(&ret),
+        describe(&ret, r),
         slots(&wp, r.start()),
         slots(&hole, r.start()),
         mib(hole.bytes()),
@@ -562,27 +556,25 @@ fn skip_pinned(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
         )
     })?;
 
-    // 3. The proposed kernel call with its skip-pinned mode.
+    // 3. The kernel's own skip-pinned mode: UFFDIO_WRITEPROTECT_REPORT with
+    // MODE_SKIP_PINNED, issued whatever the features say (Linux 6.18 refuses the command).
     let (c, rc, _, _) = pinned_recipe(labs)?;
-    let res = c.uffd().writeprotect_proposed(rc, WpMode::Protect, true);
-    let ret = match c.model.semantics() {
-        Semantics::Linux => RawReturn::Linux(res.map(drop)),
-        Semantics::Proposed => RawReturn::Proposed(res),
+    let k = c.mm().writeprotect_report(rc, WpMode::Protect, true);
+    let ret = RawReturn::Report(k);
+    let skipped = match k.result {
+        Ok(()) => c.model.pinned_pages(rc),
+        Err(_) => RangeSet::new(),
     };
-    let skipped = match ret {
-        RawReturn::Proposed(Ok(_)) => c.model.pinned_pages(rc),
-        _ => RangeSet::new(),
-    };
-    let note = match &ret {
-        RawReturn::Linux(_) => format!(
-            "{}: Linux 6.18 has no skip-pinned mode (the model's linux kernel lacks the \
-             proposed call: ENOTTY); nothing was protected",
-            describe(&ret)
+    let note = match c.model.semantics() {
+        Semantics::Linux => format!(
+            "{}: Linux 6.18 has no UFFDIO_WRITEPROTECT_REPORT (an unknown command: EINVAL) and \
+             no skip-pinned mode; nothing was protected",
+            describe(&ret, rc)
         ),
-        RawReturn::Proposed(_) => format!(
-            "the proposed call with skip-pinned: {}; pinned pages {} left writable and counted \
-             as protected",
-            describe(&ret),
+        Semantics::Proposed => format!(
+            "UFFDIO_WRITEPROTECT_REPORT with MODE_SKIP_PINNED: {}; pinned pages {} left \
+             writable and counted as done",
+            describe(&ret, rc),
             pages_of(&skipped, rc.start())
         ),
     };
@@ -593,6 +585,7 @@ fn skip_pinned(labs: &ModelLabs) -> Result<Vec<Step>, ScenarioError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uffd_wp::engine::protect::Exactness;
 
     fn outcome(name: &str, sem: Semantics) -> Outcome {
         run(name, &ModelLabs::new(sem)).unwrap()
@@ -636,16 +629,51 @@ mod tests {
         assert_eq!(slots(&eng.report.protected, base), "[0, 257)");
         assert!(o.results[2].report.complete());
 
+        // Proposed: the raw call is UFFDIO_WRITEPROTECT_REPORT, which keeps the errno and
+        // says where it stopped.
         let p = outcome("lost-enomem", Semantics::Proposed);
         let raw = &p.results[0].report;
+        let base = raw.requested.start();
+        assert_eq!(p.results[0].kernel_errno, Some(Errno::NOMEM));
+        assert_eq!(slots(&raw.not_protected, base), "[257, 1024)");
+        let d = p.results[0]
+            .detail
+            .as_ref()
+            .expect("raw steps carry a detail");
+        let k = &d["kernel_returned"];
+        assert_eq!(k["call"], "UFFDIO_WRITEPROTECT_REPORT");
+        assert_eq!(k["errno"], "ENOMEM");
+        assert_eq!(k["done"], 257 * PMD_SIZE);
+        assert_eq!(k["pinned"], 0);
+        assert_eq!(k["bytes_not_protected"], (1024 - 257) * PMD_SIZE);
+        assert!(p.results[0].verified);
+        // The engine takes the kernel's report: one call, read-back only past the prefix.
+        let eng = &p.results[1].report;
+        assert_eq!(eng.provenance.exactness, Exactness::KernelReport);
+        let kf = eng.provenance.kernel.expect("kernel figures");
         assert_eq!(
-            p.results[0].kernel_errno, None,
-            "proposed: a byte count, no errno"
+            (kf.calls, kf.done, kf.errno),
+            (1, 257 * PMD_SIZE, Some(Errno::NOMEM))
         );
+        assert_eq!(kf.stop, Some(base + 257 * PMD_SIZE));
+        assert_eq!(eng.raw_calls, 1);
+        assert_eq!(eng.read_back_bytes, (1024 - 257) * PMD_SIZE);
+        assert_eq!(slots(&eng.protected, base), "[0, 257)");
+        assert!(
+            p.results[1].note.contains("took the kernel's report"),
+            "{}",
+            p.results[1].note
+        );
+        // Resumed without the limit: one call, nothing read back.
+        let res = &p.results[2].report;
+        assert!(res.complete());
+        assert_eq!((res.raw_calls, res.read_back_bytes), (1, 0));
+        // Linux: the engine's read-back path, as before.
         assert_eq!(
-            slots(&raw.not_protected, raw.requested.start()),
-            "[257, 1024)"
+            o.results[1].report.provenance.exactness,
+            Exactness::ReadBack
         );
+        assert_eq!(o.results[1].report.raw_calls, 1);
     }
 
     #[test]
@@ -678,13 +706,17 @@ mod tests {
         let pb = p.results[0].report.requested.start();
         assert_eq!(slots(&p.results[0].report.not_protected, pb), "[713, 1536)");
         assert!(p.results.iter().all(|s| s.verified));
-        // Under the proposal the call returns exactly the bytes left unprotected.
+        // Under the proposal the report keeps ENOMEM and its done leaves exactly the bytes
+        // left unprotected.
+        assert_eq!(p.results[0].kernel_errno, Some(Errno::NOMEM));
         let d = p.results[0]
             .detail
             .as_ref()
             .expect("raw steps carry a detail");
+        assert_eq!(d["kernel_returned"]["done"], 713 * PMD_SIZE);
         assert_eq!(d["kernel_returned"]["bytes_not_protected"], 823 * PMD_SIZE);
         assert_eq!(d["true_bytes_not_protected"], 823 * PMD_SIZE);
+        assert!(p.results[0].note.contains("keeps the errno (ENOMEM)"));
     }
 
     #[test]
@@ -697,8 +729,17 @@ mod tests {
         assert_eq!(o.results[1].report.bytes_not_protected(), 0);
         assert_eq!(o.results[2].report.skipped.pages(), 8);
         assert_eq!(o.results[2].report.protected.pages(), 56);
+        let d = o.results[2]
+            .detail
+            .as_ref()
+            .expect("raw steps carry a detail");
+        assert_eq!(d["kernel_returned"]["pinned"], 8 * PAGE_SIZE);
+        assert_eq!(d["kernel_returned"]["done"], 64 * PAGE_SIZE);
+        assert_eq!(d["kernel_returned"]["errno"], serde_json::Value::Null);
+        // Linux 6.18 answers the unknown command with EINVAL and touches nothing.
         let l = outcome("skip-pinned", Semantics::Linux);
-        assert_eq!(l.results[2].kernel_errno, Some(Errno::NOTTY));
+        assert_eq!(l.results[2].kernel_errno, Some(Errno::INVAL));
         assert!(l.results[2].report.protected.is_empty());
+        assert!(l.results[2].verified);
     }
 }

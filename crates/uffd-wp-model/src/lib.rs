@@ -17,9 +17,11 @@
 //! behaviour is modelled), including the lost ENOMEM: change_pmd_range() turns a `pte_alloc()`
 //! failure into `-ENOMEM` for one PUD, which change_pud_range() *adds* to the entries changed in
 //! the other PUDs, so UFFDIO_WRITEPROTECT can return 0 with a hole (see [`mprotect`]).
-//! `proposed` is the seed thread's proposal: failures are always reported, and
-//! [`ModelMm::writeprotect_proposed`] returns the bytes not write-protected, optionally skipping
-//! pinned pages.
+//! `proposed` is the seed thread's proposal as kernel/README.md specifies it for the patch
+//! series: failures are always reported, and `UFFDIO_WRITEPROTECT_REPORT`
+//! ([`ModelMm::writeprotect_report_raw`], advertised by `UFFD_FEATURE_WP_REPORT` and
+//! `WP_SKIP_PINNED`) returns the errno and how far the protection got (`done`, a prefix;
+//! `pinned`), optionally skipping pinned pages.
 //!
 //! [`Model`] is the process (mmap, madvise, accesses, pins, page state); [`ModelMm`] is one uffd on
 //! it and implements [`uffd_wp::Mm`], so the exact engine and every scenario run on it
@@ -34,7 +36,8 @@
 //!   failures as EMFILE) come from reading the source only; the single shape reproduced on the
 //!   real kernel is the one in shared/kernel-notes.md (success, 0.5 GiB hole), which the model
 //!   reproduces ([`lab`], `lost-enomem`);
-//! - **the proposed semantics** and `writeprotect_proposed` / skip-pinned: no kernel has them;
+//! - **the proposed semantics** and `UFFDIO_WRITEPROTECT_REPORT` / skip-pinned: no released
+//!   kernel has them (the patch series in kernel/ is to be checked against them in QEMU);
 //! - **exact allocation counts** (`VmPTE` moves with them, but nothing reports a per-call
 //!   count), PT reclaim of emptied PTE tables after `MADV_DONTNEED` (CONFIG_PT_RECLAIM), and
 //!   which table a failure hits;
@@ -81,8 +84,8 @@ pub use api::{
     Who, range,
 };
 pub use kernel::{
-    Backing, Completion, MMAP_MIN_ADDR, ModelConfig, OFFERED_FEATURES, Semantics, TASK_SIZE, Thp,
-    ThpSysfs, Vma, VmaUffd,
+    Backing, Completion, MMAP_MIN_ADDR, ModelConfig, OFFERED_FEATURES, PROPOSED_FEATURES,
+    Semantics, TASK_SIZE, Thp, ThpSysfs, Vma, VmaUffd,
 };
 pub use pagemap::RawScan;
 #[cfg(test)]

@@ -37,15 +37,25 @@
 //! protect on a VMA using markers). A THP covered partly by the range is split (anonymous THP:
 //! the deposited table, no allocation).
 //!
-//! # `proposed` (the seed thread)
+//! # `proposed` (the seed thread, as kernel/README.md specifies it)
 //! The same walk, except that a page-table allocation failure stops everything at once and is
-//! reported. The extended call returns the bytes of the range not write-protected when it
-//! returns (pages skipped because pinned count as protected), unless something failed and
-//! nothing at all is protected, in which case it fails with the first errno. With `skip_pinned`
-//! it leaves pages whose folio may be DMA-pinned (`folio_maybe_dma_pinned()`) untouched.
+//! reported (the lost-ENOMEM fix: `UFFDIO_WRITEPROTECT` and `PAGEMAP_SCAN` return ENOMEM).
+//! The kernel offers `UFFD_FEATURE_WP_REPORT` and `UFFD_FEATURE_WP_SKIP_PINNED`, and
+//! `UFFDIO_WRITEPROTECT_REPORT` ([`Kernel::writeprotect_report`]) returns the ioctl's result
+//! *and* `done`, the bytes from the start in the requested state, always a prefix: the walk goes
+//! in address order and stops at the first failure, so `start + done` is the address the
+//! failing step was at (the unregistered VMA's start for ENOENT, the hugetlb VMA's start for its
+//! EINVAL, the first address of the PGD/PUD/PMD entry whose table could not be allocated for
+//! ENOMEM); the checks before the walk (EINVAL, EAGAIN, ESRCH) leave `done = 0`, and a range
+//! with no VMA at all is ENOENT with `done = 0`. Gaps between VMAs inside the prefix count as
+//! done. With `MODE_SKIP_PINNED` (only with `MODE_WP`) a present page whose folio may be
+//! DMA-pinned (`folio_maybe_dma_pinned()`; the model knows the true pin counts) is left as it
+//! is, counted in `done` and in `pinned` (whatever its uffd-wp bit: a pinned page already
+//! protected is just as writable by the device). The seed thread's wording ("return the bytes
+//! not write-protected, unless nothing was") is `len - done`, with the errno kept beside it.
 
 use uffd_wp::range::{Range, RangeSet};
-use uffd_wp::seam::Errno;
+use uffd_wp::seam::{Errno, KernelReport};
 
 use crate::alloc::Level;
 use crate::kernel::{Kernel, Vma, validate_range};
@@ -54,9 +64,10 @@ use crate::pt::{
     pmd_index, pte_index, pud_index,
 };
 
-/// The proposed semantics stopped at an allocation failure.
+/// The proposed semantics stopped at an allocation failure, at this address (the first one the
+/// failed table would have mapped, or the walk's start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stop;
+pub(crate) struct Stop(pub(crate) u64);
 
 /// `cp_flags` and friends for one change_protection() call.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +87,16 @@ struct Cp {
 }
 
 const ENOMEM: i64 = -12;
+/// `UFFDIO_WRITEPROTECT_MODE_SKIP_PINNED` (kernel/README.md).
+const MODE_SKIP_PINNED: u64 = 1 << 2;
+
+fn report(result: Result<(), Errno>, done: u64, pinned: u64) -> KernelReport {
+    KernelReport {
+        result,
+        done,
+        pinned,
+    }
+}
 
 impl Kernel {
     /// uffd_wp_range() (mm/userfaultfd.c) on `[start, end)` of `vma`: change_protection() with
@@ -129,7 +150,11 @@ impl Kernel {
         let gi = pgd_index(addr);
         if cp.populate && self.pt.pgd[gi].is_none() {
             if !self.alloc.alloc(Level::Pud, addr) {
-                return if cp.proposed { Err(Stop) } else { Ok(ENOMEM) };
+                return if cp.proposed {
+                    Err(Stop(addr))
+                } else {
+                    Ok(ENOMEM)
+                };
             }
             self.pt.pgd[gi] = Some(PudTable::new());
         }
@@ -158,7 +183,7 @@ impl Kernel {
                 if self.pt.pgd[gi].is_none() {
                     if !self.alloc.alloc(Level::Pud, addr) {
                         if cp.proposed {
-                            return Err(Stop);
+                            return Err(Stop(addr));
                         }
                         pages = ENOMEM;
                         break;
@@ -168,7 +193,7 @@ impl Kernel {
                 let slot = &mut self.pt.pgd[gi].as_mut().expect("ensured").e[pud_index(addr)];
                 if !self.alloc.alloc(Level::Pmd, addr) {
                     if cp.proposed {
-                        return Err(Stop);
+                        return Err(Stop(addr));
                     }
                     pages = ENOMEM;
                     break;
@@ -215,7 +240,7 @@ impl Kernel {
         len: u64,
         mode: u64,
     ) -> Result<(), Errno> {
-        let (wp, dontwake) = self.writeprotect_checks(ctx, start, len, mode)?;
+        let (wp, dontwake) = self.writeprotect_checks(ctx, start, len, mode, 3)?;
         let proposed = self.cfg.semantics == crate::Semantics::Proposed;
         let (err, _) = self.mwriteprotect_range(ctx, start, len, wp, proposed, false);
         if let Some(e) = err {
@@ -227,24 +252,29 @@ impl Kernel {
         Ok(())
     }
 
-    /// The checks of userfaultfd_writeprotect() before mwriteprotect_range().
+    /// The checks of userfaultfd_writeprotect() before mwriteprotect_range(); `known` is the
+    /// mode bits the command accepts.
     fn writeprotect_checks(
         &self,
         ctx: u64,
         start: u64,
         len: u64,
         mode: u64,
+        known: u64,
     ) -> Result<(bool, bool), Errno> {
         let c = self.ctxs.get(&ctx).ok_or(Errno::BADF)?;
         if c.mmap_changing > 0 {
             return Err(Errno::AGAIN);
         }
         validate_range(start, len)?;
-        if mode & !3 != 0 {
+        if mode & !known != 0 {
             return Err(Errno::INVAL);
         }
         let (wp, dontwake) = (mode & 1 != 0, mode & 2 != 0);
         if wp && dontwake {
+            return Err(Errno::INVAL);
+        }
+        if mode & MODE_SKIP_PINNED != 0 && !wp {
             return Err(Errno::INVAL);
         }
         if !self.alive {
@@ -253,7 +283,8 @@ impl Kernel {
         Ok((wp, dontwake))
     }
 
-    /// mwriteprotect_range(): the errno (None on success) and whether anything stopped early.
+    /// mwriteprotect_range(): the errno (None on success) and the address the walk stopped at
+    /// (`start + len` on success; see the module docs for each failure).
     fn mwriteprotect_range(
         &mut self,
         ctx: u64,
@@ -262,13 +293,16 @@ impl Kernel {
         enable: bool,
         proposed: bool,
         skip_pinned: bool,
-    ) -> (Option<Errno>, bool) {
+    ) -> (Option<Errno>, u64) {
         if self.ctxs.get(&ctx).is_some_and(|c| c.mmap_changing > 0) {
-            return (Some(Errno::AGAIN), true);
+            return (Some(Errno::AGAIN), start);
         }
         let end = start + len;
         let mut err: i64 = -2; // -ENOENT: no VMA at all
+        let mut stop = start;
         for v in self.vmas_in(start, end) {
+            let (s, e) = (v.start.max(start), v.end.min(end));
+            stop = s;
             if !v.uffd_wp() {
                 err = -2;
                 break;
@@ -277,15 +311,15 @@ impl Kernel {
                 err = -22;
                 break;
             }
-            let (s, e) = (v.start.max(start), v.end.min(end));
             match self.uffd_wp_range(&v, s, e, enable, proposed, skip_pinned) {
                 Ok(ret) if ret < 0 => {
                     err = ret;
                     break;
                 }
                 Ok(_) => err = 0,
-                Err(Stop) => {
+                Err(Stop(at)) => {
                     err = ENOMEM;
+                    stop = at;
                     break;
                 }
             }
@@ -293,43 +327,110 @@ impl Kernel {
         if err < 0 {
             // The `long` result is returned as the ioctl's errno, whatever its value.
             let e = i32::try_from(-err).unwrap_or(i32::MAX);
-            (Some(Errno::from_raw_os_error(e)), true)
+            (Some(Errno::from_raw_os_error(e)), stop)
         } else {
-            (None, false)
+            (None, end)
         }
     }
 
-    /// The proposed UFFDIO_WRITEPROTECT: bytes of the range not in the requested state when it
-    /// returns (not write-protected for a protect, with skipped pinned pages counted as
-    /// protected; still write-protected for an un-protect), or the first errno when something
-    /// failed and no byte is in the requested state. Only under the proposed semantics (ENOTTY
-    /// under linux: the kernel has no such call).
-    pub(crate) fn writeprotect_proposed(
+    /// `UFFDIO_WRITEPROTECT_REPORT` (kernel/README.md): under the proposed semantics, the
+    /// ioctl's result, `done` (bytes from `start` in the requested state: the prefix before the
+    /// address the walk stopped at) and `pinned` (bytes of pinned pages the prefix left as they
+    /// were, with `MODE_SKIP_PINNED`). The checks before the walk answer `done = 0`. Under
+    /// `linux` the command does not exist: EINVAL (userfaultfd_ioctl()'s default), nothing
+    /// written. The answer is checked against the page tables (a model bug panics).
+    pub(crate) fn writeprotect_report(
         &mut self,
         ctx: u64,
         start: u64,
         len: u64,
         mode: u64,
-        skip_pinned: bool,
-    ) -> Result<u64, Errno> {
+    ) -> KernelReport {
         if self.cfg.semantics != crate::Semantics::Proposed {
-            return Err(Errno::NOTTY);
+            return KernelReport::unsupported();
         }
-        let (wp, dontwake) = self.writeprotect_checks(ctx, start, len, mode)?;
-        let (err, _) = self.mwriteprotect_range(ctx, start, len, wp, true, skip_pinned && wp);
-        if err == Some(Errno::AGAIN) {
-            return Err(Errno::AGAIN);
-        }
-        let not_done = self.bytes_not_in_state(start, start + len, wp, skip_pinned && wp);
-        if let Some(e) = err
-            && not_done == len
-        {
-            return Err(e);
-        }
-        if !wp && !dontwake && err.is_none() {
+        let (wp, dontwake) = match self.writeprotect_checks(ctx, start, len, mode, 7) {
+            Ok(m) => m,
+            Err(e) => return report(Err(e), 0, 0),
+        };
+        let skip = mode & MODE_SKIP_PINNED != 0;
+        let (err, stop) = self.mwriteprotect_range(ctx, start, len, wp, true, skip);
+        let pinned = if skip && stop > start {
+            self.pinned_ranges(start, stop).bytes()
+        } else {
+            0
+        };
+        let off = self.prefix_violations(start, stop, wp, skip);
+        assert!(
+            off.is_empty(),
+            "model: UFFDIO_WRITEPROTECT_REPORT over [{start:#x}, {:#x}) says done {:#x}, but \
+             {off:?} of the prefix is not in the requested state",
+            start + len,
+            stop - start
+        );
+        if err.is_none() && !wp && !dontwake {
             self.wake(ctx, start, len);
         }
-        Ok(not_done)
+        report(err.map_or(Ok(()), Err), stop - start, pinned)
+    }
+
+    /// The pages of `[start, end)` a report call's prefix leaves out of the requested state
+    /// although the walk could set it: for a protect, a present page without the uffd-wp bit
+    /// (unless pinned and `skip_pinned`), a swap entry without it, a none entry or a missing
+    /// table where markers are in use; for an un-protect, any page with the bit. Gaps between
+    /// VMAs, and none entries of VMAs without markers (nothing to protect there), are exempt.
+    pub(crate) fn prefix_violations(
+        &self,
+        start: u64,
+        end: u64,
+        protect: bool,
+        skip_pinned: bool,
+    ) -> RangeSet {
+        if !protect {
+            return self.wp_ranges(start, end);
+        }
+        let mut out = RangeSet::new();
+        for v in self.vmas_in(start, end) {
+            let markers = self.use_markers(&v);
+            let (s, e) = (v.start.max(start), v.end.min(end));
+            let mut a = s;
+            while a < e {
+                let next = addr_end(a, e, PMD);
+                self.pmd_violations(a, next, markers, skip_pinned, &mut out);
+                a = next;
+            }
+        }
+        out
+    }
+
+    /// [`Kernel::prefix_violations`] of a protect over `[a, next)`, inside one PMD entry.
+    fn pmd_violations(&self, a: u64, next: u64, markers: bool, skip: bool, out: &mut RangeSet) {
+        let pinned = |f| skip && self.frames.pinned(f);
+        let whole = Range::from_bounds(a, next);
+        match self.pt.pmd(a) {
+            None | Some(Pmd::None) if markers => out.insert(whole),
+            None | Some(Pmd::None) | Some(Pmd::HugetlbMarker) => {}
+            Some(Pmd::Thp(h)) | Some(Pmd::Hugetlb(h)) => {
+                if !(h.wp || pinned(h.base)) {
+                    out.insert(whole);
+                }
+            }
+            Some(Pmd::Table(t)) => {
+                let i0 = pte_index(a);
+                let n = ((next - a) / PAGE) as usize;
+                for (j, p) in t.e[i0..i0 + n].iter().enumerate() {
+                    let ok = match *p {
+                        Pte::Present { frame, wp } => wp || pinned(frame),
+                        Pte::None => !markers,
+                        p => p.uffd_wp(),
+                    };
+                    if !ok {
+                        let at = a + j as u64 * PAGE;
+                        out.insert(Range::from_bounds(at, at + PAGE));
+                    }
+                }
+            }
+        }
     }
 
     /// Bytes of `[start, end)` not write-protected (`protect`, pinned pages counting as
@@ -462,7 +563,7 @@ fn change_pud_range(
         if cp.populate && slot.is_none() {
             if !alloc.alloc(Level::Pmd, addr) {
                 if cp.proposed {
-                    return Err(Stop);
+                    return Err(Stop(addr));
                 }
                 pages = ENOMEM;
                 break;
@@ -498,7 +599,7 @@ fn change_pmd_range(
         if cp.populate && matches!(e, Pmd::None) {
             if !alloc.alloc(Level::Pte, addr) {
                 if cp.proposed {
-                    return Err(Stop);
+                    return Err(Stop(addr));
                 }
                 pages = ENOMEM;
                 break;

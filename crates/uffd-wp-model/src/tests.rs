@@ -3,7 +3,7 @@
 use uffd_wp::features::Features;
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
 use uffd_wp::seam::prelude::*;
-use uffd_wp::seam::{Errno, Event, RegisterMode, ScanRequest, WpMode};
+use uffd_wp::seam::{Errno, Event, KernelReport, RegisterMode, ScanRequest, WpMode};
 use uffd_wp::seam::{SCAN_WP_MATCHING, category};
 
 use crate::*;
@@ -450,16 +450,92 @@ fn no_lost_enomem_under_proposed() {
         vec![(0, 257)],
         "stops at the failure"
     );
+    // The report call keeps the errno and says where it stopped: slot 257, the first PTE
+    // table the budget refused; the rest (767 slots) is not protected.
     let (mm, r) = recipe(Semantics::Proposed);
-    let not = mm.writeprotect_proposed(r, WpMode::Protect, false).unwrap();
-    assert_eq!(not, (1024 - 257) * PMD_SIZE);
-    assert_eq!(not, mm.model().bytes_not_protected(r, false));
-    // The linux kernel has no such call.
+    let k = mm.writeprotect_report(r, WpMode::Protect, false);
+    assert_eq!(k.result, Err(Errno::NOMEM));
+    assert_eq!(k.done, 257 * PMD_SIZE);
+    assert_eq!(k.stop(r), r.start() + 257 * PMD_SIZE);
+    assert_eq!(k.pinned, 0);
+    assert_eq!(r.len() - k.done, mm.model().bytes_not_protected(r, false));
+    assert_eq!(slots(&mm.model().wp_set(r), r), vec![(0, 257)]);
+    // Checks before the walk write done = 0: MODE_SKIP_PINNED without MODE_WP, unknown bits.
+    let (mm, r) = recipe(Semantics::Proposed);
+    for mode in [4, 8, 1 | 2] {
+        let k = mm.writeprotect_report_raw(r.start(), r.len(), mode);
+        assert_eq!((k.result, k.done, k.pinned), (Err(Errno::INVAL), 0, 0));
+    }
+    assert!(mm.model().wp_set(r).is_empty());
+    // Linux has no such command: EINVAL (userfaultfd_ioctl()'s default), nothing written,
+    // nothing protected; and it does not offer the feature bits.
     let (lm, r) = recipe(Semantics::Linux);
     assert_eq!(
-        lm.writeprotect_proposed(r, WpMode::Protect, false),
-        Err(Errno::NOTTY)
+        lm.writeprotect_report(r, WpMode::Protect, false),
+        KernelReport::unsupported()
     );
+    assert!(lm.model().wp_set(r).is_empty());
+    let report_bits = Features::WP_REPORT.with(Features::WP_SKIP_PINNED);
+    assert!(!lm.model().offered_features().contains(Features::WP_REPORT));
+    assert!(mm.model().offered_features().contains(report_bits));
+    let ask = UffdConfig::default().with_report_if(Features(!0));
+    assert_eq!(lm.model().open_uffd(ask).err(), Some(Errno::INVAL));
+}
+
+/// The report call's `done` for each way the walk stops: an unregistered VMA (ENOENT at its
+/// start), no VMA at all (ENOENT, 0), a gap inside the prefix (counted), success (the whole
+/// length), pinned pages with and without MODE_SKIP_PINNED, and an un-protect.
+#[test]
+fn report_done_for_each_stop() {
+    let mm = open(
+        Semantics::Proposed,
+        UffdConfig::default().with_report_if(Features(PROPOSED_FEATURES)),
+    );
+    let m = mm.model();
+    let a = m.map(16 * P, P, MapKind::Anon(Thp::NoHuge)).unwrap();
+    mm.register(pages(a, 0, 8), RegisterMode::WP).unwrap();
+    m.populate(a, true).unwrap();
+    // Pages [0, 8) registered, [8, 16) not: ENOENT at page 8, the prefix protected.
+    let k = mm.writeprotect_report(a, WpMode::Protect, false);
+    assert_eq!((k.result, k.done), (Err(Errno::NOENT), 8 * P));
+    assert_eq!(m.wp_set(a), RangeSet::single(pages(a, 0, 8)));
+    // No VMA at all: ENOENT, done 0.
+    let gap = pages(a, 16, 20);
+    let k = mm.writeprotect_report(gap, WpMode::Protect, false);
+    assert_eq!((k.result, k.done), (Err(Errno::NOENT), 0));
+    // A gap inside the prefix counts as done.
+    mm.register(pages(a, 8, 16), RegisterMode::WP).unwrap();
+    m.munmap(pages(a, 4, 6)).unwrap();
+    let k = mm.writeprotect_report(a, WpMode::Protect, false);
+    assert_eq!((k.result, k.done, k.pinned), (Ok(()), a.len(), 0));
+    // Pinned pages: without the mode they are protected like the rest; with it they are left
+    // writable (even an already protected one stays as it is) and counted.
+    mm.writeprotect(a, WpMode::Unprotect { dontwake: false })
+        .unwrap();
+    let pin = match m.pin(pages(a, 10, 12), PinFlags::IO_URING).unwrap() {
+        Progress::Done(p) => p,
+        Progress::Blocked(_) => panic!("pinning waits"),
+    };
+    let k = mm.writeprotect_report(pages(a, 8, 16), WpMode::Protect, true);
+    assert_eq!((k.result, k.done, k.pinned), (Ok(()), 8 * P, 2 * P));
+    assert_eq!(
+        m.wp_set(pages(a, 8, 16)),
+        RangeSet::from_ranges([pages(a, 8, 10), pages(a, 12, 16)])
+    );
+    let k = mm.writeprotect_report(pages(a, 8, 16), WpMode::Protect, false);
+    assert_eq!((k.result, k.done, k.pinned), (Ok(()), 8 * P, 0));
+    let k = mm.writeprotect_report(pages(a, 8, 16), WpMode::Protect, true);
+    assert_eq!((k.pinned, m.wp_set(pages(a, 8, 16)).pages()), (2 * P, 8));
+    // Un-protect through the report call.
+    let k = mm.writeprotect_report(
+        pages(a, 8, 16),
+        WpMode::Unprotect { dontwake: false },
+        false,
+    );
+    assert_eq!((k.result, k.done), (Ok(()), 8 * P));
+    assert!(m.wp_set(pages(a, 8, 16)).is_empty());
+    m.unpin(pin).unwrap();
+    m.check_invariants().unwrap();
 }
 
 #[test]

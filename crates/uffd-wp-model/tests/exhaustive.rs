@@ -5,17 +5,22 @@
 //! comes back (`FailPolicy::Budget`). Each time, on a freshly built identical model:
 //! - the exact engine's `WpReport` (protect::write_protect on the model) partitions the request
 //!   and its `protected` set equals the model's true page state;
-//! - under `proposed`, the proposed call's returned bytes-not-protected equal the report's (and
-//!   the true state's);
+//! - under `proposed` the uffd has `WP_REPORT`, so the engine takes the kernel's report (one
+//!   call per target, read-back only past the prefix after a failure); and one raw
+//!   `UFFDIO_WRITEPROTECT_REPORT` over the range returns the same errno as the plain ioctl,
+//!   a `done` prefix that the model checks is in the requested state and past which nothing is
+//!   protected, `pinned` equal to the pinned bytes of the prefix with `MODE_SKIP_PINNED`;
 //! - under `linux`, one raw call over the whole range is also made, and the cases where it
 //!   returned success while leaving pages unprotected (the lost ENOMEM) are counted.
 
-use uffd_wp::engine::protect::{OnError, WpOptions, write_protect};
+use uffd_wp::engine::protect::{Exactness, OnError, WpOptions, write_protect};
+use uffd_wp::features::Features;
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
 use uffd_wp::seam::prelude::*;
 use uffd_wp::seam::{Errno, RegisterMode, WpMode};
 use uffd_wp_model::{
-    FailPolicy, MapKind, ModelConfig, ModelMm, PinFlags, Progress, Semantics, Thp, UffdConfig,
+    FailPolicy, MapKind, ModelConfig, ModelMm, PROPOSED_FEATURES, PinFlags, Progress, Semantics,
+    Thp, UffdConfig,
 };
 
 const P: u64 = PAGE_SIZE;
@@ -35,8 +40,20 @@ fn touch(mm: &ModelMm, a: u64) {
     assert_eq!(mm.model().write(a, b"t").unwrap(), Progress::Done(()));
 }
 
+thread_local! {
+    /// Layouts built on this thread do not ask for the report ([`same_figures`]).
+    static WITHOUT_REPORT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A uffd that asks for the write-protect report where the semantics offers it (unless
+/// [`WITHOUT_REPORT`]).
 fn open(sem: Semantics) -> ModelMm {
-    ModelMm::open(ModelConfig::with_semantics(sem), UffdConfig::default()).unwrap()
+    let uffd = UffdConfig::default().with_report_if(Features(PROPOSED_FEATURES));
+    let uffd = match sem {
+        Semantics::Proposed if !WITHOUT_REPORT.get() => uffd,
+        _ => UffdConfig::default(),
+    };
+    ModelMm::open(ModelConfig::with_semantics(sem), uffd).unwrap()
 }
 
 /// PUD 0's last 3 slots (one populated), PUDs 1 and 2 populated except every 64th slot, PUD 3's
@@ -200,12 +217,112 @@ const LAYOUTS: &[Layout] = &[
     },
 ];
 
+/// The engine's path: the kernel's report under `proposed` (one call over a range with no
+/// pin to skip; nothing read back after a success over a fully mapped range, only the part
+/// past the prefix after a failure), PUD-split calls under `linux`.
+fn check_path(l: &Layout, sem: Semantics, rep: &uffd_wp::WpReport) {
+    let what = format!("{} {sem:?}: {:?}", l.name, rep.provenance);
+    match sem {
+        Semantics::Linux => {
+            assert_eq!(rep.provenance.exactness, Exactness::ReadBack, "{what}");
+            assert!(rep.provenance.kernel.is_none(), "{what}");
+        }
+        Semantics::Proposed => {
+            assert_eq!(rep.provenance.exactness, Exactness::KernelReport, "{what}");
+            let k = rep.provenance.kernel.expect("kernel figures");
+            if l.name == "mixed" {
+                return; // a gap (read back) and, with skip_pinned, two targets
+            }
+            assert_eq!((rep.raw_calls, k.calls), (1, 1), "{what}");
+            let past_prefix = rep.requested.len() - k.done;
+            assert_eq!(rep.read_back_bytes, past_prefix, "{what}");
+            assert_eq!(rep.error.is_some(), k.errno.is_some(), "{what}");
+        }
+    }
+}
+
 fn partition_ok(r: Range, rep: &uffd_wp::WpReport) -> bool {
     let all = rep.protected.union(&rep.skipped).union(&rep.not_protected);
     let disjoint = rep.protected.intersection(&rep.skipped).is_empty()
         && rep.protected.intersection(&rep.not_protected).is_empty()
         && rep.skipped.intersection(&rep.not_protected).is_empty();
     disjoint && all == RangeSet::single(r)
+}
+
+/// Under `proposed`, one raw `UFFDIO_WRITEPROTECT_REPORT` over a fresh layout with `policy`:
+/// the same errno as the plain ioctl on another fresh copy, success covering the whole range,
+/// nothing protected past `start + done` (the model itself checks that the prefix is in the
+/// requested state), `pinned` the pinned bytes of the prefix with `skip`; the engine's bytes
+/// not protected on a third copy (`engine_bytes`) are `len - done` (plus, in `mixed`, its gap).
+fn report_case(l: &Layout, policy: FailPolicy, skip: bool, engine_bytes: u64) {
+    let (pm, r) = (l.build)(Semantics::Proposed);
+    pm.model().set_alloc_policy(policy);
+    let k = pm.writeprotect_report(r, WpMode::Protect, skip);
+    let (om, or) = (l.build)(Semantics::Proposed);
+    om.model().set_alloc_policy(policy);
+    let what = format!("{} {policy:?} skip={skip}: {k:?}", l.name);
+    assert_eq!(k.result, om.writeprotect(or, WpMode::Protect), "{what}");
+    assert!(k.done <= r.len() && k.done % P == 0, "{what}");
+    if k.result.is_ok() {
+        assert_eq!(k.done, r.len(), "{what}");
+    } else {
+        assert_eq!(k.result, Err(Errno::NOMEM), "{what}");
+    }
+    let prefix = k.prefix(r).map_or_else(RangeSet::new, RangeSet::single);
+    let wp = pm.model().wp_set(r);
+    assert!(
+        wp.difference(&prefix).is_empty(),
+        "{what}: protected past done"
+    );
+    let pinned = pm.model().pinned_pages(r).intersection(&prefix).bytes();
+    assert_eq!(k.pinned, if skip { pinned } else { 0 }, "{what}");
+    if l.name == "mixed" {
+        assert!(engine_bytes >= r.len() - k.done, "{what}");
+    } else {
+        assert_eq!(engine_bytes, r.len() - k.done, "{what}");
+    }
+    pm.model().check_invariants().unwrap();
+}
+
+/// Under `proposed`, the engine's two paths on identical fresh layouts with `policy`: the
+/// kernel's report and the read-back path (a uffd that does not ask for the report) give the
+/// same protected, skipped and not-protected pages and the same failure kind; the failure's
+/// address too, except where a gap lies between the failed call's start and the kernel's stop
+/// (the read-back path names the gap's first page, the report path the first page at or after
+/// the stop).
+fn same_figures(l: &Layout, policy: FailPolicy, skip_pinned: bool) {
+    let opts = WpOptions {
+        skip_pinned,
+        on_error: OnError::Stop,
+    };
+    let run = |without: bool| {
+        WITHOUT_REPORT.set(without);
+        let (mm, r) = (l.build)(Semantics::Proposed);
+        WITHOUT_REPORT.set(false);
+        mm.model().set_alloc_policy(policy);
+        write_protect(&mm, r, &opts)
+    };
+    let (new, old) = (run(false), run(true));
+    let what = format!("{} {policy:?} skip={skip_pinned}", l.name);
+    match (new, old) {
+        (Ok(n), Ok(o)) => {
+            assert_eq!(n.provenance.exactness, Exactness::KernelReport, "{what}");
+            assert_eq!(o.provenance.exactness, Exactness::ReadBack, "{what}");
+            assert_eq!(
+                (&n.protected, &n.skipped, &n.not_protected),
+                (&o.protected, &o.skipped, &o.not_protected),
+                "{what}"
+            );
+            let kind = |r: &uffd_wp::WpReport| r.error.as_ref().map(|e| (e.kind(), e.errno()));
+            assert_eq!(kind(&n), kind(&o), "{what}");
+            if l.name != "mixed" {
+                let addr = |r: &uffd_wp::WpReport| r.error.as_ref().map(|e| e.addr());
+                assert_eq!(addr(&n), addr(&o), "{what}");
+            }
+        }
+        (Err(n), Err(o)) => assert_eq!((n.kind(), n.errno()), (o.kind(), o.errno()), "{what}"),
+        (n, o) => panic!("{what}: report path {n:?}, read-back path {o:?}"),
+    }
 }
 
 /// One case: a fresh model, `policy` set, the engine protects. Returns the report's
@@ -235,6 +352,7 @@ fn engine_case(l: &Layout, sem: Semantics, policy: FailPolicy, skip_pinned: bool
             if skip_pinned {
                 assert_eq!(rep.skipped, pinned);
             }
+            check_path(l, sem, &rep);
             rep.bytes_not_protected()
         }
         Err(e) => {
@@ -279,31 +397,9 @@ fn every_allocation_failure_index() {
                         cases += 1;
                         match sem {
                             Semantics::Proposed => {
-                                let (pm, pr) = (l.build)(sem);
-                                pm.model().set_alloc_policy(policy);
-                                let got = pm.writeprotect_proposed(pr, WpMode::Protect, skip);
-                                let truth = pm.model().bytes_not_protected(pr, skip);
-                                match got {
-                                    Ok(b) => {
-                                        assert_eq!(
-                                            b, report_bytes,
-                                            "{} {policy:?} skip={skip}",
-                                            l.name
-                                        );
-                                        assert_eq!(b, truth);
-                                    }
-                                    Err(e) => {
-                                        assert_eq!(e, Errno::NOMEM);
-                                        assert_eq!(
-                                            truth,
-                                            pr.len(),
-                                            "Err only when nothing is protected"
-                                        );
-                                        assert_eq!(report_bytes, pr.len());
-                                    }
-                                }
-                                pm.model().check_invariants().unwrap();
-                                cases += 1;
+                                report_case(l, policy, skip, report_bytes);
+                                same_figures(l, policy, skip);
+                                cases += 2;
                             }
                             Semantics::Linux if !skip => {
                                 let (lm, lr) = (l.build)(sem);

@@ -1,18 +1,22 @@
 //! Random operation sequences on the model: no panic, the model's invariants hold after every
 //! operation, every exact-engine report partitions its request and matches the page tables,
-//! and the proposed call's figure matches the page tables.
+//! and the `UFFDIO_WRITEPROTECT_REPORT` answer (proposed semantics; EINVAL under linux) is a
+//! prefix in the requested state with nothing changed past it. Under proposed the engine runs
+//! on both paths (the kernel's report, and read-back when the uffd does not ask for it), and
+//! pins can be hidden from the backend so that only the kernel's skip-pinned mode finds them.
 
 use proptest::prelude::*;
 use std::time::Duration;
 
 use uffd_wp::engine::protect::{OnError, WpOptions, unprotect, write_protect};
+use uffd_wp::features::Features;
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, PUD_SIZE, Range, RangeSet};
 use uffd_wp::seam::prelude::*;
 use uffd_wp::seam::{RegisterMode, ScanRequest, WpMode};
 use uffd_wp::seam::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING};
 use uffd_wp_model::{
-    Advice, FailPolicy, MapKind, ModelConfig, ModelMm, PinFlags, PinId, Progress, Semantics, Thp,
-    UffdConfig, Who,
+    Advice, FailPolicy, MapKind, ModelConfig, ModelMm, PROPOSED_FEATURES, PinFlags, PinId,
+    Progress, Semantics, Thp, UffdConfig, Who,
 };
 
 const P: u64 = PAGE_SIZE;
@@ -104,10 +108,13 @@ enum Op {
         off: u32,
         pages: u16,
     },
-    Proposed {
+    Report {
         off: u32,
         pages: u16,
         skip: bool,
+    },
+    HidePins {
+        hidden: bool,
     },
 }
 
@@ -148,7 +155,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..4, 0u16..40).prop_map(|(kind, n)| Op::Fail { kind, n }),
         2 => Just(Op::Events),
         1 => (off.clone(), pages.clone()).prop_map(|(off, pages)| Op::Wake { off, pages }),
-        2 => (off, pages, any::<bool>()).prop_map(|(off, pages, skip)| Op::Proposed { off, pages, skip }),
+        2 => (off, pages, any::<bool>()).prop_map(|(off, pages, skip)| Op::Report { off, pages, skip }),
+        1 => any::<bool>().prop_map(|hidden| Op::HidePins { hidden }),
     ]
 }
 
@@ -172,6 +180,31 @@ fn partition(r: Range, rep: &uffd_wp::WpReport) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// One raw `UFFDIO_WRITEPROTECT_REPORT`: under `linux` EINVAL with nothing written; under
+/// `proposed` a page-aligned prefix (the model checks it is in the requested state), the whole
+/// range on success, an errno that says why it is not, and `pinned` the pinned bytes of the
+/// prefix with `skip` (0 without).
+fn report_op(mm: &ModelMm, r: Range, skip: bool, sem: Semantics) -> Result<(), TestCaseError> {
+    let m = mm.model();
+    let before = m.wp_set(r);
+    let k = mm.writeprotect_report(r, WpMode::Protect, skip);
+    if sem == Semantics::Linux {
+        prop_assert_eq!(k, uffd_wp::seam::KernelReport::unsupported());
+        prop_assert_eq!(m.wp_set(r), before);
+        return Ok(());
+    }
+    prop_assert!(k.done <= r.len() && k.done % P == 0, "{:?}", k);
+    prop_assert_eq!(k.result.is_ok(), k.done == r.len(), "{:?}", k);
+    let prefix = k.prefix(r).map_or_else(RangeSet::new, RangeSet::single);
+    let pinned = m.pinned_pages(r).intersection(&prefix).bytes();
+    prop_assert_eq!(k.pinned, if skip { pinned } else { 0 });
+    // Past the prefix nothing changed.
+    if let Some(rest) = k.rest(r) {
+        prop_assert_eq!(m.wp_set(rest), before.clip(rest));
+    }
+    Ok(())
+}
+
 /// Engine protects that returned a report, and writes that waited, over all cases.
 static PROTECTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static BLOCKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -187,10 +220,16 @@ fn run_with(
     prelude: Option<u8>,
     ops: &[Op],
 ) -> Result<(), TestCaseError> {
-    let cfg = match uffd {
+    let cfg = match uffd / 2 {
         0 => UffdConfig::default(),
         1 => UffdConfig::without_unpopulated(),
         _ => UffdConfig::async_wp(),
+    };
+    // Under proposed the uffd asks for the report (the engine's kernel-report path) when
+    // `uffd` is even, and not when odd (its read-back path on a fixed kernel).
+    let cfg = match sem {
+        Semantics::Proposed if uffd % 2 == 0 => cfg.with_report_if(Features(PROPOSED_FEATURES)),
+        _ => cfg,
     };
     let mm = ModelMm::open(ModelConfig::with_semantics(sem), cfg).unwrap();
     let m = mm.model().clone();
@@ -371,17 +410,8 @@ fn run_with(
             Op::Wake { off, pages } => {
                 let _ = mm.wake(range(off, pages));
             }
-            Op::Proposed { off, pages, skip } => {
-                let r = range(off, pages);
-                match mm.writeprotect_proposed(r, WpMode::Protect, skip) {
-                    Ok(n) => prop_assert_eq!(n, m.bytes_not_protected(r, skip)),
-                    Err(e) => {
-                        if sem == Semantics::Linux {
-                            prop_assert_eq!(e, uffd_wp::seam::Errno::NOTTY);
-                        }
-                    }
-                }
-            }
+            Op::Report { off, pages, skip } => report_op(&mm, range(off, pages), skip, sem)?,
+            Op::HidePins { hidden } => mm.hide_pins(hidden),
         }
         if let Err(e) = m.check_invariants() {
             return Err(TestCaseError::fail(format!("after {op:?}: {e}")));
@@ -416,7 +446,7 @@ proptest! {
 
     #[test]
     fn random_sequences_linux(
-        uffd in 0u8..3,
+        uffd in 0u8..6,
         prelude in prop::option::weighted(0.8, 0u8..6),
         ops in prop::collection::vec(op(), 1..60),
     ) {
@@ -425,7 +455,7 @@ proptest! {
 
     #[test]
     fn random_sequences_proposed(
-        uffd in 0u8..3,
+        uffd in 0u8..6,
         prelude in prop::option::weighted(0.8, 0u8..6),
         ops in prop::collection::vec(op(), 1..60),
     ) {

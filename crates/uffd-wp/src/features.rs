@@ -14,7 +14,7 @@ use crate::sys::{self, Errno};
 pub struct Features(pub u64);
 
 /// The kernel's feature names without the `UFFD_FEATURE_` prefix, lower case, by bit.
-pub const FEATURE_NAMES: [&str; 17] = [
+pub const FEATURE_NAMES: [&str; 19] = [
     "pagefault_flag_wp",
     "event_fork",
     "event_remap",
@@ -32,6 +32,8 @@ pub const FEATURE_NAMES: [&str; 17] = [
     "poison",
     "wp_async",
     "move",
+    "wp_report",
+    "wp_skip_pinned",
 ];
 
 impl Features {
@@ -56,6 +58,13 @@ impl Features {
     pub const WP_ASYNC: Features = Features(1 << 15);
     /// `UFFD_FEATURE_MOVE` (6.8).
     pub const MOVE: Features = Features(1 << 16);
+    /// `UFFD_FEATURE_WP_REPORT` (kernel/README.md; no released kernel): the kernel accepts
+    /// `UFFDIO_WRITEPROTECT_REPORT`, which says how far the protection got (`done`) even on
+    /// failure.
+    pub const WP_REPORT: Features = Features(1 << 17);
+    /// `UFFD_FEATURE_WP_SKIP_PINNED` (kernel/README.md): `UFFDIO_WRITEPROTECT_REPORT` accepts
+    /// `MODE_SKIP_PINNED` and leaves maybe-DMA-pinned pages writable, counted in `pinned`.
+    pub const WP_SKIP_PINNED: Features = Features(1 << 18);
 
     /// No feature.
     pub const fn empty() -> Features {
@@ -156,6 +165,63 @@ pub struct Probe {
     pub thp: String,
     /// This process may ptrace others (capability or same-uid with permissive Yama).
     pub ptrace: bool,
+    /// The write-protect report (kernel/README.md): offered or not, and what the command
+    /// answered on a scratch page.
+    pub wp_report: WpReportProbe,
+}
+
+/// What `uffd-wp probe` says about `UFFDIO_WRITEPROTECT_REPORT` (kernel/README.md).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct WpReportProbe {
+    /// `UFFD_FEATURE_WP_REPORT` is offered: the exact engine takes the kernel's report.
+    pub report: bool,
+    /// `UFFD_FEATURE_WP_SKIP_PINNED` is offered: `skip_pinned` asks the kernel too.
+    pub skip_pinned: bool,
+    /// The call the exact engine protects with: `UFFDIO_WRITEPROTECT_REPORT` or
+    /// `UFFDIO_WRITEPROTECT`.
+    pub engine_call: &'static str,
+    /// How its reports are made exact: `"kernel-report"` or `"read-back"`.
+    pub exactness: &'static str,
+    /// The command, issued whatever the features say, on one registered scratch page with
+    /// `MODE_WP` (plus `MODE_SKIP_PINNED` where offered); `None` when no uffd could be set up.
+    pub trial: Option<ReportTrial>,
+}
+
+/// One `UFFDIO_WRITEPROTECT_REPORT` call as the probe made it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ReportTrial {
+    /// The ioctl command number, `"0xc028aa06"`.
+    pub command: String,
+    /// The mode bits passed.
+    pub mode: u64,
+    /// Bytes asked for (one page).
+    pub len: u64,
+    /// `null` (success) or the errno's name (a kernel without the command: `EINVAL`).
+    pub errno: Option<String>,
+    /// What the kernel wrote in `done`.
+    pub done: u64,
+    /// What the kernel wrote in `pinned`.
+    pub pinned: u64,
+    /// pagemap bit 57 after the call.
+    pub protected: bool,
+}
+
+impl WpReportProbe {
+    /// The figures for a kernel offering `offered`, with the trial's answer.
+    pub fn new(offered: Features, trial: Option<ReportTrial>) -> Self {
+        let report = offered.contains(Features::WP_REPORT);
+        WpReportProbe {
+            report,
+            skip_pinned: offered.contains(Features::WP_SKIP_PINNED),
+            engine_call: if report {
+                "UFFDIO_WRITEPROTECT_REPORT"
+            } else {
+                "UFFDIO_WRITEPROTECT"
+            },
+            exactness: if report { "kernel-report" } else { "read-back" },
+            trial,
+        }
+    }
 }
 
 impl Probe {
@@ -210,7 +276,38 @@ pub fn probe() -> Probe {
         io_uring: probe_io_uring(),
         thp: read_thp_mode(),
         ptrace: probe_ptrace(),
+        wp_report: WpReportProbe::new(offered, probe_report(offered).ok()),
     }
+}
+
+/// Registers one scratch page for WP and issues `UFFDIO_WRITEPROTECT_REPORT` on it.
+fn probe_report(offered: Features) -> Result<ReportTrial, Errno> {
+    use crate::sys::mem::Mapping;
+    use crate::sys::pagemap::{Pagemap, bits};
+    use crate::sys::uffd::{UFFDIO_WRITEPROTECT_REPORT, WP_MODE_SKIP_PINNED, WP_MODE_WP};
+    let m = Mapping::anon(4096)?;
+    m.touch(m.range(), 1)?;
+    let u = sys::uffd::Uffd::create(true, false)?;
+    let ask = Features(offered.0 & (Features::WP_REPORT.0 | Features::WP_SKIP_PINNED.0));
+    u.api(Features::PAGEFAULT_FLAG_WP.with(ask).0)?;
+    let r = m.range();
+    u.register(r.start(), r.len(), 2)?;
+    let mode = if offered.contains(Features::WP_SKIP_PINNED) {
+        WP_MODE_WP | WP_MODE_SKIP_PINNED
+    } else {
+        WP_MODE_WP
+    };
+    let a = u.writeprotect_report(r.start(), r.len(), mode);
+    let protected = Pagemap::open_self()?.entries(r.start(), 1)?[0] & bits::UFFD_WP != 0;
+    Ok(ReportTrial {
+        command: format!("{UFFDIO_WRITEPROTECT_REPORT:#x}"),
+        mode,
+        len: r.len(),
+        errno: a.result.err().map(sys::errno_name),
+        done: a.done,
+        pinned: a.pinned,
+        protected,
+    })
 }
 
 /// Registers one scratch page (MISSING|WP), write-protects it and reads pagemap bit 57 back.

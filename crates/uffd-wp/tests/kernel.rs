@@ -9,12 +9,13 @@ use proptest::prelude::*;
 use uffd_wp::backend::inject::Rule;
 use uffd_wp::backend::linux::lab::LinuxLab;
 use uffd_wp::backend::linux::{Config, LinuxMm, OpenError};
-use uffd_wp::engine::protect::{FailureKind, OnError, WpError, WpOptions, WpReport};
+use uffd_wp::engine::protect::{Exactness, FailureKind, OnError, WpError, WpOptions, WpReport};
+use uffd_wp::features::Features;
 use uffd_wp::range::{PAGE_SIZE, Range, RangeError, RangeSet};
 use uffd_wp::scenario::LinuxLabs;
 use uffd_wp::scenario::{self, Lab, LabError, MapKind, ScenarioError};
 use uffd_wp::seam::prelude::*;
-use uffd_wp::seam::{Errno, RegisterMode};
+use uffd_wp::seam::{Errno, KernelReport, RegisterMode, WpMode};
 use uffd_wp::{unprotect, write_protect};
 
 const P: u64 = PAGE_SIZE;
@@ -566,4 +567,64 @@ proptest! {
             }
         }
     }
+}
+
+/// The write-protect report (kernel/README.md) is used exactly where the kernel offers it. On a
+/// kernel without it (every released one, this host's 6.18) the probe says so, the command
+/// answers EINVAL, writes nothing and protects nothing, and the exact engine keeps its
+/// read-back path; on a kernel with it (the patched guest) the probe's trial call protects its
+/// page with `done` = the page, and the engine takes the kernel's report: one call, nothing
+/// read back.
+#[test]
+fn the_engine_takes_the_kernels_report_only_where_offered() {
+    let _serial = serial();
+    let Some(mut lab) = common::lab(true) else {
+        return;
+    };
+    let probe = uffd_wp::features::probe();
+    let offered = lab.mm().features().contains(Features::WP_REPORT);
+    assert_eq!(probe.wp_report.report, offered, "{:?}", probe.wp_report);
+    assert_eq!(probe.has(Features::WP_REPORT), offered);
+    let trial = probe.wp_report.trial.clone().expect("a uffd for the trial");
+    assert_eq!(trial.command, "0xc028aa06");
+
+    let r = registered(&mut lab, 64, (0, 64));
+    lab.touch(pages(r, 0, 10)).unwrap();
+    let raw = lab
+        .mm()
+        .writeprotect_report(pages(r, 0, 32), WpMode::Protect, false);
+    let rep = write_protect(lab.mm(), r, &WpOptions::default()).unwrap();
+    assert_exact(&lab, &rep);
+    assert_eq!(rep.protected, RangeSet::single(r));
+    assert_eq!(rep.read_back_bytes, 0);
+    assert_eq!(rep.raw_calls, 1);
+    let json = rep.to_json();
+    if offered {
+        assert_eq!(trial.errno, None, "{trial:?}");
+        assert_eq!(
+            (trial.done, trial.protected),
+            (trial.len, true),
+            "{trial:?}"
+        );
+        assert_eq!((raw.result, raw.done), (Ok(()), 32 * P));
+        assert_eq!(rep.provenance.exactness, Exactness::KernelReport);
+        let k = rep.provenance.kernel.expect("kernel figures");
+        assert_eq!((k.calls, k.done, k.errno), (1, r.len(), None));
+        assert_eq!(json["exactness"], "kernel-report");
+        assert_eq!(json["kernel"]["done"], r.len());
+    } else {
+        assert_eq!(trial.errno.as_deref(), Some("EINVAL"), "{trial:?}");
+        assert_eq!((trial.done, trial.pinned, trial.protected), (0, 0, false));
+        assert_eq!(probe.wp_report.engine_call, "UFFDIO_WRITEPROTECT");
+        assert_eq!(probe.wp_report.exactness, "read-back");
+        assert_eq!(raw, KernelReport::unsupported(), "EINVAL, nothing written");
+        assert_eq!(rep.provenance.exactness, Exactness::ReadBack);
+        assert_eq!(rep.provenance.kernel, None);
+        assert_eq!(json["exactness"], "read-back");
+        assert!(json["kernel"].is_null());
+    }
+    unprotect(lab.mm(), r, OnError::Stop).unwrap();
+    // Without the feature the command touched nothing: everything the engine protected it
+    // protected itself (checked above), and un-protecting leaves no bit.
+    assert!(lab.verify_wp(r).unwrap().is_empty());
 }

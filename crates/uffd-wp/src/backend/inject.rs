@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use crate::range::Range;
 pub use crate::seam::lab::{Rule, Trigger};
 use crate::seam::prelude::*;
-use crate::seam::{Errno, WpMode, Wrap};
+use crate::seam::{Errno, KernelReport, WpMode, Wrap};
 
 /// One raw write-protect call as seen by the wrapper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +24,8 @@ pub struct Call {
     pub result: Result<(), Errno>,
     /// Whether the result was injected.
     pub injected: bool,
+    /// For a `UFFDIO_WRITEPROTECT_REPORT` call, its `(done, pinned)` (`None`: the old call).
+    pub report: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -130,34 +132,40 @@ impl<M: Mm> InjectMm<M> {
     }
 }
 
-impl<M: Mm> Wrap for InjectMm<M> {
-    type Inner = M;
-    fn inner(&self) -> &M {
-        &self.inner
-    }
-    fn on_writeprotect(&self, r: Range, mode: WpMode) -> Result<(), Errno> {
+impl<M: Mm> InjectMm<M> {
+    /// One raw call of either kind through the rules: `call` is the inner backend's call
+    /// (returning a [`KernelReport`]; the old ioctl's has no `done`), `report` whether the
+    /// caller sees `done` and `pinned`. A firing rule has the inner backend really do the
+    /// rule's prefix, then answers with the rule's errno and that prefix as `done`.
+    fn raw_call(
+        &self,
+        r: Range,
+        mode: WpMode,
+        report: bool,
+        call: impl Fn(Range) -> KernelReport,
+    ) -> KernelReport {
         let mut st = self.state.lock().expect("inject lock");
-        let (result, injected) = match self.fire(&mut st, r, mode) {
+        let (answer, injected) = match self.fire(&mut st, r, mode) {
             Some((prefix, errno)) => {
-                if let Some(p) = prefix {
-                    // The real kernel does the part before the failure; if even that fails, the
-                    // real errno wins.
-                    if let Err(e) = self.inner.writeprotect(p, mode) {
-                        if let Some(Hook(f)) = st.after_next.take() {
-                            f();
-                        }
-                        st.calls.push(Call {
-                            range: r,
-                            mode,
-                            result: Err(e),
-                            injected: false,
-                        });
-                        return Err(e);
-                    }
+                let real = prefix.map(&call).unwrap_or(KernelReport {
+                    result: Ok(()),
+                    done: 0,
+                    pinned: 0,
+                });
+                // The real kernel does the part before the failure; if even that fails, the
+                // real answer wins.
+                match real.result {
+                    Err(_) => (real, false),
+                    Ok(()) => (
+                        KernelReport {
+                            result: Err(errno),
+                            ..real
+                        },
+                        true,
+                    ),
                 }
-                (Err(errno), true)
             }
-            None => (self.inner.writeprotect(r, mode), false),
+            None => (call(r), false),
         };
         if let Some(Hook(f)) = st.after_next.take() {
             f();
@@ -165,9 +173,30 @@ impl<M: Mm> Wrap for InjectMm<M> {
         st.calls.push(Call {
             range: r,
             mode,
-            result,
+            result: answer.result,
             injected,
+            report: report.then_some((answer.done, answer.pinned)),
         });
-        result
+        answer
+    }
+}
+
+impl<M: Mm> Wrap for InjectMm<M> {
+    type Inner = M;
+    fn inner(&self) -> &M {
+        &self.inner
+    }
+    fn on_writeprotect(&self, r: Range, mode: WpMode) -> Result<(), Errno> {
+        let old = |p: Range| KernelReport {
+            result: self.inner.writeprotect(p, mode),
+            done: 0,
+            pinned: 0,
+        };
+        self.raw_call(r, mode, false, old).result
+    }
+    fn on_writeprotect_report(&self, r: Range, mode: WpMode, skip_pinned: bool) -> KernelReport {
+        self.raw_call(r, mode, true, |p| {
+            self.inner.writeprotect_report(p, mode, skip_pinned)
+        })
     }
 }

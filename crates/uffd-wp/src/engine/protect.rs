@@ -24,6 +24,17 @@
 //! After any failure, only the failed chunk and the part never attempted are read back
 //! (`PAGEMAP_SCAN`, or pagemap bit 57), since their state (including protection set before this
 //! call) is unknown.
+//!
+//! # With the kernel's report (`UFFD_FEATURE_WP_REPORT`, kernel/README.md)
+//! A kernel that offers `UFFDIO_WRITEPROTECT_REPORT` says itself how far the protection got:
+//! `done` bytes from the start are in the requested state (always a prefix, written even on
+//! failure) and `pinned` of them were left writable because they may be DMA-pinned
+//! (`MODE_SKIP_PINNED`). The engine then issues one call per target range (no PUD split: such
+//! a kernel reports every allocation failure), trusts the prefix as it trusts a clean return
+//! today (gaps and unpopulated pages without markers still read back), retries from
+//! `start + done`, and after a failure reads back only `[start + done, end)`, whose earlier
+//! state it cannot know. [`WpReport::provenance`] says which path answered
+//! ([`Exactness`]) and, for skipped pages, which source named them.
 
 use std::fmt;
 use std::time::Duration;
@@ -34,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::features::Features;
 use crate::range::{PUD_SIZE, Range, RangeError, RangeSet};
 use crate::seam::prelude::*;
-use crate::seam::{Errno, WpMode};
+use crate::seam::{Errno, KernelReport, WpMode, pages_where};
 use crate::sys::errno_name;
 
 /// What to do when a raw call fails.
@@ -245,9 +256,60 @@ pub struct WpReport {
     /// Bytes whose state was read back from the page tables.
     pub read_back_bytes: u64,
     /// With `skip_pinned`: long-term pinned bytes of the monitored process that no known source
-    /// explains ([`Mm::unexplained_pinned_bytes`]). Non-zero means `skipped` may be incomplete:
-    /// some pinned page of the request may be reported protected although a device can write it.
+    /// explains ([`Mm::unexplained_pinned_bytes`]), plus pinned bytes the kernel reported that
+    /// the engine could not place (a pinned page already protected before the call). Non-zero
+    /// means `skipped` may be incomplete: some pinned page of the request may be reported
+    /// protected although a device can write it.
     pub unexplained_pinned_bytes: u64,
+    /// Which path made the report exact, the kernel's own figures, and which source named
+    /// each skipped page.
+    pub provenance: Provenance,
+}
+
+/// Which path made a [`WpReport`] exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Exactness {
+    /// Kernels without the report (every released one): one raw `UFFDIO_WRITEPROTECT` per
+    /// 1 GiB PUD, a clean return trusted only where it is exact by construction, the rest read
+    /// back.
+    #[default]
+    ReadBack,
+    /// `UFFDIO_WRITEPROTECT_REPORT`: the kernel's `done` prefix (read back only where a clean
+    /// return could not be trusted either, and after a failure past the prefix).
+    KernelReport,
+}
+
+/// What `UFFDIO_WRITEPROTECT_REPORT` answered over a whole [`write_protect`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelFigures {
+    /// Report calls issued (retries included).
+    pub calls: u32,
+    /// Bytes the kernel said are protected (sum of `done` over the calls).
+    pub done: u64,
+    /// Pinned bytes the kernel left writable (sum of `pinned`).
+    pub pinned: u64,
+    /// The errno of the call that failed last, if any.
+    #[serde(with = "crate::sys::errno_serde::option")]
+    pub errno: Option<Errno>,
+    /// Where that call said the protection stopped (`start + done`).
+    pub stop: Option<u64>,
+}
+
+/// How a [`WpReport`] was obtained.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The path.
+    pub exactness: Exactness,
+    /// With [`Exactness::KernelReport`]: the kernel's figures.
+    pub kernel: Option<KernelFigures>,
+    /// Skipped pages the application declared pinned ([`Pins::declared_pinned`]).
+    pub skipped_declared: RangeSet,
+    /// Skipped pages the backend found pinned by itself (io_uring buffers on Linux, the true
+    /// pin counts in the model).
+    pub skipped_discovered: RangeSet,
+    /// Skipped pages the kernel left writable (`MODE_SKIP_PINNED`).
+    pub skipped_kernel: RangeSet,
 }
 
 impl WpReport {
@@ -291,6 +353,29 @@ impl Serialize for WpReport {
         m.serialize_entry("raw_calls", &self.raw_calls)?;
         m.serialize_entry("read_back_bytes", &self.read_back_bytes)?;
         m.serialize_entry("unexplained_pinned_bytes", &self.unexplained_pinned_bytes)?;
+        let p = &self.provenance;
+        m.serialize_entry("exactness", &p.exactness)?;
+        m.serialize_entry(
+            "kernel",
+            &p.kernel.map(|k| {
+                serde_json::json!({
+                    "call": "UFFDIO_WRITEPROTECT_REPORT",
+                    "calls": k.calls,
+                    "done": k.done,
+                    "pinned": k.pinned,
+                    "errno": k.errno.map(errno_name),
+                    "stop_offset": k.stop.map(|a| a.saturating_sub(base)),
+                })
+            }),
+        )?;
+        m.serialize_entry(
+            "skipped_by",
+            &serde_json::json!({
+                "declared": p.skipped_declared.offsets_from(base),
+                "discovered": p.skipped_discovered.offsets_from(base),
+                "kernel": p.skipped_kernel.offsets_from(base),
+            }),
+        )?;
         m.end()
     }
 }
@@ -311,18 +396,31 @@ struct Walk<'a, M: Mm + ?Sized> {
     op: WpOp,
     raw_calls: u32,
     read_back_bytes: u64,
+    /// With the kernel's report: its figures so far.
+    kernel: Option<KernelFigures>,
+    /// Pages the kernel left writable because pinned (located by reading the prefix back).
+    kernel_skipped: RangeSet,
+    /// Pinned bytes the kernel reported that were not found left writable.
+    kernel_unlocated: u64,
 }
 
 /// What [`write_protect`] decided before its first raw call.
 struct Plan {
-    /// Pinned pages left writable (`skip_pinned`).
+    /// Pinned pages left writable (`skip_pinned`), declared or discovered.
     skipped: RangeSet,
+    /// The declared part of `skipped`.
+    skipped_declared: RangeSet,
     /// With `skip_pinned`: [`Mm::unexplained_pinned_bytes`] after reading the pins.
     unexplained_pinned_bytes: u64,
     /// Rollback policy: the protected pages of the targets before this call.
     before: Option<RangeSet>,
-    /// The pages to protect, cut at every PUD boundary: one raw call each.
+    /// The pages to protect, one raw call each: cut at every PUD boundary, or whole when the
+    /// kernel reports.
     chunks: Vec<Range>,
+    /// Which path.
+    exactness: Exactness,
+    /// Ask the kernel to skip pinned pages too (`MODE_SKIP_PINNED`).
+    kernel_skip_pinned: bool,
 }
 
 impl<'a, M: Mm + ?Sized> Walk<'a, M> {
@@ -332,12 +430,30 @@ impl<'a, M: Mm + ?Sized> Walk<'a, M> {
             op,
             raw_calls: 0,
             read_back_bytes: 0,
+            kernel: None,
+            kernel_skipped: RangeSet::new(),
+            kernel_unlocated: 0,
         }
     }
 
     fn raw(&mut self, r: Range, mode: WpMode) -> Result<(), Errno> {
         self.raw_calls += 1;
         self.mm.writeprotect(r, mode)
+    }
+
+    /// One `UFFDIO_WRITEPROTECT_REPORT` protect call, its figures added up.
+    fn raw_report(&mut self, r: Range, skip_pinned: bool) -> KernelReport {
+        self.raw_calls += 1;
+        let ans = self.mm.writeprotect_report(r, WpMode::Protect, skip_pinned);
+        let k = self.kernel.get_or_insert_with(KernelFigures::default);
+        k.calls += 1;
+        k.done += ans.done;
+        k.pinned += ans.pinned;
+        if let Err(e) = ans.result {
+            k.errno = Some(e);
+            k.stop = Some(ans.stop(r));
+        }
+        ans
     }
 
     /// The protected pages of `r`, read from the page tables.
@@ -358,17 +474,19 @@ impl<'a, M: Mm + ?Sized> Walk<'a, M> {
         Ok(out)
     }
 
-    /// Whether a clean return over `chunk` (within one PUD) means every page is protected.
+    /// Whether a clean return over `chunk` (within one PUD, or a prefix the kernel reported)
+    /// means every page is protected.
     fn clean_return_is_exact(&self, chunk: Range) -> bool {
         self.mm.features().contains(Features::WP_UNPOPULATED)
             && self.mm.fully_mapped(chunk).unwrap_or(false)
     }
 
     /// Protect, phase 1: checks that the uffd can write-protect, then plans the pinned pages
-    /// to skip, the prior state a rollback needs, and the chunks.
+    /// to skip, the prior state a rollback needs, the path and the chunks.
     fn plan(&mut self, range: Range, opts: &WpOptions) -> Result<Plan, WpError> {
         let op = self.op;
-        if !self.mm.features().contains(Features::PAGEFAULT_FLAG_WP) {
+        let features = self.mm.features();
+        if !features.contains(Features::PAGEFAULT_FLAG_WP) {
             return Err(WpError::Unsupported {
                 op,
                 addr: range.start(),
@@ -389,40 +507,142 @@ impl<'a, M: Mm + ?Sized> Walk<'a, M> {
             OnError::Rollback => Some(self.read_back_set(&targets)?),
             _ => None,
         };
-        let chunks = targets
-            .iter()
-            .flat_map(|t| t.split_at_multiples(PUD_SIZE).collect::<Vec<_>>())
-            .collect();
+        let (exactness, chunks) = if features.contains(Features::WP_REPORT) {
+            self.kernel = Some(KernelFigures::default());
+            (Exactness::KernelReport, targets.iter().copied().collect())
+        } else {
+            let split = targets.iter().flat_map(|t| t.split_at_multiples(PUD_SIZE));
+            (Exactness::ReadBack, split.collect())
+        };
         Ok(Plan {
+            skipped_declared: self.mm.declared_pinned(range).intersection(&skipped),
             skipped,
             unexplained_pinned_bytes,
             before,
             chunks,
+            exactness,
+            kernel_skip_pinned: opts.skip_pinned && features.contains(Features::WP_SKIP_PINNED),
         })
     }
 
     /// Protect, phase 2: one raw call per chunk (with the retry policy) until one fails.
-    /// Returns the pages protected, verified (a clean return is trusted only where it is exact
-    /// by construction, otherwise the chunk is read back), the first failure, and how many
-    /// chunks were attempted.
+    /// Returns the pages protected, verified, the first failure, and how many chunks were
+    /// attempted.
     fn protect_chunks(
         &mut self,
-        chunks: &[Range],
+        plan: &Plan,
         policy: OnError,
     ) -> Result<(RangeSet, Option<WpError>, usize), WpError> {
         let mut protected = RangeSet::new();
-        for (i, &chunk) in chunks.iter().enumerate() {
-            match with_retry(policy, || self.raw(chunk, WpMode::Protect)) {
-                Ok(()) if self.clean_return_is_exact(chunk) => protected.insert(chunk),
-                Ok(()) => protected.extend(&self.read_back(chunk)?),
-                Err(errno) => {
-                    let (now, error) = self.read_back_failed(chunk, errno)?;
+        for (i, &chunk) in plan.chunks.iter().enumerate() {
+            let (now, error) = match plan.exactness {
+                Exactness::ReadBack => self.protect_chunk(chunk, policy)?,
+                Exactness::KernelReport => {
+                    self.protect_reported(chunk, policy, plan.kernel_skip_pinned)?
+                }
+            };
+            protected.extend(&now);
+            if error.is_some() {
+                return Ok((protected, error, i + 1));
+            }
+        }
+        Ok((protected, None, plan.chunks.len()))
+    }
+
+    /// One chunk (within one PUD) through `UFFDIO_WRITEPROTECT`: a clean return is trusted
+    /// only where it is exact by construction, otherwise the chunk is read back.
+    fn protect_chunk(
+        &mut self,
+        chunk: Range,
+        policy: OnError,
+    ) -> Result<(RangeSet, Option<WpError>), WpError> {
+        match with_retry(policy, || self.raw(chunk, WpMode::Protect)) {
+            Ok(()) if self.clean_return_is_exact(chunk) => Ok((RangeSet::single(chunk), None)),
+            Ok(()) => Ok((self.read_back(chunk)?, None)),
+            Err(errno) => {
+                let (now, error) = self.read_back_failed(chunk, errno)?;
+                Ok((now, Some(error)))
+            }
+        }
+    }
+
+    /// One chunk through `UFFDIO_WRITEPROTECT_REPORT`: the reported prefix is taken as the
+    /// kernel says ([`Walk::accept_prefix`]); a retry resumes at `start + done`; after a
+    /// failure only the part past the prefix is read back.
+    fn protect_reported(
+        &mut self,
+        chunk: Range,
+        policy: OnError,
+        skip_pinned: bool,
+    ) -> Result<(RangeSet, Option<WpError>), WpError> {
+        let (mut left, mut backoff) = retry_budget(policy);
+        let mut protected = RangeSet::new();
+        let mut cur = chunk;
+        loop {
+            let ans = self.raw_report(cur, skip_pinned);
+            if let Some(p) = ans.prefix(cur) {
+                protected.extend(&self.accept_prefix(p, ans.pinned)?);
+            }
+            match (ans.result, ans.rest(cur)) {
+                (Ok(()), None) => return Ok((protected, None)),
+                // Success covers the whole range; a kernel that says less is read back.
+                (Ok(()), Some(rest)) => {
+                    protected.extend(&self.read_back(rest)?);
+                    return Ok((protected, None));
+                }
+                (Err(e), Some(rest)) if left > 0 && FailureKind::of(e).retryable() => {
+                    left -= 1;
+                    std::thread::sleep(backoff);
+                    backoff = backoff.saturating_mul(2);
+                    cur = rest;
+                }
+                (Err(errno), Some(rest)) => {
+                    let (now, error) = self.read_back_failed(rest, errno)?;
                     protected.extend(&now);
-                    return Ok((protected, Some(error), i + 1));
+                    return Ok((protected, Some(error)));
+                }
+                (Err(errno), None) => {
+                    return Ok((protected, Some(self.kernel_error(errno, cur.end()))));
                 }
             }
         }
-        Ok((protected, None, chunks.len()))
+    }
+
+    /// The protected pages of a `prefix` the kernel reported done, with `pinned` bytes of it
+    /// left writable: the prefix itself when a clean return there is exact and nothing was
+    /// skipped; otherwise read back, the present pages without the bit being the ones the
+    /// kernel skipped as pinned.
+    fn accept_prefix(&mut self, prefix: Range, pinned: u64) -> Result<RangeSet, WpError> {
+        if pinned == 0 {
+            return if self.clean_return_is_exact(prefix) {
+                Ok(RangeSet::single(prefix))
+            } else {
+                self.read_back(prefix)
+            };
+        }
+        self.read_back_bytes += prefix.len();
+        let op = self.op;
+        let states = self
+            .mm
+            .page_states(prefix)
+            .map_err(|errno| WpError::ReadBack {
+                op,
+                range: prefix,
+                errno,
+            })?;
+        let writable = pages_where(prefix, &states, |s| s.present && !s.uffd_wp);
+        self.kernel_unlocated += pinned.saturating_sub(writable.bytes());
+        self.kernel_skipped.extend(&writable);
+        Ok(pages_where(prefix, &states, |s| s.uffd_wp))
+    }
+
+    fn kernel_error(&self, errno: Errno, addr: u64) -> WpError {
+        WpError::Kernel {
+            op: self.op,
+            kind: FailureKind::of(errno),
+            errno,
+            addr,
+        }
     }
 
     /// Protect, phase 2, when the raw call over `chunk` failed with `errno`: the chunk's
@@ -432,21 +652,16 @@ impl<'a, M: Mm + ?Sized> Walk<'a, M> {
         chunk: Range,
         errno: Errno,
     ) -> Result<(RangeSet, WpError), WpError> {
-        let op = self.op;
-        let failed = |addr| WpError::Kernel {
-            op,
-            kind: FailureKind::of(errno),
-            errno,
-            addr,
-        };
         // If the state cannot even be read (a range past the task size, a dead process), the
         // kernel's own error is the one that explains it.
-        let now = self.read_back(chunk).map_err(|_| failed(chunk.start()))?;
+        let now = self
+            .read_back(chunk)
+            .map_err(|_| self.kernel_error(errno, chunk.start()))?;
         let addr = now
             .complement_in(chunk)
             .first_addr()
             .unwrap_or(chunk.start());
-        Ok((now, failed(addr)))
+        Ok((now, self.kernel_error(errno, addr)))
     }
 
     /// Protect, phase 4 (rollback policy, after a failure): un-protects every page this call
@@ -476,13 +691,17 @@ impl<'a, M: Mm + ?Sized> Walk<'a, M> {
     }
 }
 
-/// Runs `call` with the retry policy; returns the last error if it never succeeded.
-fn with_retry(policy: OnError, mut call: impl FnMut() -> Result<(), Errno>) -> Result<(), Errno> {
-    let (attempts, mut backoff) = match policy {
+/// The retry policy's extra attempts and first sleep (none for the other policies).
+fn retry_budget(policy: OnError) -> (u32, Duration) {
+    match policy {
         OnError::Retry { attempts, backoff } => (attempts, backoff),
         _ => (0, Duration::ZERO),
-    };
-    let mut left = attempts;
+    }
+}
+
+/// Runs `call` with the retry policy; returns the last error if it never succeeded.
+fn with_retry(policy: OnError, mut call: impl FnMut() -> Result<(), Errno>) -> Result<(), Errno> {
+    let (mut left, mut backoff) = retry_budget(policy);
     loop {
         match call() {
             Ok(()) => return Ok(()),
@@ -508,7 +727,7 @@ pub fn write_protect<M: Mm + ?Sized>(
     let op = WpOp::Protect;
     let mut w = Walk::new(mm, op);
     let plan = w.plan(range, opts)?;
-    let (mut protected, error, attempted) = w.protect_chunks(&plan.chunks, opts.on_error)?;
+    let (mut protected, error, attempted) = w.protect_chunks(&plan, opts.on_error)?;
     // Phase 3: chunks never attempted keep whatever state they had: read it.
     let rest = RangeSet::from_ranges(plan.chunks[attempted..].iter().copied());
     protected.extend(&w.read_back_set(&rest)?);
@@ -518,10 +737,17 @@ pub fn write_protect<M: Mm + ?Sized>(
         rolled_back = true;
     }
 
-    let skipped = plan.skipped;
+    let skipped = plan.skipped.union(&w.kernel_skipped);
     let not_protected = RangeSet::single(range)
         .difference(&protected)
         .difference(&skipped);
+    let provenance = Provenance {
+        exactness: plan.exactness,
+        kernel: w.kernel,
+        skipped_discovered: plan.skipped.difference(&plan.skipped_declared),
+        skipped_declared: plan.skipped_declared,
+        skipped_kernel: w.kernel_skipped,
+    };
     let report = WpReport {
         op,
         requested: range,
@@ -532,7 +758,8 @@ pub fn write_protect<M: Mm + ?Sized>(
         rolled_back,
         raw_calls: w.raw_calls,
         read_back_bytes: w.read_back_bytes,
-        unexplained_pinned_bytes: plan.unexplained_pinned_bytes,
+        unexplained_pinned_bytes: plan.unexplained_pinned_bytes + w.kernel_unlocated,
+        provenance,
     };
     match &report.error {
         Some(e) if report.protected.is_empty() && report.skipped.is_empty() => Err(e.clone()),
@@ -592,6 +819,7 @@ pub fn unprotect<M: Mm + ?Sized>(
         raw_calls: w.raw_calls,
         read_back_bytes: w.read_back_bytes,
         unexplained_pinned_bytes: 0,
+        provenance: Provenance::default(),
     };
     match &report.error {
         // Nothing un-protected at all: the whole request is still protected.

@@ -424,6 +424,7 @@ fn snapshot_enomem(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
             raw_calls: raw.len() as u32,
             read_back_bytes: 0,
             unexplained_pinned_bytes: 0,
+            provenance: Default::default(),
         };
         out.push(Step {
             label: label.into(),
@@ -515,6 +516,7 @@ fn track_eagain(f: &dyn LabFactory) -> Result<Vec<Step>, ScenarioError> {
                 raw_calls: raw.len() as u32,
                 read_back_bytes: 0,
                 unexplained_pinned_bytes: 0,
+                provenance: Default::default(),
             },
         });
     }

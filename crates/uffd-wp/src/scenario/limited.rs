@@ -21,7 +21,7 @@ use crate::backend::linux::memcg::{
     CGROUP_PREFIX, Cgroup, CgroupVersion, Limiter, MemoryController, find_memory_controller,
     remove_stale, shield_from_oom_killer,
 };
-use crate::engine::protect::{WpError, WpOp, WpReport};
+use crate::engine::protect::{Provenance, WpError, WpOp, WpReport};
 use crate::features::{self, Features};
 use crate::helper::{self, Helper, HelperError, Kind, Parent};
 use crate::range::{Range, RangeSet};
@@ -252,6 +252,7 @@ struct WireStep {
     raw_calls: u32,
     read_back_bytes: u64,
     unexplained_pinned_bytes: u64,
+    provenance: Provenance,
     verified: bool,
     note: String,
     detail: Option<serde_json::Value>,
@@ -274,6 +275,7 @@ impl WireStep {
             raw_calls: r.raw_calls,
             read_back_bytes: r.read_back_bytes,
             unexplained_pinned_bytes: r.unexplained_pinned_bytes,
+            provenance: r.provenance,
             verified: s.verified,
             note: s.note.clone(),
             detail: s.detail.clone(),
@@ -296,6 +298,7 @@ impl WireStep {
                 raw_calls: self.raw_calls,
                 read_back_bytes: self.read_back_bytes,
                 unexplained_pinned_bytes: self.unexplained_pinned_bytes,
+                provenance: self.provenance,
             },
             verified: self.verified,
             note: self.note,
@@ -346,6 +349,7 @@ mod tests {
                 raw_calls: 1,
                 read_back_bytes: r.len(),
                 unexplained_pinned_bytes: 0,
+                provenance: Default::default(),
             },
             verified: true,
             note: "n".into(),

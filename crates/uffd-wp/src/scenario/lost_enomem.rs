@@ -13,12 +13,15 @@
 //! tables).
 //!
 //! # Steps
-//! 1. `raw-ioctl`: one raw call over the 2 GiB ([`Lab::raw_protect`]: the proposed call under
-//!    the model's proposed semantics); the report is an exact read-back.
+//! 1. `raw-ioctl`: one raw call over the 2 GiB ([`Lab::raw_protect`]:
+//!    `UFFDIO_WRITEPROTECT_REPORT` where the uffd offers it, a patched kernel or the model's
+//!    proposed semantics); the report is an exact read-back, the report call's `done` checked
+//!    against it.
 //! 2. `exact-engine`: [`write_protect`](crate::engine::protect::write_protect) with
 //!    [`OnError::Stop`](crate::engine::protect::OnError::Stop) on a fresh identical set-up with
-//!    the same limit. The engine never lets one raw call span a PUD boundary, so the failure
-//!    surfaces as ENOMEM on the first GiB's call.
+//!    the same limit. Without the kernel's report the engine never lets one raw call span a
+//!    PUD boundary, so the failure surfaces as ENOMEM on the first GiB's call; with it, one
+//!    call over the 2 GiB reports ENOMEM and the prefix itself.
 //! 3. `exact-engine-resume`: the same call once the limit is lifted protects everything.
 
 use crate::engine::protect::{FailureKind, WpError, WpReport};
@@ -98,7 +101,7 @@ fn raw_note(r: Range, ret: &RawReturn, report: &WpReport, limit: &str) -> String
     let n = report.bytes_not_protected();
     let head = format!(
         "one raw call over the 2 GiB under a {limit}: {}",
-        describe(ret)
+        describe(ret, r)
     );
     match (
         ret,
@@ -113,11 +116,17 @@ fn raw_note(r: Range, ret: &RawReturn, report: &WpReport, limit: &str) -> String
             mib(n),
             s = slot(h)
         ),
-        (RawReturn::Proposed(Ok(_)), Some(h), _) => format!(
-            "{head}: the proposal stops at the failure and says how much is not protected: \
-             protected slots [0, {s}), not protected [{s}, 1024)",
-            s = slot(h)
-        ),
+        (RawReturn::Report(k), Some(h), _)
+            if k.errno() == Some(Errno::NOMEM) && k.stop(r) == r.start() + h =>
+        {
+            format!(
+                "{head}: the report stops at the failure and says where: ENOMEM, stop address \
+                 {:#x} (slot {s}), protected slots [0, {s}), not protected [{s}, 1024) ({n} \
+                 bytes = len - done)",
+                k.stop(r),
+                s = slot(h)
+            )
+        }
         (RawReturn::Linux(Ok(())), _, None) if n == 0 => format!(
             "{head} and every page is protected: no page-table allocation failed, the hole \
              did not reproduce"
@@ -141,10 +150,9 @@ fn engine_note(r: Range, kernel_errno: Option<Errno>, report: &WpReport, limit: 
         prefix_shape(r, &report.protected),
     ) {
         (Some(Errno::NOMEM), Some(FailureKind::NoMemory), Some(h)) => format!(
-            "fresh identical set-up, same {limit}: the engine never lets one raw call span a \
-             1 GiB PUD, so its first call (the first GiB alone) failed with ENOMEM, which one \
-             PUD cannot sum away; stopped there: protected slots [0, {s}), not protected \
-             [{s}, 1024) ({n} bytes, {}), error NoMemory at slot {}",
+            "fresh identical set-up, same {limit}: {}; stopped there: protected slots \
+             [0, {s}), not protected [{s}, 1024) ({n} bytes, {}), error NoMemory at slot {}",
+            how(report),
             mib(n),
             stopped_at.unwrap_or_default(),
             s = slot(h)
@@ -161,6 +169,25 @@ fn engine_note(r: Range, kernel_errno: Option<Errno>, report: &WpReport, limit: 
             slots(&report.protected, base),
             slots(&report.not_protected, base)
         ),
+    }
+}
+
+/// How the engine learnt where the failure was.
+fn how(report: &WpReport) -> String {
+    match report.provenance.kernel {
+        Some(k) => format!(
+            "the engine took the kernel's report: {} UFFDIO_WRITEPROTECT_REPORT call(s) over \
+             the 2 GiB, ENOMEM with done {} (stop address at slot {}), and read back only the \
+             {} past the prefix",
+            k.calls,
+            k.done,
+            k.stop
+                .map_or("?".into(), |a| slot(a - report.requested.start())),
+            mib(report.read_back_bytes)
+        ),
+        None => "the engine never lets one raw call span a 1 GiB PUD, so its first call (the \
+                 first GiB alone) failed with ENOMEM, which one PUD cannot sum away"
+            .into(),
     }
 }
 

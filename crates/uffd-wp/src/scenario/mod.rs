@@ -186,6 +186,7 @@ pub fn step(
                 raw_calls: raw.len() as u32,
                 read_back_bytes: range.len(),
                 unexplained_pinned_bytes: 0,
+                provenance: Default::default(),
             }
         }
     };

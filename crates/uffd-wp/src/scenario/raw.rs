@@ -7,7 +7,7 @@ use crate::engine::protect::{FailureKind, OnError, WpError, WpOp, WpOptions, WpR
 use crate::range::{PAGE_SIZE, PMD_SIZE, Range, RangeSet};
 use crate::scenario::{Lab, MapKind, ScenarioError, Step, step};
 use crate::seam::lab::RawReturn;
-use crate::seam::{Errno, RegisterMode};
+use crate::seam::{Errno, KernelReport, RegisterMode};
 use crate::sys::errno_name;
 
 /// An offset as a 2 MiB slot number (with a fraction when it is not on a slot boundary).
@@ -45,35 +45,53 @@ pub fn result_name(e: Option<Errno>) -> String {
     e.map_or_else(|| "0 (success)".to_string(), errno_name)
 }
 
-/// What the raw call returned, in words.
-pub fn describe(ret: &RawReturn) -> String {
+/// What the raw call returned, in words (for a call over `r`).
+pub fn describe(ret: &RawReturn, r: Range) -> String {
     match ret {
-        RawReturn::Linux(r) => format!("UFFDIO_WRITEPROTECT returned {}", result_name(r.err())),
-        RawReturn::Proposed(Ok(n)) => format!(
-            "the proposed UFFDIO_WRITEPROTECT returned {n} bytes not protected ({})",
-            mib(*n)
+        RawReturn::Linux(res) => format!("UFFDIO_WRITEPROTECT returned {}", result_name(res.err())),
+        RawReturn::Report(k) => format!(
+            "UFFDIO_WRITEPROTECT_REPORT returned {}, done {} ({}: stopped at slot {}, {} not \
+             protected), pinned {}",
+            result_name(k.errno()),
+            k.done,
+            mib(k.done),
+            slot(k.stop(r) - r.start()),
+            mib(r.len() - (k.stop(r) - r.start())),
+            k.pinned
         ),
-        RawReturn::Proposed(Err(e)) => {
-            format!(
-                "the proposed UFFDIO_WRITEPROTECT failed: {}",
-                errno_name(*e)
-            )
-        }
     }
 }
 
-/// What the raw call returned, as a step's `detail.kernel_returned`: `{"errno": null |
-/// "ENOMEM"}` for the Linux ioctl, `{"bytes_not_protected": N}` (or `"errno"`) for the
-/// proposed one.
-pub fn returned_json(ret: &RawReturn) -> serde_json::Value {
-    match ret {
-        RawReturn::Proposed(Ok(n)) => serde_json::json!({ "bytes_not_protected": n }),
-        _ => serde_json::json!({ "errno": ret.errno().map(errno_name) }),
+/// What the raw call over `r` returned, as a step's `detail.kernel_returned`: `{"call":
+/// "UFFDIO_WRITEPROTECT", "errno": null | "ENOMEM"}`, or for the report call also `done`,
+/// `pinned`, the stop offset and the bytes it says are not protected (`len - done`).
+pub fn returned_json(ret: &RawReturn, r: Range) -> serde_json::Value {
+    let mut v = serde_json::json!({ "call": ret.call(), "errno": ret.errno().map(errno_name) });
+    if let RawReturn::Report(k) = ret {
+        let done = k.stop(r) - r.start();
+        v["done"] = k.done.into();
+        v["pinned"] = k.pinned.into();
+        v["stop_offset"] = done.into();
+        v["bytes_not_protected"] = (r.len() - done).into();
     }
+    v
+}
+
+/// Whether a report call's answer agrees with the state read back: its prefix is protected
+/// (or skipped as pinned), its `pinned` is the skipped part of the prefix, and a success
+/// covers the whole range.
+fn report_agrees(k: &KernelReport, r: Range, protected: &RangeSet, skipped: &RangeSet) -> bool {
+    let Some(prefix) = k.prefix(r) else {
+        return k.done == 0 && k.pinned == 0 && k.result.is_err();
+    };
+    let prefix = RangeSet::single(prefix);
+    prefix.difference(protected).difference(skipped).is_empty()
+        && k.pinned == skipped.intersection(&prefix).bytes()
+        && (k.result.is_err() || k.done == r.len())
 }
 
 /// The step of a raw call: the report is the state read back, verified against the lab's
-/// independent read-back and, for the proposed call, against the bytes it returned.
+/// independent read-back and, for the report call, against the prefix and pins it returned.
 pub fn raw_step(
     lab: &dyn Lab,
     label: &str,
@@ -107,10 +125,11 @@ pub fn raw_step(
         raw_calls: 1,
         read_back_bytes: r.len(),
         unexplained_pinned_bytes: 0,
+        provenance: Default::default(),
     };
     let returned_ok = match ret {
-        RawReturn::Proposed(Ok(n)) => *n == report.bytes_not_protected(),
-        _ => true,
+        RawReturn::Report(k) => report_agrees(k, r, &report.protected, &report.skipped),
+        RawReturn::Linux(_) => true,
     };
     Ok(Step {
         label: label.into(),
@@ -121,7 +140,7 @@ pub fn raw_step(
         // The value the call returned beside the true state, for programs (the note says it
         // for people).
         detail: Some(serde_json::json!({
-            "kernel_returned": returned_json(ret),
+            "kernel_returned": returned_json(ret, r),
             "true_bytes_not_protected": report.bytes_not_protected(),
         })),
         report,

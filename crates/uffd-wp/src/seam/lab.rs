@@ -3,9 +3,10 @@
 //! uffd-wp bit independent of the engines'. The Linux backend and the model each implement
 //! [`Lab`].
 
+use crate::features::Features;
 use crate::range::{PAGE_SIZE, Range, RangeSet};
 use crate::seam::prelude::*;
-use crate::seam::{Errno, Event, WpMode};
+use crate::seam::{Errno, Event, KernelReport, WpMode};
 use crate::sys::errno_name;
 
 /// What backs a lab mapping.
@@ -243,13 +244,20 @@ pub trait Lab {
         Err(self.no_pins())
     }
 
-    /// One raw write-protect call of `r` as this lab's kernel offers it: the ioctl
-    /// ([`RawReturn::Linux`]), or under the model's proposed semantics the proposed call, which
-    /// returns the bytes it did not protect and leaves pinned pages writable when
-    /// `skip_pinned` ([`RawReturn::Proposed`]).
+    /// One raw write-protect call of `r` as this lab's kernel offers it: where the uffd has
+    /// [`Features::WP_REPORT`] (a patched kernel, the model's proposed semantics),
+    /// `UFFDIO_WRITEPROTECT_REPORT`, which says how far it got and, with `skip_pinned` (where
+    /// [`Features::WP_SKIP_PINNED`] is offered), leaves pinned pages writable
+    /// ([`RawReturn::Report`]); elsewhere the ioctl ([`RawReturn::Linux`]).
     fn raw_protect(&self, r: Range, skip_pinned: bool) -> RawReturn {
-        let _ = skip_pinned;
-        RawReturn::Linux(self.mm().writeprotect(r, WpMode::Protect))
+        let mm = self.mm();
+        let f = mm.features();
+        if f.contains(Features::WP_REPORT) {
+            let skip = skip_pinned && f.contains(Features::WP_SKIP_PINNED);
+            RawReturn::Report(mm.writeprotect_report(r, WpMode::Protect, skip))
+        } else {
+            RawReturn::Linux(mm.writeprotect(r, WpMode::Protect))
+        }
     }
 
     /// Limits page-table allocations for the next raw write-protect call only, and lifts the
@@ -277,10 +285,10 @@ pub trait Lab {
 /// What a raw write-protect call returned ([`Lab::raw_protect`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawReturn {
-    /// The Linux ioctl: success or an errno.
+    /// `UFFDIO_WRITEPROTECT`: success or an errno.
     Linux(Result<(), Errno>),
-    /// The proposed call: bytes not protected, or an errno.
-    Proposed(Result<u64, Errno>),
+    /// `UFFDIO_WRITEPROTECT_REPORT` (kernel/README.md): the errno and how far it got.
+    Report(KernelReport),
 }
 
 impl RawReturn {
@@ -288,7 +296,15 @@ impl RawReturn {
     pub fn errno(&self) -> Option<Errno> {
         match self {
             RawReturn::Linux(r) => r.err(),
-            RawReturn::Proposed(r) => r.err(),
+            RawReturn::Report(k) => k.errno(),
+        }
+    }
+
+    /// The ioctl's name.
+    pub fn call(&self) -> &'static str {
+        match self {
+            RawReturn::Linux(_) => "UFFDIO_WRITEPROTECT",
+            RawReturn::Report(_) => "UFFDIO_WRITEPROTECT_REPORT",
         }
     }
 }

@@ -26,8 +26,9 @@ mod types;
 
 pub use quiesce::{FnQuiesce, Quiesce};
 pub use types::{
-    Errno, Event, Mapping, PageState, Region, RegisterMode, SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING,
-    ScanRequest, ScanResult, VEC_MAX, WpMode, bits, category, errno_name, pages_where, scan_all,
+    Errno, Event, KernelReport, Mapping, PageState, Region, RegisterMode, SCAN_CHECK_WPASYNC,
+    SCAN_WP_MATCHING, ScanRequest, ScanResult, VEC_MAX, WpMode, bits, category, errno_name,
+    pages_where, scan_all,
 };
 
 use crate::features::Features;
@@ -49,6 +50,17 @@ pub trait Uffd: Send + Sync {
 
     /// One raw `UFFDIO_WRITEPROTECT` call: exactly the kernel's errno, no retry, no read-back.
     fn writeprotect(&self, r: Range, mode: WpMode) -> Result<(), Errno>;
+
+    /// One raw `UFFDIO_WRITEPROTECT_REPORT` call (kernel/README.md): the errno as
+    /// [`Uffd::writeprotect`] returns it, plus how far the range got (`done`, a prefix) and the
+    /// pinned bytes left writable in it (with `skip_pinned`: `MODE_SKIP_PINNED`). Only kernels
+    /// that offer [`Features::WP_REPORT`] (and, for `skip_pinned`,
+    /// [`Features::WP_SKIP_PINNED`]) have it; this default answers as the others do
+    /// ([`KernelReport::unsupported`]: EINVAL, nothing written).
+    fn writeprotect_report(&self, r: Range, mode: WpMode, skip_pinned: bool) -> KernelReport {
+        let _ = (r, mode, skip_pinned);
+        KernelReport::unsupported()
+    }
 
     /// `UFFDIO_WAKE`.
     fn wake(&self, r: Range) -> Result<(), Errno>;
@@ -114,6 +126,13 @@ pub trait Pins: Send + Sync {
     fn unexplained_pinned_bytes(&self) -> u64 {
         0
     }
+
+    /// The part of [`Pins::pinned`] the application declared itself, as of the last
+    /// [`Pins::pinned`] (reports say which source named a skipped page). None by default.
+    fn declared_pinned(&self, r: Range) -> RangeSet {
+        let _ = r;
+        RangeSet::new()
+    }
 }
 
 /// The contents of the monitored memory.
@@ -157,6 +176,12 @@ pub trait Wrap: Send + Sync {
     fn on_writeprotect(&self, r: Range, mode: WpMode) -> Result<(), Errno> {
         self.inner().writeprotect(r, mode)
     }
+
+    /// The wrapper's `UFFDIO_WRITEPROTECT_REPORT` ([`Uffd::writeprotect_report`] of the
+    /// wrapper); forwards by default.
+    fn on_writeprotect_report(&self, r: Range, mode: WpMode, skip_pinned: bool) -> KernelReport {
+        self.inner().writeprotect_report(r, mode, skip_pinned)
+    }
 }
 
 impl<W: Wrap> Uffd for W {
@@ -174,6 +199,9 @@ impl<W: Wrap> Uffd for W {
     }
     fn writeprotect(&self, r: Range, mode: WpMode) -> Result<(), Errno> {
         self.on_writeprotect(r, mode)
+    }
+    fn writeprotect_report(&self, r: Range, mode: WpMode, skip_pinned: bool) -> KernelReport {
+        self.on_writeprotect_report(r, mode, skip_pinned)
     }
     fn wake(&self, r: Range) -> Result<(), Errno> {
         self.inner().wake(r)
@@ -216,6 +244,9 @@ impl<W: Wrap> Pins for W {
     }
     fn unexplained_pinned_bytes(&self) -> u64 {
         self.inner().unexplained_pinned_bytes()
+    }
+    fn declared_pinned(&self, r: Range) -> RangeSet {
+        self.inner().declared_pinned(r)
     }
 }
 

@@ -43,6 +43,17 @@ pub enum WpMode {
 }
 
 impl WpMode {
+    /// The `uffdio_writeprotect_report.mode` value: [`WpMode::bits`], plus `MODE_SKIP_PINNED`
+    /// when `skip_pinned` (the kernel accepts it only with `MODE_WP`).
+    pub fn report_bits(self, skip_pinned: bool) -> u64 {
+        let skip = if skip_pinned {
+            crate::sys::uffd::WP_MODE_SKIP_PINNED
+        } else {
+            0
+        };
+        self.bits() | skip
+    }
+
     /// The `uffdio_writeprotect.mode` value.
     pub fn bits(self) -> u64 {
         use crate::sys::uffd::{WP_MODE_DONTWAKE, WP_MODE_WP};
@@ -55,6 +66,76 @@ impl WpMode {
     /// Whether this call sets protection.
     pub fn is_protect(self) -> bool {
         matches!(self, WpMode::Protect)
+    }
+}
+
+/// What one raw `UFFDIO_WRITEPROTECT_REPORT` call answered ([`crate::seam::Uffd::writeprotect_report`],
+/// kernel/README.md): the ioctl's result, and the two fields the kernel writes even on failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelReport {
+    /// 0 or the errno, as `UFFDIO_WRITEPROTECT` returns them.
+    pub result: Result<(), Errno>,
+    /// Bytes from the range's start in the requested state: always a prefix. On success the
+    /// whole length; checks before anything is touched (EINVAL, EAGAIN) leave 0.
+    pub done: u64,
+    /// Bytes inside the prefix left writable because their folio may be DMA-pinned
+    /// (`MODE_SKIP_PINNED`), counted in `done`.
+    pub pinned: u64,
+}
+
+impl KernelReport {
+    /// What a kernel without the command answers: EINVAL (fs/userfaultfd.c, the default case
+    /// of userfaultfd_ioctl()), nothing written.
+    pub const fn unsupported() -> KernelReport {
+        KernelReport {
+            result: Err(Errno::INVAL),
+            done: 0,
+            pinned: 0,
+        }
+    }
+
+    /// The errno, if the call failed.
+    pub fn errno(&self) -> Option<Errno> {
+        self.result.err()
+    }
+
+    /// Where the protection stopped for a call over `r`: `r.start() + done`, within `r` (and
+    /// rounded down to a page, should a kernel ever answer otherwise).
+    pub fn stop(&self, r: Range) -> u64 {
+        let done = self.done.min(r.len()) & !(crate::range::PAGE_SIZE - 1);
+        r.start() + done
+    }
+
+    /// The prefix in the requested state, if any.
+    pub fn prefix(&self, r: Range) -> Option<Range> {
+        let stop = self.stop(r);
+        (stop > r.start()).then(|| Range::from_bounds(r.start(), stop))
+    }
+
+    /// The part of `r` past the prefix, if any.
+    pub fn rest(&self, r: Range) -> Option<Range> {
+        let stop = self.stop(r);
+        (stop < r.end()).then(|| Range::from_bounds(stop, r.end()))
+    }
+
+    /// The JSON a report or scenario prints: `{"call", "errno", "done", "pinned"}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "call": "UFFDIO_WRITEPROTECT_REPORT",
+            "errno": self.errno().map(errno_name),
+            "done": self.done,
+            "pinned": self.pinned,
+        })
+    }
+}
+
+impl From<crate::sys::uffd::ReportAnswer> for KernelReport {
+    fn from(a: crate::sys::uffd::ReportAnswer) -> Self {
+        KernelReport {
+            result: a.result,
+            done: a.done,
+            pinned: a.pinned,
+        }
     }
 }
 

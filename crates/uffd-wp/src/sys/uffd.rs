@@ -16,6 +16,15 @@ use super::{Errno, ioctl_with};
 pub const WP_MODE_WP: u64 = 1;
 /// `UFFDIO_WRITEPROTECT_MODE_DONTWAKE`: do not wake threads waiting on the range.
 pub const WP_MODE_DONTWAKE: u64 = 2;
+/// `UFFDIO_WRITEPROTECT_MODE_SKIP_PINNED` (kernel/README.md, only in
+/// `UFFDIO_WRITEPROTECT_REPORT`, only with `MODE_WP`): leave pages whose folio may be
+/// DMA-pinned writable, count them as done and in `pinned`.
+pub const WP_MODE_SKIP_PINNED: u64 = 1 << 2;
+/// `UFFDIO_WRITEPROTECT_REPORT` = `_IOWR(0xAA, _UFFDIO_WRITEPROTECT, struct
+/// uffdio_writeprotect_report)`: the same ioctl number as `UFFDIO_WRITEPROTECT` (0xC018AA06),
+/// the 40-byte struct's size in the command (kernel/README.md). A kernel without it answers
+/// EINVAL (fs/userfaultfd.c, userfaultfd_ioctl(): `ret = -EINVAL` for an unknown command).
+pub const UFFDIO_WRITEPROTECT_REPORT: u32 = 0xC028_AA06;
 /// `UFFD_USER_MODE_ONLY`: handle only faults raised by user-mode accesses.
 pub const USER_MODE_ONLY: u32 = g::UFFD_USER_MODE_ONLY;
 /// `_IO(0xAA, 0)`: the `/dev/userfaultfd` ioctl that creates a userfaultfd.
@@ -41,6 +50,39 @@ pub struct ApiAnswer {
     pub features: u64,
     /// Bit mask of ioctls supported on the fd itself (`1 << _UFFDIO_*`).
     pub ioctls: u64,
+}
+
+/// `struct uffdio_writeprotect_report` (kernel/README.md; not in linux-raw-sys): the request
+/// of `UFFDIO_WRITEPROTECT_REPORT` and, in `done` and `pinned`, the kernel's answer, written
+/// even when the call fails.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteprotectReportArg {
+    /// `range.start`.
+    pub start: u64,
+    /// `range.len`.
+    pub len: u64,
+    /// `UFFDIO_WRITEPROTECT_MODE_*` bits, [`WP_MODE_SKIP_PINNED`] included.
+    pub mode: u64,
+    /// Out: bytes from `start` in the requested state (always a prefix of the range).
+    pub done: u64,
+    /// Out: bytes inside the prefix left writable because their folio may be DMA-pinned.
+    pub pinned: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<WriteprotectReportArg>() == 40);
+const _: () =
+    assert!(UFFDIO_WRITEPROTECT_REPORT == (io::UFFDIO_WRITEPROTECT & !(0x3fff << 16)) | (40 << 16));
+
+/// What `UFFDIO_WRITEPROTECT_REPORT` answered: the ioctl's result and the two output fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportAnswer {
+    /// 0 or the errno.
+    pub result: Result<(), Errno>,
+    /// Bytes from the start in the requested state.
+    pub done: u64,
+    /// Pinned bytes left writable inside the prefix.
+    pub pinned: u64,
 }
 
 /// Size of `struct uffd_msg`.
@@ -188,6 +230,28 @@ impl Uffd {
             Err(Errno::AGAIN) => Ok(true),
             Err(Errno::INVAL) | Ok(()) => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    /// `UFFDIO_WRITEPROTECT_REPORT` of `[start, start+len)` with `mode` (`WP_MODE_*`,
+    /// [`WP_MODE_SKIP_PINNED`] included). `done` and `pinned` are what the kernel wrote, even
+    /// on failure; 0 when it wrote nothing (a kernel without the command, EFAULT).
+    pub fn writeprotect_report(&self, start: u64, len: u64, mode: u64) -> ReportAnswer {
+        let mut w = WriteprotectReportArg {
+            start,
+            len,
+            mode,
+            done: 0,
+            pinned: 0,
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT_REPORT takes a `struct uffdio_writeprotect_report`
+        // (`WriteprotectReportArg`, `#[repr(C)]`, 40 bytes, checked above), read and written
+        // back; it holds no pointer.
+        let result = unsafe { ioctl_with(&self.fd, UFFDIO_WRITEPROTECT_REPORT, &mut w) }.map(drop);
+        ReportAnswer {
+            result,
+            done: w.done,
+            pinned: w.pinned,
         }
     }
 

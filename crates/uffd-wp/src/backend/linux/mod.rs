@@ -22,8 +22,8 @@ use crate::backend::procfs;
 use crate::features::{self, Features};
 use crate::range::{Range, RangeSet};
 use crate::seam::{
-    Errno, Event, Mapping, Memory, PageState, PageTables, Pins, Region, RegisterMode, ScanRequest,
-    ScanResult, Uffd, WpMode,
+    Errno, Event, KernelReport, Mapping, Memory, PageState, PageTables, Pins, Region, RegisterMode,
+    ScanRequest, ScanResult, Uffd, WpMode,
 };
 use crate::sys::errno_of;
 use crate::sys::pagemap::{PageRegion, Pagemap, ScanArg, category};
@@ -93,14 +93,17 @@ pub struct Config {
 
 impl Default for Config {
     /// WP fault flags and markers for unpopulated pages (so write-protection covers every page),
-    /// thread ids in fault messages. No non-cooperative events: those block the faulting thread
+    /// thread ids in fault messages, and the write-protect report with its skip-pinned mode
+    /// where the kernel offers them (kernel/README.md; no released kernel does). No non-cooperative events: those block the faulting thread
     /// until the monitor reads them, which a library cannot impose on its host.
     fn default() -> Self {
         Config {
             wanted: Features::PAGEFAULT_FLAG_WP
                 .with(Features::WP_UNPOPULATED)
                 .with(Features::THREAD_ID)
-                .with(Features::WP_HUGETLBFS_SHMEM),
+                .with(Features::WP_HUGETLBFS_SHMEM)
+                .with(Features::WP_REPORT)
+                .with(Features::WP_SKIP_PINNED),
             required: Features::PAGEFAULT_FLAG_WP,
             user_mode_only: false,
         }
@@ -293,6 +296,13 @@ impl Uffd for LinuxMm {
         self.uffd.writeprotect(r.start(), r.len(), mode.bits())
     }
 
+    /// The ioctl, whatever the features say: a kernel without it answers EINVAL.
+    fn writeprotect_report(&self, r: Range, mode: WpMode, skip_pinned: bool) -> KernelReport {
+        self.uffd
+            .writeprotect_report(r.start(), r.len(), mode.report_bits(skip_pinned))
+            .into()
+    }
+
     fn wake(&self, r: Range) -> Result<(), Errno> {
         self.uffd.wake(r.start(), r.len())
     }
@@ -375,6 +385,10 @@ impl Pins for LinuxMm {
 
     fn unexplained_pinned_bytes(&self) -> u64 {
         self.pins.unexplained_bytes()
+    }
+
+    fn declared_pinned(&self, r: Range) -> RangeSet {
+        self.pins.view(r).declared
     }
 }
 
