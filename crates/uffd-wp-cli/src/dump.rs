@@ -171,6 +171,7 @@ fn start_target(a: &Args) -> Result<BuiltIn, CliError> {
         thp: false,
         interval_ms: 1000,
         zoo: false,
+        spinners: 0,
     };
     let failed = |e: String| CliError::Os {
         operation: format!("starting the built-in target: {e}"),
