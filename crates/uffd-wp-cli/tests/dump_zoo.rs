@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use uffd_wp::dump::{self, Captured, DumpOptions};
 use uffd_wp::helper::{Helper, Kind};
-use uffd_wp::range::PAGE_SIZE;
+use uffd_wp::range::{PAGE_SIZE, Range};
 use uffd_wp_bench::zoo::{self, DIR_WORDS, LIVE, ZooVerdict};
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_uffd-wp");
 
@@ -552,4 +554,226 @@ fn gdb_sees_every_thread_with_the_registers_it_had_at_the_freeze() {
         "{}",
         json!({"threads": before.len(), "spinners": 2, "seconds": t0.elapsed().as_secs_f64()})
     );
+}
+
+/// Whether the target shows nothing of a dump: no thread stopped or traced, no userfaultfd
+/// among its fds, no mapping registered (`uw` in smaps) or page write-protected (pagemap bit
+/// 57, read directly) anywhere in it; `Err` says what is left.
+fn released(pid: u32) -> Result<(), String> {
+    let states = common::thread_states(pid);
+    if states.iter().any(|(_, s)| *s == 't' || *s == 'T') {
+        return Err(format!("threads left stopped: {states:?}"));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    if !status.contains("TracerPid:\t0") {
+        return Err("still traced".into());
+    }
+    if common::holds_uffd(pid) {
+        return Err("a userfaultfd left in the target".into());
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for l in maps.lines().filter(|l| !l.ends_with("[vsyscall]")) {
+        let (a, b) = l
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .split_once('-')
+            .unwrap();
+        let r = Range::from_bounds(
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let n = common::bit57_pages(pid, r);
+        if n > 0 || common::smaps_uw(pid, r) {
+            return Err(format!("{n} pages write-protected (or VM_UFFD_WP) in {l}"));
+        }
+    }
+    Ok(())
+}
+
+/// [`released`] within 2 s of the dumper's end.
+fn assert_released(pid: u32, what: &str) {
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut res = released(pid);
+    while res.is_err() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(1));
+        res = released(pid);
+    }
+    if let Err(e) = res {
+        panic!("{what}: {e}");
+    }
+}
+
+/// A dumper started by [`dump_until_copy`]: the process, and its stderr as it is read.
+struct Dumper {
+    child: std::process::Child,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// Starts `uffd-wp dump PID --json -o core` and waits (bounded) until its copy has begun
+/// (the `STEP copy` line it prints with `UFFD_WP_TRACE_STEPS` at its first progress call,
+/// after the pause).
+fn dump_until_copy(pid: u32, core: &Path) -> Dumper {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(["dump", &pid.to_string(), "--json", "-o"])
+        .arg(core)
+        .env("UFFD_WP_TRACE_STEPS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if l.starts_with("uffd-wp: STEP copy ") {
+                let _ = tx.send(());
+            }
+            all += &(l + "\n");
+        }
+        all
+    });
+    if let Err(e) = rx.recv_timeout(Duration::from_secs(120)) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the dump never reached its copy ({e}): {}",
+            stderr.join().unwrap()
+        );
+    }
+    Dumper { child, stderr }
+}
+
+/// Waits at most 60 s for the dumper to end (else kills it and fails); its output, stderr
+/// included.
+fn wait_bounded(d: Dumper) -> std::process::Output {
+    let Dumper { mut child, stderr } = d;
+    let until = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("the dumper did not end within 60 s of the signal");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut o = child.wait_with_output().unwrap();
+    o.stderr = stderr.join().unwrap().into_bytes();
+    o
+}
+
+/// A scratch directory for cores, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("uffd-wp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+
+    /// The files in it.
+    fn files(&self) -> Vec<String> {
+        std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// SIGINT and SIGTERM during `uffd-wp dump PID`'s copy (after the pause) end it with one
+/// signal: exit code 128 + the signal, a JSON error of kind `Interrupted` that says the target
+/// was released, no core file (nor a temporary one) left; the target is neither stopped nor
+/// traced, holds no userfaultfd, has no page write-protected and no mapping registered, and
+/// writes every page it has.
+#[test]
+fn a_stop_signal_during_the_copy_ends_the_dump_cleanly_with_no_core_left() {
+    if not_root() {
+        return;
+    }
+    let mut t = Target::start(256 << 20, 2);
+    let dir = Scratch::new("dump-sig");
+    let core = dir.0.join("core");
+    for (sig, code) in [("INT", 130), ("TERM", 143)] {
+        let t0 = Instant::now();
+        let c = dump_until_copy(t.pid, &core);
+        let at = t0.elapsed();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &c.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig}");
+        let o = wait_bounded(c);
+        let ended = t0.elapsed();
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| {
+            panic!(
+                "SIG{sig}: no JSON: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        assert_eq!(o.status.code(), Some(code), "SIG{sig}: {v}");
+        let e = &v["error"];
+        assert_eq!(e["kind"], "Interrupted", "SIG{sig}: {v}");
+        assert_eq!(e["errno"], "EINTR", "SIG{sig}: {v}");
+        // After the pause: in the copy, or (on a fast machine) writing the core.
+        let during = e["operation"].as_str().unwrap();
+        assert!(["copy", "core write"].contains(&during), "SIG{sig}: {v}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("the target was released"),
+            "{v}"
+        );
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            text.contains("uffd-wp: error: interrupted by signal"),
+            "the text error: {text}"
+        );
+        assert_eq!(dir.files(), Vec::<String>::new(), "SIG{sig}: files left");
+        assert_released(t.pid, &format!("SIG{sig}"));
+        let r = t.op("touch-all");
+        assert!(r["len"].as_u64().unwrap() >= 256 << 20, "{r}");
+        eprintln!(
+            "{}",
+            json!({"signal": sig, "during": during, "copy_began_s": at.as_secs_f64(),
+                   "ended_s": ended.as_secs_f64()})
+        );
+    }
+    t.runs_on_and_exits();
+}
+
+/// The dumper SIGKILLed in its copy: the kernel's release of its uffd leaves the target
+/// running with nothing write-protected or registered, neither stopped nor traced, and no
+/// core file (it had no name yet).
+#[test]
+fn a_dumper_killed_during_the_copy_leaves_the_target_whole_and_no_core() {
+    if not_root() {
+        return;
+    }
+    let mut t = Target::start(256 << 20, 2);
+    let dir = Scratch::new("dump-kill");
+    let core = dir.0.join("core");
+    let mut c = dump_until_copy(t.pid, &core);
+    c.child.kill().unwrap();
+    let o = wait_bounded(c);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&o.status),
+        Some(9),
+        "the dumper died of SIGKILL"
+    );
+    assert_eq!(dir.files(), Vec::<String>::new(), "files left");
+    assert_released(t.pid, "SIGKILL");
+    let r = t.op("touch-all");
+    assert!(r["len"].as_u64().unwrap() >= 256 << 20, "{r}");
+    t.runs_on_and_exits();
 }
