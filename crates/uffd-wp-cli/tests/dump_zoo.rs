@@ -7,7 +7,9 @@
 //!
 //! The dumps run in this test process through the library, so that a mapping change can be
 //! made at a chosen moment: from the copier's progress callback, after the pause, with most of
-//! the copy still to do (the copier waits for the target's answer).
+//! the copy still to do (the copier waits for the target's answer). The register test and
+//! the signal tests run `uffd-wp dump PID` itself: what a user runs, stopped by INT, TERM or
+//! KILL in its copy.
 //!
 //! Needs root (ptrace and a uffd inside another process) and gdb: each test is skipped with a
 //! message without them, or fails under `UFFD_WP_REQUIRE_KERNEL=1`.
