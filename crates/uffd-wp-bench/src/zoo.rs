@@ -12,6 +12,10 @@
 //! entry: state, kind, base, pages, version table) and one version table per slab. A slab
 //! being changed is marked [`CHANGING`] first (the oracle skips it), and the writers never
 //! touch a slab while it changes (a lock per slab).
+//!
+//! Optionally, spinner threads ([`ZooConfig::spinners`], [`crate::sys::spin`]) hold chosen
+//! values in `rbx` and `r12`-`r15` at every instant, with `rip` inside a known loop and a known
+//! `rsp` ([`Zoo::spinners`]): the register oracle of a dump.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -112,6 +116,51 @@ pub struct ZooConfig {
     pub anon: u64,
     /// Writer threads.
     pub writers: usize,
+    /// Spinner threads (registers known at every instant): the even ones spin in user mode,
+    /// the odd ones sleep 1 ms per round in `nanosleep(2)`.
+    pub spinners: usize,
+}
+
+/// A spinner thread's registers, loop and stack, as it recorded them.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpinnerRecord {
+    /// Its thread id.
+    pub tid: i32,
+    /// `spin` (user mode) or `sleep` (mostly in `nanosleep(2)`).
+    pub how: &'static str,
+    /// The values of `rbx`, `r12`, `r13`, `r14`, `r15`.
+    pub rbx: u64,
+    /// `r12`.
+    pub r12: u64,
+    /// `r13`.
+    pub r13: u64,
+    /// `r14`.
+    pub r14: u64,
+    /// `r15`.
+    pub r15: u64,
+    /// `rip` is in `loop_start..loop_end` at every instant.
+    pub loop_start: u64,
+    /// The end of the loop.
+    pub loop_end: u64,
+    /// `rsp` in the loop.
+    pub rsp: u64,
+    /// The address of a local variable of the thread (taken by Rust code, not the loop): its
+    /// stack mapping is the one holding this address.
+    pub stack_local: u64,
+}
+
+/// A running spinner.
+#[derive(Debug)]
+struct Spinner {
+    record: SpinnerRecord,
+    stop: Arc<AtomicU64>,
+    thread: JoinHandle<()>,
+}
+
+/// The values spinner `i` loads into `rbx`, `r12`..`r15`: distinct per thread and register.
+pub fn spinner_regs(i: usize) -> [u64; 5] {
+    let i = i as u64;
+    core::array::from_fn(|k| 0x5a17_0000_0000_0000 | (i + 1) << 32 | (k as u64 + 1) << 16 | 0xbeef)
 }
 
 /// The running zoo.
@@ -126,6 +175,7 @@ pub struct Zoo {
     /// The transient thread (`thread-start`/`thread-exit`).
     transient: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
     next_slot: Mutex<usize>,
+    spinners: Vec<Spinner>,
 }
 
 /// What an operation did.
@@ -163,6 +213,7 @@ impl Zoo {
             writers: cfg.writers.max(1),
             transient: Mutex::new(None),
             next_slot: Mutex::new(0),
+            spinners: Vec::new(),
         };
         // The change slabs first: mmap places later mappings below them, so a dump's copier
         // (in address order) reaches them last.
@@ -196,7 +247,15 @@ impl Zoo {
             rx.recv_timeout(Duration::from_secs(10))
                 .map_err(|_| Errno::TIMEDOUT)?;
         }
+        for i in 0..cfg.spinners {
+            z.spinners.push(start_spinner(i)?);
+        }
         Ok(z)
+    }
+
+    /// The spinner threads' records.
+    pub fn spinners(&self) -> Vec<SpinnerRecord> {
+        self.spinners.iter().map(|s| s.record.clone()).collect()
     }
 
     fn slot(&self) -> usize {
@@ -436,8 +495,64 @@ impl Zoo {
     }
 }
 
+/// Starts spinner `i` and waits (bounded) until its loop runs.
+fn start_spinner(i: usize) -> Result<Spinner, Errno> {
+    use crate::sys::spin::{Loop, Recorded, spin};
+    let how = if i % 2 == 0 { Loop::Spin } else { Loop::Sleep };
+    let regs = spinner_regs(i);
+    let stop = Arc::new(AtomicU64::new(0));
+    let rec = Arc::new(Recorded::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (st, r) = (stop.clone(), rec.clone());
+    let thread = std::thread::spawn(move || {
+        let local = 0u64;
+        let _ = tx.send((
+            rustix::thread::gettid().as_raw_nonzero().get(),
+            std::hint::black_box(&local) as *const u64 as u64,
+        ));
+        if let Err(e) = spin(regs, how, &r, &st) {
+            eprintln!("zoo: spinner {i}: {e}");
+        }
+    });
+    let (tid, stack_local) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| Errno::TIMEDOUT)?;
+    let t0 = std::time::Instant::now();
+    while rec.ready.load(Ordering::SeqCst) == 0 {
+        if thread.is_finished() {
+            return Err(Errno::NOSYS);
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            return Err(Errno::TIMEDOUT);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let record = SpinnerRecord {
+        tid,
+        how: if how == Loop::Spin { "spin" } else { "sleep" },
+        rbx: regs[0],
+        r12: regs[1],
+        r13: regs[2],
+        r14: regs[3],
+        r15: regs[4],
+        loop_start: rec.loop_start.load(Ordering::SeqCst),
+        loop_end: rec.loop_end.load(Ordering::SeqCst),
+        rsp: rec.rsp.load(Ordering::SeqCst),
+        stack_local,
+    };
+    Ok(Spinner {
+        record,
+        stop,
+        thread,
+    })
+}
+
 impl Drop for Zoo {
     fn drop(&mut self) {
+        for s in self.spinners.drain(..) {
+            s.stop.store(1, Ordering::Release);
+            let _ = s.thread.join();
+        }
         let _ = self.thread_exit();
         self.stop.store(true, Ordering::Release);
         for t in self.threads.drain(..) {

@@ -6,17 +6,21 @@
 //! page of the region must hold the version the table in the same dump records, except the one
 //! page each writer may be writing at the freeze.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use uffd_wp::dump::{self, Captured, DumpOptions, DumpReport};
+use uffd_wp::backend::linux::AttachError;
+use uffd_wp::dump::{self, Captured, DumpError, DumpOptions, DumpReport};
 use uffd_wp::engine::snapshot::Copier;
 use uffd_wp::helper::{Helper, Kind};
 use uffd_wp::range::{RangeSet, parse_size};
+use uffd_wp::sys::{Errno, file, signal};
 use uffd_wp_bench::workload::{DumpVerdict, Layout};
 
-use crate::snapshot::remote::parse_range;
+use crate::snapshot::remote::{CliObserver, parse_range};
 use crate::workload::Target;
 use crate::{CliError, report};
 
@@ -83,7 +87,7 @@ struct Output {
 
 /// Runs it.
 pub fn run(a: &Args) -> Result<(), CliError> {
-    let opts = options(a)?;
+    let mut opts = options(a)?;
     let mut target = match a.pid {
         Some(_) => None,
         None => Some(start_target(a)?),
@@ -96,34 +100,254 @@ pub fn run(a: &Args) -> Result<(), CliError> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("core.{pid}")));
-    let file = create(&path)?;
+    let out = CoreOut::create(&path)?;
+    signal::catch_stop_signals().map_err(|errno| CliError::Os {
+        operation: "installing the signal handlers".into(),
+        errno,
+    })?;
+    watch_signals(a.json, out.named_path().map(Path::to_path_buf));
+    // The watcher takes the signals: this thread (and the dump's threads) may sit in a long
+    // system call.
+    signal::block_stop_signals().map_err(|errno| CliError::Os {
+        operation: "blocking the stop signals in the dumping threads".into(),
+        errno,
+    })?;
+    let obs = Arc::new(CliObserver::new(None));
+    opts.observer = Some(obs.clone());
+    let res = dump_to(a, (pid, &opts), &out, target.as_mut(), &obs).and_then(|o| {
+        // A stop signal before the core is named ends the run as one during it.
+        match signal::caught_signal() {
+            Some(sig) => Err(CliError::Interrupted {
+                signal: sig,
+                during: "core write",
+            }),
+            None => Ok(o),
+        }
+    });
+    if !claim_end() {
+        // The signal watcher is ending the run.
+        loop {
+            std::thread::park();
+        }
+    }
+    let res = match res {
+        Ok(o) => out.persist().map(|()| o),
+        Err(e) => {
+            out.discard();
+            Err(e)
+        }
+    };
+    signal::default_stop_signals();
+    let o = res?;
+    report::emit(a.json, &o, print);
+    match o.oracle {
+        Some(v) if v.inconsistent > 0 => Err(CliError::Unverified(format!(
+            "{} pages of the dump are inconsistent with the version table in the same dump",
+            v.inconsistent
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Captures process `pid` and writes its core into `out` (not named yet). A stop signal
+/// cancels the attach or the freeze through `obs` (the target resumed) and ends the run from
+/// inside the copy or the core's writing ([`exit_interrupted`]).
+fn dump_to(
+    a: &Args,
+    (pid, opts): (u32, &DumpOptions),
+    out: &CoreOut,
+    target: Option<&mut BuiltIn>,
+    obs: &CliObserver,
+) -> Result<Output, CliError> {
     let bar = report::bar(
         report::show_progress(a.json),
         0,
         "{msg:10} [{bar:30}] {pos}/{len} pages {elapsed}",
         "copying".into(),
     );
-    let cap = dump::capture(pid, &opts, |done, total| {
+    let mut first = true;
+    let cap = dump::capture(pid, opts, |done, total| {
+        if std::mem::take(&mut first) {
+            obs.trace("copy");
+        }
+        if let Some(sig) = signal::caught_signal() {
+            bar.finish_and_clear();
+            exit_interrupted(
+                a.json,
+                out.named_path(),
+                sig,
+                obs.cancelled_during().unwrap_or("copy"),
+            );
+        }
         bar.set_length(total);
         bar.set_position(done);
     })
-    .map_err(|source| CliError::Dump { pid, source })?;
+    .map_err(|source| dump_error(pid, source, obs))?;
     bar.finish_and_clear();
-    let oracle = target.as_mut().map(|t| t.check(&cap));
-    dump::write_core(&cap, &file, |_, _| {}).map_err(|source| CliError::Dump { pid, source })?;
-    let out = Output {
-        core: path.display().to_string(),
+    if let Some(sig) = signal::caught_signal() {
+        return Err(CliError::Interrupted {
+            signal: sig,
+            during: "copy",
+        });
+    }
+    let layout = target.as_ref().map(|t| t.layout);
+    let oracle = target.map(|t| t.check(&cap));
+    obs.trace("core-write");
+    dump::write_core(&cap, &out.file, |_, _| {
+        if let Some(sig) = signal::caught_signal() {
+            exit_interrupted(a.json, out.named_path(), sig, "core write");
+        }
+    })
+    .map_err(|source| CliError::Dump { pid, source })?;
+    Ok(Output {
+        core: out.path.display().to_string(),
         dump: cap.report,
         oracle,
-        target: target.as_ref().map(|t| t.layout),
+        target: layout,
+    })
+}
+
+/// A dump's error; a cancel by a stop signal becomes `Interrupted`.
+fn dump_error(pid: u32, source: DumpError, obs: &CliObserver) -> CliError {
+    match (&source, signal::caught_signal()) {
+        (
+            DumpError::Attach(AttachError::Cancelled { .. })
+            | DumpError::Freeze(Some(AttachError::Cancelled { .. })),
+            Some(sig),
+        ) => CliError::Interrupted {
+            signal: sig,
+            during: obs.cancelled_during().unwrap_or("attach"),
+        },
+        _ => CliError::Dump { pid, source },
+    }
+}
+
+/// Claimed by whoever ends the run: the dump itself, or [`watch_signals`]'s exit (the other
+/// then does nothing more).
+static ENDING: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+/// How long a caught stop signal may wait for the dump to act on it (at the attach's and the
+/// freeze's steps, in the copy, in the core's writing) before [`watch_signals`] ends the run.
+const SIGNAL_GRACE: Duration = Duration::from_secs(1);
+
+/// Claims the end of the run: false if [`watch_signals`] claimed it first (it is exiting).
+fn claim_end() -> bool {
+    let mut ended = ENDING.lock().unwrap_or_else(|e| e.into_inner());
+    !std::mem::replace(&mut *ended, true)
+}
+
+/// Ends the run after a stop signal, with the error `Interrupted` (JSON under `--json`) and
+/// exit code 128 + the signal; the core file is discarded (`discard`: a file that has a name
+/// already). The exit closes the dump's uffd, whose release un-protects every page,
+/// unregisters every range and wakes every faulting thread, and detaches any thread still
+/// stopped: the issue-9 protocol keeps the target whole whenever this process ends.
+fn exit_interrupted(json: bool, discard: Option<&Path>, sig: i32, during: &'static str) -> ! {
+    if !claim_end() {
+        // The watcher is exiting: wait for it.
+        loop {
+            std::thread::park();
+        }
+    }
+    if let Some(p) = discard {
+        let _ = std::fs::remove_file(p);
+    }
+    let e = CliError::Interrupted {
+        signal: sig,
+        during,
     };
-    report::emit(a.json, &out, print);
-    match out.oracle {
-        Some(v) if v.inconsistent > 0 => Err(CliError::Unverified(format!(
-            "{} pages of the dump are inconsistent with the version table in the same dump",
-            v.inconsistent
-        ))),
-        _ => Ok(()),
+    if json {
+        crate::print_json(&serde_json::json!({ "error": e.report() }));
+    }
+    eprintln!("uffd-wp: error: {e}");
+    signal::exit_now(i32::from(e.exit_code()))
+}
+
+/// A thread that takes the stop signals (started before the others block them) and ends the
+/// run if the dump does not act on one within [`SIGNAL_GRACE`]: between the steps where the
+/// dump looks (allocating and pre-faulting a large image before the pause takes seconds)
+/// one signal must still end it promptly.
+fn watch_signals(json: bool, discard: Option<PathBuf>) {
+    std::thread::spawn(move || {
+        let sig = loop {
+            if let Some(s) = signal::caught_signal() {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::thread::sleep(SIGNAL_GRACE);
+        exit_interrupted(json, discard.as_deref(), sig, "capture")
+    });
+}
+
+/// The core file: an unnamed file (`O_TMPFILE`) in the directory of its path, created before
+/// the target is touched (an unwritable output fails first) and named only once written, so
+/// that a dump that fails, is interrupted or killed leaves no file (and a file already of
+/// that name as it was). Where the filesystem has no `O_TMPFILE`, the file is created under
+/// its name at once and removed when the dump fails or is interrupted.
+struct CoreOut {
+    path: PathBuf,
+    file: File,
+    /// Created under its name (no `O_TMPFILE`).
+    named: bool,
+}
+
+impl CoreOut {
+    fn create(path: &Path) -> Result<CoreOut, CliError> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let io = |operation, errno: Errno| CliError::Io {
+            operation,
+            path: path.display().to_string(),
+            source: std::io::Error::from_raw_os_error(errno.raw_os_error()),
+        };
+        let (file, named) = match file::create_unnamed(dir) {
+            Ok(f) => (f, false),
+            Err(Errno::OPNOTSUPP | Errno::ISDIR) => (create(path)?, true),
+            Err(errno) => return Err(io("creating", errno)),
+        };
+        Ok(CoreOut {
+            path: path.to_path_buf(),
+            file,
+            named,
+        })
+    }
+
+    /// Names the written file: linked under a temporary name beside it, then renamed over
+    /// the path (atomic: the path is the old file or the whole new one).
+    fn persist(&self) -> Result<(), CliError> {
+        if self.named {
+            return Ok(());
+        }
+        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = self
+            .path
+            .with_file_name(format!(".{name}.uffd-wp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let failed = |source| CliError::Io {
+            operation: "naming",
+            path: self.path.display().to_string(),
+            source,
+        };
+        file::link_unnamed(&self.file, &tmp)
+            .map_err(|errno| failed(std::io::Error::from_raw_os_error(errno.raw_os_error())))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            failed(e)
+        })
+    }
+
+    /// Its path if it has a name already (no `O_TMPFILE`): what [`CoreOut::discard`] removes.
+    fn named_path(&self) -> Option<&Path> {
+        self.named.then_some(self.path.as_path())
+    }
+
+    /// Removes the file if it has a name already (an unnamed one goes with its descriptor).
+    fn discard(&self) {
+        if let Some(p) = self.named_path() {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -150,7 +374,7 @@ fn options(a: &Args) -> Result<DumpOptions, CliError> {
     Ok(opts)
 }
 
-fn create(path: &Path) -> Result<std::fs::File, CliError> {
+fn create(path: &Path) -> Result<File, CliError> {
     std::fs::File::create(path).map_err(|source| CliError::Io {
         operation: "creating",
         path: path.display().to_string(),
@@ -171,6 +395,7 @@ fn start_target(a: &Args) -> Result<BuiltIn, CliError> {
         thp: false,
         interval_ms: 1000,
         zoo: false,
+        spinners: 0,
     };
     let failed = |e: String| CliError::Os {
         operation: format!("starting the built-in target: {e}"),

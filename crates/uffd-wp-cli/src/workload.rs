@@ -32,11 +32,16 @@ pub struct Target {
     pub interval_ms: u64,
     /// Run the zoo instead ([`uffd_wp_bench::zoo`]: every kind of memory, and mapping changes
     /// on command): `size` is its `anon` region. Answers a header line
-    /// `{"pid","zoo":true,"directory","max_writers","slabs":{name: addr}}`, then one line per
+    /// `{"pid","zoo":true,"directory","max_writers","slabs":{name: addr},"spinners":[..]}`, then one line per
     /// command `{"op": NAME}` read on stdin (`{"op","ok":true,"addr","len","from","writes"}` or
     /// `{"op","error"}`); `{"op":"exit"}` or end of file ends it with exit code 0.
     #[serde(default)]
     pub zoo: bool,
+    /// The zoo's spinner threads (registers known at every instant, see
+    /// [`uffd_wp_bench::sys::spin`]), listed in the header's `spinners` (tid, registers, loop
+    /// bounds, `rsp`).
+    #[serde(default)]
+    pub spinners: usize,
 }
 
 fn default_interval() -> u64 {
@@ -99,6 +104,7 @@ fn serve_zoo(mut parent: Parent, t: &Target) -> Result<(), String> {
     let z = Zoo::start(ZooConfig {
         anon: t.size,
         writers: t.threads,
+        spinners: t.spinners,
     })
     .map_err(|errno| format!("starting the zoo: {}", uffd_wp::sys::errno_name(errno)))?;
     let slabs: serde_json::Map<String, serde_json::Value> = z
@@ -112,6 +118,7 @@ fn serve_zoo(mut parent: Parent, t: &Target) -> Result<(), String> {
         "directory": z.directory_addr(),
         "max_writers": z.max_writers(),
         "slabs": slabs,
+        "spinners": z.spinners(),
     });
     if !parent.send(&head) {
         return Ok(());

@@ -1,15 +1,20 @@
 //! `uffd-wp dump` of the zoo target (every kind of memory: anonymous, `.data`, `.bss`, heap,
 //! `MAP_SHARED` anonymous, memfd, thread stacks), checked against the target's own record of
 //! the snapshot point, which is inside the dump: while the process maps, unmaps, moves, grows,
-//! drops memory, forks, starts and ends threads during the copy, and 50 times under load.
+//! drops memory, forks, starts and ends threads during the copy, and 50 times under load; gdb
+//! reading the memory at known addresses and every thread's registers (spinner threads whose
+//! registers are known at every instant) from a core.
 //!
 //! The dumps run in this test process through the library, so that a mapping change can be
 //! made at a chosen moment: from the copier's progress callback, after the pause, with most of
-//! the copy still to do (the copier waits for the target's answer).
+//! the copy still to do (the copier waits for the target's answer). The register test and
+//! the signal tests run `uffd-wp dump PID` itself: what a user runs, stopped by INT, TERM or
+//! KILL in its copy.
 //!
 //! Needs root (ptrace and a uffd inside another process) and gdb: each test is skipped with a
 //! message without them, or fails under `UFFD_WP_REQUIRE_KERNEL=1`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,8 +22,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use uffd_wp::dump::{self, Captured, DumpOptions};
 use uffd_wp::helper::{Helper, Kind};
-use uffd_wp::range::PAGE_SIZE;
+use uffd_wp::range::{PAGE_SIZE, Range};
 use uffd_wp_bench::zoo::{self, DIR_WORDS, LIVE, ZooVerdict};
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_uffd-wp");
 
@@ -51,16 +58,21 @@ struct Target {
 
 impl Target {
     fn start(anon: u64, writers: usize) -> Target {
-        let cfg = json!({"size": anon, "threads": writers, "zoo": true});
+        Target::start_with(anon, writers, 0).0
+    }
+
+    /// A zoo with `spinners` spinner threads too; also returns its header.
+    fn start_with(anon: u64, writers: usize, spinners: usize) -> (Target, Value) {
+        let cfg = json!({"size": anon, "threads": writers, "zoo": true, "spinners": spinners});
         let mut h = Helper::spawn(Path::new(BIN), &[], Kind::Workload, &cfg).unwrap();
         let head: Value = h.recv(Duration::from_secs(60)).unwrap();
-        Target {
+        let t = Target {
             pid: head["pid"].as_u64().unwrap() as u32,
             dir: head["directory"].as_u64().unwrap(),
             max_writers: head["max_writers"].as_u64().unwrap(),
-
             h,
-        }
+        };
+        (t, head)
     }
 
     /// Runs one operation in the target, bounded.
@@ -350,5 +362,420 @@ fn gdb_reads_every_kind_of_memory_at_known_addresses_as_the_target_recorded_it()
     let out = gdb(&core, &[format!("x/1gx {made:#x}")]);
     assert!(out.contains("Cannot access memory"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
+    t.runs_on_and_exits();
+}
+
+/// `struct user_regs_struct` (x86_64): the index of each register the register test checks.
+const REGS: [(&str, usize); 7] = [
+    ("r15", 0),
+    ("r14", 1),
+    ("r13", 2),
+    ("r12", 3),
+    ("rbx", 5),
+    ("rip", 16),
+    ("rsp", 19),
+];
+
+/// Every `NT_PRSTATUS` note of a core, read directly: (`pr_pid`, `pr_reg` as 27 words).
+fn prstatus_notes(core: &Path) -> Vec<(i32, Vec<u64>)> {
+    use object::elf::FileHeader64;
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let data = std::fs::read(core).unwrap();
+    let h = FileHeader64::<object::Endianness>::parse(&*data).unwrap();
+    let e = h.endian().unwrap();
+    let mut out = Vec::new();
+    for ph in h.program_headers(e, &*data).unwrap() {
+        let Some(mut notes) = ph.notes(e, &*data).unwrap() else {
+            continue;
+        };
+        while let Some(n) = notes.next().unwrap() {
+            if n.name() != b"CORE" || n.n_type(e).0 != 1 {
+                continue;
+            }
+            let d = n.desc();
+            assert_eq!(d.len(), 336, "sizeof(struct elf_prstatus)");
+            let tid = i32::from_ne_bytes(d[32..36].try_into().unwrap());
+            let regs = d[112..112 + 27 * 8]
+                .chunks_exact(8)
+                .map(|w| u64::from_ne_bytes(w.try_into().unwrap()))
+                .collect();
+            out.push((tid, regs));
+        }
+    }
+    out
+}
+
+/// gdb's `thread apply all info registers ...`: per LWP, each register's value.
+fn gdb_registers(out: &str) -> BTreeMap<i32, BTreeMap<String, u64>> {
+    let mut all: BTreeMap<i32, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut cur = None;
+    for l in out.lines() {
+        if l.starts_with("Thread ") {
+            cur = l
+                .split_once("(LWP ")
+                .and_then(|(_, r)| r.split(')').next()?.trim().parse().ok());
+            continue;
+        }
+        let mut w = l.split_whitespace();
+        if let (Some(t), Some(name), Some(v)) = (cur, w.next(), w.next())
+            && let Some(h) = v.strip_prefix("0x")
+            && let Ok(v) = u64::from_str_radix(h, 16)
+        {
+            all.entry(t).or_default().insert(name.to_string(), v);
+        }
+    }
+    all
+}
+
+/// The thread ids in /proc/PID/task, sorted.
+fn tasks(pid: u32) -> Vec<i32> {
+    let mut t: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    t.sort();
+    t
+}
+
+/// The mapping of process `pid` holding `addr` (start, end), from /proc/PID/maps.
+fn mapping_of(pid: u32, addr: u64) -> Option<(u64, u64)> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .find(|(a, b)| *a <= addr && addr < *b)
+}
+
+/// gdb opens a core taken by `uffd-wp dump PID` and sees every thread the target had at the
+/// freeze, each with the registers of its `NT_PRSTATUS` note (read directly from the core);
+/// for the spinner threads (callee-saved registers loaded with recorded constants, then a
+/// loop that never touches them, one in user mode, one mostly inside `nanosleep(2)`) those
+/// registers are the recorded values, `rip` is inside the loop and `rsp` is the recorded
+/// value, inside the thread's stack mapping.
+#[test]
+fn gdb_sees_every_thread_with_the_registers_it_had_at_the_freeze() {
+    if not_root() {
+        return;
+    }
+    if Command::new("gdb").arg("--version").output().is_err() && skip("gdb") {
+        return;
+    }
+    let t0 = Instant::now();
+    let (t, head) = Target::start_with(1 << 20, 2, 2);
+    let spinners = head["spinners"].as_array().unwrap().clone();
+    assert_eq!(spinners.len(), 2, "{head}");
+    let stacks: Vec<(u64, u64)> = spinners
+        .iter()
+        .map(|s| mapping_of(t.pid, s["stack_local"].as_u64().unwrap()).expect("stack mapping"))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("uffd-wp-dump-regs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let core = dir.join("core");
+    let before = tasks(t.pid);
+    let o = Command::new("timeout")
+        .args(["60", BIN, "dump", &t.pid.to_string(), "--json", "-o"])
+        .arg(&core)
+        .output()
+        .unwrap();
+    let after = tasks(t.pid);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // The zoo starts no thread on its own: the threads at the freeze are these.
+    assert_eq!(
+        before, after,
+        "the target's threads changed during the dump"
+    );
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["threads"], before.len(), "{report}");
+    let notes = prstatus_notes(&core);
+    let mut tids: Vec<i32> = notes.iter().map(|n| n.0).collect();
+    assert_eq!(
+        notes[0].0, t.pid as i32,
+        "the main thread's note comes first"
+    );
+    tids.sort();
+    assert_eq!(tids, before, "one NT_PRSTATUS per thread at the freeze");
+    let cmd = "thread apply all info registers r12 r13 r14 r15 rbx rip rsp".to_string();
+    let out = gdb(&core, &[cmd]);
+    let seen = gdb_registers(&out);
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        before,
+        "gdb's threads:\n{out}"
+    );
+    // gdb's view of every thread is its note's.
+    for (tid, regs) in &notes {
+        for (name, i) in REGS {
+            assert_eq!(
+                seen[tid].get(name),
+                Some(&regs[i]),
+                "thread {tid} {name}: gdb against NT_PRSTATUS\n{out}"
+            );
+        }
+    }
+    // The spinners' registers are what they recorded.
+    for (s, (lo, hi)) in spinners.iter().zip(&stacks) {
+        let tid = s["tid"].as_i64().unwrap() as i32;
+        let regs = &notes.iter().find(|n| n.0 == tid).expect("spinner note").1;
+        let r = |name: &str| regs[REGS.iter().find(|x| x.0 == name).unwrap().1];
+        for name in ["rbx", "r12", "r13", "r14", "r15"] {
+            assert_eq!(
+                r(name),
+                s[name].as_u64().unwrap(),
+                "spinner {tid} {name}: {s}"
+            );
+        }
+        let (start, end) = (
+            s["loop_start"].as_u64().unwrap(),
+            s["loop_end"].as_u64().unwrap(),
+        );
+        assert!(
+            (start..end).contains(&r("rip")),
+            "spinner {tid}: rip {:#x} outside its loop {start:#x}..{end:#x}",
+            r("rip")
+        );
+        assert_eq!(
+            r("rsp"),
+            s["rsp"].as_u64().unwrap(),
+            "spinner {tid} rsp: {s}"
+        );
+        assert!(
+            (*lo..*hi).contains(&r("rsp")),
+            "spinner {tid}: rsp {:#x} outside its stack {lo:#x}..{hi:#x}",
+            r("rsp")
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    t.runs_on_and_exits();
+    eprintln!(
+        "{}",
+        json!({"threads": before.len(), "spinners": 2, "seconds": t0.elapsed().as_secs_f64()})
+    );
+}
+
+/// Whether the target shows nothing of a dump: no thread stopped or traced, no userfaultfd
+/// among its fds, no mapping registered (`uw` in smaps) or page write-protected (pagemap bit
+/// 57, read directly) anywhere in it; `Err` says what is left.
+fn released(pid: u32) -> Result<(), String> {
+    let states = common::thread_states(pid);
+    if states.iter().any(|(_, s)| *s == 't' || *s == 'T') {
+        return Err(format!("threads left stopped: {states:?}"));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    if !status.contains("TracerPid:\t0") {
+        return Err("still traced".into());
+    }
+    if common::holds_uffd(pid) {
+        return Err("a userfaultfd left in the target".into());
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    for l in maps.lines().filter(|l| !l.ends_with("[vsyscall]")) {
+        let (a, b) = l
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .split_once('-')
+            .unwrap();
+        let r = Range::from_bounds(
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let n = common::bit57_pages(pid, r);
+        if n > 0 || common::smaps_uw(pid, r) {
+            return Err(format!("{n} pages write-protected (or VM_UFFD_WP) in {l}"));
+        }
+    }
+    Ok(())
+}
+
+/// [`released`] within 2 s of the dumper's end.
+fn assert_released(pid: u32, what: &str) {
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut res = released(pid);
+    while res.is_err() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(1));
+        res = released(pid);
+    }
+    if let Err(e) = res {
+        panic!("{what}: {e}");
+    }
+}
+
+/// A dumper started by [`dump_until_copy`]: the process, and its stderr as it is read.
+struct Dumper {
+    child: std::process::Child,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// Starts `uffd-wp dump PID --json -o core` and waits (bounded) until its copy has begun
+/// (the `STEP copy` line it prints with `UFFD_WP_TRACE_STEPS` at its first progress call,
+/// after the pause).
+fn dump_until_copy(pid: u32, core: &Path) -> Dumper {
+    use std::io::BufRead;
+    let mut child = Command::new(BIN)
+        .args(["dump", &pid.to_string(), "--json", "-o"])
+        .arg(core)
+        .env("UFFD_WP_TRACE_STEPS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if l.starts_with("uffd-wp: STEP copy ") {
+                let _ = tx.send(());
+            }
+            all += &(l + "\n");
+        }
+        all
+    });
+    if let Err(e) = rx.recv_timeout(Duration::from_secs(120)) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "the dump never reached its copy ({e}): {}",
+            stderr.join().unwrap()
+        );
+    }
+    Dumper { child, stderr }
+}
+
+/// Waits at most 60 s for the dumper to end (else kills it and fails); its output, stderr
+/// included.
+fn wait_bounded(d: Dumper) -> std::process::Output {
+    let Dumper { mut child, stderr } = d;
+    let until = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("the dumper did not end within 60 s of the signal");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut o = child.wait_with_output().unwrap();
+    o.stderr = stderr.join().unwrap().into_bytes();
+    o
+}
+
+/// A scratch directory for cores, removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("uffd-wp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+
+    /// The files in it.
+    fn files(&self) -> Vec<String> {
+        std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// SIGINT and SIGTERM during `uffd-wp dump PID`'s copy (after the pause) end it with one
+/// signal: exit code 128 + the signal, a JSON error of kind `Interrupted` that says the target
+/// was released, no core file (nor a temporary one) left; the target is neither stopped nor
+/// traced, holds no userfaultfd, has no page write-protected and no mapping registered, and
+/// writes every page it has.
+#[test]
+fn a_stop_signal_during_the_copy_ends_the_dump_cleanly_with_no_core_left() {
+    if not_root() {
+        return;
+    }
+    let mut t = Target::start(256 << 20, 2);
+    let dir = Scratch::new("dump-sig");
+    let core = dir.0.join("core");
+    for (sig, code) in [("INT", 130), ("TERM", 143)] {
+        let t0 = Instant::now();
+        let c = dump_until_copy(t.pid, &core);
+        let at = t0.elapsed();
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &c.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig}");
+        let o = wait_bounded(c);
+        let ended = t0.elapsed();
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| {
+            panic!(
+                "SIG{sig}: no JSON: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        assert_eq!(o.status.code(), Some(code), "SIG{sig}: {v}");
+        let e = &v["error"];
+        assert_eq!(e["kind"], "Interrupted", "SIG{sig}: {v}");
+        assert_eq!(e["errno"], "EINTR", "SIG{sig}: {v}");
+        // After the pause: in the copy, or (on a fast machine) writing the core.
+        let during = e["operation"].as_str().unwrap();
+        assert!(["copy", "core write"].contains(&during), "SIG{sig}: {v}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("the target was released"),
+            "{v}"
+        );
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            text.contains("uffd-wp: error: interrupted by signal"),
+            "the text error: {text}"
+        );
+        assert_eq!(dir.files(), Vec::<String>::new(), "SIG{sig}: files left");
+        assert_released(t.pid, &format!("SIG{sig}"));
+        let r = t.op("touch-all");
+        assert!(r["len"].as_u64().unwrap() >= 256 << 20, "{r}");
+        eprintln!(
+            "{}",
+            json!({"signal": sig, "during": during, "copy_began_s": at.as_secs_f64(),
+                   "ended_s": ended.as_secs_f64()})
+        );
+    }
+    t.runs_on_and_exits();
+}
+
+/// The dumper SIGKILLed in its copy: the kernel's release of its uffd leaves the target
+/// running with nothing write-protected or registered, neither stopped nor traced, and no
+/// core file (it had no name yet).
+#[test]
+fn a_dumper_killed_during_the_copy_leaves_the_target_whole_and_no_core() {
+    if not_root() {
+        return;
+    }
+    let mut t = Target::start(256 << 20, 2);
+    let dir = Scratch::new("dump-kill");
+    let core = dir.0.join("core");
+    let mut c = dump_until_copy(t.pid, &core);
+    c.child.kill().unwrap();
+    let o = wait_bounded(c);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&o.status),
+        Some(9),
+        "the dumper died of SIGKILL"
+    );
+    assert_eq!(dir.files(), Vec::<String>::new(), "files left");
+    assert_released(t.pid, "SIGKILL");
+    let r = t.op("touch-all");
+    assert!(r["len"].as_u64().unwrap() >= 256 << 20, "{r}");
     t.runs_on_and_exits();
 }

@@ -109,6 +109,7 @@ fn spawn(spec: &TargetSpec) -> Result<Helper, uffd_wp::helper::HelperError> {
         thp: false,
         interval_ms: spec.interval_ms,
         zoo: false,
+        spinners: 0,
     };
     Helper::spawn(Path::new("/proc/self/exe"), &[], Kind::Workload, &target)
 }

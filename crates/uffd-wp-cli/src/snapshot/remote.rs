@@ -51,27 +51,58 @@ fn stall(what: &str) -> Result<(), Cancel> {
     }
 }
 
-/// The CLI's [`Observer`]: cancels once a stop signal was caught; stalls at `--stall-at`;
-/// with `UFFD_WP_TRACE_STEPS` set (tests), names every step on stderr as it is reached.
+/// The CLI's [`Observer`]: cancels once a stop signal was caught (and remembers where);
+/// stalls at `--stall-at`; with `UFFD_WP_TRACE_STEPS` set (tests), names every step on stderr
+/// as it is reached.
 #[derive(Debug)]
-struct CliObserver {
+pub(crate) struct CliObserver {
     stall: Option<String>,
     trace: bool,
     t0: std::time::Instant,
+    cancelled_at: std::sync::Mutex<Option<Step>>,
 }
 
-impl Observer for CliObserver {
-    fn at(&self, step: Step) -> Result<(), Cancel> {
+impl CliObserver {
+    /// An observer stalling at `stall` (a `--stall-at` name), tracing if the environment says.
+    pub(crate) fn new(stall: Option<String>) -> CliObserver {
+        CliObserver {
+            stall,
+            trace: std::env::var_os("UFFD_WP_TRACE_STEPS").is_some(),
+            t0: std::time::Instant::now(),
+            cancelled_at: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Names `what` on stderr (`uffd-wp: STEP what +Nus`) when tracing.
+    pub(crate) fn trace(&self, what: &str) {
         if self.trace {
             // One write, so that a kill never cuts a line.
             let line = format!(
-                "uffd-wp: STEP {} +{}us\n",
-                step.name(),
+                "uffd-wp: STEP {what} +{}us\n",
                 self.t0.elapsed().as_micros()
             );
             let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         }
+    }
+
+    /// Where a stop signal was acted on: `attach`, `freeze`, or `None` (not at a step).
+    pub(crate) fn cancelled_during(&self) -> Option<&'static str> {
+        let at = *self.cancelled_at.lock().expect("observer lock");
+        at.map(|s| match s {
+            Step::Freezing | Step::Frozen => "freeze",
+            _ => "attach",
+        })
+    }
+}
+
+impl Observer for CliObserver {
+    fn at(&self, step: Step) -> Result<(), Cancel> {
+        self.trace(step.name());
         if signal::caught_signal().is_some() {
+            self.cancelled_at
+                .lock()
+                .expect("observer lock")
+                .get_or_insert(step);
             return Err(Cancel);
         }
         if self.stall.as_deref() == Some(step.name()) {
@@ -186,14 +217,8 @@ pub(super) fn run(a: &Args, pid: u32, range: &str) -> Result<(), CliError> {
         operation: "installing the signal handlers".into(),
         errno,
     })?;
-    let obs = Arc::new(CliObserver {
-        stall: a.stall_at.clone(),
-        trace: std::env::var_os("UFFD_WP_TRACE_STEPS").is_some(),
-        t0: std::time::Instant::now(),
-    });
-    if obs.trace {
-        eprintln!("uffd-wp: STEP begin +0us");
-    }
+    let obs = Arc::new(CliObserver::new(a.stall_at.clone()));
+    obs.trace("begin");
     let (mm, attach) = LinuxMm::attach_observed(pid, a.thread, Config::default(), &*obs)
         .map_err(|e| attach_error("attaching to", pid, e))?;
     let rq = RemoteQuiesce::with_observer(pid, obs);

@@ -21,11 +21,12 @@ pub mod plan;
 pub mod target;
 mod write;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::linux::remote::read_remote;
+use crate::backend::linux::remote::{NoObserver, Observer, read_remote};
 use crate::backend::linux::{AttachError, Config, LinuxMm, RemoteQuiesce};
 use crate::backend::procfs::{self, MapEntry};
 use crate::engine::snapshot::{
@@ -136,6 +137,12 @@ pub struct DumpOptions {
     pub only: Option<RangeSet>,
     /// The snapshot engine's options for the write-protected part.
     pub snapshot: SnapshotOptions,
+    /// Called at every step of the attach and of the freeze
+    /// ([`crate::backend::linux::remote::Step`]); `Err(Cancel)` there ends that step cleanly
+    /// (the target resumed) and the dump fails with [`DumpError::Attach`] or
+    /// [`DumpError::Freeze`] holding [`AttachError::Cancelled`]. A command line stopped by a
+    /// signal cancels here. `None`: never cancels.
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 /// One mapping in the report.
@@ -271,9 +278,13 @@ pub fn capture(
     let auxv = target::auxv(p)?;
     let mut plan = plan_target(p, opts)?;
     let watch = CpuWatch::start(p);
-    let mm = LinuxMm::attach(pid, event_config())?;
+    let obs = opts
+        .observer
+        .clone()
+        .unwrap_or_else(|| Arc::new(NoObserver) as Arc<dyn Observer>);
+    let (mm, _) = LinuxMm::attach_observed(pid, None, event_config(), &*obs)?;
     refuse_unregistrable(&mm, &mut plan);
-    let rq = RemoteQuiesce::new(pid);
+    let rq = RemoteQuiesce::with_observer(pid, obs);
     let dq = DumpQuiesce::new(&rq, p, in_freeze_ranges(&plan));
     let wp: RangeSet = plan
         .iter()

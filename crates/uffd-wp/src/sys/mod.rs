@@ -17,10 +17,12 @@
 //! - [`signal`]: process-wide signal dispositions (`SIGPIPE` for the command line).
 //! - [`sched`]: the nice value of the calling thread (a background copier).
 //! - [`cpu`]: `CPUID` facts (the XSAVE layout a core file describes).
+//! - [`file`]: unnamed files (`O_TMPFILE`), named once written (the core file).
 #![allow(unsafe_code)]
 
 pub mod cpu;
 pub mod direct;
+pub mod file;
 pub mod mem;
 pub mod pagemap;
 pub mod ptrace;

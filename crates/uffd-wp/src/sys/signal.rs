@@ -63,3 +63,41 @@ pub fn caught_signal() -> Option<i32> {
         s => Some(s),
     }
 }
+
+/// Blocks [`STOP_SIGNALS`] in the calling thread, and so in every thread it starts afterwards
+/// (a new thread inherits its creator's mask): the kernel then hands a stop signal sent to
+/// the process to a thread that does not block it, started before. A thread that spends
+/// seconds in one system call (pre-faulting a large mapping, which no caught signal
+/// interrupts) would otherwise hold a signal it was picked for until the call returns.
+pub fn block_stop_signals() -> Result<(), Errno> {
+    // SAFETY: a zeroed sigset_t is a valid argument to sigemptyset, which initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live sigset_t; sigemptyset and sigaddset only write into it.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in STOP_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+    }
+    // SAFETY: `set` is initialised; the old mask is not asked for. Blocking signals changes
+    // only when this thread is interrupted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(Errno::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Ends the process at once with `code` (`_exit(2)`: `exit_group`), skipping the C library's
+/// and Rust's exit handlers, after flushing stdout and stderr. For a run ended by a stop
+/// signal while another thread may sit in a long system call holding the mm's lock (a
+/// `MADV_POPULATE_WRITE` of a large mapping holds it for seconds): `std::process::exit`'s
+/// clean-up unmaps memory (the main thread's signal stack) and would wait for that lock.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit(2) ends every thread of the process; nothing of this process runs after
+    // it, so no destructor or handler that is skipped can be relied on by later code.
+    unsafe { libc::_exit(code) }
+}
