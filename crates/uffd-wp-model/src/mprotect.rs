@@ -50,8 +50,9 @@
 //! with no VMA at all is ENOENT with `done = 0`. Gaps between VMAs inside the prefix count as
 //! done. With `MODE_SKIP_PINNED` (only with `MODE_WP`) a present page whose folio may be
 //! DMA-pinned (`folio_maybe_dma_pinned()`; the model knows the true pin counts) is left as it
-//! is, counted in `done` and in `pinned` (whatever its uffd-wp bit: a pinned page already
-//! protected is just as writable by the device). The seed thread's wording ("return the bytes
+//! is, counted in `done`, and in `pinned` when it is left without the uffd-wp bit (a pinned
+//! page already protected stays protected and is not counted: `pinned` is what this call left
+//! writable, which pagemap can then locate; the patch series decided so, kernel/README.md). The seed thread's wording ("return the bytes
 //! not write-protected, unless nothing was") is `len - done`, with the errno kept beside it.
 
 use uffd_wp::range::{Range, RangeSet};
@@ -355,8 +356,12 @@ impl Kernel {
         };
         let skip = mode & MODE_SKIP_PINNED != 0;
         let (err, stop) = self.mwriteprotect_range(ctx, start, len, wp, true, skip);
-        let pinned = if skip && stop > start {
-            self.pinned_ranges(start, stop).bytes()
+        // The pinned pages the call left without the bit (one already protected stays so and
+        // is not counted: the kernel patch's definition, kernel/README.md).
+        let pinned = if skip && wp && stop > start {
+            self.pinned_ranges(start, stop)
+                .intersection(&self.prefix_violations(start, stop, true, false))
+                .bytes()
         } else {
             0
         };

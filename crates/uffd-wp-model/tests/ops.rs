@@ -183,7 +183,7 @@ fn partition(r: Range, rep: &uffd_wp::WpReport) -> Result<(), TestCaseError> {
 /// One raw `UFFDIO_WRITEPROTECT_REPORT`: under `linux` EINVAL with nothing written; under
 /// `proposed` a page-aligned prefix (the model checks it is in the requested state), the whole
 /// range on success, an errno that says why it is not, and `pinned` the pinned bytes of the
-/// prefix with `skip` (0 without).
+/// prefix not protected before the call, with `skip` (0 without).
 fn report_op(mm: &ModelMm, r: Range, skip: bool, sem: Semantics) -> Result<(), TestCaseError> {
     let m = mm.model();
     let before = m.wp_set(r);
@@ -196,7 +196,13 @@ fn report_op(mm: &ModelMm, r: Range, skip: bool, sem: Semantics) -> Result<(), T
     prop_assert!(k.done <= r.len() && k.done % P == 0, "{:?}", k);
     prop_assert_eq!(k.result.is_ok(), k.done == r.len(), "{:?}", k);
     let prefix = k.prefix(r).map_or_else(RangeSet::new, RangeSet::single);
-    let pinned = m.pinned_pages(r).intersection(&prefix).bytes();
+    // The pinned pages of the prefix the call left without the bit: those protected before
+    // it stay so and do not count.
+    let pinned = m
+        .pinned_pages(r)
+        .intersection(&prefix)
+        .difference(&before)
+        .bytes();
     prop_assert_eq!(k.pinned, if skip { pinned } else { 0 });
     // Past the prefix nothing changed.
     if let Some(rest) = k.rest(r) {

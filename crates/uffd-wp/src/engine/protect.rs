@@ -257,7 +257,8 @@ pub struct WpReport {
     pub read_back_bytes: u64,
     /// With `skip_pinned`: long-term pinned bytes of the monitored process that no known source
     /// explains ([`Mm::unexplained_pinned_bytes`]), plus pinned bytes the kernel reported that
-    /// the engine could not place (a pinned page already protected before the call). Non-zero
+    /// the engine could not place (none, with a kernel that counts only the pages it left
+    /// without the bit, as the patch series does: kept as a guard). Non-zero
     /// means `skipped` may be incomplete: some pinned page of the request may be reported
     /// protected although a device can write it.
     pub unexplained_pinned_bytes: u64,
