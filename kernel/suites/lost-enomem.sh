@@ -1,0 +1,5 @@
+# `uffd-wp scenario lost-enomem`: a 2 GiB range write-protected under a 1 MiB memory cgroup v1
+# limit (shared/kernel-notes.md). Stock 6.12 returns 0 with a hole in the first GiB; the
+# patched kernel returns ENOMEM with a protected prefix (lost-enomem.check.jq).
+# timeout: 300
+uffd-wp scenario lost-enomem --json
