@@ -2,7 +2,7 @@
 //! arena so that both sides get exactly the same calls, and records what each operation showed.
 
 use uffd_wp::range::{PAGE_SIZE, Range, RangeSet};
-use uffd_wp::seam::lab::{self, Advice, Lab, LabError, WpFault};
+use uffd_wp::seam::lab::{self, Advice, Lab, LabError, RawReturn, WpFault};
 use uffd_wp::seam::{Errno, PageState, RegisterMode, ScanRequest, WpMode, errno_name};
 use uffd_wp::seam::{SCAN_CHECK_WPASYNC, SCAN_WP_MATCHING, category};
 
@@ -25,6 +25,7 @@ pub(crate) fn run_case(
         base,
         pages: arena_pages(case.config.thp),
         thp: case.config.thp,
+        report: case.config.report,
         layout: Layout::default(),
     };
     let steps = case
@@ -80,6 +81,8 @@ struct Driver<'a> {
     pages: u64,
     /// The THP arena: offsets and lengths scaled by [`THP_SCALE`].
     thp: bool,
+    /// Protects go through `UFFDIO_WRITEPROTECT_REPORT` ([`crate::CaseConfig::report`]).
+    report: bool,
     layout: Layout,
 }
 
@@ -151,15 +154,7 @@ impl Driver<'_> {
             Op::Unregister { off, pages } => {
                 StepObs::result(result(&self.lab.mm().unregister(self.range(off, pages))))
             }
-            Op::Protect { off, pages, wp } => {
-                let mode = if wp {
-                    WpMode::Protect
-                } else {
-                    WpMode::Unprotect { dontwake: false }
-                };
-                let r = self.range(off, pages);
-                StepObs::result(result(&self.lab.mm().writeprotect(r, mode)))
-            }
+            Op::Protect { off, pages, wp } => self.protect(off, pages, wp),
             Op::Scan {
                 off,
                 pages,
@@ -169,6 +164,28 @@ impl Driver<'_> {
         (self.check)();
         obs.pages = pages_string(&self.page_states());
         obs
+    }
+
+    /// A raw write-protect, or un-protect; with the report call (the case asked for it) a
+    /// protect shows the kernel's `done` and `pinned` beside its result.
+    fn protect(&mut self, off: u64, pages: u64, wp: bool) -> StepObs {
+        let r = self.range(off, pages);
+        if !wp {
+            let mode = WpMode::Unprotect { dontwake: false };
+            return StepObs::result(result(&self.lab.mm().writeprotect(r, mode)));
+        }
+        if !self.report {
+            return StepObs::result(result(&self.lab.mm().writeprotect(r, WpMode::Protect)));
+        }
+        match self.lab.raw_protect(r, false) {
+            RawReturn::Report(k) => StepObs::result(format!(
+                "{} done {} pinned {}",
+                result(&k.result),
+                k.done / PAGE_SIZE,
+                k.pinned / PAGE_SIZE
+            )),
+            RawReturn::Linux(res) => StepObs::result(format!("{} (old call)", result(&res))),
+        }
     }
 
     /// The page states of the whole arena (none at all if they cannot be read).

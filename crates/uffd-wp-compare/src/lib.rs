@@ -180,12 +180,20 @@ pub struct CaseConfig {
     /// `ModelConfig::swap`).
     #[serde(default)]
     pub swap: bool,
+    /// The kernel offers `UFFDIO_WRITEPROTECT_REPORT` (the patch series, kernel/README.md):
+    /// the case asks for it, every write-protect goes through it (its errno, `done` and
+    /// `pinned` compared), and the model runs under its `proposed` semantics.
+    #[serde(default)]
+    pub report: bool,
 }
 
 impl CaseConfig {
     /// The features asked for.
     pub fn features(self) -> Features {
         let mut f = Features::PAGEFAULT_FLAG_WP;
+        if self.report {
+            f = f.with(Features::WP_REPORT).with(Features::WP_SKIP_PINNED);
+        }
         if self.unpopulated || self.async_wp {
             f = f.with(Features::WP_UNPOPULATED);
         }
@@ -201,6 +209,9 @@ impl CaseConfig {
 pub struct Env {
     /// A swap device is active (`/proc/swaps` lists one): every case runs with swap.
     pub swap: bool,
+    /// The kernel offers `UFFDIO_WRITEPROTECT_REPORT`: every case uses it, against the
+    /// model's `proposed` semantics ([`CaseConfig::report`]).
+    pub report: bool,
 }
 
 impl Env {
@@ -208,6 +219,8 @@ impl Env {
     pub fn detect() -> Env {
         Env {
             swap: swap_active(),
+            report: uffd_wp::features::kernel_features()
+                .is_ok_and(|f| f.contains(Features::WP_REPORT.with(Features::WP_SKIP_PINNED))),
         }
     }
 }
@@ -280,6 +293,7 @@ pub fn case_strategy(env: Env) -> impl Strategy<Value = Case> {
                 unpopulated,
                 thp,
                 swap: env.swap,
+                report: env.report,
             },
             ops,
         })
@@ -337,6 +351,7 @@ pub fn case_from_bytes(data: &[u8]) -> Case {
             unpopulated: cfg & 2 != 0,
             thp: cfg & 4 != 0,
             swap: cfg & 8 != 0,
+            report: cfg & 16 != 0,
         },
         ops,
     }
@@ -369,6 +384,11 @@ pub struct Mismatch {
 pub struct CompareReport {
     /// Whether the cases ran with swap (anonymous `MADV_PAGEOUT` swapping pages out).
     pub swap: bool,
+    /// Whether the cases used `UFFDIO_WRITEPROTECT_REPORT`, against the model's `proposed`
+    /// semantics (else the old call against `linux`).
+    pub report: bool,
+    /// The model's semantics the kernel was compared with.
+    pub semantics: &'static str,
     /// Cases run.
     pub cases: u64,
     /// Operations run (on each side).
@@ -488,6 +508,8 @@ pub fn compare(
     let strategy = case_strategy(env);
     let mut report = CompareReport {
         swap: env.swap,
+        report: env.report,
+        semantics: if env.report { "proposed" } else { "linux" },
         cases: 0,
         ops: 0,
         mismatches: 0,
@@ -564,6 +586,41 @@ mod tests {
         let (step, k, _) = diff(&Err("hung".into()), &obs("P.")).expect("kernel failure");
         assert_eq!(step, None);
         assert_eq!(k["error"], "hung");
+    }
+
+    /// With the report call (a patched kernel), a protect shows the call's errno, `done` and
+    /// `pinned`: the whole range on success, the prefix before an unregistered page.
+    #[test]
+    fn report_cases_show_the_kernel_report_of_each_protect() {
+        let config = CaseConfig {
+            async_wp: false,
+            unpopulated: true,
+            thp: false,
+            swap: false,
+            report: true,
+        };
+        let ops = vec![
+            Op::Map {
+                off: 0,
+                pages: 16,
+                kind: MapKind::Anon,
+            },
+            Op::Register { off: 0, pages: 8 },
+            Op::Protect {
+                off: 0,
+                pages: 8,
+                wp: true,
+            },
+            Op::Protect {
+                off: 0,
+                pages: 12,
+                wp: true,
+            },
+        ];
+        let o = model::run(&Case { config, ops });
+        assert_eq!(o.steps[2].result, "ok done 8 pinned 0");
+        assert_eq!(o.steps[3].result, "ENOENT done 8 pinned 0");
+        assert!(config.features().contains(Features::WP_REPORT));
     }
 
     #[test]

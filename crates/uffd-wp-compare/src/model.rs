@@ -9,12 +9,17 @@ use uffd_wp_model::{ModelConfig, Semantics, ThpSysfs, UffdConfig};
 use crate::arena::surroundings;
 use crate::{Case, CaseObs};
 
-/// A fresh model process with the kernel worker's surroundings (linux semantics, swap as the
+/// A fresh model process with the kernel worker's surroundings (linux semantics, or proposed
+/// where the case uses the report call; swap as the
 /// case says, THP on madvise: this project's machines) and the case's features; the base of
 /// the case's arena.
 fn fresh(config: crate::CaseConfig) -> (ModelLab, u64) {
     let cfg = ModelConfig {
-        semantics: Semantics::Linux,
+        semantics: if config.report {
+            Semantics::Proposed
+        } else {
+            Semantics::Linux
+        },
         swap: config.swap,
         thp: ThpSysfs::Madvise,
         thp_zero_page: true,
