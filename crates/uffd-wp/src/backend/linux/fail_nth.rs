@@ -10,7 +10,7 @@
 //! stay off (probability 0): only the armed thread's Nth allocation fails.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 
 use crate::seam::lab::LabError;
@@ -37,18 +37,32 @@ fn setup_err(what: String) -> impl FnOnce(std::io::Error) -> LabError {
 }
 
 /// Fails one page allocation of the thread that opened it, on demand.
+///
+/// `/proc/PID/task/TID/fail-nth` cannot seek (ESPIPE): its write ignores the file position, so
+/// one descriptor serves every write; a read must start at 0, so each arming opens a fresh
+/// descriptor for the one read that follows, *before* it arms (opening allocates).
 #[derive(Debug)]
 pub struct FailNth {
-    /// `/proc/thread-self/fail-nth` of the opening thread, kept open: arming must not
-    /// allocate (opening a file does).
-    file: File,
+    /// For writes, kept open: arming must not allocate.
+    write: File,
+    /// For the one read after the armed call.
+    read: File,
+}
+
+const FAIL_NTH: &str = "/proc/thread-self/fail-nth";
+
+fn open_fail_nth(write: bool) -> Result<File, LabError> {
+    OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .open(FAIL_NTH)
+        .map_err(setup_err(format!("opening {FAIL_NTH}")))
 }
 
 impl FailNth {
     /// Whether this kernel can do it (debugfs mounted, `fail_page_alloc` present).
     pub fn available() -> bool {
-        Path::new(FAIL_PAGE_ALLOC).join("min-order").exists()
-            && Path::new("/proc/thread-self/fail-nth").exists()
+        Path::new(FAIL_PAGE_ALLOC).join("min-order").exists() && Path::new(FAIL_NTH).exists()
     }
 
     /// Sets `fail_page_alloc` up ([`SETTINGS`]) and opens the calling thread's `fail-nth`:
@@ -59,42 +73,37 @@ impl FailNth {
             std::fs::write(&path, value)
                 .map_err(setup_err(format!("writing {value} to {}", path.display())))?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/proc/thread-self/fail-nth")
-            .map_err(setup_err("opening /proc/thread-self/fail-nth".into()))?;
-        Ok(FailNth { file })
+        Ok(FailNth {
+            write: open_fail_nth(true)?,
+            read: open_fail_nth(false)?,
+        })
     }
 
     /// Lets `allowed` more page allocations of this thread succeed and fails the next one.
     pub fn arm(&mut self, allowed: u64) -> Result<(), LabError> {
+        self.read = open_fail_nth(false)?;
         self.set(allowed + 1)
     }
 
     /// Disarms it; whether the armed failure happened.
     pub fn disarm(&mut self) -> Result<bool, LabError> {
-        let left = self.get()?;
+        let mut buf = [0u8; 24];
+        let n = self
+            .read
+            .read(&mut buf)
+            .map_err(setup_err(format!("reading {FAIL_NTH}")))?;
         self.set(0)?;
+        let left = std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
         Ok(left == 0)
     }
 
     fn set(&mut self, n: u64) -> Result<(), LabError> {
-        let what = || format!("writing {n} to /proc/thread-self/fail-nth");
-        self.file.rewind().map_err(setup_err(what()))?;
-        self.file
+        self.write
             .write_all(n.to_string().as_bytes())
-            .map_err(setup_err(what()))
-    }
-
-    fn get(&mut self) -> Result<u64, LabError> {
-        let what = || "reading /proc/thread-self/fail-nth".to_string();
-        let mut s = String::new();
-        self.file.rewind().map_err(setup_err(what()))?;
-        self.file
-            .read_to_string(&mut s)
-            .map_err(setup_err(what()))?;
-        Ok(s.trim().parse().unwrap_or(0))
+            .map_err(setup_err(format!("writing {n} to {FAIL_NTH}")))
     }
 }
 
