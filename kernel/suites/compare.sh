@@ -2,5 +2,8 @@
 # the model. On stock the old UFFDIO_WRITEPROTECT against the model's `linux` semantics; on the
 # patched kernel every write-protect goes through UFFDIO_WRITEPROTECT_REPORT (errno, done,
 # pinned compared) against the model's `proposed` semantics (compare.check.jq).
+# The cases' regular files must not be shmem, as on a host's disk (a private mapping of a tmpfs
+# file can be registered for WP, of a regular file not): they go on ramfs.
 # timeout: 600
-uffd-wp compare --cases 2000 --seed 1 --json
+mkdir -p /tmp/ramfs && mount -t ramfs ramfs /tmp/ramfs || exit 1
+TMPDIR=/tmp/ramfs uffd-wp compare --cases 2000 --seed 1 --json
