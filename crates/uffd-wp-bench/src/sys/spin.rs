@@ -52,75 +52,9 @@ const ROUND: Timespec = Timespec {
 pub fn spin(regs: [u64; 5], how: Loop, rec: &Recorded, stop: &AtomicU64) -> Result<(), Errno> {
     #[cfg(target_arch = "x86_64")]
     {
-        let out = rec as *const Recorded as u64;
-        let stop = stop.as_ptr() as u64;
         match how {
-            // SAFETY: the block writes only `rec`'s four words (through `out`, a live
-            // `#[repr(C)]` struct of AtomicU64s, which the caller reads atomically) and reads
-            // `stop` (a live AtomicU64); every register it changes is an operand (`rbx`, which
-            // LLVM reserves, is swapped with a scratch operand and swapped back before the end);
-            // it pushes nothing and leaves `rsp` as it was.
-            Loop::Spin => unsafe {
-                std::arch::asm!(
-                    "lea {t}, [rip + 2f]",
-                    "mov [{out}], {t}",
-                    "lea {t}, [rip + 3f]",
-                    "mov [{out} + 8], {t}",
-                    "mov [{out} + 16], rsp",
-                    "xchg {b}, rbx",
-                    "mov qword ptr [{out} + 24], 1",
-                    "2:",
-                    "pause",
-                    "cmp qword ptr [{stop}], 0",
-                    "je 2b",
-                    "3:",
-                    "xchg {b}, rbx",
-                    out = in(reg) out,
-                    stop = in(reg) stop,
-                    t = out(reg) _,
-                    b = inout(reg) regs[0] => _,
-                    in("r12") regs[1],
-                    in("r13") regs[2],
-                    in("r14") regs[3],
-                    in("r15") regs[4],
-                    options(nostack),
-                );
-            },
-            // SAFETY: as above; the loop's system call is nanosleep(2) with a pointer to a
-            // constant timespec and no remainder pointer: it writes no memory, and the kernel
-            // changes only `rax`, `rcx` and `r11`, all three operands.
-            Loop::Sleep => unsafe {
-                std::arch::asm!(
-                    "lea {t}, [rip + 2f]",
-                    "mov [{out}], {t}",
-                    "lea {t}, [rip + 3f]",
-                    "mov [{out} + 8], {t}",
-                    "mov [{out} + 16], rsp",
-                    "xchg {b}, rbx",
-                    "mov qword ptr [{out} + 24], 1",
-                    "2:",
-                    "mov eax, 35",
-                    "syscall",
-                    "cmp qword ptr [{stop}], 0",
-                    "je 2b",
-                    "3:",
-                    "xchg {b}, rbx",
-                    out = in(reg) out,
-                    stop = in(reg) stop,
-                    t = out(reg) _,
-                    b = inout(reg) regs[0] => _,
-                    in("r12") regs[1],
-                    in("r13") regs[2],
-                    in("r14") regs[3],
-                    in("r15") regs[4],
-                    in("rdi") &ROUND as *const Timespec,
-                    in("rsi") 0u64,
-                    out("rax") _,
-                    out("rcx") _,
-                    out("r11") _,
-                    options(nostack),
-                );
-            },
+            Loop::Spin => spin_in_user_mode(regs, rec, stop),
+            Loop::Sleep => spin_in_nanosleep(regs, rec, stop),
         }
         // The loop ended: what it recorded is stale.
         rec.ready.store(0, Ordering::SeqCst);
@@ -130,5 +64,85 @@ pub fn spin(regs: [u64; 5], how: Loop, rec: &Recorded, stop: &AtomicU64) -> Resu
     {
         let _ = (regs, how, rec, stop);
         Err(Errno::NOSYS)
+    }
+}
+
+/// [`Loop::Spin`]: fills `rec`, then spins until `stop` is non-zero.
+#[cfg(target_arch = "x86_64")]
+fn spin_in_user_mode(regs: [u64; 5], rec: &Recorded, stop: &AtomicU64) {
+    let out = rec as *const Recorded as u64;
+    let stop = stop.as_ptr() as u64;
+    // SAFETY: the block writes only `rec`'s four words (through `out`, a live
+    // `#[repr(C)]` struct of AtomicU64s, which the caller reads atomically) and reads
+    // `stop` (a live AtomicU64); every register it changes is an operand (`rbx`, which
+    // LLVM reserves, is swapped with a scratch operand and swapped back before the end);
+    // it pushes nothing and leaves `rsp` as it was.
+    unsafe {
+        std::arch::asm!(
+            "lea {t}, [rip + 2f]",
+            "mov [{out}], {t}",
+            "lea {t}, [rip + 3f]",
+            "mov [{out} + 8], {t}",
+            "mov [{out} + 16], rsp",
+            "xchg {b}, rbx",
+            "mov qword ptr [{out} + 24], 1",
+            "2:",
+            "pause",
+            "cmp qword ptr [{stop}], 0",
+            "je 2b",
+            "3:",
+            "xchg {b}, rbx",
+            out = in(reg) out,
+            stop = in(reg) stop,
+            t = out(reg) _,
+            b = inout(reg) regs[0] => _,
+            in("r12") regs[1],
+            in("r13") regs[2],
+            in("r14") regs[3],
+            in("r15") regs[4],
+            options(nostack),
+        );
+    }
+}
+
+/// [`Loop::Sleep`]: as [`spin_in_user_mode`], each round 1 ms in nanosleep(2).
+#[cfg(target_arch = "x86_64")]
+fn spin_in_nanosleep(regs: [u64; 5], rec: &Recorded, stop: &AtomicU64) {
+    let out = rec as *const Recorded as u64;
+    let stop = stop.as_ptr() as u64;
+    // SAFETY: as in `spin_in_user_mode`; the loop's system call is nanosleep(2) with a pointer to a
+    // constant timespec and no remainder pointer: it writes no memory, and the kernel
+    // changes only `rax`, `rcx` and `r11`, all three operands.
+    unsafe {
+        std::arch::asm!(
+            "lea {t}, [rip + 2f]",
+            "mov [{out}], {t}",
+            "lea {t}, [rip + 3f]",
+            "mov [{out} + 8], {t}",
+            "mov [{out} + 16], rsp",
+            "xchg {b}, rbx",
+            "mov qword ptr [{out} + 24], 1",
+            "2:",
+            "mov eax, 35",
+            "syscall",
+            "cmp qword ptr [{stop}], 0",
+            "je 2b",
+            "3:",
+            "xchg {b}, rbx",
+            out = in(reg) out,
+            stop = in(reg) stop,
+            t = out(reg) _,
+            b = inout(reg) regs[0] => _,
+            in("r12") regs[1],
+            in("r13") regs[2],
+            in("r14") regs[3],
+            in("r15") regs[4],
+            in("rdi") &ROUND as *const Timespec,
+            in("rsi") 0u64,
+            out("rax") _,
+            out("rcx") _,
+            out("r11") _,
+            options(nostack),
+        );
     }
 }
