@@ -26,6 +26,7 @@ pub(crate) fn run_case(
         pages: arena_pages(case.config.thp),
         thp: case.config.thp,
         report: case.config.report,
+        fail_alloc: case.config.fail_alloc,
         layout: Layout::default(),
     };
     let steps = case
@@ -83,6 +84,8 @@ struct Driver<'a> {
     thp: bool,
     /// Protects go through `UFFDIO_WRITEPROTECT_REPORT` ([`crate::CaseConfig::report`]).
     report: bool,
+    /// Allocation failures are injected ([`crate::CaseConfig::fail_alloc`]).
+    fail_alloc: bool,
     layout: Layout,
 }
 
@@ -155,6 +158,7 @@ impl Driver<'_> {
                 StepObs::result(result(&self.lab.mm().unregister(self.range(off, pages))))
             }
             Op::Protect { off, pages, wp } => self.protect(off, pages, wp),
+            Op::ProtectFailing { off, pages, nth } => self.protect_failing(off, pages, nth),
             Op::Scan {
                 off,
                 pages,
@@ -186,6 +190,18 @@ impl Driver<'_> {
             )),
             RawReturn::Linux(res) => StepObs::result(format!("{} (old call)", result(&res))),
         }
+    }
+
+    /// `Op::ProtectFailing`: a protect whose `nth` page-table allocation fails, in a case that
+    /// injects failures (elsewhere a plain protect). An arming the side refuses shows as the
+    /// step's result.
+    fn protect_failing(&mut self, off: u64, pages: u64, nth: u64) -> StepObs {
+        if self.fail_alloc
+            && let Err(e) = self.lab.fail_next_writeprotect_alloc(nth)
+        {
+            return StepObs::result(format!("arming the failure: {e}"));
+        }
+        self.protect(off, pages, true)
     }
 
     /// The page states of the whole arena (none at all if they cannot be read).

@@ -22,8 +22,16 @@
 //! which `MADV_PAGEOUT` cannot reclaim: the outcome varied from run to run), and a THP reached
 //! by `MADV_PAGEOUT` is split, its all-zero pages remapped to the shared zero page.
 //!
+//! Page-table allocation failures: where the kernel can fail its Nth page allocation on demand
+//! (`fail-nth`, kernel/run's test kernels; [`Env::fail_alloc`]), half the cases inject them
+//! ([`CaseConfig::fail_alloc`]): they run in a third arena whose page tables exist only while
+//! the case's own mappings need them, start with a mapping registered across the PUD
+//! boundary, and [`Op::ProtectFailing`] fails exactly the Nth table allocation of one
+//! write-protect, on the kernel (fault injection, armed right before the ioctl) and on the model
+//! (its allocator), so the errno, `done`, the WP bits and markers left behind are compared.
+//!
 //! Not covered (say so before trusting the model there): `MADV_PAGEOUT` of shmem, hugetlb, and
-//! every page-table allocation failure (the kernel cannot be made to fail one on demand).
+//! page-table allocation failures on kernels without fault injection (these machines' own).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +40,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde::{Deserialize, Serialize};
+use uffd_wp::backend::linux::fail_nth::FailNth;
 use uffd_wp::features::Features;
 use uffd_wp::helper::{Helper, HelperError, Kind};
 use uffd_wp::range::PAGE_SIZE;
@@ -140,6 +149,18 @@ pub enum Op {
         /// `MODE_WP`.
         wp: bool,
     },
+    /// A raw write-protect (`MODE_WP`) whose `nth` page-table allocation fails, and only it:
+    /// the kernel's fault injection (`fail-nth`, the test kernels of kernel/run) against the
+    /// model's allocator. Only in [`CaseConfig::fail_alloc`] cases, whose arena starts with no
+    /// page tables; elsewhere it runs as a plain [`Op::Protect`].
+    ProtectFailing {
+        /// First page.
+        off: u64,
+        /// Pages.
+        pages: u64,
+        /// Which allocation of the call fails (1-based).
+        nth: u64,
+    },
     /// One `PAGEMAP_SCAN` for written pages (room for 64 regions).
     Scan {
         /// First page.
@@ -185,6 +206,11 @@ pub struct CaseConfig {
     /// `pinned` compared), and the model runs under its `proposed` semantics.
     #[serde(default)]
     pub report: bool,
+    /// Page-table allocation failures are injected ([`Op::ProtectFailing`]): the case runs in
+    /// the arena whose page tables exist only while the case's own mappings need them (a
+    /// 2 GiB hole around it, [`crate::arena`]), so a write-protect has tables to allocate.
+    #[serde(default)]
+    pub fail_alloc: bool,
 }
 
 impl CaseConfig {
@@ -212,6 +238,10 @@ pub struct Env {
     /// The kernel offers `UFFDIO_WRITEPROTECT_REPORT`: every case uses it, against the
     /// model's `proposed` semantics ([`CaseConfig::report`]).
     pub report: bool,
+    /// The kernel fails one page allocation on demand (`fail-nth`, kernel/run's test kernels):
+    /// half the cases inject page-table allocation failures ([`CaseConfig::fail_alloc`]).
+    #[serde(default)]
+    pub fail_alloc: bool,
 }
 
 impl Env {
@@ -221,6 +251,7 @@ impl Env {
             swap: swap_active(),
             report: uffd_wp::features::kernel_features()
                 .is_ok_and(|f| f.contains(Features::WP_REPORT.with(Features::WP_SKIP_PINNED))),
+            fail_alloc: FailNth::available(),
         }
     }
 }
@@ -279,23 +310,56 @@ pub fn case_strategy(env: Env) -> impl Strategy<Value = Case> {
         3 => range.clone().prop_map(|(off, pages)| Op::Register { off, pages }),
         1 => range.clone().prop_map(|(off, pages)| Op::Unregister { off, pages }),
         4 => (range.clone(), prop::bool::weighted(0.75)).prop_map(|((off, pages), wp)| Op::Protect { off, pages, wp }),
+        3 => (range.clone(), 1..=5u64).prop_map(|((off, pages), nth)| Op::ProtectFailing { off, pages, nth }),
         2 => (range, any::<bool>()).prop_map(|((off, pages), wp_matching)| Op::Scan { off, pages, wp_matching }),
     ];
+    let fail_share = if env.fail_alloc { 0.5 } else { 0.0 };
     (
         any::<bool>(),
         any::<bool>(),
         prop::bool::weighted(0.25),
+        prop::bool::weighted(fail_share),
+        fail_alloc_start(),
         prop::collection::vec(op, 1..24),
     )
-        .prop_map(move |(async_wp, unpopulated, thp, ops)| Case {
-            config: CaseConfig {
-                async_wp,
-                unpopulated,
-                thp,
-                swap: env.swap,
-                report: env.report,
+        .prop_map(
+            move |(async_wp, unpopulated, thp, fail_alloc, start, mut ops)| {
+                if fail_alloc {
+                    ops.splice(0..0, start);
+                }
+                Case {
+                    config: CaseConfig {
+                        async_wp,
+                        unpopulated,
+                        // The fresh arena is the small one's shape: no THP there.
+                        thp: thp && !fail_alloc,
+                        swap: env.swap,
+                        report: env.report,
+                        fail_alloc,
+                    },
+                    ops,
+                }
             },
-            ops,
+        )
+}
+
+/// How a case that injects allocation failures starts, so that its write-protects have page
+/// tables to allocate: a mapping that often crosses the PUD boundary (anonymous or shmem, the
+/// kinds a write-protect installs markers in, with `WP_UNPOPULATED` for anonymous memory),
+/// registered, and a first armed write-protect of it.
+fn fail_alloc_start() -> impl Strategy<Value = Vec<Op>> {
+    (
+        (BELOW_PUD - 16)..BELOW_PUD,
+        4..=16u64,
+        prop_oneof![Just(MapKind::Anon), Just(MapKind::Shmem)],
+        1..=5u64,
+    )
+        .prop_map(|(off, pages, kind, nth)| {
+            vec![
+                Op::Map { off, pages, kind },
+                Op::Register { off, pages },
+                Op::ProtectFailing { off, pages, nth },
+            ]
         })
 }
 
@@ -314,7 +378,7 @@ pub fn case_from_bytes(data: &[u8]) -> Case {
                 1 + u64::from(c[2]) % 16,
                 c[3],
             );
-            match c[0] % 11 {
+            match c[0] % 12 {
                 0 => Op::Map {
                     off,
                     pages,
@@ -332,6 +396,11 @@ pub fn case_from_bytes(data: &[u8]) -> Case {
                 6 => Op::Register { off, pages },
                 7 => Op::Unregister { off, pages },
                 10 => Op::PinWrite { off },
+                11 => Op::ProtectFailing {
+                    off,
+                    pages,
+                    nth: 1 + u64::from(flag % 5),
+                },
                 8 => Op::Protect {
                     off,
                     pages,
@@ -352,6 +421,7 @@ pub fn case_from_bytes(data: &[u8]) -> Case {
             thp: cfg & 4 != 0,
             swap: cfg & 8 != 0,
             report: cfg & 16 != 0,
+            fail_alloc: cfg & 32 != 0 && cfg & 4 == 0,
         },
         ops,
     }
@@ -393,6 +463,17 @@ pub struct CompareReport {
     pub cases: u64,
     /// Operations run (on each side).
     pub ops: u64,
+    /// Cases with page-table allocation failures injected ([`CaseConfig::fail_alloc`]).
+    pub fail_alloc_cases: u64,
+    /// Write-protects run with an allocation failure armed ([`Op::ProtectFailing`]), and how
+    /// many of them the kernel answered with ENOMEM (the others allocated fewer tables than
+    /// the armed one, or failed earlier).
+    pub injected: u64,
+    /// Of those, answered ENOMEM by the kernel.
+    pub injected_enomem: u64,
+    /// What the kernel answered the armed write-protects, by result (`ok` or the errno's
+    /// name): on stock the lost ENOMEMs show as `ok` or as another errno.
+    pub injected_outcomes: std::collections::BTreeMap<String, u64>,
     /// Cases that differed.
     pub mismatches: u64,
     /// The first mismatch, shrunk.
@@ -483,6 +564,22 @@ fn diff(
     })
 }
 
+/// Counts the armed write-protects of a case and those the kernel answered with ENOMEM.
+fn count_injected(c: &Case, k: &Result<CaseObs, String>, report: &mut CompareReport) {
+    if !c.config.fail_alloc {
+        return;
+    }
+    let Ok(k) = k else { return };
+    for (op, obs) in c.ops.iter().zip(&k.steps) {
+        if matches!(op, Op::ProtectFailing { .. }) {
+            report.injected += 1;
+            report.injected_enomem += u64::from(obs.result.starts_with("ENOMEM"));
+            let answer = obs.result.split(' ').next().unwrap_or_default();
+            *report.injected_outcomes.entry(answer.into()).or_default() += 1;
+        }
+    }
+}
+
 /// Runs one case on both sides: the kernel's observations (or why it failed) and the model's.
 pub fn replay(
     case: &Case,
@@ -512,6 +609,10 @@ pub fn compare(
         semantics: if env.report { "proposed" } else { "linux" },
         cases: 0,
         ops: 0,
+        fail_alloc_cases: 0,
+        injected: 0,
+        injected_enomem: 0,
+        injected_outcomes: Default::default(),
         mismatches: 0,
         first_mismatch: None,
     };
@@ -522,17 +623,21 @@ pub fn compare(
         let case = tree.current();
         report.cases += 1;
         report.ops += case.ops.len() as u64;
-        let check = |w: &mut Worker, c: &Case| -> Result<Option<Mismatch>, CompareError> {
-            let k = w.run(c)?;
-            let m = model::run(c);
-            Ok(diff(&k, &m).map(|(step, kernel, model)| Mismatch {
+        report.fail_alloc_cases += u64::from(case.config.fail_alloc);
+        let mismatch = |c: &Case, k: &Result<CaseObs, String>| -> Option<Mismatch> {
+            diff(k, &model::run(c)).map(|(step, kernel, model)| Mismatch {
                 case: c.clone(),
                 step,
                 kernel,
                 model,
-            }))
+            })
         };
-        if let Some(mut found) = check(worker, &case)? {
+        let check = |w: &mut Worker, c: &Case| -> Result<Option<Mismatch>, CompareError> {
+            Ok(mismatch(c, &w.run(c)?))
+        };
+        let k = worker.run(&case)?;
+        count_injected(&case, &k, &mut report);
+        if let Some(mut found) = mismatch(&case, &k) {
             report.mismatches += 1;
             if report.first_mismatch.is_none() {
                 // Shrink: simplify while it still differs, complicate back when it does not.
@@ -598,6 +703,7 @@ mod tests {
             thp: false,
             swap: false,
             report: true,
+            fail_alloc: false,
         };
         let ops = vec![
             Op::Map {
@@ -621,6 +727,71 @@ mod tests {
         assert_eq!(o.steps[2].result, "ok done 8 pinned 0");
         assert_eq!(o.steps[3].result, "ENOENT done 8 pinned 0");
         assert!(config.features().contains(Features::WP_REPORT));
+    }
+
+    /// In the fresh arena a protect of 16 pages of shmem across the PUD boundary allocates
+    /// four tables (a PMD table and a PTE table on each side), in address order; failing each
+    /// in turn moves the protected prefix the report call gives, and a fifth never comes.
+    #[test]
+    fn fail_alloc_cases_fail_the_armed_table_of_a_fresh_arena() {
+        let config = CaseConfig {
+            async_wp: false,
+            unpopulated: false,
+            thp: false,
+            swap: false,
+            report: true,
+            fail_alloc: true,
+        };
+        let below = BELOW_PUD - 8;
+        let outcome = |nth| {
+            let ops = vec![
+                Op::Map {
+                    off: below,
+                    pages: 16,
+                    kind: MapKind::Shmem,
+                },
+                Op::Register {
+                    off: below,
+                    pages: 16,
+                },
+                Op::ProtectFailing {
+                    off: below,
+                    pages: 16,
+                    nth,
+                },
+            ];
+            model::run(&Case { config, ops }).steps[2].result.clone()
+        };
+        assert_eq!(outcome(1), "ENOMEM done 0 pinned 0");
+        assert_eq!(outcome(2), "ENOMEM done 0 pinned 0");
+        assert_eq!(outcome(3), "ENOMEM done 8 pinned 0");
+        assert_eq!(outcome(4), "ENOMEM done 8 pinned 0");
+        assert_eq!(outcome(5), "ok done 16 pinned 0");
+        // In the small arena the guard pages keep every table: nothing to fail.
+        let mut small = Case {
+            config: CaseConfig {
+                fail_alloc: false,
+                ..config
+            },
+            ops: vec![],
+        };
+        small.ops = vec![
+            Op::Map {
+                off: below,
+                pages: 16,
+                kind: MapKind::Shmem,
+            },
+            Op::Register {
+                off: below,
+                pages: 16,
+            },
+            Op::ProtectFailing {
+                off: below,
+                pages: 16,
+                nth: 1,
+            },
+        ];
+        assert_eq!(model::run(&small).steps[2].result, "ok done 16 pinned 0");
     }
 
     #[test]

@@ -31,7 +31,7 @@ fn fresh(config: crate::CaseConfig) -> (ModelLab, u64) {
     };
     let mut lab = ModelLab::with_config(cfg, uffd).expect("the model offers every feature");
     let arenas = surroundings(&mut lab).expect("the model maps the surroundings");
-    (lab, arenas.base(config.thp))
+    (lab, arenas.base(config))
 }
 
 /// Runs `case` on `lab` (arena at `base`), checking the model's invariants after every

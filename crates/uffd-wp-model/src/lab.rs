@@ -181,6 +181,19 @@ impl Lab for ModelLab {
         }));
         Ok(format!("budget of {PAGE_TABLE_BUDGET} page tables"))
     }
+    /// Exactly the `nth` page-table allocation of the next raw call fails
+    /// ([`FailPolicy::Nth`], set right before the call), as the kernel's `fail-nth` does it.
+    fn fail_next_writeprotect_alloc(&mut self, nth: u64) -> Result<String, LabError> {
+        let arm = self.model.clone();
+        self.mm.before_next_writeprotect(Box::new(move || {
+            arm.set_alloc_policy(FailPolicy::Nth(nth));
+        }));
+        let model = self.model.clone();
+        self.mm.after_next_writeprotect(Box::new(move || {
+            model.set_alloc_policy(FailPolicy::Never);
+        }));
+        Ok(format!("page-table allocation {nth} of the call fails"))
+    }
     fn map(&mut self, len: u64, align: u64, kind: LabMapKind) -> Result<Range, LabError> {
         self.model
             .map(len, align, model_kind(kind))

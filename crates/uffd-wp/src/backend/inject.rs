@@ -32,10 +32,12 @@ pub struct Call {
 struct State {
     rules: Vec<(Rule, u64, u32)>, // rule, matching calls seen, times fired
     calls: Vec<Call>,
+    before_next: Option<Hook>,
     after_next: Option<Hook>,
 }
 
-/// What runs right after the next raw call ([`InjectMm::after_next_writeprotect`]).
+/// What runs right before or right after the next raw call
+/// ([`InjectMm::before_next_writeprotect`], [`InjectMm::after_next_writeprotect`]).
 struct Hook(Box<dyn FnOnce() + Send>);
 
 impl std::fmt::Debug for Hook {
@@ -67,6 +69,13 @@ impl<M: Mm> InjectMm<M> {
             .expect("inject lock")
             .rules
             .push((rule, 0, 0));
+    }
+
+    /// Runs `f` once, right before the next raw write-protect call enters the kernel, with
+    /// nothing in between that allocates: how a lab arms a fault injection that counts the
+    /// calling thread's allocations.
+    pub fn before_next_writeprotect(&self, f: Box<dyn FnOnce() + Send>) {
+        self.state.lock().expect("inject lock").before_next = Some(Hook(f));
     }
 
     /// Runs `f` once, right after the next raw write-protect call returns and before anything
@@ -145,7 +154,11 @@ impl<M: Mm> InjectMm<M> {
         call: impl Fn(Range) -> KernelReport,
     ) -> KernelReport {
         let mut st = self.state.lock().expect("inject lock");
-        let (answer, injected) = match self.fire(&mut st, r, mode) {
+        let fired = self.fire(&mut st, r, mode);
+        if let Some(Hook(f)) = st.before_next.take() {
+            f();
+        }
+        let (answer, injected) = match fired {
             Some((prefix, errno)) => {
                 let real = prefix.map(&call).unwrap_or(KernelReport {
                     result: Ok(()),

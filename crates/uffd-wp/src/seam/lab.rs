@@ -272,6 +272,19 @@ pub trait Lab {
         })
     }
 
+    /// Fails exactly the `nth` (1-based) page-table allocation of the next raw write-protect
+    /// call, and only it: allocations before and after it succeed. Returns what was armed,
+    /// for notes (Linux: the kernel's fault injection, `fail-nth`, which only the test kernels
+    /// of kernel/run have; the model: its allocator's `FailPolicy::Nth`).
+    fn fail_next_writeprotect_alloc(&mut self, nth: u64) -> Result<String, LabError> {
+        let _ = nth;
+        Err(LabError::Unavailable {
+            scenario: "(page-table allocation failure)".into(),
+            backend: self.mm().backend().into(),
+            why: "this lab cannot fail one page-table allocation on demand".into(),
+        })
+    }
+
     /// The error of a lab without pins.
     fn no_pins(&self) -> LabError {
         LabError::Unavailable {

@@ -40,13 +40,18 @@ fn setup_err(what: String) -> impl FnOnce(std::io::Error) -> LabError {
 ///
 /// `/proc/PID/task/TID/fail-nth` cannot seek (ESPIPE): its write ignores the file position, so
 /// one descriptor serves every write; a read must start at 0, so each arming opens a fresh
-/// descriptor for the one read that follows, *before* it arms (opening allocates).
+/// descriptor for the one read that follows. Arming is split in two: [`FailNth::prepare`]
+/// does everything that allocates (the descriptor, the number's text), [`FailNth::fire`] only
+/// the one `write(2)`, so a caller can fire right before the call under test and nothing of
+/// its own takes the armed failure.
 #[derive(Debug)]
 pub struct FailNth {
     /// For writes, kept open: arming must not allocate.
     write: File,
     /// For the one read after the armed call.
     read: File,
+    /// What [`FailNth::fire`] writes: the prepared count, as text.
+    armed: Vec<u8>,
 }
 
 const FAIL_NTH: &str = "/proc/thread-self/fail-nth";
@@ -76,13 +81,30 @@ impl FailNth {
         Ok(FailNth {
             write: open_fail_nth(true)?,
             read: open_fail_nth(false)?,
+            armed: Vec::new(),
         })
     }
 
-    /// Lets `allowed` more page allocations of this thread succeed and fails the next one.
+    /// Lets `allowed` more page allocations of this thread succeed and fails the next one:
+    /// [`FailNth::prepare`] then [`FailNth::fire`].
     pub fn arm(&mut self, allowed: u64) -> Result<(), LabError> {
+        self.prepare(allowed)?;
+        self.fire()
+    }
+
+    /// Everything of an arming that allocates, for `allowed` allocations then a failure.
+    pub fn prepare(&mut self, allowed: u64) -> Result<(), LabError> {
         self.read = open_fail_nth(false)?;
-        self.set(allowed + 1)
+        self.armed = (allowed + 1).to_string().into_bytes();
+        Ok(())
+    }
+
+    /// Arms what [`FailNth::prepare`] prepared: one `write(2)`, which allocates nothing.
+    pub fn fire(&mut self) -> Result<(), LabError> {
+        let text = std::mem::take(&mut self.armed);
+        let res = self.write.write_all(&text);
+        self.armed = text;
+        res.map_err(setup_err(format!("arming {FAIL_NTH}")))
     }
 
     /// Disarms it; whether the armed failure happened.

@@ -354,30 +354,65 @@ impl Lab for LinuxLab {
     }
 
     /// Makes the next raw call's page-table allocations fail after [`PAGE_TABLES_ALLOWED`]:
-    /// with the kernel's fault injection where it has it ([`FailNth`]: this thread's next
-    /// allocations, disarmed right after the call), else through the lab's memory cgroup
+    /// with the kernel's fault injection where it has it ([`FailNth`]: this thread's
+    /// allocation [`PAGE_TABLES_ALLOWED`] + 1 fails), else through the lab's memory cgroup
     /// ([`Self::limit_through_memcg`]).
     fn limit_next_writeprotect(&mut self) -> Result<String, LabError> {
         if !FailNth::available() {
             return self.limit_through_memcg();
         }
-        let mut fail = FailNth::open()?;
-        fail.arm(PAGE_TABLES_ALLOWED)?;
-        self.mm.after_next_writeprotect(Box::new(move || {
-            let _ = fail.disarm();
-        }));
+        self.fail_around_next_writeprotect(PAGE_TABLES_ALLOWED)?;
         Ok(format!(
             "fault injection: page allocation {} of this thread fails",
             PAGE_TABLES_ALLOWED + 1
         ))
     }
+
+    /// The kernel's fault injection ([`FailNth`]), armed right before the next raw call.
+    fn fail_next_writeprotect_alloc(&mut self, nth: u64) -> Result<String, LabError> {
+        if !FailNth::available() {
+            return Err(LabError::Unavailable {
+                scenario: "(page-table allocation failure)".into(),
+                backend: "linux".into(),
+                why: "this kernel has no fault injection (FAIL_PAGE_ALLOC, debugfs, \
+                      /proc/thread-self/fail-nth); kernel/run's test kernels have it"
+                    .into(),
+            });
+        }
+        self.fail_around_next_writeprotect(nth.saturating_sub(1))?;
+        Ok(format!(
+            "fault injection: page allocation {nth} of the call fails"
+        ))
+    }
 }
 
-/// Page tables a limited raw call may allocate: as many as fit in the memory cgroup's limit,
+/// Page tables a limited raw call may allocate/// Page tables a limited raw call may allocate: as many as fit in the memory cgroup's limit,
 /// and the same for fault injection, so both ways fail at the same allocation.
 pub const PAGE_TABLES_ALLOWED: u64 = LIMIT_BYTES / PAGE_SIZE;
 
 impl LinuxLab {
+    /// Arms [`FailNth`] for `allowed` page allocations then a failure, in this thread, right
+    /// before the next raw call enters the kernel, and disarms it right after: everything that
+    /// allocates is done here, so only the call's own allocations count.
+    fn fail_around_next_writeprotect(&mut self, allowed: u64) -> Result<(), LabError> {
+        let mut fail = FailNth::open()?;
+        fail.prepare(allowed)?;
+        let fail = Arc::new(std::sync::Mutex::new(fail));
+        let arm = Arc::clone(&fail);
+        self.mm.before_next_writeprotect(Box::new(move || {
+            // An arming that fails injects nothing: the call's outcome shows it.
+            if let Ok(mut f) = arm.lock() {
+                let _ = f.fire();
+            }
+        }));
+        self.mm.after_next_writeprotect(Box::new(move || {
+            if let Ok(mut f) = fail.lock() {
+                let _ = f.disarm();
+            }
+        }));
+        Ok(())
+    }
+
     /// Moves this process into its limiter's cgroup (limited to [`LIMIT_BYTES`]); the
     /// injector raises the limit right after the next raw call returns. The hook is built and
     /// the stack and heap warmed before entering: nothing may fault in a page while limited.
