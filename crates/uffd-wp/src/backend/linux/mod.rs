@@ -141,6 +141,8 @@ pub struct LinuxMm {
     mem: File,
     pagemap_scan: bool,
     pins: Arc<PinRegistry>,
+    /// For [`Target::Pid`]: the target's maps, kept open for `fully_mapped`.
+    maps: Option<procfs::MapsQuery>,
 }
 
 impl LinuxMm {
@@ -201,6 +203,10 @@ impl LinuxMm {
             pagemap,
             mem,
             pagemap_scan: false,
+            maps: match target {
+                Target::SelfProcess => None,
+                Target::Pid(pid) => Some(procfs::MapsQuery::new(pid as i32)),
+            },
             pins: PinRegistry::new(
                 match target {
                     Target::SelfProcess => PinTarget::SelfProcess,
@@ -352,7 +358,10 @@ impl PageTables for LinuxMm {
     fn fully_mapped(&self, r: Range) -> Result<bool, Errno> {
         match self.target {
             Target::SelfProcess => crate::sys::mem::fully_mapped(r),
-            Target::Pid(pid) => procfs::fully_mapped(pid as i32, r),
+            Target::Pid(pid) => match &self.maps {
+                Some(q) => q.fully_mapped(r),
+                None => procfs::fully_mapped(pid as i32, r),
+            },
         }
     }
 

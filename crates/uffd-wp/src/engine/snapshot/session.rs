@@ -50,11 +50,15 @@ impl<M: Mm + ?Sized> Drop for Cleanup<'_, M> {
 /// Re-protecting the pages written since the last pre-arm pass bridges gaps up to this size
 /// between them (protecting a page twice is harmless): fewer calls, each paying a syscall, a VMA
 /// lookup, MMU-notifier calls and a TLB flush, against a walk over already-protected entries.
-/// Measured on a 1 GiB dump of the built-in target (random writes), alternating runs: bridging
-/// 2 MiB made 143-197 calls and paused 9.5-17.9 ms for 804-1410 written pages; bridging 64
-/// pages, 559-1064 calls and 13.6-25.6 ms for 1030-1953 pages (about 12 against 13 us a page:
-/// the pages themselves, not the calls, cost most).
-const REPROTECT_BRIDGE: u64 = crate::range::PMD_SIZE;
+/// Measured on a 1 GiB dump of the built-in target (random writes), three dumps each, once the
+/// engine's per-call check of the target's maps was one ioctl on a file kept open
+/// (`procfs::MapsQuery`; before, it opened /proc files for 50-100 us a call, which is what made
+/// bridging 2 MiB look worth it): bridging 2 MiB, 162-195 calls, 7-14.7 ms for 814-1204
+/// written pages (7-12 us a page: each call walks up to 512 entries, and the passes before the
+/// pause, as slow, never converged); bridging 16 pages, 23-170 calls, 0.06-0.8 ms for 35-302
+/// pages (1.5-2.6 us a page, the passes converging to a few dozen pages); no bridging and 128
+/// pages were within that.
+const REPROTECT_BRIDGE: u64 = 16 * crate::range::PAGE_SIZE;
 
 /// How often a background copier's progress is relayed to the caller's callback.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
