@@ -176,6 +176,8 @@ pub struct Zoo {
     transient: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
     next_slot: Mutex<usize>,
     spinners: Vec<Spinner>,
+    /// Children of `fork-sleep`, killed and reaped when dropped.
+    sleepers: Mutex<Vec<crate::sys::fork::SleepingChild>>,
 }
 
 /// What an operation did.
@@ -214,6 +216,7 @@ impl Zoo {
             transient: Mutex::new(None),
             next_slot: Mutex::new(0),
             spinners: Vec::new(),
+            sleepers: Mutex::new(Vec::new()),
         };
         // The change slabs first: mmap places later mappings below them, so a dump's copier
         // (in address order) reaches them last.
@@ -359,8 +362,10 @@ impl Zoo {
 
     /// Runs one operation on the process's mappings: `munmap`, `mremap-move`, `mremap-grow`,
     /// `dontneed` (each on the slab of that name), `mmap` (a new slab), `fork` (a child that
-    /// writes its copy of `anon` and exits), `thread-start`, `thread-exit`, `touch-all` (every
-    /// live page written once: the process can write everywhere).
+    /// writes its copy of `anon` and exits), `fork-sleep` (a child that sleeps, mapping the
+    /// shared slabs too, until `end-sleepers`; its pid in `addr`), `thread-start`,
+    /// `thread-exit`, `touch-all` (every live page written once: the process can write
+    /// everywhere).
     pub fn op(&self, op: &str) -> Result<OpReport, Errno> {
         match op {
             "munmap" => self.change("unmap", |m, _| {
@@ -406,6 +411,24 @@ impl Zoo {
                     addr: a,
                     len: 0,
                     from: a,
+                })
+            }
+            "fork-sleep" => {
+                let child = crate::sys::fork::SleepingChild::fork()?;
+                let pid = child.pid();
+                self.sleepers.lock().expect("sleepers").push(child);
+                Ok(OpReport {
+                    addr: pid.into(),
+                    len: 0,
+                    from: 0,
+                })
+            }
+            "end-sleepers" => {
+                self.sleepers.lock().expect("sleepers").clear();
+                Ok(OpReport {
+                    addr: 0,
+                    len: 0,
+                    from: 0,
                 })
             }
             "thread-start" => self.thread_start(),

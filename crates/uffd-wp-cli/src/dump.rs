@@ -450,6 +450,13 @@ fn print(o: &Output) {
             how["method"].as_str().unwrap_or(""),
             if m.name.is_empty() { "" } else { &m.name }
         );
+        if !m.shared_with.is_empty() {
+            println!(
+                "    also mapped by pids {:?}: not stopped, their writes during the copy land as \
+                 they come",
+                m.shared_with
+            );
+        }
     }
     if let Some(v) = &o.oracle {
         println!(

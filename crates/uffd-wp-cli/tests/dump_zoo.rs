@@ -139,6 +139,47 @@ impl Target {
     }
 }
 
+/// A child forked by the target shares its `MAP_SHARED` anonymous slab and its memfd: the
+/// report names the child's pid on exactly those mappings (the dump cannot stop its writes),
+/// on no private one, and the target runs on.
+#[test]
+fn shared_memory_another_process_maps_is_reported_with_its_pid() {
+    if not_root() {
+        return;
+    }
+    let mut t = Target::start(1 << 20, 1);
+    let child = t.op("fork-sleep")["addr"].as_u64().unwrap() as i32;
+    let (cap, _, _) = t.dump(&[]);
+    let wp_shared: Vec<_> = cap
+        .report
+        .mappings
+        .iter()
+        .filter(|m| m.perms.ends_with('s') && m.bytes > 0)
+        .collect();
+    assert!(wp_shared.len() >= 2, "{:?}", cap.report.mappings);
+    for m in &wp_shared {
+        assert!(
+            m.shared_with.contains(&child),
+            "{:#x} {} not shared with {child}: {:?}",
+            m.start,
+            m.name,
+            m.shared_with
+        );
+    }
+    for m in cap
+        .report
+        .mappings
+        .iter()
+        .filter(|m| m.perms.ends_with('p'))
+    {
+        assert!(m.shared_with.is_empty(), "{:#x} {}", m.start, m.name);
+    }
+    let text = serde_json::to_value(&cap.report).unwrap().to_string();
+    assert!(text.contains("shared_with"), "{text}");
+    t.op("end-sleepers");
+    t.runs_on_and_exits();
+}
+
 fn not_captured(cap: &Captured) -> Vec<[u64; 2]> {
     cap.report
         .snapshot

@@ -198,6 +198,9 @@ pub struct MapEntry {
     pub perms: String,
     /// The byte offset in the mapped file (0 for anonymous memory).
     pub offset: u64,
+    /// The mapped file's device, `MAJOR:MINOR` as maps prints it (`00:00` for anonymous
+    /// memory; shmem's internal mount, shared anonymous memory included, is `00:01`).
+    pub dev: String,
     /// The mapped file's inode number (0 for anonymous memory and pseudo-names such as
     /// `[heap]`; a file-backed mapping has one even when its name is ` (deleted)`).
     pub inode: u64,
@@ -215,7 +218,7 @@ pub fn parse_maps(text: &str) -> Vec<MapEntry> {
             let (a, b) = it.next()?.split_once('-')?;
             let perms = it.next()?.to_string();
             let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-            let _dev = it.next()?;
+            let dev = it.next()?.to_string();
             let inode = it.next()?.parse().ok()?;
             let name = it.next().unwrap_or("").trim().to_string();
             Some(MapEntry {
@@ -223,6 +226,7 @@ pub fn parse_maps(text: &str) -> Vec<MapEntry> {
                 end: u64::from_str_radix(b, 16).ok()?,
                 perms,
                 offset,
+                dev,
                 inode,
                 name,
             })
@@ -246,6 +250,43 @@ pub fn maps_cover(maps: &[MapEntry], r: Range) -> bool {
         }
     }
     cur >= r.end()
+}
+
+/// The other processes that map the same files as `pid`'s shared mappings in `wanted` (keys
+/// `(dev, inode)`, as maps prints them), by key: every `/proc/N/maps` read once. A process
+/// that cannot be read (gone, or not ours) is left out.
+pub fn sharers(
+    pid: i32,
+    wanted: &std::collections::BTreeSet<(String, u64)>,
+) -> std::collections::BTreeMap<(String, u64), Vec<i32>> {
+    let mut found: std::collections::BTreeMap<(String, u64), Vec<i32>> = Default::default();
+    if wanted.is_empty() {
+        return found;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    let mut pids: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&n| n != pid)
+        .collect();
+    pids.sort_unstable();
+    for n in pids {
+        let Ok(text) = read(&format!("/proc/{n}/maps")) else {
+            continue;
+        };
+        for m in parse_maps(&text) {
+            let key = (m.dev, m.inode);
+            if !wanted.contains(&key) {
+                continue;
+            }
+            let list = found.entry(key).or_default();
+            if list.last() != Some(&n) {
+                list.push(n);
+            }
+        }
+    }
+    found
 }
 
 /// Reads /proc/PID/maps.

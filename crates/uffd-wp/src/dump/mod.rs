@@ -21,6 +21,7 @@ pub mod plan;
 pub mod target;
 mod write;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -161,6 +162,11 @@ pub struct MappingReport {
     pub method: Method,
     /// Bytes it puts in the core.
     pub bytes: u64,
+    /// Other processes that mapped the same shared memory when the dump began. They are not
+    /// stopped (nor are they by gcore or the kernel's own core dump), so what they write
+    /// during the copy lands in the core as it comes, not as of the freeze.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_with: Vec<i32>,
 }
 
 /// What a dump did.
@@ -277,6 +283,7 @@ pub fn capture(
     let process = target::process_info(p)?;
     let auxv = target::auxv(p)?;
     let mut plan = plan_target(p, opts)?;
+    let sharers = sharers_of(p, &plan);
     let watch = CpuWatch::start(p);
     let obs = opts
         .observer
@@ -322,7 +329,7 @@ pub fn capture(
         in_freeze_bytes: frozen.copies.iter().map(|(r, _)| r.len()).sum(),
         write_protected_bytes: wp.bytes(),
         gone_before_freeze_bytes: frozen.gone.bytes(),
-        mappings: plan.iter().map(mapping_report).collect(),
+        mappings: plan.iter().map(|x| mapping_report(x, &sharers)).collect(),
         snapshot: snap,
         target_cpu,
     };
@@ -412,8 +419,26 @@ fn in_freeze_ranges(plan: &[Planned]) -> Vec<Range> {
         .collect()
 }
 
-fn mapping_report(p: &Planned) -> MappingReport {
+/// The other processes mapping each shared mapping the dump write-protects
+/// ([`procfs::sharers`]), read before the target is touched.
+fn sharers_of(p: i32, plan: &[Planned]) -> BTreeMap<(String, u64), Vec<i32>> {
+    let wanted = plan
+        .iter()
+        .filter(|x| x.method == Method::WriteProtect && x.map.perms.ends_with('s'))
+        .map(|x| (x.map.dev.clone(), x.map.inode))
+        .collect();
+    procfs::sharers(p, &wanted)
+}
+
+fn mapping_report(p: &Planned, sharers: &BTreeMap<(String, u64), Vec<i32>>) -> MappingReport {
+    let shared = p.method == Method::WriteProtect && p.map.perms.ends_with('s');
+    let key = (p.map.dev.clone(), p.map.inode);
     MappingReport {
+        shared_with: if shared {
+            sharers.get(&key).cloned().unwrap_or_default()
+        } else {
+            Vec::new()
+        },
         start: p.map.start,
         end: p.map.end,
         perms: p.map.perms.clone(),
