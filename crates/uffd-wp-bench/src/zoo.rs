@@ -220,6 +220,8 @@ impl Zoo {
         };
         // The change slabs first: mmap places later mappings below them, so a dump's copier
         // (in address order) reaches them last.
+        // Shared memory a child writes during the copy (`fork-write-shared`): the very last.
+        z.add_map("shared-late", 4, 8 * PAGE_SIZE, Backing::SharedAnon)?;
         for name in ["unmap", "move", "grow", "dontneed"] {
             z.add_map(name, 7, 8 * PAGE_SIZE, Backing::Anon)?;
         }
@@ -362,7 +364,9 @@ impl Zoo {
 
     /// Runs one operation on the process's mappings: `munmap`, `mremap-move`, `mremap-grow`,
     /// `dontneed` (each on the slab of that name), `mmap` (a new slab), `fork` (a child that
-    /// writes its copy of `anon` and exits), `fork-sleep` (a child that sleeps, mapping the
+    /// writes its copy of `anon` and exits), `fork-write-shared` (a child that writes the first
+    /// page of `shared-late`, memory it shares with this process, and exits), `fork-sleep` (a
+    /// child that sleeps, mapping the
     /// shared slabs too, until `end-sleepers`; its pid in `addr`), `thread-start`,
     /// `thread-exit`, `touch-all` (every live page written once: the process can write
     /// everywhere).
@@ -410,6 +414,28 @@ impl Zoo {
                 Ok(OpReport {
                     addr: a,
                     len: 0,
+                    from: a,
+                })
+            }
+            "fork-write-shared" => {
+                let s = self.find("shared-late")?;
+                let m = s.mem.read().expect("slab");
+                let Mem::Map(map) = &*m else {
+                    return Err(Errno::INVAL);
+                };
+                let a = map.range().start();
+                // Shared: the child's bytes land in this process's page too, behind the
+                // version table's back; a dump must hold the page as it was at its freeze.
+                crate::sys::fork::fork_write_exit(
+                    map,
+                    a,
+                    PAGE_SIZE,
+                    0xcc,
+                    Duration::from_secs(20),
+                )?;
+                Ok(OpReport {
+                    addr: a,
+                    len: PAGE_SIZE,
                     from: a,
                 })
             }

@@ -210,13 +210,14 @@ fn every_mapping_change_during_the_copy_keeps_the_dump_consistent() {
         return;
     }
     let mut t = Target::start(4 << 20, 2);
-    let ops: [(&str, &str); 8] = [
+    let ops: [(&str, &str); 9] = [
         ("mmap", ""),
         ("munmap", "unmap"),
         ("mremap-move", "move"),
         ("mremap-grow", "grow"),
         ("dontneed", "dontneed"),
         ("fork", ""),
+        ("fork-write-shared", ""),
         ("thread-start", ""),
         ("thread-exit", ""),
     ];
@@ -244,6 +245,17 @@ fn every_mapping_change_during_the_copy_keeps_the_dump_consistent() {
             "munmap" => assert!(s.events.unmap >= 1, "{op}: {s:?}"),
             "mremap-move" | "mremap-grow" => assert!(s.events.remap >= 1, "{op}: {s:?}"),
             "dontneed" => assert!(s.events.remove >= 1, "{op}: {s:?}"),
+            // The fork event was read (the child's uffd handled, then closed).
+            "fork" => assert!(s.events.fork >= 1, "{op}: {s:?}"),
+            // The child's write to shared memory waited on its own uffd until the shared
+            // pages were copied: the page holds what it held at the freeze, not the child's
+            // bytes (which the oracle would only count as a torn page).
+            "fork-write-shared" => {
+                assert!(s.events.fork >= 1, "{op}: {s:?}");
+                let mut b = [0u8; 8];
+                cap.read(r["addr"].as_u64().unwrap(), &mut b).unwrap();
+                assert_ne!(u64::from_ne_bytes(b), 0xcccc_cccc_cccc_cccc, "{op}: {r}");
+            }
             _ => {}
         }
         // The slab the operation changed: at its address at the snapshot point, every page

@@ -38,10 +38,10 @@ pub fn time_fork() -> Result<Duration, Errno> {
     Ok(took)
 }
 
-/// Forks a child that writes `byte` over `[addr, addr+len)` of its own copy of this process's
-/// memory, then `_exit(0)`s; waits for it (bounded by `patience`: killed then). The parent's
-/// memory is not touched (private memory is copy-on-write; never pass shared memory). Returns
-/// the child's pid.
+/// Forks a child that writes `byte` over `[addr, addr+len)` of its copy of this process's
+/// memory, then `_exit(0)`s; waits for it (bounded by `patience`: killed then). Private memory
+/// is copy-on-write: the parent's is not touched; shared memory is the parent's too (the
+/// zoo's `fork-write-shared` means that). Returns the child's pid.
 pub fn fork_write_exit(
     m: &uffd_wp::sys::mem::Mapping,
     addr: u64,

@@ -310,7 +310,13 @@ pub fn capture(
             tolerate_vanishing: true,
             ..opts.snapshot
         };
-        let (img, rep) = snapshot::take(&mm, &wp, Source::Mm, &dq, &so, progress)?;
+        let shared: RangeSet = plan
+            .iter()
+            .filter(|x| x.method == Method::WriteProtect && x.map.perms.ends_with('s'))
+            .map(Planned::range)
+            .collect::<Vec<_>>()
+            .into();
+        let (img, rep) = snapshot::take_sharing(&mm, &wp, &shared, Source::Mm, &dq, &so, progress)?;
         let pause = rep.pause_us;
         (Some(img), Some(rep), pause)
     };
@@ -356,7 +362,8 @@ fn event_config() -> Config {
             .wanted
             .with(Features::EVENT_REMOVE)
             .with(Features::EVENT_UNMAP)
-            .with(Features::EVENT_REMAP),
+            .with(Features::EVENT_REMAP)
+            .with(Features::EVENT_FORK),
         ..d
     }
 }

@@ -78,6 +78,15 @@ pub trait Uffd: Send + Sync {
     fn events_in_flight(&self) -> Result<bool, Errno> {
         Ok(false)
     }
+
+    /// Closes the uffd a `UFFD_EVENT_FORK` put in this process for the child
+    /// ([`Event::Fork`]`{ufd}`): the child's registrations and write protection go with it,
+    /// and its threads waiting on a fault there go on. Whoever reads a fork event owns that
+    /// descriptor and must call this once. A backend without fork events has nothing to close.
+    fn close_forked(&self, ufd: u32) -> Result<(), Errno> {
+        let _ = ufd;
+        Ok(())
+    }
 }
 
 /// The page tables of the monitored address space, read back.
@@ -214,6 +223,9 @@ impl<W: Wrap> Uffd for W {
     }
     fn events_in_flight(&self) -> Result<bool, Errno> {
         self.inner().events_in_flight()
+    }
+    fn close_forked(&self, ufd: u32) -> Result<(), Errno> {
+        self.inner().close_forked(ufd)
     }
 }
 

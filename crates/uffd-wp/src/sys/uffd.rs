@@ -96,6 +96,10 @@ pub type RawMsg = [u8; MSG_SIZE];
 pub struct Uffd {
     fd: OwnedFd,
     origin: Origin,
+    /// The children's uffds that reading `UFFD_EVENT_FORK`s put in this process
+    /// (`msg.arg.fork.ufd`, fs/userfaultfd.c `resolve_userfault_fork()`), owned here until
+    /// [`Uffd::close_forked`], or until this uffd is dropped.
+    forked: std::sync::Mutex<Vec<OwnedFd>>,
 }
 
 impl AsFd for Uffd {
@@ -140,6 +144,7 @@ impl Uffd {
         Ok(Uffd {
             fd,
             origin: Origin::Syscall,
+            forked: Default::default(),
         })
     }
 
@@ -158,6 +163,7 @@ impl Uffd {
         Ok(Uffd {
             fd,
             origin: Origin::Device,
+            forked: Default::default(),
         })
     }
 
@@ -167,6 +173,7 @@ impl Uffd {
         Uffd {
             fd,
             origin: Origin::Remote,
+            forked: Default::default(),
         }
     }
 
@@ -275,7 +282,8 @@ impl Uffd {
     }
 
     /// Reads up to `max` pending events. With a non-blocking fd, returns an empty vector when
-    /// none is pending (EAGAIN is not an error here).
+    /// none is pending (EAGAIN is not an error here). The descriptor of each fork event's child
+    /// uffd is taken into this uffd's keeping ([`Uffd::close_forked`]).
     pub fn read_msgs(&self, max: usize) -> Result<Vec<RawMsg>, Errno> {
         let mut buf = vec![0u8; MSG_SIZE * max.max(1)];
         let n = match rustix::io::read(&self.fd, &mut buf) {
@@ -283,10 +291,36 @@ impl Uffd {
             Err(Errno::AGAIN) => 0,
             Err(e) => return Err(e),
         };
-        Ok(buf[..n]
+        let msgs: Vec<RawMsg> = buf[..n]
             .chunks_exact(MSG_SIZE)
             .map(|c| c.try_into().expect("chunk of MSG_SIZE"))
-            .collect())
+            .collect();
+        for m in msgs.iter().filter(|m| m[0] == g::UFFD_EVENT_FORK as u8) {
+            let raw = i32::from_ne_bytes(m[8..12].try_into().expect("4 bytes"));
+            // SAFETY: the read above installed this descriptor in our table for the fork
+            // event (`resolve_userfault_fork()`); nothing else knows it yet, so this is its
+            // one owner.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+            self.forked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(fd);
+        }
+        Ok(msgs)
+    }
+
+    /// Closes the child uffd a fork event read here named (`ufd`): the child's registrations
+    /// and write protection go with it, and its threads waiting on a fault there go on. EBADF
+    /// if this uffd holds no such descriptor.
+    pub fn close_forked(&self, ufd: u32) -> Result<(), Errno> {
+        use std::os::fd::AsRawFd;
+        let mut held = self.forked.lock().unwrap_or_else(|e| e.into_inner());
+        let i = held
+            .iter()
+            .position(|f| i64::from(f.as_raw_fd()) == i64::from(ufd))
+            .ok_or(Errno::BADF)?;
+        drop(held.swap_remove(i));
+        Ok(())
     }
 
     /// Waits until an event is readable or `timeout_ms` passes (-1: forever). Returns whether

@@ -326,6 +326,10 @@ impl Uffd for LinuxMm {
         self.uffd.poll(timeout_ms)
     }
 
+    fn close_forked(&self, ufd: u32) -> Result<(), Errno> {
+        self.uffd.close_forked(ufd)
+    }
+
     fn events_in_flight(&self) -> Result<bool, Errno> {
         self.uffd.mmap_changing()
     }

@@ -45,7 +45,16 @@ pub struct EventCounts {
     pub unmap: u64,
     /// `mremap` that moved registered memory.
     pub remap: u64,
-    /// Other events (fork, unknown), ignored.
+    /// Forks during the copy (`UFFD_EVENT_FORK`, when the backend enabled it: the dump's
+    /// does): each time, the snapshot's shared ranges ([`super::take_sharing`]) were copied
+    /// before the child's uffd was closed, so nothing the child writes there can reach the
+    /// snapshot.
+    pub fork: u64,
+    /// Forks before the freeze, read by the pre-arm handler: the child's uffd was closed at
+    /// once; such a child writes the shared ranges during the copy unseen, as a process that
+    /// mapped them before the dump does.
+    pub fork_before_freeze: u64,
+    /// Unknown events, ignored.
     pub other: u64,
     /// Copies dropped because a change may have touched their source (copied again).
     pub retried_copies: u64,
@@ -74,6 +83,9 @@ struct Change {
 pub(super) struct Changes {
     /// The backend delivers REMOVE, UNMAP or REMAP events.
     pub(super) enabled: bool,
+    /// What a child forked during the copy shares with the process (its `MAP_SHARED`
+    /// ranges, snapshot addresses): copied on a fork event, before the child may write them.
+    pub(super) fork_shared: RangeSet,
     /// Odd while a thread reads the uffd and records the changes it read.
     seq: AtomicU64,
     /// Held by the thread reading the uffd (one reader at a time, so `seq` pairs up).
@@ -82,6 +94,9 @@ pub(super) struct Changes {
     moved: AtomicBool,
     /// Faults read while waiting out a change (served next).
     deferred: Mutex<Vec<Event>>,
+    /// Child uffds of forks read and not handled yet ([`Shared::next_faults`] handles them:
+    /// the reader may hold claimed pages, which handling waits for).
+    forks: Mutex<Vec<u32>>,
     /// Pages (snapshot addresses) whose content at the snapshot point is lost, by cause.
     lost: Mutex<Lost>,
     counts: Mutex<EventCounts>,
@@ -95,11 +110,17 @@ struct Lost {
 }
 
 impl Changes {
-    pub(super) fn new(enabled: bool) -> Changes {
+    pub(super) fn new(enabled: bool, fork_shared: RangeSet) -> Changes {
         Changes {
             enabled,
+            fork_shared,
             ..Changes::default()
         }
+    }
+
+    /// Counts the forks the pre-arm handler saw (their uffds closed at once).
+    pub(super) fn forked_before_freeze(&self, n: u64) {
+        self.count(|c| c.fork_before_freeze += n);
     }
 
     pub(super) fn counts(&self) -> EventCounts {
@@ -231,6 +252,7 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
     /// The next page faults to serve: those deferred while waiting out a change, else what one
     /// read of the uffd gives (the changes it holds are recorded on the way).
     pub(super) fn next_faults(&self, max: usize) -> Result<Vec<Event>, SnapshotError> {
+        self.handle_forks()?;
         let deferred = std::mem::take(&mut *self.changes.deferred.lock().expect("deferred"));
         if !deferred.is_empty() {
             return Ok(deferred);
@@ -242,12 +264,12 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
     /// and returns the page faults.
     fn read_uffd(&self, max: usize) -> Result<Vec<Event>, SnapshotError> {
         let ch = &self.changes;
-        let _one = ch.reading.lock().expect("uffd reader");
-        ch.seq.fetch_add(1, Ordering::SeqCst);
-        let read = self.mm.read_events(max);
         let mut faults = Vec::new();
-        if let Ok(evs) = &read {
-            for ev in evs {
+        let read = {
+            let _one = ch.reading.lock().expect("uffd reader");
+            ch.seq.fetch_add(1, Ordering::SeqCst);
+            let read = self.mm.read_events(max);
+            for ev in read.as_deref().unwrap_or_default() {
                 match *ev {
                     Event::PageFault { .. } => faults.push(*ev),
                     Event::Remove { start, end } => self.record(Kind::Remove, start, end),
@@ -255,16 +277,49 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
                     Event::Remap { from, to, len } => {
                         self.record(Kind::Remap { to }, from, from + len)
                     }
-                    Event::Fork { .. } | Event::Unknown(_) => ch.count(|c| c.other += 1),
+                    Event::Fork { ufd } => ch.forks.lock().expect("forks").push(ufd),
+                    Event::Unknown(_) => ch.count(|c| c.other += 1),
                 }
             }
-        }
-        ch.seq.fetch_add(1, Ordering::SeqCst);
+            ch.seq.fetch_add(1, Ordering::SeqCst);
+            read
+        };
         read.map(|_| faults).map_err(|errno| SnapshotError::Uffd {
             op: "read(uffd)",
             addr: 0,
             errno,
         })
+    }
+
+    /// Handles the forks read so far ([`Shared::on_fork`]); called holding no claimed page.
+    pub(super) fn handle_forks(&self) -> Result<(), SnapshotError> {
+        let forks = std::mem::take(&mut *self.changes.forks.lock().expect("forks"));
+        forks.into_iter().try_for_each(|ufd| self.on_fork(ufd))
+    }
+
+    /// A fork during the copy: the child's page tables hold the process's uffd-wp bits and
+    /// markers on its uffd, so its first write to any page waits there. Every shared page not
+    /// copied yet is copied first (and those another thread is copying, waited for); then the
+    /// child's uffd is closed, which lets its writes go on. A child's private pages are its
+    /// own copies: nothing to do for them. Called holding no claimed page.
+    fn on_fork(&self, ufd: u32) -> Result<(), SnapshotError> {
+        self.changes.count(|c| c.fork += 1);
+        let mut copied = Ok(());
+        for r in self.ranges.iter() {
+            for part in self.changes.fork_shared.clip(*r).iter() {
+                copied = copied.and_then(|()| self.copy_unclaimed(*part));
+                self.wait_copied(*part);
+            }
+        }
+        let closed = self
+            .mm
+            .close_forked(ufd)
+            .map_err(|errno| SnapshotError::Uffd {
+                op: "close(forked uffd)",
+                addr: 0,
+                errno,
+            });
+        copied.and(closed)
     }
 
     /// Records one change (while reading: `seq` is odd). Pages of a removed or unmapped range

@@ -331,6 +331,32 @@ pub fn take<M: Mm + ?Sized>(
     opts: &SnapshotOptions,
     progress: impl FnMut(u64, u64),
 ) -> Result<(Image, SnapshotReport), SnapshotError> {
+    take_sharing(
+        mm,
+        ranges,
+        &RangeSet::new(),
+        source,
+        quiesce,
+        opts,
+        progress,
+    )
+}
+
+/// [`take`], for a process that may fork while it is copied and shares `shared` (its
+/// `MAP_SHARED` ranges, inside `ranges`) with the children: with `UFFD_FEATURE_EVENT_FORK`
+/// on the uffd, a child's page tables keep the uffd-wp bits on a uffd of its own, so its
+/// first write to a shared page waits; the fork event has every shared page not copied yet
+/// copied, then the child's uffd closed (`EventCounts::fork`). A fork before the freeze only
+/// has the child's uffd closed (`EventCounts::fork_before_freeze`).
+pub fn take_sharing<M: Mm + ?Sized>(
+    mm: &M,
+    ranges: &RangeSet,
+    shared: &RangeSet,
+    source: Source<'_>,
+    quiesce: &dyn Quiesce,
+    opts: &SnapshotOptions,
+    progress: impl FnMut(u64, u64),
+) -> Result<(Image, SnapshotReport), SnapshotError> {
     if ranges.is_empty() {
         return Err(SnapshotError::Empty);
     }
@@ -346,7 +372,7 @@ pub fn take<M: Mm + ?Sized>(
             ranges,
             (source, &image),
             quiesce,
-            opts.tolerate_vanishing,
+            (opts.tolerate_vanishing, &shared.intersection(ranges)),
         )?
         .run(scope, &prearm, ranges, opts, progress)
     })?;

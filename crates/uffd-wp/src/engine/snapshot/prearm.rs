@@ -21,6 +21,9 @@ pub(super) struct Prearm {
     /// What the process unmapped or moved away meanwhile (UNMAP and REMAP events, when the
     /// backend delivers them): not part of the snapshot point.
     pub(super) gone: std::sync::Mutex<RangeSet>,
+    /// Forks read meanwhile (`UFFD_EVENT_FORK`): each child's uffd closed at once (its writes
+    /// before the snapshot point are no concern; those after it, to shared memory, go unseen).
+    pub(super) forks: std::sync::atomic::AtomicU64,
 }
 
 /// Before the pause: un-protects what a writer faults on and records it, until `stop`. A page
@@ -39,6 +42,11 @@ pub(super) fn prearm_handler<M: Mm + ?Sized>(mm: &M, ranges: &RangeSet, st: &Pre
                 Event::PageFault { .. } => queue.push(ev),
                 Event::Unmap { start, end } => gone_range(st, start, end),
                 Event::Remap { from, len, .. } => gone_range(st, from, from + len),
+                Event::Fork { ufd } => {
+                    st.forks.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    mm.close_forked(ufd)
+                        .map_err(uffd_err("close(forked uffd)", 0))?;
+                }
                 _ => {}
             }
         }

@@ -194,7 +194,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         ranges: &RangeSet,
         (source, image): (Source<'a>, &'a Image),
         quiesce: &'a dyn Quiesce,
-        tolerate: bool,
+        (tolerate, fork_shared): (bool, &RangeSet),
     ) -> Result<Self, SnapshotError> {
         let mut guard = Cleanup {
             mm,
@@ -234,8 +234,10 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
                 mm.features().0
                     & (Features::EVENT_REMOVE.0
                         | Features::EVENT_UNMAP.0
-                        | Features::EVENT_REMAP.0)
+                        | Features::EVENT_REMAP.0
+                        | Features::EVENT_FORK.0)
                     != 0,
+                fork_shared.clone(),
             ),
         };
         let pinned = pinned_in(mm, &ranges.difference(&unregistered))?;
@@ -330,6 +332,9 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         // Unmapped or moved away before the snapshot point: not part of it, never copied
         // (whatever is mapped there now came later).
         let gone = std::mem::take(&mut *st.gone.lock().expect("pre-arm gone"));
+        self.sh
+            .changes
+            .forked_before_freeze(st.forks.load(std::sync::atomic::Ordering::Acquire));
         for r in gone.iter() {
             self.mark(*r, DONE);
         }

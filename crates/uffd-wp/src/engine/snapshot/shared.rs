@@ -182,7 +182,8 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
         loop {
             let evs = self.next_faults(16)?;
             if evs.is_empty() {
-                return Ok(());
+                // A fork read by this last read is handled now, not at the next event.
+                return self.handle_forks();
             }
             for ev in evs {
                 self.serve(ev)?;
@@ -226,6 +227,12 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
     /// Un-protects `r` once every page of it is copied (waiting for pages the handler is
     /// copying right now).
     pub(super) fn release(&self, r: Range) -> Result<(), SnapshotError> {
+        self.wait_copied(r);
+        self.unprotect(r)
+    }
+
+    /// Waits until no page of `r` is being copied (by another thread: the caller holds none).
+    pub(super) fn wait_copied(&self, r: Range) {
         let i0 = self.index(r.start()).expect("range inside the snapshot");
         for s in &self.state[i0..i0 + r.pages() as usize] {
             let mut wait = Wait::default();
@@ -233,7 +240,6 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
                 wait.pause();
             }
         }
-        self.unprotect(r)
     }
 }
 
