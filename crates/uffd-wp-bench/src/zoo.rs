@@ -397,66 +397,11 @@ impl Zoo {
                     from: addr,
                 })
             }
-            "fork" => {
-                let s = self.find("anon")?;
-                let m = s.mem.read().expect("slab");
-                let Mem::Map(map) = &*m else {
-                    return Err(Errno::INVAL);
-                };
-                let a = map.range().start();
-                crate::sys::fork::fork_write_exit(
-                    map,
-                    a,
-                    (64 << 10).min(map.range().len()),
-                    0xcc,
-                    Duration::from_secs(20),
-                )?;
-                Ok(OpReport {
-                    addr: a,
-                    len: 0,
-                    from: a,
-                })
-            }
-            "fork-write-shared" => {
-                let s = self.find("shared-late")?;
-                let m = s.mem.read().expect("slab");
-                let Mem::Map(map) = &*m else {
-                    return Err(Errno::INVAL);
-                };
-                let a = map.range().start();
-                // Shared: the child's bytes land in this process's page too, behind the
-                // version table's back; a dump must hold the page as it was at its freeze.
-                crate::sys::fork::fork_write_exit(
-                    map,
-                    a,
-                    PAGE_SIZE,
-                    0xcc,
-                    Duration::from_secs(20),
-                )?;
-                Ok(OpReport {
-                    addr: a,
-                    len: PAGE_SIZE,
-                    from: a,
-                })
-            }
-            "fork-sleep" => {
-                let child = crate::sys::fork::SleepingChild::fork()?;
-                let pid = child.pid();
-                self.sleepers.lock().expect("sleepers").push(child);
-                Ok(OpReport {
-                    addr: pid.into(),
-                    len: 0,
-                    from: 0,
-                })
-            }
-            "end-sleepers" => {
-                self.sleepers.lock().expect("sleepers").clear();
-                Ok(OpReport {
-                    addr: 0,
-                    len: 0,
-                    from: 0,
-                })
-            }
+            "fork" => self.fork_writer("anon", 64 << 10),
+            // Shared: the child's bytes land in this process's page too, behind the version
+            // table's back; a dump must hold the page as it was at its freeze.
+            "fork-write-shared" => self.fork_writer("shared-late", PAGE_SIZE),
+            "fork-sleep" | "end-sleepers" => self.sleepers(op),
             "thread-start" => self.thread_start(),
             "thread-exit" => self.thread_exit(),
             "touch-all" => {
@@ -501,6 +446,42 @@ impl Zoo {
         let state = *res.as_ref().unwrap_or(&LIVE);
         self.set_state(s.slot, state);
         res.map(|_| OpReport { addr, len, from })
+    }
+
+    /// A child that writes `0xcc` over the first `len` bytes of slab `name` (its copy of a
+    /// private slab; the process's own page of a shared one) and exits, waited for.
+    fn fork_writer(&self, name: &str, len: u64) -> Result<OpReport, Errno> {
+        let s = self.find(name)?;
+        let m = s.mem.read().expect("slab");
+        let Mem::Map(map) = &*m else {
+            return Err(Errno::INVAL);
+        };
+        let a = map.range().start();
+        let len = len.min(map.range().len());
+        crate::sys::fork::fork_write_exit(map, a, len, 0xcc, Duration::from_secs(20))?;
+        Ok(OpReport {
+            addr: a,
+            len,
+            from: a,
+        })
+    }
+
+    /// `fork-sleep` (one more sleeping child, its pid in `addr`) or `end-sleepers`.
+    fn sleepers(&self, op: &str) -> Result<OpReport, Errno> {
+        let mut all = self.sleepers.lock().expect("sleepers");
+        let mut addr = 0;
+        if op == "fork-sleep" {
+            let child = crate::sys::fork::SleepingChild::fork()?;
+            addr = child.pid().into();
+            all.push(child);
+        } else {
+            all.clear();
+        }
+        Ok(OpReport {
+            addr,
+            len: 0,
+            from: 0,
+        })
     }
 
     fn thread_start(&self) -> Result<OpReport, Errno> {
