@@ -1,7 +1,7 @@
 # The kernel's own userfaultfd selftests (tools/testing/selftests/mm/uffd-unit-tests), built
 # from the same tree as the running kernel, with an 8 MiB test area instead of upstream's
 # 32 MiB (kernel/run, build_tcg_selftests: under TCG the 4 KiB tests fault once a page, and
-# the suite took 360-410 s a boot; every test keeps its layout). Prints one JSON object: each test's outcome
+# the suite took 360-410 s a boot, now 85-102 s; every test keeps its layout). Prints one JSON object: each test's outcome
 # ("pass", "skip", "fail"; a test cut short by the binary's exit is "fail"), the reasons of
 # skips and failures, each test's seconds, and the exit code of every run. kernel/run checks
 # there is no failure and that stock and patched agree on every test both have

@@ -743,7 +743,7 @@ mod tests {
             fail_alloc: true,
         };
         let below = BELOW_PUD - 8;
-        let outcome = |nth| {
+        let outcome = |fail_alloc, nth| {
             let ops = vec![
                 Op::Map {
                     off: below,
@@ -760,38 +760,19 @@ mod tests {
                     nth,
                 },
             ];
+            let config = CaseConfig {
+                fail_alloc,
+                ..config
+            };
             model::run(&Case { config, ops }).steps[2].result.clone()
         };
-        assert_eq!(outcome(1), "ENOMEM done 0 pinned 0");
-        assert_eq!(outcome(2), "ENOMEM done 0 pinned 0");
-        assert_eq!(outcome(3), "ENOMEM done 8 pinned 0");
-        assert_eq!(outcome(4), "ENOMEM done 8 pinned 0");
-        assert_eq!(outcome(5), "ok done 16 pinned 0");
-        // In the small arena the guard pages keep every table: nothing to fail.
-        let mut small = Case {
-            config: CaseConfig {
-                fail_alloc: false,
-                ..config
-            },
-            ops: vec![],
-        };
-        small.ops = vec![
-            Op::Map {
-                off: below,
-                pages: 16,
-                kind: MapKind::Shmem,
-            },
-            Op::Register {
-                off: below,
-                pages: 16,
-            },
-            Op::ProtectFailing {
-                off: below,
-                pages: 16,
-                nth: 1,
-            },
-        ];
-        assert_eq!(model::run(&small).steps[2].result, "ok done 16 pinned 0");
+        assert_eq!(outcome(true, 1), "ENOMEM done 0 pinned 0");
+        assert_eq!(outcome(true, 2), "ENOMEM done 0 pinned 0");
+        assert_eq!(outcome(true, 3), "ENOMEM done 8 pinned 0");
+        assert_eq!(outcome(true, 4), "ENOMEM done 8 pinned 0");
+        assert_eq!(outcome(true, 5), "ok done 16 pinned 0");
+        // In the small arena the guard pages keep every table, and nothing is armed: no failure.
+        assert_eq!(outcome(false, 1), "ok done 16 pinned 0");
     }
 
     #[test]

@@ -418,6 +418,12 @@ mod tests {
             let p = |a: u64, b: u64| {
                 Range::from_bounds(r.start() + a * PAGE_SIZE, r.start() + b * PAGE_SIZE)
             };
+            // A MapsQuery opened before the hole is made: its kept file must see it.
+            let cached = MapsQuery::new(me);
+            assert!(
+                cached.fully_mapped(r).unwrap(),
+                "whole mapping, before the hole"
+            );
             m.punch(p(5, 7)).unwrap();
             let spans = [
                 (0, 16),
@@ -437,6 +443,7 @@ mod tests {
                         crate::sys::mem::fully_mapped(q).unwrap(),
                         fully_mapped(me, q).unwrap(),
                         maps_cover(&read_maps(me).unwrap(), q),
+                        cached.fully_mapped(q).unwrap(),
                     )
                 })
                 .collect();
@@ -446,10 +453,11 @@ mod tests {
             if !hole_kept {
                 continue;
             }
-            for (&(a, b), &(want, query, maps)) in spans.iter().zip(&answers) {
+            for (&(a, b), &(want, query, maps, kept)) in spans.iter().zip(&answers) {
                 assert_eq!(want, !(a < 7 && 5 < b), "msync on {a}..{b}");
                 assert_eq!(query, want, "PROCMAP_QUERY on {a}..{b}");
                 assert_eq!(maps, want, "maps on {a}..{b}");
+                assert_eq!(kept, want, "MapsQuery (file kept open) on {a}..{b}");
             }
             return;
         }

@@ -312,7 +312,7 @@ pub fn capture(
         };
         let shared: RangeSet = plan
             .iter()
-            .filter(|x| x.method == Method::WriteProtect && x.map.perms.ends_with('s'))
+            .filter(|x| x.shared_wp())
             .map(Planned::range)
             .collect::<Vec<_>>()
             .into();
@@ -431,17 +431,16 @@ fn in_freeze_ranges(plan: &[Planned]) -> Vec<Range> {
 fn sharers_of(p: i32, plan: &[Planned]) -> BTreeMap<(String, u64), Vec<i32>> {
     let wanted = plan
         .iter()
-        .filter(|x| x.method == Method::WriteProtect && x.map.perms.ends_with('s'))
+        .filter(|x| x.shared_wp())
         .map(|x| (x.map.dev.clone(), x.map.inode))
         .collect();
     procfs::sharers(p, &wanted)
 }
 
 fn mapping_report(p: &Planned, sharers: &BTreeMap<(String, u64), Vec<i32>>) -> MappingReport {
-    let shared = p.method == Method::WriteProtect && p.map.perms.ends_with('s');
     let key = (p.map.dev.clone(), p.map.inode);
     MappingReport {
-        shared_with: if shared {
+        shared_with: if p.shared_wp() {
             sharers.get(&key).cloned().unwrap_or_default()
         } else {
             Vec::new()

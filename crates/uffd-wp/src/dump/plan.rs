@@ -67,6 +67,12 @@ impl Planned {
         Range::from_bounds(self.map.start, self.map.end)
     }
 
+    /// Write-protected and `MAP_SHARED`: memory other processes (a child forked during the
+    /// copy, any process mapping it already) can write.
+    pub fn shared_wp(&self) -> bool {
+        self.method == Method::WriteProtect && self.map.perms.ends_with('s')
+    }
+
     /// The bytes it puts in the core (all of it, one page, or none).
     pub fn dump_bytes(&self) -> u64 {
         match self.method {

@@ -361,3 +361,26 @@ fn dev_ioctl_new(dev: &OwnedFd, flags: u32) -> Result<i32, Errno> {
     // SAFETY: see the impl above: no memory is passed to the kernel.
     unsafe { ioctl(dev, New(flags)) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A uffd closes only the fork descriptors its reads took in: any other number is EBADF,
+    /// and a descriptor of this process it does not own (its own) stays open.
+    #[test]
+    fn close_forked_refuses_a_descriptor_no_fork_event_gave() {
+        use std::os::fd::AsRawFd;
+        let Ok(u) = Uffd::create(true, true) else {
+            eprintln!("SKIPPED: no userfaultfd here");
+            return;
+        };
+        let own = u.as_fd().as_raw_fd() as u32;
+        assert_eq!(u.close_forked(own), Err(Errno::BADF));
+        assert_eq!(u.close_forked(u32::MAX), Err(Errno::BADF));
+        assert!(
+            rustix::fs::fstat(u.as_fd()).is_ok(),
+            "the uffd itself stays open"
+        );
+    }
+}
