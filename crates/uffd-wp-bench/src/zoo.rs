@@ -25,8 +25,10 @@ use std::time::Duration;
 use rustix::mm::Advice;
 use serde::Serialize;
 use uffd_wp::range::PAGE_SIZE;
+use uffd_wp::seam::RegisterMode;
 use uffd_wp::sys::Errno;
 use uffd_wp::sys::mem::{Backing, Mapping, Thp};
+use uffd_wp::sys::uffd::Uffd;
 
 use crate::workload::{PageVerdict, check_page, fill};
 
@@ -178,7 +180,14 @@ pub struct Zoo {
     spinners: Vec<Spinner>,
     /// Children of `fork-sleep`, killed and reaped when dropped.
     sleepers: Mutex<Vec<crate::sys::fork::SleepingChild>>,
+    /// Memory of `own-uffd` and the userfaultfd it is registered with.
+    own_uffd: Mutex<Vec<(Uffd, Mapping)>>,
 }
+
+/// What `own-uffd` writes over the resident half of its memory.
+pub const OWN_UFFD_BYTE: u8 = 0x5a;
+/// Pages of `own-uffd` memory: the first half resident, the second half missing.
+pub const OWN_UFFD_PAGES: u64 = 16;
 
 /// What an operation did.
 #[derive(Debug, Clone, Serialize)]
@@ -217,6 +226,7 @@ impl Zoo {
             next_slot: Mutex::new(0),
             spinners: Vec::new(),
             sleepers: Mutex::new(Vec::new()),
+            own_uffd: Mutex::new(Vec::new()),
         };
         // The change slabs first: mmap places later mappings below them, so a dump's copier
         // (in address order) reaches them last.
@@ -369,7 +379,8 @@ impl Zoo {
     /// child that sleeps, mapping the
     /// shared slabs too, until `end-sleepers`; its pid in `addr`), `thread-start`,
     /// `thread-exit`, `touch-all` (every live page written once: the process can write
-    /// everywhere).
+    /// everywhere), `own-uffd` (memory registered with a userfaultfd of the process's own:
+    /// [`Zoo::own_uffd`]).
     pub fn op(&self, op: &str) -> Result<OpReport, Errno> {
         match op {
             "munmap" => self.change("unmap", |m, _| {
@@ -402,6 +413,7 @@ impl Zoo {
             // table's back; a dump must hold the page as it was at its freeze.
             "fork-write-shared" => self.fork_writer("shared-late", PAGE_SIZE),
             "fork-sleep" | "end-sleepers" => self.sleepers(op),
+            "own-uffd" => self.own_uffd(),
             "thread-start" => self.thread_start(),
             "thread-exit" => self.thread_exit(),
             "touch-all" => {
@@ -420,6 +432,28 @@ impl Zoo {
             }
             _ => Err(Errno::INVAL),
         }
+    }
+
+    /// [`OWN_UFFD_PAGES`] pages of anonymous memory registered for missing faults with a
+    /// userfaultfd of the process's own, as a VMM or a lazy-restored process has: the first
+    /// half holds [`OWN_UFFD_BYTE`], the second half is missing. Nothing serves its faults, so
+    /// nothing here touches it again (it is not a slab). Where it is in `addr`.
+    fn own_uffd(&self) -> Result<OpReport, Errno> {
+        let len = OWN_UFFD_PAGES * PAGE_SIZE;
+        let m = Mapping::new(len, PAGE_SIZE, Backing::Anon, Thp::NoHuge)?;
+        let start = m.range().start();
+        m.write(start, &vec![OWN_UFFD_BYTE; (len / 2) as usize])?;
+        // Not UFFD_USER_MODE_ONLY: a VMM's uffd also takes the kernel's own accesses (a
+        // remote read of a missing page then waits for the handler instead of failing).
+        let u = Uffd::create(false, false)?;
+        u.api(0)?;
+        u.register(start, len, RegisterMode::MISSING.0)?;
+        self.own_uffd.lock().expect("own uffd").push((u, m));
+        Ok(OpReport {
+            addr: start,
+            len,
+            from: start,
+        })
     }
 
     /// Changes slab `name` under its lock, marked [`CHANGING`] meanwhile; `f` returns the

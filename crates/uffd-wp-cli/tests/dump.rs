@@ -302,7 +302,10 @@ fn an_idle_process_dumps_the_same_bytes_as_gcore() {
     // loader still relocating after it (comm changes at exec; CI saw a libc page differ).
     let t = std::time::Instant::now();
     while !in_nanosleep(&pid) {
-        assert!(t.elapsed().as_secs() < 30, "sleep did not reach its sleep in 30 s");
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "sleep did not reach its sleep in 30 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let dir = Scratch::new("gcore");

@@ -139,6 +139,58 @@ impl Target {
     }
 }
 
+/// Memory the target registered for missing faults with a userfaultfd of its own (a VMM, a
+/// lazily restored process): UFFDIO_REGISTER(WP) refuses it (EBUSY), and reading one of its
+/// missing pages with process_vm_readv waits for the target's handler, stopped by the freeze
+/// (without the fix this test times out). The dump reads its populated pages inside the
+/// freeze, leaves the missing ones zero, ends, and leaves the registration to the target.
+#[test]
+fn memory_the_target_registered_itself_is_dumped_where_populated_without_waiting_on_it() {
+    if not_root() {
+        return;
+    }
+    let mut t = Target::start(1 << 20, 1);
+    let addr = t.op("own-uffd")["addr"].as_u64().unwrap();
+    let half = (zoo::OWN_UFFD_PAGES / 2 * PAGE_SIZE) as usize;
+    let pid = t.pid;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(dump::capture(pid, &DumpOptions::default(), |_, _| {}));
+    });
+    let cap = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the dump did not end in 120 s: it waits on the target's own userfaultfd")
+        .unwrap();
+    let m = cap
+        .report
+        .mappings
+        .iter()
+        .find(|m| m.start == addr)
+        .unwrap();
+    let method = serde_json::to_value(&m.method).unwrap();
+    assert_eq!(method["method"], "in-freeze-populated", "{method}");
+    let mut got = vec![0u8; 2 * half];
+    cap.read(addr, &mut got).unwrap();
+    assert!(
+        got[..half].iter().all(|&b| b == zoo::OWN_UFFD_BYTE),
+        "the populated half"
+    );
+    assert!(
+        got[half..].iter().all(|&b| b == 0),
+        "the missing half: a hole"
+    );
+    assert!(cap.report.in_freeze_bytes >= half as u64);
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let flags = smaps
+        .split(&format!("{addr:x}-"))
+        .nth(1)
+        .and_then(|e| e.lines().find(|l| l.starts_with("VmFlags:")))
+        .unwrap()
+        .to_string();
+    assert!(flags.split_whitespace().any(|f| f == "um"), "{flags}");
+    t.runs_on_and_exits();
+}
+
 /// A child forked by the target shares its `MAP_SHARED` anonymous slab and its memfd: the
 /// report names the child's pid on exactly those mappings (the dump cannot stop its writes),
 /// on no private one, and the target runs on.

@@ -18,10 +18,11 @@ use std::fmt::Display;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 
 use rustix::fs::{CWD, Dir, Mode, OFlags};
 
-use crate::range::Range;
+use crate::range::{PAGE_SIZE, Range, RangeSet};
 use crate::sys::ptrace;
 use crate::sys::{Errno, errno_of};
 
@@ -62,6 +63,35 @@ fn numeric_entries_at(dir: impl AsFd, path: &str) -> Result<Vec<i32>, Errno> {
 /// Reads the whole text of the file at `path` (`/proc/...`).
 pub fn read(path: &str) -> Result<String, Errno> {
     read_at(CWD, path)
+}
+
+/// Reads `buf.len()` bytes of process `pid`'s memory at `addr` through `/proc/PID/mem`, whose
+/// accesses never wait for a userfaultfd handler: the kernel fails a page that only a handler
+/// could fill (`handle_userfault()` cannot retry a `/proc/PID/mem` access), as it fails an
+/// unmapped one. Those pages read as zero and are returned. `process_vm_readv(2)` would wait.
+pub fn read_mem_no_wait(pid: i32, addr: u64, buf: &mut [u8]) -> Result<RangeSet, Errno> {
+    let f = File::open(path(pid, "mem")).map_err(|e| errno_of(&e))?;
+    let mut unread = RangeSet::new();
+    let mut off = 0;
+    while off < buf.len() {
+        match f.read_at(&mut buf[off..], addr + off as u64) {
+            Ok(n) if n > 0 => off += n,
+            Ok(_) => unread_page(addr, buf, &mut off, &mut unread),
+            Err(e) if matches!(errno_of(&e), Errno::IO | Errno::FAULT) => {
+                unread_page(addr, buf, &mut off, &mut unread)
+            }
+            Err(e) => return Err(errno_of(&e)),
+        }
+    }
+    Ok(unread)
+}
+
+/// Zeroes the page of `buf` at `off`, notes it unread, and moves `off` past it.
+fn unread_page(addr: u64, buf: &mut [u8], off: &mut usize, unread: &mut RangeSet) {
+    let end = (*off + PAGE_SIZE as usize).min(buf.len());
+    buf[*off..end].fill(0);
+    unread.insert(Range::from_bounds(addr + *off as u64, addr + end as u64));
+    *off = end;
 }
 
 /// An open `/proc/PID` directory: every file is opened relative to it (see the module docs).
@@ -360,6 +390,29 @@ impl MapsQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_read_without_waiting_zeroes_and_names_the_pages_it_cannot_read() {
+        use crate::sys::mem::{Backing, Mapping, Thp};
+        let mut m = Mapping::new(4 * PAGE_SIZE, PAGE_SIZE, Backing::Anon, Thp::NoHuge).unwrap();
+        let r = m.range();
+        m.touch(r, 0x77).unwrap();
+        let hole = Range::new(r.start() + PAGE_SIZE, PAGE_SIZE).unwrap();
+        m.punch(hole).unwrap();
+        let mut buf = vec![0xffu8; r.len() as usize];
+        let me = std::process::id() as i32;
+        let unread = read_mem_no_wait(me, r.start(), &mut buf).unwrap();
+        assert_eq!(unread, RangeSet::single(hole));
+        // `touch` writes each page's first byte; the rest of the page reads as zero.
+        let p = PAGE_SIZE as usize;
+        let firsts: Vec<u8> = (0..4).map(|i| buf[i * p]).collect();
+        assert_eq!(firsts, [0x77, 0, 0x77, 0x77]);
+        assert!(buf.iter().all(|&b| b != 0xff), "every byte written");
+        assert_eq!(
+            read_mem_no_wait(i32::MAX, r.start(), &mut buf),
+            Err(Errno::NOENT)
+        );
+    }
 
     #[test]
     fn parses_maps_and_checks_coverage() {

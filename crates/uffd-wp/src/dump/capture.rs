@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::backend::linux::RemoteQuiesce;
 use crate::backend::linux::remote::read_remote;
+use crate::backend::procfs::read_mem_no_wait;
 use crate::range::{PAGE_SIZE, Range, RangeSet};
 use crate::seam::{Errno, Quiesce};
 use crate::sys::ptrace::{get_regset, nt};
@@ -26,6 +27,17 @@ pub struct ThreadRegs {
     pub xstate: Option<Vec<u8>>,
 }
 
+/// A range the freeze copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreezeCopy {
+    /// Where.
+    pub range: Range,
+    /// Read without ever waiting for a userfaultfd handler (`/proc/PID/mem`): pages only the
+    /// target's own handler could fill are left zero (the target registered the range with a
+    /// userfaultfd of its own, and the freeze stops its handler).
+    pub populated_only: bool,
+}
+
 /// What the freeze captured.
 #[derive(Debug, Default)]
 pub struct Frozen {
@@ -35,6 +47,8 @@ pub struct Frozen {
     pub copies: Vec<(Range, Vec<u8>)>,
     /// Pages of `copies` that were unmapped by the target before the freeze (left zero).
     pub gone: RangeSet,
+    /// Bytes read from the target inside the freeze.
+    pub copied_bytes: u64,
     /// Microseconds spent capturing inside the freeze (registers and copies).
     pub capture_us: f64,
     /// The first failure, if any (the freeze still resumes the target).
@@ -47,13 +61,13 @@ pub struct Frozen {
 pub struct DumpQuiesce<'a> {
     inner: &'a RemoteQuiesce,
     pid: i32,
-    in_freeze: Vec<Range>,
+    in_freeze: Vec<FreezeCopy>,
     frozen: Mutex<Frozen>,
 }
 
 impl<'a> DumpQuiesce<'a> {
     /// Captures `in_freeze` of process `pid` at each freeze of `inner`.
-    pub fn new(inner: &'a RemoteQuiesce, pid: i32, in_freeze: Vec<Range>) -> Self {
+    pub fn new(inner: &'a RemoteQuiesce, pid: i32, in_freeze: Vec<FreezeCopy>) -> Self {
         DumpQuiesce {
             inner,
             pid,
@@ -81,12 +95,17 @@ impl<'a> DumpQuiesce<'a> {
             Ok(r) => f.threads = r,
             Err(e) => f.error = Some(e),
         }
-        for r in &self.in_freeze {
+        for c in &self.in_freeze {
+            let r = c.range;
             let mut buf = vec![0u8; r.len() as usize];
-            match read_remote(self.pid, r.start(), &mut buf) {
-                Ok(()) => {}
-                // Unmapped since it was planned: what is left, page by page.
-                Err(Errno::FAULT) => f.gone.extend(&self.copy_pages(*r, &mut buf)),
+            let copied = if c.populated_only {
+                read_mem_no_wait(self.pid, r.start(), &mut buf)
+                    .map(|unread| r.len() - unread.bytes())
+            } else {
+                self.copy_whole(r, &mut buf, &mut f.gone)
+            };
+            match copied {
+                Ok(n) => f.copied_bytes += n,
                 Err(errno) => {
                     f.error.get_or_insert(DumpError::Copy {
                         addr: r.start(),
@@ -95,7 +114,7 @@ impl<'a> DumpQuiesce<'a> {
                     });
                 }
             }
-            f.copies.push((*r, buf));
+            f.copies.push((r, buf));
         }
         f.capture_us = t0.elapsed().as_secs_f64() * 1e6;
         f
@@ -103,6 +122,21 @@ impl<'a> DumpQuiesce<'a> {
 }
 
 impl DumpQuiesce<'_> {
+    /// Copies `r` into `buf`; returns the bytes read. Pages unmapped since the plan are left
+    /// zero and added to `gone`.
+    fn copy_whole(&self, r: Range, buf: &mut [u8], gone: &mut RangeSet) -> Result<u64, Errno> {
+        match read_remote(self.pid, r.start(), buf) {
+            Ok(()) => Ok(r.len()),
+            // Unmapped since it was planned: what is left, page by page.
+            Err(Errno::FAULT) => {
+                let lost = self.copy_pages(r, buf);
+                gone.extend(&lost);
+                Ok(r.len() - lost.bytes())
+            }
+            Err(errno) => Err(errno),
+        }
+    }
+
     /// Copies `r` into `buf` page by page; returns the pages that are gone.
     fn copy_pages(&self, r: Range, buf: &mut [u8]) -> RangeSet {
         let mut gone = RangeSet::new();

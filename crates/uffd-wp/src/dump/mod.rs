@@ -39,7 +39,7 @@ use crate::seam::prelude::*;
 use crate::seam::{Errno, Quiesce, RegisterMode};
 use crate::sys::errno_name;
 
-use capture::{DumpQuiesce, ThreadRegs};
+use capture::{DumpQuiesce, FreezeCopy, ThreadRegs};
 use plan::{Method, Planned};
 use target::ProcessInfo;
 pub use write::write_core;
@@ -332,7 +332,7 @@ pub fn capture(
         pause_us,
         freeze_us: snap.as_ref().map_or(pause_us, |s| s.freeze_us),
         capture_in_freeze_us: frozen.capture_us,
-        in_freeze_bytes: frozen.copies.iter().map(|(r, _)| r.len()).sum(),
+        in_freeze_bytes: frozen.copied_bytes,
         write_protected_bytes: wp.bytes(),
         gone_before_freeze_bytes: frozen.gone.bytes(),
         mappings: plan.iter().map(|x| mapping_report(x, &sharers)).collect(),
@@ -375,23 +375,39 @@ fn plan_target(p: i32, opts: &DumpOptions) -> Result<Vec<Planned>, DumpError> {
         Some(f) => f,
         None => target::coredump_filter(p)?,
     };
-    let written = target::written_mappings(p)?;
+    let smaps = target::smaps(p)?;
     let maps = procfs::read_maps(p).map_err(|errno| DumpError::Proc {
         pid: p,
         what: "maps",
         errno,
     })?;
-    let elf = |m: &MapEntry| {
-        let mut b = [0u8; 4];
-        m.offset == 0 && read_remote(p, m.start, &mut b).is_ok() && &b == b"\x7fELF"
-    };
     Ok(plan::plan(
         &maps,
         filter,
         opts.only.as_ref(),
-        |m| written.contains_key(&m.start),
-        elf,
+        &TargetFacts { pid: p, smaps },
     ))
+}
+
+/// [`plan::MapFacts`] of a live target: its smaps, and its memory for ELF headers.
+struct TargetFacts {
+    pid: i32,
+    smaps: target::Smaps,
+}
+
+impl plan::MapFacts for TargetFacts {
+    fn written(&self, m: &MapEntry) -> bool {
+        self.smaps.written.contains(&m.start)
+    }
+
+    fn elf(&self, m: &MapEntry) -> bool {
+        let mut b = [0u8; 4];
+        m.offset == 0 && read_remote(self.pid, m.start, &mut b).is_ok() && &b == b"\x7fELF"
+    }
+
+    fn own_uffd(&self, m: &MapEntry) -> Option<u64> {
+        self.smaps.own_uffd.get(&m.start).copied()
+    }
 }
 
 /// Tries registering each mapping planned for write-protection; one the kernel refuses is
@@ -415,12 +431,21 @@ fn refuse_unregistrable(mm: &LinuxMm, plan: &mut [Planned]) {
     }
 }
 
-/// What the freeze copies: whole mappings, and the first page of ELF file mappings.
-fn in_freeze_ranges(plan: &[Planned]) -> Vec<Range> {
+/// What the freeze copies: whole mappings, the populated pages of those the target registered
+/// with its own userfaultfd, and the first page of ELF file mappings.
+fn in_freeze_ranges(plan: &[Planned]) -> Vec<FreezeCopy> {
+    let copy = |range, populated_only| FreezeCopy {
+        range,
+        populated_only,
+    };
     plan.iter()
         .filter_map(|p| match p.method {
-            Method::InFreeze => Some(p.range()),
-            Method::ElfHeader => Some(Range::from_bounds(p.map.start, p.map.start + PAGE_SIZE)),
+            Method::InFreeze => Some(copy(p.range(), false)),
+            Method::InFreezePopulated(_) => Some(copy(p.range(), true)),
+            Method::ElfHeader => Some(copy(
+                Range::from_bounds(p.map.start, p.map.start + PAGE_SIZE),
+                false,
+            )),
             _ => None,
         })
         .collect()

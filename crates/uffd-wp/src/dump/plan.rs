@@ -9,11 +9,14 @@
 //! | private file-backed, never written | 2 mapped private | whole, else the first page if it is an ELF header (bit 4) |
 //! | shared file-backed | 3 mapped shared | whole |
 //! | `[vvar]`, `[vvar_vclock]`, `[vsyscall]` | - | never: the kernel's own pages, unreadable (VM_IO/PFNMAP) |
+//! | any of the above that the target registered with a userfaultfd of its own for missing or minor faults (smaps `um`, `ui`) | as above | its populated pages, copied inside the freeze through `/proc/PID/mem`; the missing ones are holes (only the target's own handler, stopped by the freeze, could fill them) |
 //!
 //! A mapping left out still gets its `PT_LOAD` (with no bytes), as in kernel cores.
 
 use crate::backend::procfs::MapEntry;
 use crate::range::{PAGE_SIZE, Range, RangeSet};
+
+use super::IN_FREEZE_LIMIT;
 
 /// `/proc/PID/coredump_filter` bits (see core(5)).
 pub mod filter {
@@ -44,6 +47,10 @@ pub enum Method {
     WriteProtect,
     /// Copied inside the freeze (memory the kernel will not write-protect, all small).
     InFreeze,
+    /// Copied inside the freeze, its populated pages only: the target registered it with a
+    /// userfaultfd of its own, and a missing page only the target's own handler (stopped by
+    /// the freeze) could fill; such pages are holes, as in the kernel's core.
+    InFreezePopulated(String),
     /// Only its first page, the ELF header, copied (it never changes).
     ElfHeader,
     /// In the core with no bytes: the coredump filter (or `--range`) leaves it out.
@@ -76,7 +83,9 @@ impl Planned {
     /// The bytes it puts in the core (all of it, one page, or none).
     pub fn dump_bytes(&self) -> u64 {
         match self.method {
-            Method::WriteProtect | Method::InFreeze => self.map.end - self.map.start,
+            Method::WriteProtect | Method::InFreeze | Method::InFreezePopulated(_) => {
+                self.map.end - self.map.start
+            }
             Method::ElfHeader => PAGE_SIZE,
             Method::Omitted(_) | Method::Skipped(_) => 0,
         }
@@ -115,15 +124,23 @@ fn kind(m: &MapEntry) -> Kind {
     }
 }
 
-/// Plans every mapping of `maps` under `filter`; `written` tells whether a private file
-/// mapping has pages of its own (smaps `Anonymous:` above zero), `elf` whether a file
-/// mapping at offset 0 starts with an ELF header; `only` narrows the dump to some ranges.
+/// What the plan needs to know of a mapping beyond its line in /proc/PID/maps.
+pub trait MapFacts {
+    /// A private file mapping with pages of its own (smaps `Anonymous:` above zero).
+    fn written(&self, m: &MapEntry) -> bool;
+    /// A file mapping at offset 0 that starts with an ELF header (reads the target).
+    fn elf(&self, m: &MapEntry) -> bool;
+    /// Its resident bytes, when the target registered it with a userfaultfd of its own for
+    /// missing or minor faults (smaps `VmFlags` `um`, `ui`).
+    fn own_uffd(&self, m: &MapEntry) -> Option<u64>;
+}
+
+/// Plans every mapping of `maps` under `filter`; `only` narrows the dump to some ranges.
 pub fn plan(
     maps: &[MapEntry],
     filter: u32,
     only: Option<&RangeSet>,
-    written: impl Fn(&MapEntry) -> bool,
-    elf: impl Fn(&MapEntry) -> bool,
+    facts: &impl MapFacts,
 ) -> Vec<Planned> {
     let mut out = Vec::new();
     for m in maps {
@@ -132,7 +149,7 @@ pub fn plan(
                 Some(o) if !o.covers(&Range::from_bounds(map.start, map.end)) => {
                     Method::Omitted("outside --range".into())
                 }
-                _ => method(&map, filter, &written, &elf),
+                _ => method(&map, filter, facts),
             };
             out.push(Planned { map, method });
         }
@@ -160,17 +177,36 @@ fn clip(m: &MapEntry, only: Option<&RangeSet>) -> Vec<MapEntry> {
         .collect()
 }
 
-fn method(
-    m: &MapEntry,
-    filter: u32,
-    written: &impl Fn(&MapEntry) -> bool,
-    elf: &impl Fn(&MapEntry) -> bool,
-) -> Method {
-    let on = |bit: u32| filter & bit != 0;
-    let off = |what: &str| Method::Omitted(format!("coredump_filter leaves out {what}"));
+fn method(m: &MapEntry, filter: u32, facts: &impl MapFacts) -> Method {
     if !m.perms.starts_with('r') {
         return Method::Omitted("not readable".into());
     }
+    let Some(resident) = facts.own_uffd(m) else {
+        return by_kind(m, filter, facts, true);
+    };
+    // Its first bytes are not read for an ELF header: they may be missing.
+    match by_kind(m, filter, facts, false) {
+        Method::WriteProtect | Method::InFreeze if resident <= IN_FREEZE_LIMIT => {
+            Method::InFreezePopulated(
+                "registered with the target's own userfaultfd: its populated pages, copied \
+                 inside the freeze; the missing ones only its handler can fill"
+                    .into(),
+            )
+        }
+        Method::WriteProtect | Method::InFreeze => Method::Skipped(format!(
+            "registered with the target's own userfaultfd, {} MiB resident: above the {} MiB \
+             copied inside the freeze",
+            resident >> 20,
+            IN_FREEZE_LIMIT >> 20
+        )),
+        other => other,
+    }
+}
+
+/// The method by the kind of mapping and the filter; `may_read` allows reading its first page.
+fn by_kind(m: &MapEntry, filter: u32, facts: &impl MapFacts, may_read: bool) -> Method {
+    let on = |bit: u32| filter & bit != 0;
+    let off = |what: &str| Method::Omitted(format!("coredump_filter leaves out {what}"));
     match kind(m) {
         Kind::KernelPages => Method::Skipped("kernel pages no process can read (VM_IO)".into()),
         Kind::Vdso => Method::InFreeze,
@@ -189,9 +225,13 @@ fn method(
         }
         Kind::File { shared: true } if on(filter::MAPPED_SHARED) => Method::InFreeze,
         Kind::File { shared: true } => off("shared file mappings"),
-        Kind::File { shared: false } if on(filter::ANON_PRIVATE) && written(m) => Method::InFreeze,
+        Kind::File { shared: false } if on(filter::ANON_PRIVATE) && facts.written(m) => {
+            Method::InFreeze
+        }
         Kind::File { shared: false } if on(filter::MAPPED_PRIVATE) => Method::InFreeze,
-        Kind::File { shared: false } if on(filter::ELF_HEADERS) && elf(m) => Method::ElfHeader,
+        Kind::File { shared: false } if on(filter::ELF_HEADERS) && may_read && facts.elf(m) => {
+            Method::ElfHeader
+        }
         Kind::File { shared: false } => off("unwritten private file mappings"),
     }
 }
@@ -217,18 +257,71 @@ mod tests {
 ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
 ";
 
+    /// Written: every writable mapping; ELF: libc; the target's own uffd: `own` (start,
+    /// resident bytes).
+    struct Facts {
+        own: Vec<(u64, u64)>,
+    }
+
+    impl MapFacts for Facts {
+        fn written(&self, m: &MapEntry) -> bool {
+            m.perms.contains('w')
+        }
+        fn elf(&self, m: &MapEntry) -> bool {
+            assert!(
+                self.own_uffd(m).is_none(),
+                "read a mapping registered with the target's own uffd"
+            );
+            m.name.ends_with(".6")
+        }
+        fn own_uffd(&self, m: &MapEntry) -> Option<u64> {
+            self.own.iter().find(|(s, _)| *s == m.start).map(|x| x.1)
+        }
+    }
+
     fn methods(filter: u32, only: Option<&RangeSet>) -> Vec<(u64, Method)> {
+        methods_with(filter, only, Vec::new())
+    }
+
+    fn methods_with(
+        filter: u32,
+        only: Option<&RangeSet>,
+        own: Vec<(u64, u64)>,
+    ) -> Vec<(u64, Method)> {
         let maps = parse_maps(MAPS);
-        plan(
-            &maps,
-            filter,
-            only,
-            |m| m.perms.contains('w'),
-            |m| m.name.ends_with(".6"),
-        )
-        .into_iter()
-        .map(|p| (p.map.start, p.method))
-        .collect()
+        plan(&maps, filter, only, &Facts { own })
+            .into_iter()
+            .map(|p| (p.map.start, p.method))
+            .collect()
+    }
+
+    #[test]
+    fn memory_the_target_registered_itself_is_read_only_where_populated() {
+        let own = vec![
+            (0x7f0000001000, 1 << 20),
+            (0x7f0000800000, IN_FREEZE_LIMIT + 1),
+            (0x7f0000a00000, 4096),
+            (0x55d0a0000000, 0),
+        ];
+        let m = methods_with(filter::DEFAULT, None, own);
+        let of = |a: u64| m.iter().find(|(s, _)| *s == a).unwrap().1.clone();
+        assert!(
+            matches!(of(0x7f0000001000), Method::InFreezePopulated(_)),
+            "anonymous, 1 MiB resident"
+        );
+        assert!(
+            matches!(of(0x7f0000800000), Method::Skipped(ref why) if why.contains("resident")),
+            "too much resident to copy in the freeze"
+        );
+        assert!(
+            matches!(of(0x7f0000a00000), Method::Omitted(_)),
+            "libc's first page is not read for its ELF header"
+        );
+        assert!(
+            matches!(of(0x55d0a0000000), Method::Omitted(_)),
+            "the filter still decides first"
+        );
+        assert_eq!(of(0x55d0a1000000), Method::WriteProtect, "others unchanged");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! What a dump reads about its target from /proc before it touches it: that it is a live user
-//! process, its identity for `NT_PRPSINFO`, its auxiliary vector, its coredump filter, and which
-//! private file mappings hold pages of their own (smaps `Anonymous:`).
+//! process, its identity for `NT_PRPSINFO`, its auxiliary vector, its coredump filter, and from
+//! smaps which private file mappings hold pages of their own and which mappings the target
+//! registered with a userfaultfd of its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::backend::procfs::{self, status_field};
 use crate::seam::Errno;
@@ -101,25 +102,47 @@ pub fn auxv(pid: i32) -> Result<Vec<u8>, DumpError> {
         .map_err(|e| proc_err(pid, "auxv")(crate::sys::errno_of(&e)))
 }
 
-/// The start of every mapping with pages of its own (smaps `Anonymous:` above 0 kB).
-pub fn written_mappings(pid: i32) -> Result<BTreeMap<u64, u64>, DumpError> {
-    let smaps = procfs::read(&procfs::path(pid, "smaps")).map_err(proc_err(pid, "smaps"))?;
-    let mut out = BTreeMap::new();
-    let mut cur = None;
-    for line in smaps.lines() {
-        if let Some(kb) = line.strip_prefix("Anonymous:") {
-            let kb: u64 = kb.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            if let (Some(start), true) = (cur, kb > 0) {
-                out.insert(start, kb);
+/// What /proc/PID/smaps says about the target's mappings, each keyed by its start address.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Smaps {
+    /// Mappings with pages of their own (`Anonymous:` above 0 kB).
+    pub written: BTreeSet<u64>,
+    /// Mappings the target registered with a userfaultfd of its own for missing or minor
+    /// faults (`VmFlags` `um` or `ui`), with their resident bytes (`Rss:`). Reading one of
+    /// their missing pages with `process_vm_readv(2)` waits for the target's own handler.
+    pub own_uffd: BTreeMap<u64, u64>,
+}
+
+/// Reads the target's smaps.
+pub fn smaps(pid: i32) -> Result<Smaps, DumpError> {
+    let text = procfs::read(&procfs::path(pid, "smaps")).map_err(proc_err(pid, "smaps"))?;
+    Ok(parse_smaps(&text))
+}
+
+fn parse_smaps(text: &str) -> Smaps {
+    let kb = |v: &str| -> u64 { v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0) };
+    let mut out = Smaps::default();
+    let (mut cur, mut rss) = (None, 0);
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("Anonymous:") {
+            if let (Some(start), true) = (cur, kb(v) > 0) {
+                out.written.insert(start);
+            }
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            rss = kb(v) << 10;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let theirs = flags.split_whitespace().any(|f| f == "um" || f == "ui");
+            if let (Some(start), true) = (cur, theirs) {
+                out.own_uffd.insert(start, rss);
             }
         } else if let Some((range, _)) = line.split_once(' ')
             && let Some((a, _)) = range.split_once('-')
             && let Ok(start) = u64::from_str_radix(a, 16)
         {
-            cur = Some(start);
+            (cur, rss) = (Some(start), 0);
         }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -142,8 +165,42 @@ mod tests {
             .into_iter()
             .find(|m| m.name == "[heap]");
         if let Some(h) = heap {
-            assert!(written_mappings(me).unwrap().contains_key(&h.start));
+            assert!(smaps(me).unwrap().written.contains(&h.start));
         }
+    }
+
+    #[test]
+    fn smaps_names_written_mappings_and_those_the_target_registered_itself() {
+        let text = "\
+55d0a0004000-55d0a0005000 rw-p 00004000 fd:01 123 /usr/bin/prog
+Rss:                   4 kB
+Anonymous:             4 kB
+VmFlags: rd wr mr mw me ac
+7f0000000000-7f0000400000 rw-p 00000000 00:00 0
+Rss:                1024 kB
+Anonymous:          1024 kB
+VmFlags: rd wr mr mw me ac um uw
+7f0000400000-7f0000600000 rw-s 00000000 00:01 7 /memfd:x (deleted)
+Rss:                   8 kB
+Anonymous:             0 kB
+VmFlags: rd wr sh mr mw me ms ui
+7f0000600000-7f0000800000 rw-p 00000000 00:00 0
+Rss:                   0 kB
+Anonymous:             0 kB
+VmFlags: rd wr mr mw me ac uw
+";
+        let s = parse_smaps(text);
+        assert_eq!(
+            s.written,
+            [0x55d0a0004000, 0x7f0000000000].into_iter().collect()
+        );
+        assert_eq!(
+            s.own_uffd,
+            [(0x7f0000000000, 1 << 20), (0x7f0000400000, 8 << 10)]
+                .into_iter()
+                .collect(),
+            "um and ui, not uw alone (reading never waits on a WP-only registration)"
+        );
     }
 
     #[test]
