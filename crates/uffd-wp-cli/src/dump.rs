@@ -433,6 +433,13 @@ fn print(o: &Output) {
         "  {} bytes write-protected and copied live, {} bytes copied inside the freeze",
         d.write_protected_bytes, d.in_freeze_bytes
     );
+    if d.pre_copied_bytes > 0 || d.pre_copies_redone > 0 {
+        println!(
+            "  {} bytes of read-only file memory copied before the freeze and checked in it \
+             ({} mappings changed meanwhile, copied again inside it)",
+            d.pre_copied_bytes, d.pre_copies_redone
+        );
+    }
     if let Some(c) = &d.target_cpu {
         println!(
             "  the target over {:.0} ms: {:.0} ms on a CPU, {:.0} ms waiting for one",

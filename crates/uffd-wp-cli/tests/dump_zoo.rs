@@ -191,6 +191,54 @@ fn memory_the_target_registered_itself_is_dumped_where_populated_without_waiting
     t.runs_on_and_exits();
 }
 
+/// With file mappings asked for (as a JVM asks, by its coredump_filter), read-only ones are
+/// copied before the freeze and checked in it: the core holds each one's file bytes, none is
+/// copied inside the freeze, and the pause does not grow with them.
+#[test]
+fn read_only_file_memory_is_copied_before_the_freeze_as_the_file_holds_it() {
+    if not_root() {
+        return;
+    }
+    let t = Target::start(1 << 20, 1);
+    let opts = DumpOptions {
+        filter: Some(0x3f),
+        ..DumpOptions::default()
+    };
+    let cap = dump::capture(t.pid, &opts, |_, _| {}).unwrap();
+    let pre: Vec<_> = cap
+        .report
+        .mappings
+        .iter()
+        .filter(|m| serde_json::to_value(&m.method).unwrap()["method"] == "pre-copied")
+        .collect();
+    assert!(pre.len() >= 3, "{:?}", cap.report.mappings);
+    assert_eq!(cap.report.pre_copies_redone, 0);
+    let total: u64 = pre.iter().map(|m| m.end - m.start).sum();
+    assert_eq!(cap.report.pre_copied_bytes, total);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    let mut checked = 0;
+    for m in pre.iter().filter(|m| m.name.starts_with('/')) {
+        let offset = maps
+            .lines()
+            .find(|l| l.starts_with(&format!("{:x}-", m.start)))
+            .and_then(|l| u64::from_str_radix(l.split_whitespace().nth(2)?, 16).ok())
+            .unwrap();
+        let file = std::fs::read(&m.name).unwrap();
+        let len = ((m.end - m.start) as usize).min(file.len().saturating_sub(offset as usize));
+        let mut got = vec![0u8; len];
+        cap.read(m.start, &mut got).unwrap();
+        assert!(
+            got == file[offset as usize..offset as usize + len],
+            "{} at {:#x}: the core differs from the file",
+            m.name,
+            m.start
+        );
+        checked += len;
+    }
+    assert!(checked >= 1 << 20, "only {checked} bytes checked");
+    t.runs_on_and_exits();
+}
+
 /// A child forked by the target shares its `MAP_SHARED` anonymous slab and its memfd: the
 /// report names the child's pid on exactly those mappings (the dump cannot stop its writes),
 /// on no private one, and the target runs on.

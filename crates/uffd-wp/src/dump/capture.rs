@@ -13,6 +13,7 @@ use crate::seam::{Errno, Quiesce};
 use crate::sys::ptrace::{get_regset, nt};
 
 use super::DumpError;
+use super::precopy::{self, PreCopy};
 
 /// One thread's registers at the freeze, as `PTRACE_GETREGSET` gives them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,9 @@ pub struct Frozen {
     pub gone: RangeSet,
     /// Bytes read from the target inside the freeze.
     pub copied_bytes: u64,
+    /// For each copy made before the freeze: whether it was still valid in it (else it was
+    /// redone, in `copies`).
+    pub pre_valid: Vec<bool>,
     /// Microseconds spent capturing inside the freeze (registers and copies).
     pub capture_us: f64,
     /// The first failure, if any (the freeze still resumes the target).
@@ -62,23 +66,32 @@ pub struct DumpQuiesce<'a> {
     inner: &'a RemoteQuiesce,
     pid: i32,
     in_freeze: Vec<FreezeCopy>,
+    pre: Vec<PreCopy>,
     frozen: Mutex<Frozen>,
 }
 
 impl<'a> DumpQuiesce<'a> {
-    /// Captures `in_freeze` of process `pid` at each freeze of `inner`.
-    pub fn new(inner: &'a RemoteQuiesce, pid: i32, in_freeze: Vec<FreezeCopy>) -> Self {
+    /// Captures `in_freeze` of process `pid` at each freeze of `inner`, and checks the copies
+    /// made before it (`pre`), redoing those no longer valid.
+    pub fn new(
+        inner: &'a RemoteQuiesce,
+        pid: i32,
+        in_freeze: Vec<FreezeCopy>,
+        pre: Vec<PreCopy>,
+    ) -> Self {
         DumpQuiesce {
             inner,
             pid,
             in_freeze,
+            pre,
             frozen: Mutex::new(Frozen::default()),
         }
     }
 
-    /// What the (last) freeze captured.
-    pub fn take(&self) -> Frozen {
-        std::mem::take(&mut *self.frozen.lock().expect("dump freeze lock"))
+    /// What the (last) freeze captured, and the copies made before it.
+    pub fn into_parts(self) -> (Frozen, Vec<PreCopy>) {
+        let f = self.frozen.into_inner().expect("dump freeze lock");
+        (f, self.pre)
     }
 
     fn capture(&self) -> Frozen {
@@ -116,8 +129,28 @@ impl<'a> DumpQuiesce<'a> {
             }
             f.copies.push((r, buf));
         }
+        self.redo_invalid_pre_copies(&mut f);
         f.capture_us = t0.elapsed().as_secs_f64() * 1e6;
         f
+    }
+
+    fn redo_invalid_pre_copies(&self, f: &mut Frozen) {
+        f.pre_valid = precopy::still_valid(self.pid, &self.pre);
+        for (p, _) in self.pre.iter().zip(&f.pre_valid).filter(|(_, ok)| !**ok) {
+            let r = p.range();
+            let mut buf = vec![0u8; r.len() as usize];
+            match self.copy_whole(r, &mut buf, &mut f.gone) {
+                Ok(n) => f.copied_bytes += n,
+                Err(errno) => {
+                    f.error.get_or_insert(DumpError::Copy {
+                        addr: r.start(),
+                        len: r.len(),
+                        errno,
+                    });
+                }
+            }
+            f.copies.push((r, buf));
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 pub mod capture;
 pub mod core_file;
 pub mod plan;
+pub mod precopy;
 pub mod target;
 mod write;
 
@@ -184,6 +185,10 @@ pub struct DumpReport {
     pub capture_in_freeze_us: f64,
     /// Bytes copied inside the freeze.
     pub in_freeze_bytes: u64,
+    /// Bytes of read-only file memory copied before the freeze and found unchanged in it.
+    pub pre_copied_bytes: u64,
+    /// Mappings copied before the freeze but changed by it, copied again inside it.
+    pub pre_copies_redone: usize,
     /// Bytes write-protected in the pause and copied after it.
     pub write_protected_bytes: u64,
     /// Bytes the target unmapped after they were planned and before the freeze: not part of
@@ -292,7 +297,8 @@ pub fn capture(
     let (mm, _) = LinuxMm::attach_observed(pid, None, event_config(), &*obs)?;
     refuse_unregistrable(&mm, &mut plan);
     let rq = RemoteQuiesce::with_observer(pid, obs);
-    let dq = DumpQuiesce::new(&rq, p, in_freeze_ranges(&plan));
+    let pre = precopy::pre_copy(p, &planned_maps(&plan, &Method::PreCopied));
+    let dq = DumpQuiesce::new(&rq, p, in_freeze_ranges(&plan), pre);
     let wp: RangeSet = plan
         .iter()
         .filter(|x| x.method == Method::WriteProtect)
@@ -322,9 +328,22 @@ pub fn capture(
     };
     drop(mm); // closes the target's uffd: nothing of it stays registered
     let target_cpu = watch.stop();
-    let frozen = dq.take();
+    let (mut frozen, pre) = dq.into_parts();
     if let Some(e) = frozen.error {
         return Err(e);
+    }
+    let pre_copies_redone = frozen.pre_valid.iter().filter(|ok| !**ok).count();
+    let mut pre_copied_bytes = 0;
+    for (p, _) in pre
+        .into_iter()
+        .zip(&frozen.pre_valid)
+        .filter(|(_, ok)| **ok)
+    {
+        pre_copied_bytes += p.range().len();
+        let r = p.range();
+        frozen
+            .copies
+            .push((r, p.bytes.expect("a valid copy has its bytes")));
     }
     let report = DumpReport {
         pid: p,
@@ -333,6 +352,8 @@ pub fn capture(
         freeze_us: snap.as_ref().map_or(pause_us, |s| s.freeze_us),
         capture_in_freeze_us: frozen.capture_us,
         in_freeze_bytes: frozen.copied_bytes,
+        pre_copied_bytes,
+        pre_copies_redone,
         write_protected_bytes: wp.bytes(),
         gone_before_freeze_bytes: frozen.gone.bytes(),
         mappings: plan.iter().map(|x| mapping_report(x, &sharers)).collect(),
@@ -448,6 +469,14 @@ fn in_freeze_ranges(plan: &[Planned]) -> Vec<FreezeCopy> {
             )),
             _ => None,
         })
+        .collect()
+}
+
+/// The mappings planned with `method`.
+fn planned_maps(plan: &[Planned], method: &Method) -> Vec<MapEntry> {
+    plan.iter()
+        .filter(|x| x.method == *method)
+        .map(|x| x.map.clone())
         .collect()
 }
 

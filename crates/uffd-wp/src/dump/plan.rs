@@ -8,6 +8,7 @@
 //! | private file-backed with written pages (`.data`, `.bss`, relro) | 0 anon private | whole, copied inside the freeze (sync WP refuses private file memory) |
 //! | private file-backed, never written | 2 mapped private | whole, else the first page if it is an ELF header (bit 4) |
 //! | shared file-backed | 3 mapped shared | whole |
+//! | file-backed, read-only, never written by the process (a JVM's `lib/modules`, libraries' text when bit 2 is on) | as above | copied before the freeze and checked unchanged inside it (else copied there) |
 //! | `[vvar]`, `[vvar_vclock]`, `[vsyscall]` | - | never: the kernel's own pages, unreadable (VM_IO/PFNMAP) |
 //! | any of the above that the target registered with a userfaultfd of its own for missing or minor faults (smaps `um`, `ui`) | as above | its populated pages, copied inside the freeze through `/proc/PID/mem`; the missing ones are holes (only the target's own handler, stopped by the freeze, could fill them) |
 //!
@@ -47,6 +48,9 @@ pub enum Method {
     WriteProtect,
     /// Copied inside the freeze (memory the kernel will not write-protect, all small).
     InFreeze,
+    /// Read-only file memory the process has not written: copied before the freeze, checked
+    /// unchanged inside it, else copied again there ([`super::precopy`]).
+    PreCopied,
     /// Copied inside the freeze, its populated pages only: the target registered it with a
     /// userfaultfd of its own, and a missing page only the target's own handler (stopped by
     /// the freeze) could fill; such pages are holes, as in the kernel's core.
@@ -83,9 +87,10 @@ impl Planned {
     /// The bytes it puts in the core (all of it, one page, or none).
     pub fn dump_bytes(&self) -> u64 {
         match self.method {
-            Method::WriteProtect | Method::InFreeze | Method::InFreezePopulated(_) => {
-                self.map.end - self.map.start
-            }
+            Method::WriteProtect
+            | Method::InFreeze
+            | Method::PreCopied
+            | Method::InFreezePopulated(_) => self.map.end - self.map.start,
             Method::ElfHeader => PAGE_SIZE,
             Method::Omitted(_) | Method::Skipped(_) => 0,
         }
@@ -182,7 +187,10 @@ fn method(m: &MapEntry, filter: u32, facts: &impl MapFacts) -> Method {
         return Method::Omitted("not readable".into());
     }
     let Some(resident) = facts.own_uffd(m) else {
-        return by_kind(m, filter, facts, true);
+        return match by_kind(m, filter, facts, true) {
+            Method::InFreeze if unchanging(m, facts) => Method::PreCopied,
+            other => other,
+        };
     };
     // Its first bytes are not read for an ELF header: they may be missing.
     match by_kind(m, filter, facts, false) {
@@ -201,6 +209,12 @@ fn method(m: &MapEntry, filter: u32, facts: &impl MapFacts) -> Method {
         )),
         other => other,
     }
+}
+
+/// Read-only file memory with no page of the process's own: it changes only if the file does
+/// or the process first changes the mapping.
+fn unchanging(m: &MapEntry, facts: &impl MapFacts) -> bool {
+    matches!(kind(m), Kind::File { .. }) && !m.perms.contains('w') && !facts.written(m)
 }
 
 /// The method by the kind of mapping and the filter; `may_read` allows reading its first page.
@@ -376,7 +390,16 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
             "anon private off"
         );
         assert_eq!(of(0x7f0000900000), Method::InFreeze, "shared file on");
-        assert_eq!(of(0x55d0a0000000), Method::InFreeze, "private file on");
+        assert_eq!(
+            of(0x55d0a0000000),
+            Method::PreCopied,
+            "private file on: read-only and unwritten, copied before the freeze"
+        );
+        assert_eq!(
+            of(0x55d0a0004000),
+            Method::InFreeze,
+            "private file on: writable, copied in the freeze"
+        );
     }
 
     #[test]

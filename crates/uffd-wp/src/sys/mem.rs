@@ -6,7 +6,7 @@
 //! [madvise(2)](https://man7.org/linux/man-pages/man2/madvise.2.html).
 
 use std::ffi::c_void;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::mm::{Advice, MapFlags, MsyncFlags, ProtFlags};
 
@@ -210,6 +210,11 @@ impl Mapping {
     /// What backs it.
     pub fn backing(&self) -> Backing {
         self.backing
+    }
+
+    /// The file it maps (memfd or regular file), if any.
+    pub fn file(&self) -> Option<BorrowedFd<'_>> {
+        self._file.as_ref().map(|f| f.as_fd())
     }
 
     /// Holes punched with [`Mapping::punch`].
