@@ -182,6 +182,18 @@ pub struct Zoo {
     sleepers: Mutex<Vec<crate::sys::fork::SleepingChild>>,
     /// Memory of `own-uffd` and the userfaultfd it is registered with.
     own_uffd: Mutex<Vec<(Uffd, Mapping)>>,
+    /// `file-churn`: the read-only mapping, the writer's stop flag and the writer.
+    churn: Mutex<Option<(Mapping, Arc<AtomicBool>, JoinHandle<()>)>>,
+}
+
+/// Pages of the `file-churn` file.
+pub const CHURN_PAGES: u64 = 8;
+/// The `file-churn` writer's next value, stored before each `pwrite(2)` of it.
+static CHURN_NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// The value after `n` in the `file-churn` sequence 1, 2, ..., 255, 1, ...
+pub fn churn_after(n: u8) -> u8 {
+    n.wrapping_add(1).max(1)
 }
 
 /// What `own-uffd` writes over the resident half of its memory.
@@ -227,6 +239,7 @@ impl Zoo {
             spinners: Vec::new(),
             sleepers: Mutex::new(Vec::new()),
             own_uffd: Mutex::new(Vec::new()),
+            churn: Mutex::new(None),
         };
         // The change slabs first: mmap places later mappings below them, so a dump's copier
         // (in address order) reaches them last.
@@ -380,7 +393,8 @@ impl Zoo {
     /// shared slabs too, until `end-sleepers`; its pid in `addr`), `thread-start`,
     /// `thread-exit`, `touch-all` (every live page written once: the process can write
     /// everywhere), `own-uffd` (memory registered with a userfaultfd of the process's own:
-    /// [`Zoo::own_uffd`]).
+    /// [`Zoo::own_uffd`]), `file-churn` (a file mapped read-only that a thread keeps
+    /// rewriting: [`Zoo::file_churn`]).
     pub fn op(&self, op: &str) -> Result<OpReport, Errno> {
         match op {
             "munmap" => self.change("unmap", |m, _| {
@@ -414,6 +428,7 @@ impl Zoo {
             "fork-write-shared" => self.fork_writer("shared-late", PAGE_SIZE),
             "fork-sleep" | "end-sleepers" => self.sleepers(op),
             "own-uffd" => self.own_uffd(),
+            "file-churn" => self.file_churn(),
             "thread-start" => self.thread_start(),
             "thread-exit" => self.thread_exit(),
             "touch-all" => {
@@ -453,6 +468,37 @@ impl Zoo {
             addr: start,
             len,
             from: start,
+        })
+    }
+
+    /// A new file of [`CHURN_PAGES`] pages mapped read-only and private, and a thread that
+    /// rewrites the whole file every millisecond with one `pwrite(2)`, every byte the same
+    /// value ([`churn_after`] the last), stored first in a static. Wherever the process is
+    /// stopped, every byte of the mapping is equal, and the static holds that value or the
+    /// next. The mapping is in `addr`, the static (a `u64`) in `from`.
+    fn file_churn(&self) -> Result<OpReport, Errno> {
+        let len = CHURN_PAGES * PAGE_SIZE;
+        let mut m = Mapping::new(len, PAGE_SIZE, Backing::File { shared: false }, Thp::NoHuge)?;
+        let fd = rustix::io::dup(m.file().ok_or(Errno::INVAL)?)?;
+        rustix::io::pwrite(&fd, &vec![1u8; len as usize], 0)?;
+        m.make_read_only()?;
+        let start = m.range().start();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let writer = std::thread::spawn(move || {
+            let mut n: u8 = 1;
+            while !s.load(Ordering::Relaxed) {
+                n = churn_after(n);
+                CHURN_NEXT.store(u64::from(n), Ordering::SeqCst);
+                let _ = rustix::io::pwrite(&fd, &vec![n; len as usize], 0);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        *self.churn.lock().expect("churn") = Some((m, stop, writer));
+        Ok(OpReport {
+            addr: start,
+            len,
+            from: &CHURN_NEXT as *const AtomicU64 as u64,
         })
     }
 
@@ -618,6 +664,10 @@ impl Drop for Zoo {
             let _ = s.thread.join();
         }
         let _ = self.thread_exit();
+        if let Some((_, stop, writer)) = self.churn.lock().expect("churn").take() {
+            stop.store(true, Ordering::Release);
+            let _ = writer.join();
+        }
         self.stop.store(true, Ordering::Release);
         for t in self.threads.drain(..) {
             let _ = t.join();

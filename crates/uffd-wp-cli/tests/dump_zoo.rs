@@ -239,6 +239,60 @@ fn read_only_file_memory_is_copied_before_the_freeze_as_the_file_holds_it() {
     t.runs_on_and_exits();
 }
 
+/// A read-only file mapping whose file a thread of the target rewrites every millisecond: the
+/// copy made before the freeze is stale by the freeze (the file's times changed), so it is
+/// copied again inside the freeze, and the core holds the file as it was at that instant:
+/// every byte the value the writer stored last (in the core too) or the one before it; a
+/// stale copy holds an older one, or a torn mix.
+#[test]
+fn a_pre_copy_the_file_changed_under_is_copied_again_inside_the_freeze() {
+    if not_root() {
+        return;
+    }
+    let mut t = Target::start(1 << 20, 1);
+    let r = t.op("file-churn");
+    let (addr, next_at) = (r["addr"].as_u64().unwrap(), r["from"].as_u64().unwrap());
+    let opts = DumpOptions {
+        filter: Some(0x3f),
+        ..DumpOptions::default()
+    };
+    let mut redone = 0;
+    for _ in 0..5 {
+        let cap = dump::capture(t.pid, &opts, |_, _| {}).unwrap();
+        let m = cap
+            .report
+            .mappings
+            .iter()
+            .find(|m| m.start == addr)
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&m.method).unwrap()["method"],
+            "pre-copied"
+        );
+        let mut got = vec![0u8; (zoo::CHURN_PAGES * PAGE_SIZE) as usize];
+        cap.read(addr, &mut got).unwrap();
+        assert!(
+            got[0] > 0 && got.iter().all(|&b| b == got[0]),
+            "torn: {:?}",
+            &got[..8]
+        );
+        let mut next = [0u8; 8];
+        cap.read(next_at, &mut next).unwrap();
+        let next = u64::from_ne_bytes(next) as u8;
+        assert!(
+            got[0] == next || zoo::churn_after(got[0]) == next,
+            "the file held {} at the freeze, the writer's last value was {next}",
+            got[0]
+        );
+        redone += cap.report.pre_copies_redone;
+    }
+    assert!(
+        redone >= 4,
+        "only {redone} of 5 dumps redid the churned copy"
+    );
+    t.runs_on_and_exits();
+}
+
 /// A child forked by the target shares its `MAP_SHARED` anonymous slab and its memfd: the
 /// report names the child's pid on exactly those mappings (the dump cannot stop its writes),
 /// on no private one, and the target runs on.

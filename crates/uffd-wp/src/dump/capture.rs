@@ -108,7 +108,8 @@ impl<'a> DumpQuiesce<'a> {
             Ok(r) => f.threads = r,
             Err(e) => f.error = Some(e),
         }
-        for c in &self.in_freeze {
+        let redo = self.invalid_pre_copies(&mut f);
+        for c in self.in_freeze.iter().chain(&redo) {
             let r = c.range;
             let mut buf = vec![0u8; r.len() as usize];
             let copied = if c.populated_only {
@@ -129,28 +130,22 @@ impl<'a> DumpQuiesce<'a> {
             }
             f.copies.push((r, buf));
         }
-        self.redo_invalid_pre_copies(&mut f);
         f.capture_us = t0.elapsed().as_secs_f64() * 1e6;
         f
     }
 
-    fn redo_invalid_pre_copies(&self, f: &mut Frozen) {
+    /// Checks the copies made before the freeze (`f.pre_valid`); returns those to redo.
+    fn invalid_pre_copies(&self, f: &mut Frozen) -> Vec<FreezeCopy> {
         f.pre_valid = precopy::still_valid(self.pid, &self.pre);
-        for (p, _) in self.pre.iter().zip(&f.pre_valid).filter(|(_, ok)| !**ok) {
-            let r = p.range();
-            let mut buf = vec![0u8; r.len() as usize];
-            match self.copy_whole(r, &mut buf, &mut f.gone) {
-                Ok(n) => f.copied_bytes += n,
-                Err(errno) => {
-                    f.error.get_or_insert(DumpError::Copy {
-                        addr: r.start(),
-                        len: r.len(),
-                        errno,
-                    });
-                }
-            }
-            f.copies.push((r, buf));
-        }
+        self.pre
+            .iter()
+            .zip(&f.pre_valid)
+            .filter(|(_, ok)| !**ok)
+            .map(|(p, _)| FreezeCopy {
+                range: p.range(),
+                populated_only: false,
+            })
+            .collect()
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Mapping {
     holes: RangeSet,
     backing: Backing,
     _file: Option<OwnedFd>,
+    /// False after [`Mapping::make_read_only`]: every method that writes it refuses.
+    writable: bool,
 }
 
 /// Transparent huge pages for a new anonymous mapping.
@@ -139,6 +141,7 @@ impl Mapping {
             holes: RangeSet::new(),
             backing,
             _file: file.map(|(fd, _)| fd),
+            writable: true,
         };
         match thp {
             Thp::Default => {}
@@ -184,6 +187,7 @@ impl Mapping {
             holes: RangeSet::new(),
             backing,
             _file: file.map(|(fd, _)| fd),
+            writable: true,
         };
         if placed as u64 != addr {
             // Kernels before 4.17 ignore MAP_FIXED_NOREPLACE and treat it as a hint.
@@ -246,6 +250,29 @@ impl Mapping {
         unsafe { rustix::mm::madvise(r.start() as *mut c_void, r.len() as usize, advice) }
     }
 
+    /// Makes the whole mapping read-only (`mprotect(2)` to `PROT_READ`); every method that
+    /// writes it then fails with EACCES.
+    pub fn make_read_only(&mut self) -> Result<(), Errno> {
+        self.writable = false;
+        // SAFETY: the range is this mapping's own and no Rust reference points into it; the
+        // methods that write it check `writable` first.
+        unsafe {
+            rustix::mm::mprotect(
+                self.range.start() as *mut c_void,
+                self.range.len() as usize,
+                rustix::mm::MprotectFlags::READ,
+            )
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), Errno> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Errno::ACCESS)
+        }
+    }
+
     /// Unmaps a part of the mapping, leaving a hole (the VMA layout changes).
     pub fn punch(&mut self, r: Range) -> Result<(), Errno> {
         self.check_owned(r)?;
@@ -303,6 +330,7 @@ impl Mapping {
     /// until a monitor resolves the fault (sync mode), so never call this from the thread that
     /// serves the faults.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        self.check_writable()?;
         self.check_bytes(addr, data.len())?;
         // SAFETY: the destination is inside memory this mapping owns and keeps mapped; it is
         // plain bytes, and no Rust reference to it exists.
@@ -384,6 +412,7 @@ impl Mapping {
         src_addr: u64,
         len: usize,
     ) -> Result<(), Errno> {
+        self.check_writable()?;
         self.check_bytes(dst_addr, len)?;
         src.check_bytes(src_addr, len)?;
         if self.range.intersect(&src.range).is_some() {
@@ -444,6 +473,7 @@ impl Mapping {
 
     /// Writes one byte in every page of `r` (faulting each page in for write).
     pub fn touch(&self, r: Range, value: u8) -> Result<(), Errno> {
+        self.check_writable()?;
         self.check_owned(r)?;
         for p in r.page_iter() {
             // SAFETY: the page is inside memory this mapping owns; a volatile write so the
