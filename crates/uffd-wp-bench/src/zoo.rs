@@ -182,8 +182,16 @@ pub struct Zoo {
     sleepers: Mutex<Vec<crate::sys::fork::SleepingChild>>,
     /// Memory of `own-uffd` and the userfaultfd it is registered with.
     own_uffd: Mutex<Vec<(Uffd, Mapping)>>,
-    /// `file-churn`: the read-only mapping, the writer's stop flag and the writer.
-    churn: Mutex<Option<(Mapping, Arc<AtomicBool>, JoinHandle<()>)>>,
+    /// `file-churn`'s mapping and writer.
+    churn: Mutex<Option<Churn>>,
+}
+
+/// The `file-churn` mapping, kept mapped, and its writer thread.
+#[derive(Debug)]
+struct Churn {
+    _map: Mapping,
+    stop: Arc<AtomicBool>,
+    writer: JoinHandle<()>,
 }
 
 /// Pages of the `file-churn` file.
@@ -494,7 +502,11 @@ impl Zoo {
                 std::thread::sleep(Duration::from_millis(1));
             }
         });
-        *self.churn.lock().expect("churn") = Some((m, stop, writer));
+        *self.churn.lock().expect("churn") = Some(Churn {
+            _map: m,
+            stop,
+            writer,
+        });
         Ok(OpReport {
             addr: start,
             len,
@@ -664,9 +676,9 @@ impl Drop for Zoo {
             let _ = s.thread.join();
         }
         let _ = self.thread_exit();
-        if let Some((_, stop, writer)) = self.churn.lock().expect("churn").take() {
-            stop.store(true, Ordering::Release);
-            let _ = writer.join();
+        if let Some(c) = self.churn.lock().expect("churn").take() {
+            c.stop.store(true, Ordering::Release);
+            let _ = c.writer.join();
         }
         self.stop.store(true, Ordering::Release);
         for t in self.threads.drain(..) {

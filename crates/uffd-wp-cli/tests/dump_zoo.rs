@@ -139,6 +139,13 @@ impl Target {
     }
 }
 
+/// The method of the mapping the dump found at `addr`, as its JSON report names it.
+fn method_at(cap: &Captured, addr: u64) -> String {
+    let m = cap.report.mappings.iter().find(|m| m.start == addr);
+    let v = serde_json::to_value(&m.expect("a mapping there").method).unwrap();
+    v["method"].as_str().unwrap_or_default().to_string()
+}
+
 /// Memory the target registered for missing faults with a userfaultfd of its own (a VMM, a
 /// lazily restored process): UFFDIO_REGISTER(WP) refuses it (EBUSY), and reading one of its
 /// missing pages with process_vm_readv waits for the target's handler, stopped by the freeze
@@ -161,14 +168,7 @@ fn memory_the_target_registered_itself_is_dumped_where_populated_without_waiting
         .recv_timeout(Duration::from_secs(120))
         .expect("the dump did not end in 120 s: it waits on the target's own userfaultfd")
         .unwrap();
-    let m = cap
-        .report
-        .mappings
-        .iter()
-        .find(|m| m.start == addr)
-        .unwrap();
-    let method = serde_json::to_value(&m.method).unwrap();
-    assert_eq!(method["method"], "in-freeze-populated", "{method}");
+    assert_eq!(method_at(&cap, addr), "in-freeze-populated");
     let mut got = vec![0u8; 2 * half];
     cap.read(addr, &mut got).unwrap();
     assert!(
@@ -209,7 +209,7 @@ fn read_only_file_memory_is_copied_before_the_freeze_as_the_file_holds_it() {
         .report
         .mappings
         .iter()
-        .filter(|m| serde_json::to_value(&m.method).unwrap()["method"] == "pre-copied")
+        .filter(|m| method_at(&cap, m.start) == "pre-copied")
         .collect();
     assert!(pre.len() >= 3, "{:?}", cap.report.mappings);
     assert_eq!(cap.report.pre_copies_redone, 0);
@@ -259,16 +259,7 @@ fn a_pre_copy_the_file_changed_under_is_copied_again_inside_the_freeze() {
     let mut redone = 0;
     for _ in 0..5 {
         let cap = dump::capture(t.pid, &opts, |_, _| {}).unwrap();
-        let m = cap
-            .report
-            .mappings
-            .iter()
-            .find(|m| m.start == addr)
-            .unwrap();
-        assert_eq!(
-            serde_json::to_value(&m.method).unwrap()["method"],
-            "pre-copied"
-        );
+        assert_eq!(method_at(&cap, addr), "pre-copied");
         let mut got = vec![0u8; (zoo::CHURN_PAGES * PAGE_SIZE) as usize];
         cap.read(addr, &mut got).unwrap();
         assert!(
