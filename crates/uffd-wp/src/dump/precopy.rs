@@ -85,6 +85,9 @@ pub fn pre_copy(pid: i32, maps: &[MapEntry]) -> Vec<PreCopy> {
 
 /// Inside the freeze: whether each copy still holds what its mapping holds.
 pub fn still_valid(pid: i32, pre: &[PreCopy]) -> Vec<bool> {
+    if pre.is_empty() {
+        return Vec::new(); // nothing read inside the freeze
+    }
     let maps = procfs::read_maps(pid).unwrap_or_default();
     let pagemap = Pagemap::open_pid(pid as u32).ok();
     pre.iter()
