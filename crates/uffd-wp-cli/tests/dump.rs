@@ -208,20 +208,14 @@ fn bad_targets_are_refused_with_a_json_error_before_anything_is_touched() {
     child.wait().unwrap();
 }
 
-/// A python process whose threads map, fill and unmap 8 MiB in a loop: its mappings change
-/// during every copy. Each dump must succeed, and the process must run on, untraced.
-#[test]
-fn a_process_that_maps_and_unmaps_during_the_copy_is_dumped_and_runs_on() {
-    if !is_root() {
-        return skip("root");
-    }
-    let Ok(mut py) = Command::new("python3")
-        .args(["-c", CHURN])
+/// `python3 -c script` with `env`, once it has printed "ready"; `None` without python3.
+fn python_ready(script: &str, env: &[(&str, String)]) -> Option<std::process::Child> {
+    let mut py = Command::new("python3")
+        .args(["-c", script])
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(std::process::Stdio::piped())
         .spawn()
-    else {
-        return skip("python3");
-    };
+        .ok()?;
     let mut first = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(py.stdout.take().unwrap()),
@@ -229,6 +223,79 @@ fn a_process_that_maps_and_unmaps_during_the_copy_is_dumped_and_runs_on() {
     )
     .unwrap();
     assert_eq!(first.trim(), "ready");
+    Some(py)
+}
+
+/// Reserves `GIB` GiB of private anonymous memory (`MAP_NORESERVE`, as sanitizers and
+/// allocators reserve), writes one byte per GiB, says "ready" and sleeps.
+const SPARSE: &str = r#"
+import mmap, os, sys, time
+size = int(os.environ["GIB"]) << 30
+m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000)
+for i in range(0, size, 1 << 30):
+    m[i] = 7
+print("ready", flush=True)
+time.sleep(600)
+"#;
+
+/// A process whose memory is larger than the memory available (a 2x `MemAvailable` sparse
+/// reservation): the dump would hold all of it, so it is refused with ENOMEM before the
+/// target is touched (it ran out of memory and was killed before this check), and the target
+/// runs on, untraced, with no core left behind.
+#[test]
+fn a_target_larger_than_the_memory_available_is_refused_before_it_is_touched() {
+    if !is_root() {
+        return skip("root");
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let avail_kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let gib = ((2 * avail_kb) >> 20).max(64);
+    let Some(mut py) = python_ready(SPARSE, &[("GIB", gib.to_string())]) else {
+        return skip("python3");
+    };
+    let dir = Scratch::new("sparse");
+    let core = dir.0.join("core");
+    let pid = py.id().to_string();
+    let t0 = std::time::Instant::now();
+    let o = uffd_wp(&["dump", &pid, "--json", "-o", core.to_str().unwrap()]);
+    assert!(t0.elapsed().as_secs() < 30, "took {:?}", t0.elapsed());
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).expect("JSON error");
+    assert_eq!(v["error"]["errno"], "ENOMEM", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MemAvailable"),
+        "{v}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    assert!(status.contains("State:\tS"), "{status}");
+    assert!(!core.exists(), "a core was left");
+    py.kill().unwrap();
+    py.wait().unwrap();
+}
+
+/// A python process whose threads map, fill and unmap 8 MiB in a loop: its mappings change
+/// during every copy. Each dump must succeed, and the process must run on, untraced.
+#[test]
+fn a_process_that_maps_and_unmaps_during_the_copy_is_dumped_and_runs_on() {
+    if !is_root() {
+        return skip("root");
+    }
+    let Some(mut py) = python_ready(CHURN, &[]) else {
+        return skip("python3");
+    };
     let dir = Scratch::new("churn");
     let core = dir.0.join("core");
     let pid = py.id().to_string();

@@ -111,6 +111,18 @@ pub enum DumpError {
     /// Writing the core failed.
     #[error("writing the core: {0}")]
     Core(#[from] core_file::CoreError),
+    /// The memory the dump holds while it runs (its image of everything it captures) is more
+    /// than the system has available: checked before the target is touched.
+    #[error(
+        "the dump would hold {need} bytes in memory and {available} are available \
+         (MemAvailable); narrow it with --range or --filter"
+    )]
+    NoRoom {
+        /// Bytes the dump would hold.
+        need: u64,
+        /// `MemAvailable` of /proc/meminfo, in bytes.
+        available: u64,
+    },
 }
 
 impl DumpError {
@@ -126,6 +138,7 @@ impl DumpError {
             DumpError::Freeze(None) => Errno::SRCH,
             DumpError::Snapshot(e) => e.errno(),
             DumpError::Core(e) => e.errno(),
+            DumpError::NoRoom { .. } => Errno::NOMEM,
         }
     }
 }
@@ -288,6 +301,9 @@ pub fn capture(
     let process = target::process_info(p)?;
     let auxv = target::auxv(p)?;
     let mut plan = plan_target(p, opts)?;
+    if let Some(available) = target::mem_available() {
+        check_room(&plan, available)?;
+    }
     let sharers = sharers_of(p, &plan);
     let watch = CpuWatch::start(p);
     let obs = opts
@@ -472,6 +488,17 @@ fn in_freeze_ranges(plan: &[Planned]) -> Vec<FreezeCopy> {
         .collect()
 }
 
+/// The dump holds every byte it captures in memory until the core is written: refuses when
+/// that is more than `available` (the image of a 64 GiB sparse mapping would push the OOM
+/// killer onto this process, or the target). Mappings left out count nothing.
+fn check_room(plan: &[Planned], available: u64) -> Result<(), DumpError> {
+    let need: u64 = plan.iter().map(Planned::dump_bytes).sum();
+    if need > available {
+        return Err(DumpError::NoRoom { need, available });
+    }
+    Ok(())
+}
+
 /// The mappings planned with `method`.
 fn planned_maps(plan: &[Planned], method: &Method) -> Vec<MapEntry> {
     plan.iter()
@@ -505,5 +532,35 @@ fn mapping_report(p: &Planned, sharers: &BTreeMap<(String, u64), Vec<i32>>) -> M
         name: p.map.name.clone(),
         method: p.method.clone(),
         bytes: p.dump_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::procfs::parse_maps;
+
+    #[test]
+    fn the_room_check_counts_what_the_dump_holds_and_nothing_left_out() {
+        let maps = parse_maps(
+            "7f0000000000-7f0000400000 rw-p 00000000 00:00 0\n\
+             7f0000400000-7f0000800000 rw-p 00000000 00:00 0\n",
+        );
+        let mut plan: Vec<Planned> = maps
+            .into_iter()
+            .map(|map| Planned {
+                map,
+                method: Method::WriteProtect,
+            })
+            .collect();
+        assert!(check_room(&plan, 8 << 20).is_ok(), "8 MiB fit in 8 MiB");
+        let e = check_room(&plan, (8 << 20) - 1).unwrap_err();
+        assert!(matches!(e, DumpError::NoRoom { need, .. } if need == 8 << 20));
+        assert_eq!(e.errno(), Errno::NOMEM);
+        plan[1].method = Method::Omitted("outside --range".into());
+        assert!(
+            check_room(&plan, 4 << 20).is_ok(),
+            "what is left out holds nothing"
+        );
     }
 }

@@ -102,6 +102,18 @@ pub fn auxv(pid: i32) -> Result<Vec<u8>, DumpError> {
         .map_err(|e| proc_err(pid, "auxv")(crate::sys::errno_of(&e)))
 }
 
+/// `MemAvailable` of /proc/meminfo, in bytes: what the dump may hold without swapping or
+/// reclaim pressure (`None` if the kernel does not say).
+pub fn mem_available() -> Option<u64> {
+    let text = procfs::read("/proc/meminfo").ok()?;
+    let kb: u64 = status_field(&text, "MemAvailable")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb << 10)
+}
+
 /// What /proc/PID/smaps says about the target's mappings, each keyed by its start address.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Smaps {
