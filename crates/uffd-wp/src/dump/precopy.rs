@@ -31,8 +31,9 @@ use crate::range::Range;
 use crate::seam::ScanRequest;
 use crate::sys::pagemap::{Pagemap, category};
 
-/// What identifies the content of a mapped file: device, inode, size, mtime and ctime (ns).
-type Stamp = (u64, u64, u64, i128, i128);
+/// What identifies the content of a mapped file: device, inode, size, mtime and ctime (seconds
+/// and nanoseconds).
+type Stamp = (u64, u64, u64, (i64, i64), (i64, i64));
 
 /// A mapping copied before the freeze.
 #[derive(Debug)]
@@ -55,13 +56,12 @@ impl PreCopy {
 fn stamp(pid: i32, m: &MapEntry) -> Option<Stamp> {
     let link = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
     let md = std::fs::metadata(link).ok()?;
-    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
     Some((
         md.dev(),
         md.ino(),
         md.size(),
-        ns(md.mtime(), md.mtime_nsec()),
-        ns(md.ctime(), md.ctime_nsec()),
+        (md.mtime(), md.mtime_nsec()),
+        (md.ctime(), md.ctime_nsec()),
     ))
 }
 
@@ -105,7 +105,8 @@ pub fn still_valid(pid: i32, pre: &[PreCopy]) -> Vec<bool> {
 }
 
 /// Whether `r` holds a page that is not the file's (a private mapping's copy-on-write page),
-/// present or swapped. An error counts as yes.
+/// present or swapped; a page not mapped at all reads from the file. An error counts as yes.
+/// With `max_pages` 1 the walk stops early only when it found one.
 fn has_own_pages(pm: &Pagemap, r: Range) -> bool {
     let req = ScanRequest {
         flags: 0,
@@ -117,7 +118,7 @@ fn has_own_pages(pm: &Pagemap, r: Range) -> bool {
         category_anyof_mask: category::PRESENT | category::SWAPPED,
         return_mask: category::FILE,
     };
-    scan_once(pm, &req, 1).map_or(true, |s| !s.regions.is_empty() || s.walk_end < r.end())
+    scan_once(pm, &req, 1).map_or(true, |s| !s.regions.is_empty())
 }
 
 #[cfg(test)]
@@ -126,8 +127,8 @@ mod tests {
     use crate::range::PAGE_SIZE;
     use crate::sys::mem::{Backing, Mapping, Thp};
 
-    /// 4 pages of a new file mapped private in this process, read once (its pages mapped),
-    /// and its line in /proc/self/maps.
+    /// 4 pages of a new file holding 0x11, mapped private in this process, read once (its
+    /// pages mapped), and its line in /proc/self/maps.
     fn map_file() -> (Mapping, MapEntry) {
         let m = Mapping::new(
             4 * PAGE_SIZE,
@@ -137,6 +138,7 @@ mod tests {
         )
         .unwrap();
         let r = m.range();
+        rustix::io::pwrite(m.file().unwrap(), &vec![0x11; r.len() as usize], 0).unwrap();
         let mut buf = vec![0u8; r.len() as usize];
         m.read(r.start(), &mut buf).unwrap();
         let me = std::process::id() as i32;
@@ -154,9 +156,13 @@ mod tests {
         let pre = pre_copy(me, std::slice::from_ref(&e));
         assert_eq!(
             pre[0].bytes.as_deref(),
-            Some(&[0u8; 4 * PAGE_SIZE as usize][..])
+            Some(&[0x11; 4 * PAGE_SIZE as usize][..])
         );
         assert_eq!(still_valid(me, &pre), [true]);
+        // A page dropped (mapped no more) reads from the file again: still valid.
+        let p = Range::new(e.start, PAGE_SIZE).unwrap();
+        m.madvise(p, rustix::mm::Advice::LinuxDontNeed).unwrap();
+        assert_eq!(still_valid(me, &pre), [true], "a clean page dropped");
         // A tick later (coarse timestamps), a write to the file changes its times.
         std::thread::sleep(std::time::Duration::from_millis(20));
         rustix::io::pwrite(m.file().unwrap(), &[0x22], 0).unwrap();
