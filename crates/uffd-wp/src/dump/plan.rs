@@ -154,7 +154,7 @@ pub fn plan(
                 Some(o) if !o.covers(&Range::from_bounds(map.start, map.end)) => {
                     Method::Omitted("outside --range".into())
                 }
-                _ => method(&map, filter, facts),
+                _ => method(&map, filter, &OfVma { vma: m, facts }),
             };
             out.push(Planned { map, method });
         }
@@ -177,9 +177,34 @@ fn clip(m: &MapEntry, only: Option<&RangeSet>) -> Vec<MapEntry> {
         .map(|r| MapEntry {
             start: r.start(),
             end: r.end(),
+            // A file-backed piece maps the file from further in.
+            offset: if m.inode != 0 {
+                m.offset + (r.start() - m.start)
+            } else {
+                m.offset
+            },
             ..m.clone()
         })
         .collect()
+}
+
+/// The facts of a piece of `vma` (`--range` cuts mappings): smaps knows mappings by their
+/// start, so what it says of the whole mapping is asked of the whole mapping.
+struct OfVma<'a, F> {
+    vma: &'a MapEntry,
+    facts: &'a F,
+}
+
+impl<F: MapFacts> MapFacts for OfVma<'_, F> {
+    fn written(&self, _: &MapEntry) -> bool {
+        self.facts.written(self.vma)
+    }
+    fn elf(&self, piece: &MapEntry) -> bool {
+        self.facts.elf(piece)
+    }
+    fn own_uffd(&self, _: &MapEntry) -> Option<u64> {
+        self.facts.own_uffd(self.vma)
+    }
 }
 
 fn method(m: &MapEntry, filter: u32, facts: &impl MapFacts) -> Method {
@@ -336,6 +361,29 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
             "the filter still decides first"
         );
         assert_eq!(of(0x55d0a1000000), Method::WriteProtect, "others unchanged");
+    }
+
+    #[test]
+    fn a_piece_cut_by_a_range_keeps_what_smaps_says_of_its_whole_mapping() {
+        // The middle of an anonymous mapping the target registered itself.
+        let only = RangeSet::single(Range::from_bounds(0x7f0000100000, 0x7f0000200000));
+        let m = methods_with(
+            filter::DEFAULT,
+            Some(&only),
+            vec![(0x7f0000001000, 1 << 20)],
+        );
+        let of = |a: u64| m.iter().find(|(s, _)| *s == a).unwrap().1.clone();
+        assert!(
+            matches!(of(0x7f0000100000), Method::InFreezePopulated(_)),
+            "never registered for WP, never read with process_vm_readv"
+        );
+        let prog = &parse_maps(MAPS)[0];
+        let second_page = RangeSet::single(Range::from_bounds(0x55d0a0001000, 0x55d0a0002000));
+        let pieces = clip(prog, Some(&second_page));
+        assert_eq!(
+            pieces[1].offset, 0x1000,
+            "a file piece maps the file from further in"
+        );
     }
 
     #[test]

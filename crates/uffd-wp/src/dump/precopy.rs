@@ -149,16 +149,23 @@ mod tests {
         (m, e.unwrap())
     }
 
-    #[test]
-    fn a_copy_stays_valid_until_the_file_is_written() {
-        let me = std::process::id() as i32;
+    /// [`map_file`] copied with [`pre_copy`], the copy checked valid.
+    fn copied_file() -> (Mapping, MapEntry, Vec<PreCopy>) {
         let (m, e) = map_file();
+        let me = std::process::id() as i32;
         let pre = pre_copy(me, std::slice::from_ref(&e));
         assert_eq!(
             pre[0].bytes.as_deref(),
             Some(&[0x11; 4 * PAGE_SIZE as usize][..])
         );
         assert_eq!(still_valid(me, &pre), [true]);
+        (m, e, pre)
+    }
+
+    #[test]
+    fn a_copy_stays_valid_until_the_file_is_written() {
+        let me = std::process::id() as i32;
+        let (m, e, pre) = copied_file();
         // A page dropped (mapped no more) reads from the file again: still valid.
         let p = Range::new(e.start, PAGE_SIZE).unwrap();
         m.madvise(p, rustix::mm::Advice::LinuxDontNeed).unwrap();
@@ -172,18 +179,15 @@ mod tests {
     #[test]
     fn a_page_of_its_own_in_a_private_mapping_fails_the_check() {
         let me = std::process::id() as i32;
-        let (m, e) = map_file();
-        let pre = pre_copy(me, std::slice::from_ref(&e));
-        assert_eq!(still_valid(me, &pre), [true]);
+        let (m, e, pre) = copied_file();
         m.write(e.start + PAGE_SIZE, &[0x33]).unwrap();
         assert_eq!(still_valid(me, &pre), [false], "a copy-on-write page");
     }
 
     #[test]
-    fn a_mapping_gone_or_changed_fails_the_check() {
+    fn a_mapping_gone_fails_the_check() {
         let me = std::process::id() as i32;
-        let (m, e) = map_file();
-        let pre = pre_copy(me, std::slice::from_ref(&e));
+        let (m, _, pre) = copied_file();
         drop(m);
         assert_eq!(still_valid(me, &pre), [false], "unmapped");
     }
