@@ -445,6 +445,10 @@ impl plan::MapFacts for TargetFacts {
     fn own_uffd(&self, m: &MapEntry) -> Option<u64> {
         self.smaps.own_uffd.get(&m.start).copied()
     }
+
+    fn dont_dump(&self, m: &MapEntry) -> bool {
+        self.smaps.dont_dump.contains(&m.start)
+    }
 }
 
 /// Tries registering each mapping planned for write-protection; one the kernel refuses is

@@ -138,6 +138,8 @@ pub trait MapFacts {
     /// Its resident bytes, when the target registered it with a userfaultfd of its own for
     /// missing or minor faults (smaps `VmFlags` `um`, `ui`).
     fn own_uffd(&self, m: &MapEntry) -> Option<u64>;
+    /// Marked `MADV_DONTDUMP` (smaps `VmFlags` `dd`, `VM_DONTDUMP`).
+    fn dont_dump(&self, m: &MapEntry) -> bool;
 }
 
 /// Plans every mapping of `maps` under `filter`; `only` narrows the dump to some ranges.
@@ -205,11 +207,19 @@ impl<F: MapFacts> MapFacts for OfVma<'_, F> {
     fn own_uffd(&self, _: &MapEntry) -> Option<u64> {
         self.facts.own_uffd(self.vma)
     }
+    fn dont_dump(&self, _: &MapEntry) -> bool {
+        self.facts.dont_dump(self.vma)
+    }
 }
 
 fn method(m: &MapEntry, filter: u32, facts: &impl MapFacts) -> Method {
     if !m.perms.starts_with('r') {
         return Method::Omitted("not readable".into());
+    }
+    // As vma_dump_size(): the vDSO is always dumped, the rest of VM_DONTDUMP never (gdb's
+    // gcore too). Sanitizers' shadow memory and caches a program keeps out of its cores.
+    if facts.dont_dump(m) && !matches!(kind(m), Kind::Vdso | Kind::KernelPages) {
+        return Method::Omitted("MADV_DONTDUMP (VmFlags dd): no core holds it".into());
     }
     let Some(resident) = facts.own_uffd(m) else {
         return match by_kind(m, filter, facts, true) {
@@ -300,6 +310,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
     /// resident bytes).
     struct Facts {
         own: Vec<(u64, u64)>,
+        dont_dump: Vec<u64>,
     }
 
     impl MapFacts for Facts {
@@ -316,6 +327,9 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         fn own_uffd(&self, m: &MapEntry) -> Option<u64> {
             self.own.iter().find(|(s, _)| *s == m.start).map(|x| x.1)
         }
+        fn dont_dump(&self, m: &MapEntry) -> bool {
+            self.dont_dump.contains(&m.start)
+        }
     }
 
     fn methods(filter: u32, only: Option<&RangeSet>) -> Vec<(u64, Method)> {
@@ -328,7 +342,11 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         own: Vec<(u64, u64)>,
     ) -> Vec<(u64, Method)> {
         let maps = parse_maps(MAPS);
-        plan(&maps, filter, only, &Facts { own })
+        let facts = Facts {
+            own,
+            dont_dump: Vec::new(),
+        };
+        plan(&maps, filter, only, &facts)
             .into_iter()
             .map(|p| (p.map.start, p.method))
             .collect()
@@ -383,6 +401,33 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         assert_eq!(
             pieces[1].offset, 0x1000,
             "a file piece maps the file from further in"
+        );
+    }
+
+    #[test]
+    fn what_the_target_marked_dontdump_is_left_out_but_the_vdso() {
+        let maps = parse_maps(MAPS);
+        let facts = Facts {
+            own: Vec::new(),
+            dont_dump: vec![0x7f0000001000, 0x7ffc00104000, 0x55d0a0004000],
+        };
+        let all = filter::DEFAULT | filter::MAPPED_PRIVATE | filter::MAPPED_SHARED;
+        let p = plan(&maps, all, None, &facts);
+        let of = |a: u64| p.iter().find(|x| x.map.start == a).unwrap().method.clone();
+        assert!(
+            matches!(of(0x7f0000001000), Method::Omitted(ref why) if why.contains("DONTDUMP")),
+            "anonymous"
+        );
+        assert!(matches!(of(0x55d0a0004000), Method::Omitted(_)), ".data");
+        assert_eq!(of(0x7ffc00104000), Method::InFreeze, "the vDSO always");
+        assert_eq!(of(0x55d0a1000000), Method::WriteProtect, "[heap] unmarked");
+        // A piece cut by --range asks about its whole mapping.
+        let only = RangeSet::single(Range::from_bounds(0x7f0000100000, 0x7f0000200000));
+        let p = plan(&maps, all, Some(&only), &facts);
+        assert!(
+            p.iter()
+                .filter(|x| (0x7f0000001000..0x7f0000800000).contains(&x.map.start))
+                .all(|x| matches!(x.method, Method::Omitted(_)))
         );
     }
 

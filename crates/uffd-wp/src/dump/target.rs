@@ -123,6 +123,10 @@ pub struct Smaps {
     /// faults (`VmFlags` `um` or `ui`), with their resident bytes (`Rss:`). Reading one of
     /// their missing pages with `process_vm_readv(2)` waits for the target's own handler.
     pub own_uffd: BTreeMap<u64, u64>,
+    /// Mappings the target marked `MADV_DONTDUMP` (`VmFlags` `dd`): no core holds them.
+    pub dont_dump: BTreeSet<u64>,
+    /// Every mapping's populated bytes: resident (`Rss:`) and swapped out (`Swap:`).
+    pub populated: BTreeMap<u64, u64>,
 }
 
 /// Reads the target's smaps.
@@ -134,7 +138,7 @@ pub fn smaps(pid: i32) -> Result<Smaps, DumpError> {
 fn parse_smaps(text: &str) -> Smaps {
     let kb = |v: &str| -> u64 { v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0) };
     let mut out = Smaps::default();
-    let (mut cur, mut rss) = (None, 0);
+    let (mut cur, mut rss, mut swap) = (None, 0, 0);
     for line in text.lines() {
         if let Some(v) = line.strip_prefix("Anonymous:") {
             if let (Some(start), true) = (cur, kb(v) > 0) {
@@ -142,16 +146,23 @@ fn parse_smaps(text: &str) -> Smaps {
             }
         } else if let Some(v) = line.strip_prefix("Rss:") {
             rss = kb(v) << 10;
+        } else if let Some(v) = line.strip_prefix("Swap:") {
+            swap = kb(v) << 10;
         } else if let Some(flags) = line.strip_prefix("VmFlags:") {
-            let theirs = flags.split_whitespace().any(|f| f == "um" || f == "ui");
-            if let (Some(start), true) = (cur, theirs) {
+            let Some(start) = cur else { continue };
+            let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+            if has("um") || has("ui") {
                 out.own_uffd.insert(start, rss);
             }
+            if has("dd") {
+                out.dont_dump.insert(start);
+            }
+            out.populated.insert(start, rss + swap);
         } else if let Some((range, _)) = line.split_once(' ')
             && let Some((a, _)) = range.split_once('-')
             && let Ok(start) = u64::from_str_radix(a, 16)
         {
-            (cur, rss) = (Some(start), 0);
+            (cur, rss, swap) = (Some(start), 0, 0);
         }
     }
     out
@@ -199,7 +210,9 @@ VmFlags: rd wr sh mr mw me ms ui
 7f0000600000-7f0000800000 rw-p 00000000 00:00 0
 Rss:                   0 kB
 Anonymous:             0 kB
-VmFlags: rd wr mr mw me ac uw
+Swap:                 12 kB
+SwapPss:              12 kB
+VmFlags: rd wr mr mw me ac uw dd
 ";
         let s = parse_smaps(text);
         assert_eq!(
@@ -212,6 +225,17 @@ VmFlags: rd wr mr mw me ac uw
                 .into_iter()
                 .collect(),
             "um and ui, not uw alone (reading never waits on a WP-only registration)"
+        );
+        assert_eq!(s.dont_dump, [0x7f0000600000].into_iter().collect());
+        assert_eq!(
+            s.populated.get(&0x7f0000600000),
+            Some(&(12 << 10)),
+            "swap counts"
+        );
+        assert_eq!(
+            s.populated.get(&0x7f0000000000),
+            Some(&(1 << 20)),
+            "rss counts"
         );
     }
 
