@@ -190,6 +190,13 @@ pub trait CoreMemory {
     /// Fills `buf` with the captured bytes at `addr..addr + buf.len()` (always inside one
     /// dumped mapping), or fails with the errno that explains why it cannot.
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
+
+    /// The parts of `[start, end)` (inside one dumped mapping, page aligned) that may hold
+    /// bytes other than zero: the rest is left as holes without being read (sparse memory
+    /// whose image was never written). All of it by default.
+    fn data_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        vec![(start, end)]
+    }
 }
 
 /// What [`write_core`] wrote.
@@ -331,18 +338,31 @@ pub fn write_core(
     let mut buf = vec![0u8; CHUNK];
     for (m, &offset) in maps.iter().zip(&layout.offsets) {
         let end = m.start + m.file_size();
-        let mut addr = m.start;
-        while addr < end {
-            let n = (end - addr).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
-            mem.read(addr, chunk).map_err(|errno| CoreError::Memory {
-                addr,
-                len: n,
-                errno,
-            })?;
-            write_sparse(out, chunk, offset + (addr - m.start), &mut stats)?;
-            addr += n as u64;
-            done += n as u64;
+        if end == m.start {
+            continue;
+        }
+        let mut data_bytes = 0;
+        for (start, stop) in mem.data_in(m.start, end) {
+            let mut addr = start;
+            while addr < stop {
+                let n = (stop - addr).min(CHUNK as u64) as usize;
+                let chunk = &mut buf[..n];
+                mem.read(addr, chunk).map_err(|errno| CoreError::Memory {
+                    addr,
+                    len: n,
+                    errno,
+                })?;
+                write_sparse(out, chunk, offset + (addr - m.start), &mut stats)?;
+                addr += n as u64;
+                done += n as u64;
+                progress(done, total);
+            }
+            data_bytes += stop - start;
+        }
+        // What holds no data was not read: holes too.
+        if data_bytes < m.file_size() {
+            stats.hole_bytes += m.file_size() - data_bytes;
+            done += m.file_size() - data_bytes;
             progress(done, total);
         }
     }

@@ -32,7 +32,7 @@ use crate::backend::linux::remote::{NoObserver, Observer, read_remote};
 use crate::backend::linux::{AttachError, Config, LinuxMm, RemoteQuiesce};
 use crate::backend::procfs::{self, MapEntry};
 use crate::engine::snapshot::{
-    self, Image, SnapshotError, SnapshotOptions, SnapshotReport, Source,
+    self, Image, ProcessRanges, SnapshotError, SnapshotOptions, SnapshotReport, Source,
 };
 use crate::features::Features;
 use crate::range::{PAGE_SIZE, Range, RangeSet};
@@ -288,6 +288,18 @@ impl Captured {
         }
         self.image.as_ref().ok_or(Errno::FAULT)?.read(addr, buf)
     }
+
+    /// The parts of `r` (inside one captured mapping) that may hold bytes other than zero.
+    pub fn data_in(&self, r: Range) -> RangeSet {
+        let copied = self
+            .copies
+            .iter()
+            .any(|(c, _)| c.start() <= r.start() && r.end() <= c.end());
+        match &self.image {
+            Some(img) if !copied && img.slot(r.start()).is_some() => img.data_in(r),
+            _ => RangeSet::single(r),
+        }
+    }
 }
 
 /// Captures process `pid` (see the module docs); `progress(done, total)` counts pages copied
@@ -315,12 +327,7 @@ pub fn capture(
     let rq = RemoteQuiesce::with_observer(pid, obs);
     let pre = precopy::pre_copy(p, &planned_maps(&plan, &Method::PreCopied));
     let dq = DumpQuiesce::new(&rq, p, in_freeze_ranges(&plan), pre);
-    let wp: RangeSet = plan
-        .iter()
-        .filter(|x| x.method == Method::WriteProtect)
-        .map(Planned::range)
-        .collect::<Vec<_>>()
-        .into();
+    let wp = ranges_where(&plan, |x| x.method.write_protected());
     let (image, snap, pause_us) = if wp.is_empty() {
         let t0 = Instant::now();
         dq.freeze();
@@ -332,13 +339,14 @@ pub fn capture(
             tolerate_vanishing: true,
             ..opts.snapshot
         };
-        let shared: RangeSet = plan
-            .iter()
-            .filter(|x| x.shared_wp())
-            .map(Planned::range)
-            .collect::<Vec<_>>()
-            .into();
-        let (img, rep) = snapshot::take_sharing(&mm, &wp, &shared, Source::Mm, &dq, &so, progress)?;
+        let all = ProcessRanges {
+            ranges: wp.clone(),
+            shared: ranges_where(&plan, Planned::shared_wp),
+            sparse: ranges_where(&plan, |x| {
+                matches!(x.method, Method::WriteProtectPopulated(_))
+            }),
+        };
+        let (img, rep) = snapshot::take_process(&mm, &all, Source::Mm, &dq, &so, progress)?;
         let pause = rep.pause_us;
         (Some(img), Some(rep), pause)
     };
@@ -449,12 +457,30 @@ impl plan::MapFacts for TargetFacts {
     fn dont_dump(&self, m: &MapEntry) -> bool {
         self.smaps.dont_dump.contains(&m.start)
     }
+
+    fn populated(&self, m: &MapEntry) -> u64 {
+        // Not in smaps (mapped since it was read): as if all of it.
+        self.smaps
+            .populated
+            .get(&m.start)
+            .copied()
+            .unwrap_or(m.end - m.start)
+    }
+}
+
+/// The ranges of the mappings `pick` chooses.
+fn ranges_where(plan: &[Planned], pick: impl Fn(&Planned) -> bool) -> RangeSet {
+    plan.iter()
+        .filter(|x| pick(x))
+        .map(Planned::range)
+        .collect::<Vec<_>>()
+        .into()
 }
 
 /// Tries registering each mapping planned for write-protection; one the kernel refuses is
 /// copied inside the freeze when small, else skipped with the errno.
 fn refuse_unregistrable(mm: &LinuxMm, plan: &mut [Planned]) {
-    for p in plan.iter_mut().filter(|p| p.method == Method::WriteProtect) {
+    for p in plan.iter_mut().filter(|p| p.method.write_protected()) {
         let r = p.range();
         match mm.register(r, RegisterMode::WP) {
             Ok(_) => {
@@ -493,10 +519,10 @@ fn in_freeze_ranges(plan: &[Planned]) -> Vec<FreezeCopy> {
 }
 
 /// The dump holds every byte it captures in memory until the core is written: refuses when
-/// that is more than `available` (the image of a 64 GiB sparse mapping would push the OOM
-/// killer onto this process, or the target). Mappings left out count nothing.
+/// that is more than `available` (pushing the OOM killer onto this process, or the target).
+/// Sparse memory counts what is populated; mappings left out count nothing.
 fn check_room(plan: &[Planned], available: u64) -> Result<(), DumpError> {
-    let need: u64 = plan.iter().map(Planned::dump_bytes).sum();
+    let need: u64 = plan.iter().map(|p| p.held).sum();
     if need > available {
         return Err(DumpError::NoRoom { need, available });
     }
@@ -544,26 +570,60 @@ mod tests {
     use super::*;
     use crate::backend::procfs::parse_maps;
 
+    /// Dense mappings: populated as much as they are long; `sparse`: one page.
+    struct Facts {
+        sparse: u64,
+    }
+
+    impl plan::MapFacts for Facts {
+        fn written(&self, _: &MapEntry) -> bool {
+            false
+        }
+        fn elf(&self, _: &MapEntry) -> bool {
+            false
+        }
+        fn own_uffd(&self, _: &MapEntry) -> Option<u64> {
+            None
+        }
+        fn dont_dump(&self, _: &MapEntry) -> bool {
+            false
+        }
+        fn populated(&self, m: &MapEntry) -> u64 {
+            if m.start == self.sparse {
+                PAGE_SIZE
+            } else {
+                m.end - m.start
+            }
+        }
+    }
+
     #[test]
     fn the_room_check_counts_what_the_dump_holds_and_nothing_left_out() {
         let maps = parse_maps(
             "7f0000000000-7f0000400000 rw-p 00000000 00:00 0\n\
-             7f0000400000-7f0000800000 rw-p 00000000 00:00 0\n",
+             7f0000400000-7f0000800000 rw-p 00000000 00:00 0\n\
+             7f1000000000-7f2000000000 rw-p 00000000 00:00 0\n",
         );
-        let mut plan: Vec<Planned> = maps
-            .into_iter()
-            .map(|map| Planned {
-                map,
-                method: Method::WriteProtect,
-            })
-            .collect();
-        assert!(check_room(&plan, 8 << 20).is_ok(), "8 MiB fit in 8 MiB");
-        let e = check_room(&plan, (8 << 20) - 1).unwrap_err();
-        assert!(matches!(e, DumpError::NoRoom { need, .. } if need == 8 << 20));
-        assert_eq!(e.errno(), Errno::NOMEM);
-        plan[1].method = Method::Omitted("outside --range".into());
+        let facts = Facts {
+            sparse: 0x7f1000000000,
+        };
+        let plan = plan::plan(&maps, plan::filter::DEFAULT, None, &facts);
+        // 8 MiB and their page states, one page of the 64 GiB mapping and its page states.
+        let need = (8 << 20) + 2048 + PAGE_SIZE + (16 << 20);
         assert!(
-            check_room(&plan, 4 << 20).is_ok(),
+            check_room(&plan, need).is_ok(),
+            "{need} bytes fit in as many"
+        );
+        let e = check_room(&plan, need - 1).unwrap_err();
+        assert!(
+            matches!(e, DumpError::NoRoom { need: n, .. } if n == need),
+            "{e}"
+        );
+        assert_eq!(e.errno(), Errno::NOMEM);
+        let only = RangeSet::single(Range::from_bounds(0x7f0000000000, 0x7f0000400000));
+        let plan = plan::plan(&maps, plan::filter::DEFAULT, Some(&only), &facts);
+        assert!(
+            check_room(&plan, (4 << 20) + 1024).is_ok(),
             "what is left out holds nothing"
         );
     }

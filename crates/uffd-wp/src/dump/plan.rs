@@ -4,6 +4,7 @@
 //! | mapping | filter bit | captured |
 //! |---|---|---|
 //! | private anonymous (heap, stacks, `[anon:..]`) | 0 anon private | whole, write-protected |
+//! | private anonymous, less than half populated (thread stacks, reservations) | 0 anon private | its 2 MiB blocks with a populated page write-protected and copied; the rest had nothing mapped, is zero, and is left alone ([`crate::engine::snapshot::ProcessRanges::sparse`]) |
 //! | shared anonymous, shmem, memfd, SysV | 1 anon shared | whole, write-protected |
 //! | private file-backed with written pages (`.data`, `.bss`, relro) | 0 anon private | whole, copied inside the freeze (sync WP refuses private file memory) |
 //! | private file-backed, never written | 2 mapped private | whole, else the first page if it is an ELF header (bit 4) |
@@ -11,6 +12,7 @@
 //! | file-backed, read-only, never written by the process (a JVM's `lib/modules`, libraries' text when bit 2 is on) | as above | copied before the freeze and checked unchanged inside it (else copied there) |
 //! | `[vvar]`, `[vvar_vclock]`, `[vsyscall]` | - | never: the kernel's own pages, unreadable (VM_IO/PFNMAP) |
 //! | any of the above that the target registered with a userfaultfd of its own for missing or minor faults (smaps `um`, `ui`) | as above | its populated pages, copied inside the freeze through `/proc/PID/mem`; the missing ones are holes (only the target's own handler, stopped by the freeze, could fill them) |
+//! | any of the above marked `MADV_DONTDUMP` (`VmFlags` `dd`) | - | never, as in the kernel's core and gcore's |
 //!
 //! A mapping left out still gets its `PT_LOAD` (with no bytes), as in kernel cores.
 
@@ -46,6 +48,10 @@ pub enum Method {
     /// Registered for sync write-protection: protected in the pause, copied after it with
     /// faults served first (the snapshot engine).
     WriteProtect,
+    /// [`Method::WriteProtect`] of sparse private anonymous memory: only its 2 MiB blocks
+    /// with a populated page are protected and copied, the rest is zero (why: how much of it
+    /// is populated).
+    WriteProtectPopulated(String),
     /// Copied inside the freeze (memory the kernel will not write-protect, all small).
     InFreeze,
     /// Read-only file memory the process has not written: copied before the freeze, checked
@@ -70,6 +76,8 @@ pub struct Planned {
     pub map: MapEntry,
     /// How.
     pub method: Method,
+    /// Bytes the dump holds in memory for it until the core is written.
+    pub held: u64,
 }
 
 impl Planned {
@@ -81,19 +89,30 @@ impl Planned {
     /// Write-protected and `MAP_SHARED`: memory other processes (a child forked during the
     /// copy, any process mapping it already) can write.
     pub fn shared_wp(&self) -> bool {
-        self.method == Method::WriteProtect && self.map.perms.ends_with('s')
+        self.method.write_protected() && self.map.perms.ends_with('s')
     }
 
     /// The bytes it puts in the core (all of it, one page, or none).
     pub fn dump_bytes(&self) -> u64 {
         match self.method {
             Method::WriteProtect
+            | Method::WriteProtectPopulated(_)
             | Method::InFreeze
             | Method::PreCopied
             | Method::InFreezePopulated(_) => self.map.end - self.map.start,
             Method::ElfHeader => PAGE_SIZE,
             Method::Omitted(_) | Method::Skipped(_) => 0,
         }
+    }
+}
+
+impl Method {
+    /// Captured by the snapshot engine (write-protected during the copy).
+    pub fn write_protected(&self) -> bool {
+        matches!(
+            self,
+            Method::WriteProtect | Method::WriteProtectPopulated(_)
+        )
     }
 }
 
@@ -140,6 +159,8 @@ pub trait MapFacts {
     fn own_uffd(&self, m: &MapEntry) -> Option<u64>;
     /// Marked `MADV_DONTDUMP` (smaps `VmFlags` `dd`, `VM_DONTDUMP`).
     fn dont_dump(&self, m: &MapEntry) -> bool;
+    /// Its populated bytes: resident or swapped out (smaps `Rss:` + `Swap:`).
+    fn populated(&self, m: &MapEntry) -> u64;
 }
 
 /// Plans every mapping of `maps` under `filter`; `only` narrows the dump to some ranges.
@@ -151,14 +172,16 @@ pub fn plan(
 ) -> Vec<Planned> {
     let mut out = Vec::new();
     for m in maps {
+        let vma = OfVma { vma: m, facts };
         for map in clip(m, only) {
             let method = match only {
                 Some(o) if !o.covers(&Range::from_bounds(map.start, map.end)) => {
                     Method::Omitted("outside --range".into())
                 }
-                _ => method(&map, filter, &OfVma { vma: m, facts }),
+                _ => method(&map, filter, &vma),
             };
-            out.push(Planned { map, method });
+            let held = held(&map, &method, &vma);
+            out.push(Planned { map, method, held });
         }
     }
     out
@@ -210,9 +233,43 @@ impl<F: MapFacts> MapFacts for OfVma<'_, F> {
     fn dont_dump(&self, _: &MapEntry) -> bool {
         self.facts.dont_dump(self.vma)
     }
+    fn populated(&self, _: &MapEntry) -> u64 {
+        self.facts.populated(self.vma)
+    }
 }
 
-fn method(m: &MapEntry, filter: u32, facts: &impl MapFacts) -> Method {
+impl<F: MapFacts> OfVma<'_, F> {
+    /// Sparse private anonymous memory: less than half of its mapping populated.
+    fn sparse(&self, m: &MapEntry) -> bool {
+        matches!(
+            kind(m),
+            Kind::Anon {
+                shared: false,
+                huge: false
+            }
+        ) && self.populated(m) * 2 < self.vma.end - self.vma.start
+    }
+}
+
+/// What the dump holds for `m` captured by `method`: its image, and for sparse memory the
+/// populated bytes of its mapping (at most its own length) and the engine's page states.
+fn held<F: MapFacts>(m: &MapEntry, method: &Method, vma: &OfVma<'_, F>) -> u64 {
+    let len = m.end - m.start;
+    match method {
+        Method::WriteProtectPopulated(_) => {
+            vma.populated(m).min(len)
+                + len / PAGE_SIZE * crate::engine::snapshot::STATE_BYTES_PER_PAGE
+        }
+        Method::WriteProtect => {
+            len + len / PAGE_SIZE * crate::engine::snapshot::STATE_BYTES_PER_PAGE
+        }
+        Method::InFreeze | Method::PreCopied | Method::InFreezePopulated(_) => len,
+        Method::ElfHeader => PAGE_SIZE,
+        Method::Omitted(_) | Method::Skipped(_) => 0,
+    }
+}
+
+fn method<F: MapFacts>(m: &MapEntry, filter: u32, facts: &OfVma<'_, F>) -> Method {
     if !m.perms.starts_with('r') {
         return Method::Omitted("not readable".into());
     }
@@ -224,6 +281,12 @@ fn method(m: &MapEntry, filter: u32, facts: &impl MapFacts) -> Method {
     let Some(resident) = facts.own_uffd(m) else {
         return match by_kind(m, filter, facts, true) {
             Method::InFreeze if unchanging(m, facts) => Method::PreCopied,
+            Method::WriteProtect if facts.sparse(m) => Method::WriteProtectPopulated(format!(
+                "sparse: {} KiB of its {} KiB mapping populated; only the 2 MiB blocks \
+                 holding a populated page are write-protected and copied",
+                facts.populated(m) >> 10,
+                (facts.vma.end - facts.vma.start) >> 10
+            )),
             other => other,
         };
     };
@@ -311,6 +374,8 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
     struct Facts {
         own: Vec<(u64, u64)>,
         dont_dump: Vec<u64>,
+        /// Mappings with one page populated (the others, all of it).
+        sparse: Vec<u64>,
     }
 
     impl MapFacts for Facts {
@@ -330,6 +395,13 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         fn dont_dump(&self, m: &MapEntry) -> bool {
             self.dont_dump.contains(&m.start)
         }
+        fn populated(&self, m: &MapEntry) -> u64 {
+            if self.sparse.contains(&m.start) {
+                PAGE_SIZE
+            } else {
+                m.end - m.start
+            }
+        }
     }
 
     fn methods(filter: u32, only: Option<&RangeSet>) -> Vec<(u64, Method)> {
@@ -345,6 +417,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         let facts = Facts {
             own,
             dont_dump: Vec::new(),
+            sparse: Vec::new(),
         };
         plan(&maps, filter, only, &facts)
             .into_iter()
@@ -410,6 +483,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         let facts = Facts {
             own: Vec::new(),
             dont_dump: vec![0x7f0000001000, 0x7ffc00104000, 0x55d0a0004000],
+            sparse: Vec::new(),
         };
         let all = filter::DEFAULT | filter::MAPPED_PRIVATE | filter::MAPPED_SHARED;
         let p = plan(&maps, all, None, &facts);
@@ -429,6 +503,45 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
                 .filter(|x| (0x7f0000001000..0x7f0000800000).contains(&x.map.start))
                 .all(|x| matches!(x.method, Method::Omitted(_)))
         );
+    }
+
+    #[test]
+    fn sparse_private_anonymous_memory_is_protected_where_populated() {
+        let maps = parse_maps(MAPS);
+        let facts = Facts {
+            own: Vec::new(),
+            dont_dump: Vec::new(),
+            sparse: vec![0x7f0000001000, 0x7f0000800000, 0x7ffc00000000],
+        };
+        let p = plan(&maps, filter::DEFAULT, None, &facts);
+        let of = |a: u64| p.iter().find(|x| x.map.start == a).unwrap();
+        let anon = of(0x7f0000001000);
+        assert!(
+            matches!(anon.method, Method::WriteProtectPopulated(ref why) if why.contains("4 KiB of its 8188 KiB")),
+            "{:?}",
+            anon.method
+        );
+        assert!(anon.method.write_protected());
+        assert_eq!(anon.dump_bytes(), 0x7ff000, "the core holds all of it");
+        assert_eq!(anon.held, PAGE_SIZE + 0x7ff, "one page and its page states");
+        assert_eq!(
+            of(0x7f0000800000).method,
+            Method::WriteProtect,
+            "shared memory can hold pages with nothing mapped"
+        );
+        assert!(matches!(
+            of(0x7ffc00000000).method,
+            Method::WriteProtectPopulated(_)
+        ));
+        let heap = of(0x55d0a1000000);
+        assert_eq!(heap.method, Method::WriteProtect, "populated");
+        assert_eq!(heap.held, 0x21000 + 0x21);
+        // A piece of a sparse mapping is judged by its mapping.
+        let only = RangeSet::single(Range::from_bounds(0x7f0000100000, 0x7f0000200000));
+        let p = plan(&maps, filter::DEFAULT, Some(&only), &facts);
+        let piece = p.iter().find(|x| x.map.start == 0x7f0000100000).unwrap();
+        assert!(matches!(piece.method, Method::WriteProtectPopulated(_)));
+        assert_eq!(piece.held, PAGE_SIZE + 0x100);
     }
 
     #[test]

@@ -7,11 +7,19 @@ use std::path::PathBuf;
 use super::core_file::{CoreMapping, CoreMemory, CoreStats, CoreThread, write_core as write_file};
 use super::plan::Method;
 use super::{Captured, DumpError};
+use crate::range::Range;
 use crate::seam::Errno;
 
 impl CoreMemory for Captured {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
         Captured::read(self, addr, buf)
+    }
+
+    fn data_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        Captured::data_in(self, Range::from_bounds(start, end))
+            .iter()
+            .map(|r| (r.start(), r.end()))
+            .collect()
     }
 }
 

@@ -113,6 +113,14 @@ pub trait PageTables: Send + Sync {
     /// Whether every byte of `r` is covered by some mapping (no gap between VMAs).
     fn fully_mapped(&self, r: Range) -> Result<bool, Errno>;
 
+    /// The pages of `r` that hold only a PTE marker (nothing mapped: a reader sees zeros),
+    /// where the backend can tell them from swapped-out pages, which `PAGEMAP_SCAN` cannot.
+    /// None by default: every non-present page may hold data.
+    fn markers(&self, r: Range) -> Result<RangeSet, Errno> {
+        let _ = r;
+        Ok(RangeSet::new())
+    }
+
     /// Clears the soft-dirty bit of every page of the address space (`clear_refs` 4: the whole
     /// process, not a range), so that [`PageState::soft_dirty`] marks the pages written since.
     /// Backends without soft-dirty tracking (kernels built without `CONFIG_MEM_SOFT_DIRTY`)
@@ -244,6 +252,9 @@ impl<W: Wrap> PageTables for W {
     }
     fn fully_mapped(&self, r: Range) -> Result<bool, Errno> {
         self.inner().fully_mapped(r)
+    }
+    fn markers(&self, r: Range) -> Result<RangeSet, Errno> {
+        self.inner().markers(r)
     }
     fn clear_soft_dirty(&self) -> Result<(), Errno> {
         self.inner().clear_soft_dirty()

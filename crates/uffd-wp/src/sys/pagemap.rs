@@ -25,6 +25,21 @@ pub mod bits {
     pub const SWAPPED: u64 = 1 << 62;
     /// Bit 63: present.
     pub const PRESENT: u64 = 1 << 63;
+    /// Bits 0-4 of a swapped entry: the swap type. The kernel fills bits 0-54 only for a
+    /// reader with `CAP_SYS_ADMIN` (`pm->show_pfn`, decided at open); for others they are 0.
+    pub const SWAP_TYPE: u64 = 0x1f;
+    /// The swap type of a PTE marker (`SWP_PTE_MARKER`: the last of the 32 types, whatever
+    /// the configuration, include/linux/swap.h). Real swap entries have offset 1 or more
+    /// (offset 0 is the swap header), so their bits 0-54 are never 0 for such a reader.
+    pub const PTE_MARKER_TYPE: u64 = 0x1f;
+}
+
+/// Whether a `/proc/PID/pagemap` entry is a PTE marker (a uffd-wp marker on a page with nothing
+/// mapped, or a guard region's); `false` when the reader may not see swap types.
+pub fn is_pte_marker(entry: u64) -> bool {
+    entry & bits::PRESENT == 0
+        && entry & bits::SWAPPED != 0
+        && entry & bits::SWAP_TYPE == bits::PTE_MARKER_TYPE
 }
 
 /// `PAGE_IS_*` categories of `PAGEMAP_SCAN`.

@@ -359,6 +359,21 @@ impl PageTables for LinuxMm {
         scan_once(&self.pagemap, req, vec_len)
     }
 
+    /// From `/proc/PID/pagemap`'s swap type, which only a reader with `CAP_SYS_ADMIN` sees
+    /// (for others, none).
+    fn markers(&self, r: Range) -> Result<RangeSet, Errno> {
+        let entries = self.pagemap.entries(r.start(), r.pages())?;
+        Ok(entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| crate::sys::pagemap::is_pte_marker(**e))
+            .map(|(i, _)| {
+                let a = r.start() + i as u64 * crate::range::PAGE_SIZE;
+                Range::from_bounds(a, a + crate::range::PAGE_SIZE)
+            })
+            .collect())
+    }
+
     fn fully_mapped(&self, r: Range) -> Result<bool, Errno> {
         match self.target {
             Target::SelfProcess => crate::sys::mem::fully_mapped(r),
@@ -567,6 +582,28 @@ mod tests {
                 Range::from_bounds(a, a + PAGE_SIZE)
             })
             .collect()
+    }
+
+    /// Markers of unpopulated pages are told from present pages and from none: all of it
+    /// for a reader with `CAP_SYS_ADMIN` (root), nothing for others.
+    #[test]
+    fn markers_are_the_protected_pages_with_nothing_mapped() {
+        let Some(mm) = open() else { return };
+        let m = Mapping::new(16 * PAGE_SIZE, PAGE_SIZE, Backing::Anon, Thp::NoHuge).unwrap();
+        let r = m.range();
+        mm.register(r, RegisterMode::WP).unwrap();
+        m.touch(pages(r, 0, 4), 1).unwrap();
+        mm.writeprotect(pages(r, 2, 12), WpMode::Protect).unwrap();
+        let got = mm.markers(r).unwrap();
+        if rustix::process::geteuid().is_root() {
+            assert_eq!(got, RangeSet::single(pages(r, 4, 12)));
+        } else {
+            assert!(
+                got.is_empty(),
+                "swap types are hidden without CAP_SYS_ADMIN"
+            );
+        }
+        drop(mm);
     }
 
     fn pages(r: Range, a: u64, b: u64) -> Range {

@@ -464,6 +464,45 @@ impl<M: Mm + ?Sized> Shared<'_, M> {
         }
     }
 
+    /// Sparse memory: marks the pages of `r` that hold only a PTE marker as copied, leaving
+    /// them zero in the image. A marker on such memory means nothing was mapped at the
+    /// snapshot point, or a fault would have copied the page before its first write; a page
+    /// that was populated becomes a marker only by a zap after its REMOVE event was read.
+    /// So the markers count only if, as for [`Shared::copy_checked`], no change was in
+    /// flight or read while they were read; else (and after a move) the pages are copied.
+    pub(super) fn skip_markers(&self, r: Range) -> Result<(), SnapshotError> {
+        let ch = &self.changes;
+        if self.moved() {
+            return Ok(());
+        }
+        let s0 = ch.settled_seq();
+        if ch.enabled && self.in_flight()? {
+            return Ok(());
+        }
+        let Ok(markers) = self.mm.markers(r) else {
+            return Ok(());
+        };
+        if markers.is_empty()
+            || (ch.enabled && (self.in_flight()? || ch.touched(s0, ch.settled_seq(), r)))
+        {
+            return Ok(());
+        }
+        let mut n = 0;
+        for p in markers.iter().flat_map(|m| m.page_iter()) {
+            let Some(i) = self.index(p.start()) else {
+                continue;
+            };
+            if self.state[i]
+                .compare_exchange(PENDING, DONE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        self.markers_skipped.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// A valid copy's result: lost pages zeroed, a failed copy retried page by page (a page
     /// that stays unreadable is lost).
     fn settle_copy(

@@ -36,31 +36,81 @@ pub enum ImageError {
 }
 
 /// A captured copy of some ranges, held in one anonymous mapping (huge pages, populated before
-/// the snapshot so copying takes no page fault).
+/// the snapshot so copying takes no page fault), but for its sparse part.
 #[derive(Debug)]
 pub struct Image {
     ranges: Vec<Range>,
     offsets: Vec<u64>,
     buf: Mapping,
+    /// Captured addresses whose image pages are allocated as they are first written, 4 KiB at
+    /// a time: sparse memory, where few pages are ever copied.
+    lazy: RangeSet,
 }
 
 impl Image {
     /// An all-zero image of `ranges`, populated.
     pub fn new(ranges: &RangeSet) -> Result<Image, Errno> {
-        let ranges: Vec<Range> = ranges.iter().copied().collect();
-        let mut offsets = Vec::with_capacity(ranges.len());
+        Image::with_lazy(ranges, &RangeSet::new())
+    }
+
+    /// An all-zero image of `ranges`, populated but for `lazy` (captured addresses whose pages
+    /// are allocated when first written, without huge pages: the image of sparse memory
+    /// costs what is copied into it).
+    pub fn with_lazy(ranges: &RangeSet, lazy: &RangeSet) -> Result<Image, Errno> {
+        let list: Vec<Range> = ranges.iter().copied().collect();
+        let mut offsets = Vec::with_capacity(list.len());
         let mut total = 0;
-        for r in &ranges {
+        for r in &list {
             offsets.push(total);
             total += r.len();
         }
         let buf = Mapping::new(total.max(PAGE_SIZE), 2 << 20, Backing::Anon, Thp::Huge)?;
-        buf.populate()?;
-        Ok(Image {
-            ranges,
+        let img = Image {
+            ranges: list,
             offsets,
             buf,
-        })
+            lazy: lazy.intersection(ranges),
+        };
+        if img.lazy.is_empty() {
+            img.buf.populate()?;
+            return Ok(img);
+        }
+        for r in ranges.iter() {
+            for part in RangeSet::single(*r).difference(&img.lazy).iter() {
+                img.buf
+                    .madvise(img.slots(*part), rustix::mm::Advice::LinuxPopulateWrite)?;
+            }
+        }
+        for part in img.lazy.iter() {
+            img.buf
+                .madvise(img.slots(*part), rustix::mm::Advice::LinuxNoHugepage)?;
+        }
+        Ok(img)
+    }
+
+    /// The image buffer's range holding `r` (inside one captured range).
+    fn slots(&self, r: Range) -> Range {
+        let start = self.slot(r.start()).expect("inside the image");
+        Range::from_bounds(start, start + r.len())
+    }
+
+    /// The parts of `r` (inside one captured range) whose image pages may hold data: all of
+    /// it but the pages of lazy memory nothing was ever written to, which read as zero.
+    pub fn data_in(&self, r: Range) -> RangeSet {
+        let lazy = self.lazy.clip(r);
+        let mut data = RangeSet::single(r).difference(&lazy);
+        for part in lazy.iter() {
+            let slots = self.slots(*part);
+            let Ok(written) = present_in_self(slots) else {
+                data.insert(*part); // cannot tell: read it all
+                continue;
+            };
+            for w in written.iter() {
+                let at = part.start() + (w.start() - slots.start());
+                data.insert(Range::from_bounds(at, at + w.len()));
+            }
+        }
+        data
     }
 
     /// The captured ranges.
@@ -230,4 +280,25 @@ impl Image {
         }
         Ok(img)
     }
+}
+
+/// The pages of `r`, memory of this process, that are present and not the zero page (which a
+/// read of a page never written maps): a `PAGEMAP_SCAN` of /proc/self/pagemap.
+fn present_in_self(r: Range) -> Result<RangeSet, Errno> {
+    use crate::sys::pagemap::{Pagemap, category};
+    let pm = Pagemap::open_self()?;
+    let req = crate::seam::ScanRequest {
+        start: r.start(),
+        end: r.end(),
+        category_inverted: category::PFNZERO,
+        category_mask: category::PRESENT | category::PFNZERO,
+        return_mask: category::PRESENT,
+        ..Default::default()
+    };
+    let found = crate::seam::scan_all(&req, |q, n| crate::backend::linux::scan_once(&pm, q, n))?;
+    Ok(found
+        .regions
+        .iter()
+        .map(|g| Range::from_bounds(g.start, g.end))
+        .collect())
 }

@@ -21,6 +21,7 @@ mod image;
 mod prearm;
 mod session;
 mod shared;
+mod sparse;
 
 use std::time::Duration;
 
@@ -236,6 +237,10 @@ pub struct SnapshotReport {
     /// The target's own mapping changes read during the copy (with a backend that delivers
     /// REMOVE, UNMAP and REMAP events: a dump's).
     pub events: EventCounts,
+    /// Pages of sparse ranges ([`ProcessRanges::sparse`]) with nothing mapped at the snapshot
+    /// point: zero in the image, never protected nor copied (those in a 2 MiB block with a
+    /// populated page were protected and found empty by the copier).
+    pub unpopulated_pages: u64,
 }
 
 /// A range left out of the image.
@@ -331,36 +336,48 @@ pub fn take<M: Mm + ?Sized>(
     opts: &SnapshotOptions,
     progress: impl FnMut(u64, u64),
 ) -> Result<(Image, SnapshotReport), SnapshotError> {
-    take_sharing(
-        mm,
-        ranges,
-        &RangeSet::new(),
-        source,
-        quiesce,
-        opts,
-        progress,
-    )
+    let all = ProcessRanges {
+        ranges: ranges.clone(),
+        ..ProcessRanges::default()
+    };
+    take_process(mm, &all, source, quiesce, opts, progress)
 }
 
-/// [`take`], for a process that may fork while it is copied and shares `shared` (its
-/// `MAP_SHARED` ranges, inside `ranges`) with the children: with `UFFD_FEATURE_EVENT_FORK`
-/// on the uffd, a child's page tables keep the uffd-wp bits on a uffd of its own, so its
-/// first write to a shared page waits; the fork event has every shared page not copied yet
-/// copied, then the child's uffd closed (`EventCounts::fork`). A fork before the freeze only
-/// has the child's uffd closed (`EventCounts::fork_before_freeze`).
-pub fn take_sharing<M: Mm + ?Sized>(
+/// The memory of a whole process for [`take_process`]: what to capture, and what of it needs
+/// more than [`take`] gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessRanges {
+    /// Everything captured.
+    pub ranges: RangeSet,
+    /// Its `MAP_SHARED` part, which children forked during the copy share: with
+    /// `UFFD_FEATURE_EVENT_FORK` on the uffd, a child's page tables keep the uffd-wp bits on a
+    /// uffd of its own, so its first write to a shared page waits; the fork event has every
+    /// shared page not copied yet copied, then the child's uffd closed (`EventCounts::fork`).
+    /// A fork before the freeze only has the child's uffd closed
+    /// (`EventCounts::fork_before_freeze`).
+    pub shared: RangeSet,
+    /// Its sparse private anonymous part (stacks, reservations): only the 2 MiB blocks with a
+    /// populated page are protected and copied, the rest is zero in the image
+    /// (`sparse.rs`; `SnapshotReport::unpopulated_pages`). Never shared or file memory: a
+    /// page of those can hold data with nothing mapped.
+    pub sparse: RangeSet,
+}
+
+/// [`take`] of a whole process's memory (see [`ProcessRanges`]).
+pub fn take_process<M: Mm + ?Sized>(
     mm: &M,
-    ranges: &RangeSet,
-    shared: &RangeSet,
+    all: &ProcessRanges,
     source: Source<'_>,
     quiesce: &dyn Quiesce,
     opts: &SnapshotOptions,
     progress: impl FnMut(u64, u64),
 ) -> Result<(Image, SnapshotReport), SnapshotError> {
+    let ranges = &all.ranges;
     if ranges.is_empty() {
         return Err(SnapshotError::Empty);
     }
-    let image = Image::new(ranges).map_err(|errno| SnapshotError::Image {
+    let sparse = all.sparse.intersection(ranges);
+    let image = Image::with_lazy(ranges, &sparse).map_err(|errno| SnapshotError::Image {
         bytes: ranges.bytes(),
         errno,
     })?;
@@ -372,9 +389,13 @@ pub fn take_sharing<M: Mm + ?Sized>(
             ranges,
             (source, &image),
             quiesce,
-            (opts.tolerate_vanishing, &shared.intersection(ranges)),
+            (opts.tolerate_vanishing, &all.shared.intersection(ranges)),
+            sparse,
         )?
         .run(scope, &prearm, ranges, opts, progress)
     })?;
     Ok((image, report))
 }
+
+/// Bytes of state the engine keeps per captured page (besides the image).
+pub const STATE_BYTES_PER_PAGE: u64 = 1;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::events::Changes;
 use super::prearm::{MAX_PASSES, Prearm, StopPrearm, prearm_handler};
 use super::shared::{DONE, LAST, PENDING, Shared, any_huge};
+use super::sparse::Sparse;
 use super::{
     Copier, HandlerMode, Image, NotCaptured, Percentiles, RELEASE_BATCH, SnapshotError,
     SnapshotOptions, SnapshotReport, Source, Unprotected,
@@ -187,6 +188,9 @@ pub(super) struct Session<'a, M: Mm + ?Sized> {
     guard: Cleanup<'a, M>,
     /// Pinned pages: never write-protected, copied last.
     pinned: RangeSet,
+    /// Sparse memory: only its populated blocks protected and copied.
+    sparse: Sparse,
+    /// Pages the copier walks (for progress).
     total_pages: u64,
 }
 
@@ -198,6 +202,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         (source, image): (Source<'a>, &'a Image),
         quiesce: &'a dyn Quiesce,
         (tolerate, fork_shared): (bool, &RangeSet),
+        sparse: RangeSet,
     ) -> Result<Self, SnapshotError> {
         let mut guard = Cleanup {
             mm,
@@ -230,6 +235,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             state: (0..total_pages).map(|_| AtomicU8::new(PENDING)).collect(),
             huge: ranges.iter().any(|r| any_huge(mm, *r)),
             faults: AtomicU64::new(0),
+            markers_skipped: AtomicU64::new(0),
             service_ns: std::sync::Mutex::new(Vec::new()),
             tolerate,
             vanished: std::sync::Mutex::new(unregistered.clone()),
@@ -244,13 +250,23 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             ),
         };
         let pinned = pinned_in(mm, &ranges.difference(&unregistered))?;
+        let sparse = Sparse::scan(mm, sparse).map_err(|errno| SnapshotError::Uffd {
+            op: "PAGEMAP_SCAN of sparse memory",
+            addr: 0,
+            errno,
+        })?;
         let s = Session {
             sh,
             guard,
             pinned,
+            sparse,
             total_pages,
         };
         for r in unregistered.iter() {
+            s.mark(*r, DONE);
+        }
+        // Nothing mapped there now: not captured unless the pause finds it populated.
+        for r in s.sparse.untouched().iter() {
             s.mark(*r, DONE);
         }
         Ok(s)
@@ -270,11 +286,13 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
 
     /// The pause without pre-arming: freeze, then protect everything.
     pub(super) fn pause(&mut self, opts: &SnapshotOptions) -> (Paused, Results) {
-        let to_protect = self.to_protect(&self.ranges());
+        let to_protect = self.to_protect(&self.protectable());
         let t_pause = Instant::now();
         self.freeze();
         let freeze_us = t_pause.elapsed().as_secs_f64() * 1e6;
         let t_protect = Instant::now();
+        let new = self.rescan_sparse();
+        let to_protect = to_protect.union(&self.to_protect(&new));
         let wp = Self::wp_options(opts);
         let results = protect_all(self.sh.mm, &to_protect, opts.protect_threads, &wp);
         let paused = Paused {
@@ -310,7 +328,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         let wp = Self::wp_options(opts);
         let stopper = StopPrearm(st);
         scope.spawn(move || prearm_handler(mm, ranges, st));
-        let to_protect = self.to_protect(ranges);
+        let to_protect = self.to_protect(&self.protectable());
         let mut results = protect_all(mm, &to_protect, opts.protect_threads, &wp);
         // Converge as live migration's pre-copy does: each pass re-protects what the writers
         // wrote during the one before, a shorter pass, so fewer pages are written during it.
@@ -332,6 +350,8 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         if let Some(e) = err {
             return Err(e);
         }
+        let t_protect = Instant::now();
+        let new = self.rescan_sparse();
         // Unmapped or moved away before the snapshot point: not part of it, never copied
         // (whatever is mapped there now came later).
         let gone = std::mem::take(&mut *st.gone.lock().expect("pre-arm gone"));
@@ -349,8 +369,9 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         // What phase 1 could not protect (EAGAIN: a mapping change was in flight) is protected
         // now, frozen, like the pages written meanwhile.
         let missed = Protected::sum(std::mem::take(&mut results));
-        let t_protect = Instant::now();
-        let again = self.to_reprotect(&dirty.union(&missed.unprotected));
+        let again = self
+            .to_reprotect(&dirty.union(&missed.unprotected))
+            .union(&self.to_protect(&new));
         results.extend(protect_all(mm, &again, 1, &wp));
         let paused = Paused {
             t_pause,
@@ -403,12 +424,41 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         Ok(settled)
     }
 
+    /// Sets the state of every page of `r` inside the snapshot.
     fn mark(&self, r: Range, state: u8) {
-        for p in r.page_iter() {
-            if let Some(i) = self.sh.index(p.start()) {
-                self.sh.state[i].store(state, Ordering::Release);
+        for (k, sr) in self.sh.ranges.iter().enumerate() {
+            let Some(part) = sr.intersect(&r) else {
+                continue;
+            };
+            let i0 = (self.sh.first_page[k] + (part.start() - sr.start()) / PAGE_SIZE) as usize;
+            for s in &self.sh.state[i0..i0 + part.pages() as usize] {
+                s.store(state, Ordering::Release);
             }
         }
+    }
+
+    /// Inside the pause: the blocks of sparse memory populated since arming, made pending
+    /// (to protect and copy). If the scan fails, all of the sparse memory is.
+    fn rescan_sparse(&mut self) -> RangeSet {
+        if self.sparse.ranges.is_empty() {
+            return RangeSet::new();
+        }
+        let new = self.sparse.rescan(self.sh.mm).unwrap_or_else(|_| {
+            let all = self.sparse.untouched();
+            self.sparse.blocks.extend(&all);
+            all
+        });
+        let gone = self.sh.vanished.lock().expect("vanished lock").clone();
+        for r in new.difference(&gone).iter() {
+            self.mark(*r, PENDING);
+        }
+        new
+    }
+
+    /// What is write-protected and copied: everything but the sparse memory with nothing
+    /// mapped.
+    fn protectable(&self) -> RangeSet {
+        self.ranges().difference(&self.sparse.untouched())
     }
 
     /// Ends the pause: the writers run again.
@@ -511,8 +561,11 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         let polls = opts.handler.inline_chunk();
         let chunk_pages = polls.unwrap_or(64);
         let mut done = 0;
-        for r in self.sh.ranges.iter() {
+        for r in self.protectable().iter() {
             for batch in r.split_at_multiples(RELEASE_BATCH) {
+                if self.sparse.holds(batch) {
+                    self.sh.skip_markers(batch)?;
+                }
                 for chunk in batch.split_at_multiples(chunk_pages * PAGE_SIZE) {
                     if polls.is_some() {
                         self.sh.serve_pending()?;
@@ -537,7 +590,11 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         opts: &SnapshotOptions,
     ) -> SnapshotReport {
         let Session {
-            sh, guard, pinned, ..
+            sh,
+            guard,
+            pinned,
+            sparse,
+            ..
         } = self;
         drop(guard); // unregister
         let mut settled = settled;
@@ -578,6 +635,8 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             handler: opts.handler,
             copier: opts.copier,
             events: sh.changes.counts(),
+            unpopulated_pages: sparse.untouched().pages()
+                + sh.markers_skipped.load(Ordering::Relaxed),
         }
     }
 
@@ -599,6 +658,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
         } else {
             self.pause(opts)
         };
+        self.total_pages = self.protectable().pages();
         let prot = Protected::sum(results);
         if !prot.unprotected.is_empty() && matches!(opts.unprotected, Unprotected::Abort) {
             return Err(prot.abort());
@@ -621,7 +681,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
     fn to_reprotect(&self, written: &RangeSet) -> RangeSet {
         let bridged = written
             .bridged(REPROTECT_BRIDGE)
-            .intersection(&self.ranges());
+            .intersection(&self.protectable());
         self.to_protect(&bridged)
     }
 

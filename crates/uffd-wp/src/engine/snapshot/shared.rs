@@ -47,6 +47,8 @@ pub(super) struct Shared<'a, M: Mm + ?Sized> {
     /// serves the whole huge page around it (see [`Shared::serve`]).
     pub(super) huge: bool,
     pub(super) faults: AtomicU64,
+    /// Pages of sparse memory the copier found holding only a marker (zero, not copied).
+    pub(super) markers_skipped: AtomicU64,
     pub(super) service_ns: std::sync::Mutex<Vec<u64>>,
     /// [`super::SnapshotOptions::tolerate_vanishing`].
     pub(super) tolerate: bool,
