@@ -210,6 +210,11 @@ fn bad_targets_are_refused_with_a_json_error_before_anything_is_touched() {
 
 /// `python3 -c script` with `env`, once it has printed "ready"; `None` without python3.
 fn python_ready(script: &str, env: &[(&str, String)]) -> Option<std::process::Child> {
+    python_says(script, env).map(|(py, _)| py)
+}
+
+/// [`python_ready`], with what the script printed after "ready" on the same line.
+fn python_says(script: &str, env: &[(&str, String)]) -> Option<(std::process::Child, String)> {
     let mut py = Command::new("python3")
         .args(["-c", script])
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -222,42 +227,169 @@ fn python_ready(script: &str, env: &[(&str, String)]) -> Option<std::process::Ch
         &mut first,
     )
     .unwrap();
-    assert_eq!(first.trim(), "ready");
-    Some(py)
+    let rest = first.trim().strip_prefix("ready");
+    assert!(rest.is_some(), "{first}");
+    Some((py, rest.unwrap_or_default().trim().to_string()))
 }
 
-/// Reserves `GIB` GiB of private anonymous memory (`MAP_NORESERVE`, as sanitizers and
-/// allocators reserve), writes one byte per GiB, says "ready" and sleeps.
+/// Reserves `GIB` GiB of anonymous memory (`MAP_NORESERVE`, as sanitizers and allocators
+/// reserve; `MAP_SHARED` when `SHARED` is set), writes byte `k % 251 + 1` at `k` GiB + `k`
+/// pages for every `k`, maps 16 MiB of 0x77 marked `MADV_DONTDUMP`, prints "ready" and the two
+/// addresses on the same line, and sleeps.
 const SPARSE: &str = r#"
-import mmap, os, sys, time
+import mmap, os, sys, time, ctypes
 size = int(os.environ["GIB"]) << 30
-m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000)
-for i in range(0, size, 1 << 30):
-    m[i] = 7
-print("ready", flush=True)
+shared = mmap.MAP_SHARED if os.environ.get("SHARED") else mmap.MAP_PRIVATE
+m = mmap.mmap(-1, size, flags=shared | mmap.MAP_ANONYMOUS | 0x4000)
+for k in range(size >> 30):
+    m[(k << 30) + k * 4096] = k % 251 + 1
+dd = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+dd.write(b"\x77" * (16 << 20))
+dd.madvise(mmap.MADV_DONTDUMP)
+addr = lambda mm: ctypes.addressof(ctypes.c_char.from_buffer(mm))
+print("ready", addr(m), addr(dd), flush=True)
 time.sleep(600)
 "#;
 
-/// A process whose memory is larger than the memory available (a 2x `MemAvailable` sparse
-/// reservation): the dump would hold all of it, so it is refused with ENOMEM before the
-/// target is touched (it ran out of memory and was killed before this check), and the target
-/// runs on, untraced, with no core left behind.
+/// `MemAvailable`, bytes.
+fn mem_available() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// A field of /proc/PID/status, in kB.
+fn status_kb(pid: &str, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// The sparse script with `GIB` twice the memory available (64 at least), and the two
+/// addresses it printed.
+fn sparse_target(shared: bool) -> Option<(std::process::Child, u64, u64, u64)> {
+    let gib = ((2 * mem_available()) >> 30).max(64);
+    let mut env = vec![("GIB", gib.to_string())];
+    if shared {
+        env.push(("SHARED", "1".to_string()));
+    }
+    let (py, line) = python_says(SPARSE, &env)?;
+    let a: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    Some((py, gib, a[0], a[1]))
+}
+
+/// A reservation twice the memory available, one page per GiB written: the dump holds and
+/// copies only what is populated, leaves the target's page tables as they were (protecting
+/// all of it would have allocated 2 MiB of them per GiB), and its core holds every written
+/// byte, zero around them, nothing of the memory marked `MADV_DONTDUMP`.
+#[test]
+fn a_sparse_reservation_larger_than_memory_is_dumped_by_what_is_populated() {
+    if !is_root() {
+        return skip("root");
+    }
+    let Some((mut py, gib, base, dd)) = sparse_target(false) else {
+        return skip("python3");
+    };
+    let pid = py.id().to_string();
+    let pte0 = status_kb(&pid, "VmPTE:");
+    let dir = Scratch::new("sparse");
+    let core = dir.0.join("core");
+    let t0 = std::time::Instant::now();
+    let o = uffd_wp(&["dump", &pid, "--json", "-o", core.to_str().unwrap()]);
+    let took = t0.elapsed();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let map_at = |a: u64| {
+        v["mappings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["start"].as_u64().unwrap() <= a && a < m["end"].as_u64().unwrap())
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(map_at(base)["method"], "write-protect-populated", "{v}");
+    assert_eq!(map_at(dd)["method"], "omitted", "{v}");
+    assert!(map_at(dd)["why"].as_str().unwrap().contains("DONTDUMP"));
+    let pte_growth = status_kb(&pid, "VmPTE:").saturating_sub(pte0);
+    assert!(
+        pte_growth < 1024,
+        "the target's page tables grew by {pte_growth} kB"
+    );
+    let f = std::fs::File::open(&core).unwrap();
+    let at = |a: u64| core_byte(&f, a);
+    for k in 0..gib {
+        let a = base + (k << 30) + k * 4096;
+        assert_eq!(
+            at(a),
+            Some((k % 251 + 1) as u8),
+            "byte {k} GiB in ({took:?})"
+        );
+        assert_eq!(at(a + 1), Some(0));
+        assert_eq!(at(a + (1 << 29)), Some(0));
+    }
+    assert_eq!(
+        at(dd),
+        None,
+        "MADV_DONTDUMP memory has no bytes in the core"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&core).unwrap().blocks() * 512;
+    assert!(allocated < 256 << 20, "{allocated} bytes allocated");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    assert!(status.contains("State:\tS"), "{status}");
+    py.kill().unwrap();
+    py.wait().unwrap();
+}
+
+/// The byte at `addr` in a core's `PT_LOAD` segments, read where it is (the core may be
+/// tens of GiB, mostly holes); `None` where no segment holds bytes.
+fn core_byte(f: &std::fs::File, addr: u64) -> Option<u8> {
+    use object::elf::{FileHeader64, PT_LOAD};
+    use object::read::elf::{FileHeader, ProgramHeader};
+    use std::os::unix::fs::FileExt;
+    let mut head = vec![0u8; 1 << 20];
+    let n = f.read_at(&mut head, 0).unwrap();
+    head.truncate(n);
+    let h = FileHeader64::<object::Endianness>::parse(&*head).unwrap();
+    let e = h.endian().unwrap();
+    let p = *h.program_headers(e, &*head).unwrap().iter().find(|p| {
+        p.p_type(e) == PT_LOAD && p.p_vaddr(e) <= addr && addr < p.p_vaddr(e) + p.p_filesz(e)
+    })?;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, p.p_offset(e) + (addr - p.p_vaddr(e)))
+        .unwrap();
+    Some(b[0])
+}
+
+/// A shared reservation twice the memory available: shared memory can hold pages with nothing
+/// mapped, so the dump would hold all of it, and it is refused with ENOMEM before the target
+/// is touched (a private one ran uffd-wp out of memory before the check, and is now dumped
+/// sparse). The target runs on, untraced, with no core left behind.
 #[test]
 fn a_target_larger_than_the_memory_available_is_refused_before_it_is_touched() {
     if !is_root() {
         return skip("root");
     }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let avail_kb: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    let gib = ((2 * avail_kb) >> 20).max(64);
-    let Some(mut py) = python_ready(SPARSE, &[("GIB", gib.to_string())]) else {
+    let Some((mut py, _, _, _)) = sparse_target(true) else {
         return skip("python3");
     };
-    let dir = Scratch::new("sparse");
+    let dir = Scratch::new("shared-reservation");
     let core = dir.0.join("core");
     let pid = py.id().to_string();
     let t0 = std::time::Instant::now();
