@@ -433,6 +433,13 @@ fn print(o: &Output) {
         "  {} bytes write-protected and copied live, {} bytes copied inside the freeze",
         d.write_protected_bytes, d.in_freeze_bytes
     );
+    if let Some(s) = d.snapshot.as_ref().filter(|s| s.unpopulated_pages > 0) {
+        println!(
+            "  of which {} bytes of sparse memory had nothing mapped: zero, neither protected \
+             nor copied",
+            s.unpopulated_pages * uffd_wp::range::PAGE_SIZE
+        );
+    }
     if d.pre_copied_bytes > 0 || d.pre_copies_redone > 0 {
         println!(
             "  {} bytes of read-only file memory copied before the freeze and checked in it \

@@ -250,11 +250,7 @@ impl<'a, M: Mm + ?Sized> Session<'a, M> {
             ),
         };
         let pinned = pinned_in(mm, &ranges.difference(&unregistered))?;
-        let sparse = Sparse::scan(mm, sparse).map_err(|errno| SnapshotError::Uffd {
-            op: "PAGEMAP_SCAN of sparse memory",
-            addr: 0,
-            errno,
-        })?;
+        let sparse = Sparse::scan(mm, sparse);
         let s = Session {
             sh,
             guard,

@@ -61,10 +61,11 @@ pub(super) struct Sparse {
 }
 
 impl Sparse {
-    /// `ranges` with what was populated before the pause.
-    pub(super) fn scan<M: Mm + ?Sized>(mm: &M, ranges: RangeSet) -> Result<Sparse, Errno> {
-        let blocks = populated_blocks(mm, &ranges, &ranges)?;
-        Ok(Sparse { ranges, blocks })
+    /// `ranges` with what was populated before the pause. Where the scan fails (a kernel
+    /// without `PAGEMAP_SCAN`), all of it counts as populated: protected and copied whole.
+    pub(super) fn scan<M: Mm + ?Sized>(mm: &M, ranges: RangeSet) -> Sparse {
+        let blocks = populated_blocks(mm, &ranges, &ranges).unwrap_or_else(|_| ranges.clone());
+        Sparse { ranges, blocks }
     }
 
     /// What is neither protected nor copied (as of now): the sparse ranges but their blocks.
