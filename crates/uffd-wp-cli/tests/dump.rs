@@ -418,6 +418,88 @@ fn a_target_larger_than_the_memory_available_is_refused_before_it_is_touched() {
     py.wait().unwrap();
 }
 
+/// As an ordinary user: fills 256 MiB, says "ready", then for 4 s reads a file into page
+/// after page of it with `preadv(2)` (the kernel writes the page: a kernel-mode fault on a
+/// protected one), and prints how many reads failed and how many ran.
+const PREADV: &str = r#"
+import mmap, os, time
+size = 256 << 20
+m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.write(b"\x01" * size)
+fd = os.open("/proc/self/exe", os.O_RDONLY)
+view = memoryview(m)
+print("ready", flush=True)
+errors, reads, off, t0 = 0, 0, 0, time.time()
+while time.time() - t0 < 4:
+    try:
+        os.preadv(fd, [view[off:off + 4096]], 0)
+        reads += 1
+    except OSError:
+        errors += 1
+    off = (off + 4096 * 7) % size
+print(errors, reads, flush=True)
+"#;
+
+/// A process of an ordinary user (no `CAP_SYS_PTRACE`, `vm.unprivileged_userfaultfd` 0) may
+/// only create a user-mode uffd, under which the kernel's own writes into a protected page
+/// fail with EFAULT: the dump raises the sysctl for the instant of its injected call (and says
+/// so), so every `preadv(2)` the target runs into its memory during the copy succeeds, and the
+/// sysctl is 0 again afterwards.
+#[test]
+fn a_process_of_an_ordinary_user_is_dumped_and_its_system_calls_never_fail() {
+    if !is_root() {
+        return skip("root");
+    }
+    let sysctl = || std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap();
+    if sysctl().trim() != "0" {
+        eprintln!("SKIPPED: vm.unprivileged_userfaultfd is not 0 here: nothing to raise");
+        return;
+    }
+    // The system's python: another one may sit where an ordinary user cannot read it.
+    let python = "/usr/bin/python3";
+    if !Path::new(python).exists() {
+        return skip(python);
+    }
+    let mut py = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            python,
+            "-c",
+            PREADV,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let dir = Scratch::new("nobody");
+    let core = dir.0.join("core");
+    let o = uffd_wp(&[
+        "dump",
+        &py.id().to_string(),
+        "--json",
+        "-o",
+        core.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["attach"]["raised_unprivileged_userfaultfd"], true, "{v}");
+    assert_eq!(sysctl().trim(), "0", "set back");
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(n[0], 0, "{} of {} reads failed", n[0], n[1]);
+    assert!(n[1] > 0);
+    py.wait().unwrap();
+}
+
 /// A python process whose threads map, fill and unmap 8 MiB in a loop: its mappings change
 /// during every copy. Each dump must succeed, and the process must run on, untraced.
 #[test]

@@ -213,6 +213,8 @@ pub struct DumpReport {
     pub snapshot: Option<SnapshotReport>,
     /// What the target's threads did while the dump ran, from attach to release.
     pub target_cpu: Option<TargetCpu>,
+    /// How the userfaultfd was created inside the target.
+    pub attach: Option<crate::backend::linux::remote::AttachReport>,
 }
 
 /// The target's threads over the dump (`/proc/PID/task/*/schedstat`): time on a CPU, and
@@ -322,7 +324,7 @@ pub fn capture(
         .observer
         .clone()
         .unwrap_or_else(|| Arc::new(NoObserver) as Arc<dyn Observer>);
-    let (mm, _) = LinuxMm::attach_observed(pid, None, event_config(), &*obs)?;
+    let (mm, attach) = LinuxMm::attach_observed(pid, None, event_config(), &*obs)?;
     refuse_unregistrable(&mm, &mut plan);
     let rq = RemoteQuiesce::with_observer(pid, obs);
     let pre = precopy::pre_copy(p, &planned_maps(&plan, &Method::PreCopied));
@@ -383,6 +385,7 @@ pub fn capture(
         mappings: plan.iter().map(|x| mapping_report(x, &sharers)).collect(),
         snapshot: snap,
         target_cpu,
+        attach: Some(attach),
     };
     Ok(Captured {
         process,

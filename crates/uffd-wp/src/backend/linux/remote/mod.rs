@@ -71,6 +71,7 @@ pub use crate::backend::procfs::{
     MapEntry, fully_mapped, maps_cover, parse_maps, read_maps, stat_state, thread_ids, thread_state,
 };
 pub use preflight::preflight;
+pub mod sysctl;
 pub use quiesce::{FreezeStats, RemoteQuiesce};
 pub use tracee::SyscallSite;
 
@@ -373,6 +374,9 @@ pub struct AttachReport {
     pub stopped_us: f64,
     /// Whole attach including the `UFFDIO_API` handshake, microseconds.
     pub total_us: f64,
+    /// `vm.unprivileged_userfaultfd` was raised to 1 for the instant of the injected call
+    /// (the target lacks `CAP_SYS_PTRACE`; [`sysctl`]), and set back.
+    pub raised_unprivileged_userfaultfd: bool,
 }
 
 /// Reads `buf.len()` bytes at `addr` of process `pid` with process_vm_readv (looping over
@@ -449,7 +453,16 @@ impl LinuxMm {
             {
                 return Err(AttachError::NoSuchProcess { pid: t });
             }
-            let (fd, mut report) = tracee::steal_uffd(pid_i, tid, flags, obs)?;
+            let raised = if cfg.user_mode_only {
+                None
+            } else {
+                sysctl::raise_for(pid_i)?
+            };
+            let stolen = tracee::steal_uffd(pid_i, tid, flags, obs);
+            let raised_sysctl = raised.is_some();
+            drop(raised);
+            let (fd, mut report) = stolen?;
+            report.raised_unprivileged_userfaultfd = raised_sysctl;
             let mm = LinuxMm::from_uffd(Uffd::from_remote(fd), cfg, offered, Target::Pid(pid))?;
             report.total_us = t0.elapsed().as_secs_f64() * 1e6;
             Ok((mm, report))

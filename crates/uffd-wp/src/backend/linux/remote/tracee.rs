@@ -697,6 +697,7 @@ pub(super) fn steal_uffd(
                     target_fd: done.target_fd,
                     stopped_us,
                     total_us: t0.elapsed().as_secs_f64() * 1e6,
+                    raised_unprivileged_userfaultfd: false,
                 };
                 return Ok((done.fd?, report));
             }
