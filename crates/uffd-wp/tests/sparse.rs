@@ -78,12 +78,25 @@ fn one_snapshot(mm: &LinuxMm, prearm: bool) {
     let (in_block, untouched) = (a + 5 * P, r.start() + (2 << 30));
     m.write(a, &[1; 8]).unwrap();
     m.write(b, &[2; 8]).unwrap();
+    // Dense shared memory beside it, one page with nothing mapped but its data in the page
+    // cache (a marker once protected, which the copier must not take for an empty page).
+    let sh = Mapping::new(4 * P, P, Backing::SharedAnon, Thp::NoHuge).unwrap();
+    let shr = sh.range();
+    for p in shr.page_iter() {
+        sh.write(p.start(), &[9; 8]).unwrap();
+    }
+    let zapped = shr.start() + P;
+    sh.madvise(
+        Range::from_bounds(zapped, zapped + P),
+        rustix::mm::Advice::LinuxDontNeed,
+    )
+    .unwrap();
     let pte0 = vm_pte();
     let writer = Mutex::new(None);
     let during = Mutex::new(None);
     let freeze = || m.write(c, &[3; 8]).unwrap();
     let all = ProcessRanges {
-        ranges: RangeSet::single(r),
+        ranges: [r, shr].into_iter().collect(),
         sparse: RangeSet::single(r),
         ..ProcessRanges::default()
     };
@@ -94,7 +107,7 @@ fn one_snapshot(mm: &LinuxMm, prearm: bool) {
     let (img, rep) = snapshot::take_process(
         mm,
         &all,
-        Source::Mapping(&m),
+        Source::Mm,
         &FnQuiesce(freeze, || {}),
         &opts,
         |_, _| {
@@ -140,6 +153,14 @@ fn one_snapshot(mm: &LinuxMm, prearm: bool) {
         (1, 2, 3),
         "prearm {prearm}: populated at the snapshot point, the freeze's page too"
     );
+    for p in shr.page_iter() {
+        assert_eq!(
+            first(p.start()),
+            9,
+            "prearm {prearm}: shared page {:#x}",
+            p.start()
+        );
+    }
     assert_eq!(
         (first(in_block), first(untouched)),
         (0, 0),
@@ -155,6 +176,7 @@ fn one_snapshot(mm: &LinuxMm, prearm: bool) {
     } else {
         assert_eq!(rep.unpopulated_pages, outside, "{rep:?}");
     }
+    assert!(bit57(shr).is_empty(), "nothing left protected");
     let data = img.data_in(r);
     assert!(
         data.bytes() <= if root { 4 * P } else { blocks.bytes() },
@@ -162,6 +184,6 @@ fn one_snapshot(mm: &LinuxMm, prearm: bool) {
         data.bytes()
     );
     assert!(data.covers(&Range::from_bounds(c, c + P)));
-    assert_eq!(rep.pages, len / P, "all of it captured");
+    assert_eq!(rep.pages, len / P + 4, "all of it captured");
     assert!(rep.not_captured.is_empty(), "{:?}", rep.not_captured);
 }
