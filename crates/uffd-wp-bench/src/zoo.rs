@@ -4,7 +4,7 @@
 //!
 //! Kinds ("slabs"): a private anonymous region (`anon`), a static in `.data` (`data`), a
 //! zeroed static in `.bss` (`bss`), the heap (`heap`, a `Box`), a `MAP_SHARED` anonymous region
-//! (`shared-anon`), a memfd (`memfd`), each writer's own stack (`stack-N`), and slabs made for
+//! (`shared-anon`), a memfd (`memfd`), 2 MiB of a private file mapping (`file-private`), each writer's own stack (`stack-N`), and slabs made for
 //! the mapping changes (`unmap`, `move`, `grow`, `dontneed`, `thread`, and those `mmap` adds).
 //!
 //! Everything the oracle needs is in the process's memory, so a dump is checked against
@@ -48,7 +48,7 @@ pub const CHANGING: u64 = 2;
 pub const DEAD: u64 = 3;
 
 /// The kinds of memory, as the directory codes them.
-pub const KINDS: [&str; 8] = [
+pub const KINDS: [&str; 9] = [
     "anon",
     "data",
     "bss",
@@ -57,6 +57,7 @@ pub const KINDS: [&str; 8] = [
     "memfd",
     "stack",
     "changes",
+    "file-private",
 ];
 
 /// One page of words, page aligned (statics, heap, stacks).
@@ -259,6 +260,9 @@ impl Zoo {
         z.add_map("anon", 0, cfg.anon, Backing::Anon)?;
         z.add_map("shared-anon", 4, 8 * PAGE_SIZE, Backing::SharedAnon)?;
         z.add_map("memfd", 5, 8 * PAGE_SIZE, Backing::Memfd)?;
+        // Written private file memory large enough to be pre-copied with its writes tracked
+        // (a JVM's CDS archive): the kernel will not sync-write-protect it.
+        z.add_map("file-private", 8, 2 << 20, Backing::File { shared: false })?;
         z.add_words("data", 1, &DATA);
         z.add_words("bss", 2, &BSS);
         let heap: &'static [PageWords] = Box::leak(

@@ -14,6 +14,9 @@ use crate::sys::ptrace::{get_regset, nt};
 
 use super::DumpError;
 use super::precopy::{self, PreCopy};
+use super::tracked::Tracked;
+use crate::backend::procfs;
+use crate::sys::pagemap::Pagemap;
 
 /// One thread's registers at the freeze, as `PTRACE_GETREGSET` gives them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +56,9 @@ pub struct Frozen {
     /// For each copy made before the freeze: whether it was still valid in it (else it was
     /// redone, in `copies`).
     pub pre_valid: Vec<bool>,
+    /// Bytes of mappings pre-copied with their writes tracked, and of those copied again
+    /// inside the freeze (counted in `copied_bytes` too).
+    pub tracked_bytes: (u64, u64),
     /// Microseconds spent capturing inside the freeze (registers and copies).
     pub capture_us: f64,
     /// The first failure, if any (the freeze still resumes the target).
@@ -67,31 +73,35 @@ pub struct DumpQuiesce<'a> {
     pid: i32,
     in_freeze: Vec<FreezeCopy>,
     pre: Vec<PreCopy>,
+    tracked: Mutex<Vec<Tracked>>,
     frozen: Mutex<Frozen>,
 }
 
 impl<'a> DumpQuiesce<'a> {
-    /// Captures `in_freeze` of process `pid` at each freeze of `inner`, and checks the copies
-    /// made before it (`pre`), redoing those no longer valid.
+    /// Captures `in_freeze` of process `pid` at each freeze of `inner`, checks the copies
+    /// made before it (`pre`), redoing those no longer valid, and copies again what was
+    /// written of the `tracked` ones.
     pub fn new(
         inner: &'a RemoteQuiesce,
         pid: i32,
         in_freeze: Vec<FreezeCopy>,
-        pre: Vec<PreCopy>,
+        (pre, tracked): (Vec<PreCopy>, Vec<Tracked>),
     ) -> Self {
         DumpQuiesce {
             inner,
             pid,
             in_freeze,
             pre,
+            tracked: Mutex::new(tracked),
             frozen: Mutex::new(Frozen::default()),
         }
     }
 
     /// What the (last) freeze captured, and the copies made before it.
-    pub fn into_parts(self) -> (Frozen, Vec<PreCopy>) {
+    pub fn into_parts(self) -> (Frozen, Vec<PreCopy>, Vec<Tracked>) {
         let f = self.frozen.into_inner().expect("dump freeze lock");
-        (f, self.pre)
+        let t = self.tracked.into_inner().expect("tracked copies lock");
+        (f, self.pre, t)
     }
 
     fn capture(&self) -> Frozen {
@@ -115,6 +125,7 @@ impl<'a> DumpQuiesce<'a> {
             Err(e) => f.error = Some(e),
         }
         let redo = self.invalid_pre_copies(&mut f);
+        self.patch_tracked(&mut f);
         for c in self.in_freeze.iter().chain(&redo) {
             let r = c.range;
             let mut buf = vec![0u8; r.len() as usize];
@@ -156,6 +167,40 @@ impl<'a> DumpQuiesce<'a> {
 }
 
 impl DumpQuiesce<'_> {
+    /// Copies again what changed of the tracked copies (all of a copy whose mapping or file
+    /// changed, or that cannot tell).
+    fn patch_tracked(&self, f: &mut Frozen) {
+        let mut tracked = self.tracked.lock().expect("tracked copies lock");
+        if tracked.is_empty() {
+            return;
+        }
+        let maps = procfs::read_maps(self.pid).unwrap_or_default();
+        let pm = Pagemap::open_pid(self.pid as u32).ok();
+        for t in tracked.iter_mut() {
+            let r = t.range();
+            f.tracked_bytes.0 += r.len();
+            let again = pm.as_ref().and_then(|pm| t.to_recopy(self.pid, &maps, pm));
+            let parts = again.unwrap_or_else(|| RangeSet::single(r));
+            for p in parts.iter() {
+                let off = (p.start() - r.start()) as usize;
+                let buf = &mut t.bytes[off..off + p.len() as usize];
+                match self.copy_whole(*p, buf, &mut f.gone) {
+                    Ok(n) => {
+                        f.copied_bytes += n;
+                        f.tracked_bytes.1 += n;
+                    }
+                    Err(errno) => {
+                        f.error.get_or_insert(DumpError::Copy {
+                            addr: p.start(),
+                            len: p.len(),
+                            errno,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
     /// Copies `r` into `buf`; returns the bytes read. Pages unmapped since the plan are left
     /// zero and added to `gone`.
     fn copy_whole(&self, r: Range, buf: &mut [u8], gone: &mut RangeSet) -> Result<u64, Errno> {

@@ -20,6 +20,7 @@ pub mod core_file;
 pub mod plan;
 pub mod precopy;
 pub mod target;
+pub mod tracked;
 mod write;
 
 use std::collections::BTreeMap;
@@ -48,6 +49,11 @@ pub use write::write_core;
 /// Mappings the kernel refuses to write-protect are copied inside the freeze up to this size
 /// each; a larger one is skipped (with the errno) rather than lengthen the pause.
 pub const IN_FREEZE_LIMIT: u64 = 64 << 20;
+
+/// Written private file mappings this large or more are pre-copied with their writes tracked
+/// ([`plan::Method::PreCopiedTracked`]); smaller ones are copied inside the freeze, which
+/// costs less than tracking them.
+pub const TRACK_MIN: u64 = 1 << 20;
 
 /// Why a dump failed. Nothing is left behind in the target in any case: the freeze resumes it
 /// and closing the uffd un-protects everything.
@@ -202,6 +208,12 @@ pub struct DumpReport {
     pub pre_copied_bytes: u64,
     /// Mappings copied before the freeze but changed by it, copied again inside it.
     pub pre_copies_redone: usize,
+    /// Bytes of written private file memory copied before the freeze with its writes tracked
+    /// (`pre-copied-tracked`).
+    pub tracked_bytes: u64,
+    /// Of which copied again inside the freeze (written since, or changed; counted in
+    /// `in_freeze_bytes` too).
+    pub tracked_recopied_bytes: u64,
     /// Bytes write-protected in the pause and copied after it.
     pub write_protected_bytes: u64,
     /// Bytes the target unmapped after they were planned and before the freeze: not part of
@@ -326,9 +338,10 @@ pub fn capture(
         .unwrap_or_else(|| Arc::new(NoObserver) as Arc<dyn Observer>);
     let (mm, attach) = LinuxMm::attach_observed(pid, None, event_config(), &*obs)?;
     refuse_unregistrable(&mm, &mut plan);
+    let tracked = track_and_copy(pid, &mut plan, &*obs);
     let rq = RemoteQuiesce::with_observer(pid, obs);
     let pre = precopy::pre_copy(p, &planned_maps(&plan, &Method::PreCopied));
-    let dq = DumpQuiesce::new(&rq, p, in_freeze_ranges(&plan), pre);
+    let dq = DumpQuiesce::new(&rq, p, in_freeze_ranges(&plan), (pre, tracked));
     let wp = ranges_where(&plan, |x| x.method.write_protected());
     let (image, snap, pause_us) = if wp.is_empty() {
         let t0 = Instant::now();
@@ -354,11 +367,16 @@ pub fn capture(
     };
     drop(mm); // closes the target's uffd: nothing of it stays registered
     let target_cpu = watch.stop();
-    let (mut frozen, pre) = dq.into_parts();
+    let (mut frozen, pre, tracked) = dq.into_parts();
     if let Some(e) = frozen.error {
         return Err(e);
     }
     let pre_copies_redone = frozen.pre_valid.iter().filter(|ok| !**ok).count();
+    // Their trackers disarmed, and the second uffd closed with the last of them.
+    for t in tracked {
+        let r = t.range();
+        frozen.copies.push((r, t.bytes));
+    }
     let mut pre_copied_bytes = 0;
     for (p, _) in pre
         .into_iter()
@@ -380,6 +398,8 @@ pub fn capture(
         in_freeze_bytes: frozen.copied_bytes,
         pre_copied_bytes,
         pre_copies_redone,
+        tracked_bytes: frozen.tracked_bytes.0,
+        tracked_recopied_bytes: frozen.tracked_bytes.1,
         write_protected_bytes: wp.bytes(),
         gone_before_freeze_bytes: frozen.gone.bytes(),
         mappings: plan.iter().map(|x| mapping_report(x, &sharers)).collect(),
@@ -478,6 +498,26 @@ fn ranges_where(plan: &[Planned], pick: impl Fn(&Planned) -> bool) -> RangeSet {
         .map(Planned::range)
         .collect::<Vec<_>>()
         .into()
+}
+
+/// Copies the mappings planned `pre-copied-tracked` with their writes tracked by a second,
+/// async-WP uffd of the target's ([`tracked`]); those it cannot track (no `WP_ASYNC`, a
+/// refused registration) are copied inside the freeze instead.
+fn track_and_copy(pid: u32, plan: &mut [Planned], obs: &dyn Observer) -> Vec<tracked::Tracked> {
+    let maps = planned_maps(plan, &Method::PreCopiedTracked);
+    if maps.is_empty() {
+        return Vec::new();
+    }
+    let (done, failed) = match LinuxMm::attach_observed(pid, None, Config::async_wp(), obs) {
+        Ok((mm, _)) => tracked::pre_copy(pid as i32, &Arc::new(mm), &maps),
+        Err(_) => (Vec::new(), maps),
+    };
+    for p in plan.iter_mut() {
+        if failed.contains(&p.map) {
+            p.method = Method::InFreeze;
+        }
+    }
+    done
 }
 
 /// Tries registering each mapping planned for write-protection; one the kernel refuses is

@@ -9,6 +9,7 @@
 //! | private file-backed with written pages (`.data`, `.bss`, relro) | 0 anon private | whole, copied inside the freeze (sync WP refuses private file memory) |
 //! | private file-backed, never written | 2 mapped private | whole, else the first page if it is an ELF header (bit 4) |
 //! | shared file-backed | 3 mapped shared | whole |
+//! | private file-backed, written, 1 MiB or more (a JVM's CDS archive) | as above | copied before the freeze while a second, async-WP userfaultfd tracks the process's writes to it; inside the freeze only the pages written since (or dropped back to the file's) copied again ([`super::precopy`]) |
 //! | file-backed, read-only, never written by the process (a JVM's `lib/modules`, libraries' text when bit 2 is on) | as above | copied before the freeze and checked unchanged inside it (else copied there) |
 //! | `[vvar]`, `[vvar_vclock]`, `[vsyscall]` | - | never: the kernel's own pages, unreadable (VM_IO/PFNMAP) |
 //! | any of the above that the target registered with a userfaultfd of its own for missing or minor faults (smaps `um`, `ui`) | as above | its populated pages, copied inside the freeze through `/proc/PID/mem`; the missing ones are holes (only the target's own handler, stopped by the freeze, could fill them) |
@@ -57,6 +58,10 @@ pub enum Method {
     /// Read-only file memory the process has not written: copied before the freeze, checked
     /// unchanged inside it, else copied again there ([`super::precopy`]).
     PreCopied,
+    /// Private file memory the process writes (1 MiB or more): copied before the freeze while
+    /// an async-WP userfaultfd tracks its writes; inside the freeze only the pages written
+    /// since are copied again ([`super::precopy`]).
+    PreCopiedTracked,
     /// Copied inside the freeze, its populated pages only: the target registered it with a
     /// userfaultfd of its own, and a missing page only the target's own handler (stopped by
     /// the freeze) could fill; such pages are holes, as in the kernel's core.
@@ -99,6 +104,7 @@ impl Planned {
             | Method::WriteProtectPopulated(_)
             | Method::InFreeze
             | Method::PreCopied
+            | Method::PreCopiedTracked
             | Method::InFreezePopulated(_) => self.map.end - self.map.start,
             Method::ElfHeader => PAGE_SIZE,
             Method::Omitted(_) | Method::Skipped(_) => 0,
@@ -263,7 +269,10 @@ fn held<F: MapFacts>(m: &MapEntry, method: &Method, vma: &OfVma<'_, F>) -> u64 {
         Method::WriteProtect => {
             len + len / PAGE_SIZE * crate::engine::snapshot::STATE_BYTES_PER_PAGE
         }
-        Method::InFreeze | Method::PreCopied | Method::InFreezePopulated(_) => len,
+        Method::InFreeze
+        | Method::PreCopied
+        | Method::PreCopiedTracked
+        | Method::InFreezePopulated(_) => len,
         Method::ElfHeader => PAGE_SIZE,
         Method::Omitted(_) | Method::Skipped(_) => 0,
     }
@@ -281,6 +290,7 @@ fn method<F: MapFacts>(m: &MapEntry, filter: u32, facts: &OfVma<'_, F>) -> Metho
     let Some(resident) = facts.own_uffd(m) else {
         return match by_kind(m, filter, facts, true) {
             Method::InFreeze if unchanging(m, facts) => Method::PreCopied,
+            Method::InFreeze if trackable(m) => Method::PreCopiedTracked,
             Method::WriteProtect if facts.sparse(m) => Method::WriteProtectPopulated(format!(
                 "sparse: {} KiB of its {} KiB mapping populated; only the 2 MiB blocks \
                  holding a populated page are write-protected and copied",
@@ -313,6 +323,11 @@ fn method<F: MapFacts>(m: &MapEntry, filter: u32, facts: &OfVma<'_, F>) -> Metho
 /// or the process first changes the mapping.
 fn unchanging(m: &MapEntry, facts: &impl MapFacts) -> bool {
     matches!(kind(m), Kind::File { .. }) && !m.perms.contains('w') && !facts.written(m)
+}
+
+/// Private file memory large enough that copying it inside the freeze shows in the pause.
+fn trackable(m: &MapEntry) -> bool {
+    matches!(kind(m), Kind::File { shared: false }) && m.end - m.start >= super::TRACK_MIN
 }
 
 /// The method by the kind of mapping and the filter; `may_read` allows reading its first page.

@@ -33,7 +33,7 @@ use crate::sys::pagemap::{Pagemap, category};
 
 /// What identifies the content of a mapped file: device, inode, size, mtime and ctime (seconds
 /// and nanoseconds).
-type Stamp = (u64, u64, u64, (i64, i64), (i64, i64));
+pub(super) type Stamp = (u64, u64, u64, (i64, i64), (i64, i64));
 
 /// A mapping copied before the freeze.
 #[derive(Debug)]
@@ -53,7 +53,7 @@ impl PreCopy {
 }
 
 /// The file mapped at `m` in process `pid`, identified.
-fn stamp(pid: i32, m: &MapEntry) -> Option<Stamp> {
+pub(super) fn stamp(pid: i32, m: &MapEntry) -> Option<Stamp> {
     let link = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
     let md = std::fs::metadata(link).ok()?;
     Some((
