@@ -17,8 +17,9 @@
 //! (`mprotect` to writable, a write, `mprotect` back) and drops it again (`MADV_DONTNEED`);
 //! and writes to the file by other processes through their own shared mappings, which do
 //! not touch its times (the kernel's core and gcore do not stop those processes either).
-//! Writable file mappings are not pre-copied: the same drop makes a private page the file's
-//! again unseen, and a shared one is written with no trace at all.
+//! Writable file mappings are not pre-copied this way: the same drop makes a private page the
+//! file's again unseen, and a shared one is written with no trace at all. Written private
+//! ones of 1 MiB or more are pre-copied with their writes tracked ([`super::tracked`]).
 //!
 //! [`Method::PreCopied`]: super::plan::Method::PreCopied
 
