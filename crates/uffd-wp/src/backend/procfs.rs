@@ -539,18 +539,29 @@ mod tests {
 
     /// The same listing by path and through a `ProcDir`, with this thread in it; a pid that
     /// does not exist is ENOENT both ways.
+    /// A busy single-threaded child has run (its time grows), read from its schedstat; a pid
+    /// that does not exist is ENOENT. (Not this process: its sum over threads falls when a
+    /// test thread beside this one exits.)
     #[test]
     fn this_process_has_run() {
-        let pid = std::process::id() as i32;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
         let (cpu0, _) = cpu_and_wait_ns(pid).expect("schedstat");
         let t = std::time::Instant::now();
-        while t.elapsed() < std::time::Duration::from_millis(20) {
-            std::hint::black_box(t.elapsed());
+        let mut cpu1 = cpu0;
+        while cpu1 < cpu0 + 10_000_000 && t.elapsed() < std::time::Duration::from_secs(20) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            cpu1 = cpu_and_wait_ns(pid).expect("schedstat").0;
         }
-        let (cpu1, _) = cpu_and_wait_ns(pid).expect("schedstat");
+        child.kill().unwrap();
+        child.wait().unwrap();
         assert!(
             cpu1 >= cpu0 + 10_000_000,
-            "{cpu0} -> {cpu1} after 20 ms of spinning"
+            "{cpu0} -> {cpu1} after {:?} of spinning",
+            t.elapsed()
         );
         assert_eq!(cpu_and_wait_ns(-1), Err(Errno::NOENT));
     }
