@@ -19,7 +19,7 @@ use uffd_wp::scenario::LinuxLabs;
 use uffd_wp::seam::prelude::*;
 use uffd_wp::seam::{RegisterMode, ScanRequest};
 use uffd_wp::sys::mem::{Backing, Mapping, Thp};
-use uffd_wp::sys::pagemap::{Pagemap, bits, category};
+use uffd_wp::sys::pagemap::category;
 use uffd_wp::sys::uring::{FixedIo, FixedRing};
 use uffd_wp::write_protect;
 
@@ -33,18 +33,7 @@ fn set(r: Range, spans: &[(u64, u64)]) -> RangeSet {
     spans.iter().map(|&(a, b)| pages(r, a, b)).collect()
 }
 
-/// Pagemap bit 57 of every page of `r`, read directly.
-fn bit57(r: Range) -> RangeSet {
-    let e = Pagemap::open_self()
-        .unwrap()
-        .entries(r.start(), r.pages())
-        .unwrap();
-    e.iter()
-        .enumerate()
-        .filter(|(_, x)| *x & bits::UFFD_WP != 0)
-        .map(|(i, _)| pages(r, i as u64, i as u64 + 1))
-        .collect()
-}
+use common::bit57;
 
 /// Pages of `r` that `PAGEMAP_SCAN` says are `PAGE_IS_WRITTEN`.
 fn written(mm: &LinuxMm, r: Range) -> RangeSet {

@@ -15,25 +15,10 @@ use uffd_wp::engine::snapshot::{self, ProcessRanges, SnapshotOptions, Source};
 use uffd_wp::range::{PAGE_SIZE, PMD_SIZE, Range, RangeSet};
 use uffd_wp::seam::FnQuiesce;
 use uffd_wp::sys::mem::{Backing, Mapping, Thp};
-use uffd_wp::sys::pagemap::{Pagemap, bits};
 
 const P: u64 = PAGE_SIZE;
 
-/// Pagemap bit 57 of every page of `r`, read directly.
-fn bit57(r: Range) -> RangeSet {
-    let e = Pagemap::open_self()
-        .unwrap()
-        .entries(r.start(), r.pages())
-        .unwrap();
-    e.iter()
-        .enumerate()
-        .filter(|(_, x)| *x & bits::UFFD_WP != 0)
-        .map(|(i, _)| {
-            let a = r.start() + i as u64 * P;
-            Range::from_bounds(a, a + P)
-        })
-        .collect()
-}
+use common::bit57;
 
 /// This process's page tables, bytes (`VmPTE` of /proc/self/status).
 fn vm_pte() -> u64 {

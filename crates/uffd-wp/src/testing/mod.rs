@@ -3,6 +3,25 @@
 
 pub mod holder;
 
+/// The pages of `r` (memory of this process) whose pagemap bit 57 (uffd-wp) is set, read
+/// directly from /proc/self/pagemap: the kernel's own word, independent of any engine.
+pub fn bit57(r: crate::range::Range) -> crate::range::RangeSet {
+    use crate::range::{PAGE_SIZE, Range};
+    use crate::sys::pagemap::{Pagemap, bits};
+    let e = Pagemap::open_self()
+        .expect("/proc/self/pagemap")
+        .entries(r.start(), r.pages())
+        .expect("pagemap entries");
+    e.iter()
+        .enumerate()
+        .filter(|(_, x)| *x & bits::UFFD_WP != 0)
+        .map(|(i, _)| {
+            let a = r.start() + i as u64 * PAGE_SIZE;
+            Range::from_bounds(a, a + PAGE_SIZE)
+        })
+        .collect()
+}
+
 /// Whether a missing kernel feature must fail the test (CI) instead of skipping it.
 pub fn require_kernel() -> bool {
     std::env::var("UFFD_WP_REQUIRE_KERNEL").is_ok_and(|v| v == "1")
