@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
+use uffd_wp::testing::status_kb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_uffd-wp");
 
@@ -262,15 +263,6 @@ fn mem_available() -> u64 {
     kb << 10
 }
 
-/// A field of /proc/PID/status, in kB.
-fn status_kb(pid: &str, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// The sparse script with `GIB` twice the memory available (64 at least), and the two
 /// addresses it printed.
 fn sparse_target(shared: bool) -> Option<(std::process::Child, u64, u64, u64)> {
@@ -300,7 +292,7 @@ fn a_sparse_reservation_larger_than_memory_is_dumped_by_what_is_populated() {
         return skip("python3");
     };
     let pid = py.id().to_string();
-    let pte0 = status_kb(&pid, "VmPTE:");
+    let pte0 = status_kb(&pid, "VmPTE");
     let dir = Scratch::new("sparse");
     let core = dir.0.join("core");
     let t0 = std::time::Instant::now();
@@ -325,7 +317,7 @@ fn a_sparse_reservation_larger_than_memory_is_dumped_by_what_is_populated() {
     assert_eq!(map_at(base)["method"], "write-protect-populated", "{v}");
     assert_eq!(map_at(dd)["method"], "omitted", "{v}");
     assert!(map_at(dd)["why"].as_str().unwrap().contains("DONTDUMP"));
-    let pte_growth = status_kb(&pid, "VmPTE:").saturating_sub(pte0);
+    let pte_growth = status_kb(&pid, "VmPTE").saturating_sub(pte0);
     assert!(
         pte_growth < 1024,
         "the target's page tables grew by {pte_growth} kB"

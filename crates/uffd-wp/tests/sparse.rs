@@ -20,15 +20,9 @@ const P: u64 = PAGE_SIZE;
 
 use common::bit57;
 
-/// This process's page tables, bytes (`VmPTE` of /proc/self/status).
+/// This process's page tables, bytes.
 fn vm_pte() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmPTE:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    kb << 10
+    uffd_wp::testing::status_kb("self", "VmPTE") << 10
 }
 
 fn block(a: u64) -> Range {

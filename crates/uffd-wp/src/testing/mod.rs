@@ -22,6 +22,15 @@ pub fn bit57(r: crate::range::Range) -> crate::range::RangeSet {
         .collect()
 }
 
+/// A `/proc/PID/status` field in kB (`VmPTE`, `VmRSS`, ...), for process `pid` (or `self`).
+pub fn status_kb(pid: &str, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// Whether a missing kernel feature must fail the test (CI) instead of skipping it.
 pub fn require_kernel() -> bool {
     std::env::var("UFFD_WP_REQUIRE_KERNEL").is_ok_and(|v| v == "1")

@@ -510,7 +510,6 @@ mod tests {
     use super::*;
     use crate::range::PAGE_SIZE;
     use crate::sys::mem::{Backing, Mapping, Thp};
-    use crate::sys::pagemap::bits;
 
     /// A backend, or a skip naming the feature (a panic with `UFFD_WP_REQUIRE_KERNEL=1`).
     fn open() -> Option<LinuxMm> {
@@ -570,19 +569,7 @@ mod tests {
         mm.unregister(src.range()).unwrap();
     }
 
-    /// Pagemap bit 57 of every page of `r`, read directly.
-    fn bit57(r: Range) -> RangeSet {
-        let pm = Pagemap::open_self().unwrap();
-        let e = pm.entries(r.start(), r.pages()).unwrap();
-        e.iter()
-            .enumerate()
-            .filter(|(_, x)| *x & bits::UFFD_WP != 0)
-            .map(|(i, _)| {
-                let a = r.start() + i as u64 * PAGE_SIZE;
-                Range::from_bounds(a, a + PAGE_SIZE)
-            })
-            .collect()
-    }
+    use crate::testing::bit57;
 
     /// Markers of unpopulated pages are told from present pages and from none: all of it
     /// for a reader with `CAP_SYS_ADMIN` (root), nothing for others.
