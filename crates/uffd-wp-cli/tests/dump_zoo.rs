@@ -280,6 +280,53 @@ fn written_private_file_memory_is_pre_copied_and_only_what_was_written_again() {
     t.runs_on_and_exits();
 }
 
+/// Cancels once, at the first step after the first attach is done: inside the second (the
+/// async-WP uffd that tracks `file-private`); the freeze after it would go on.
+#[derive(Debug, Default)]
+struct CancelSecondAttach {
+    detached: std::sync::atomic::AtomicU32,
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+impl uffd_wp::backend::linux::remote::Observer for CancelSecondAttach {
+    fn at(
+        &self,
+        step: uffd_wp::backend::linux::remote::Step,
+    ) -> Result<(), uffd_wp::backend::linux::remote::Cancel> {
+        use std::sync::atomic::Ordering;
+        use uffd_wp::backend::linux::remote::{Cancel, Step};
+        if self.detached.load(Ordering::SeqCst) == 1 && !self.cancelled.swap(true, Ordering::SeqCst)
+        {
+            return Err(Cancel);
+        }
+        if step == Step::Detached {
+            self.detached.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// A stop signal during the second attach (the writes tracker's) ends the dump as one during
+/// the first does: an error, the target released and running (not a dump that goes on
+/// without the tracker, as it would for a tracker the kernel refused).
+#[test]
+fn a_cancel_during_the_trackers_attach_ends_the_dump_cleanly() {
+    if not_root() {
+        return;
+    }
+    let t = Target::start(1 << 20, 1);
+    let obs = std::sync::Arc::new(CancelSecondAttach::default());
+    let opts = DumpOptions {
+        observer: Some(obs.clone()),
+        ..DumpOptions::default()
+    };
+    let err = dump::capture(t.pid, &opts, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("cancel"), "{err}");
+    assert_eq!(err.errno(), uffd_wp::sys::Errno::INTR, "{err}");
+    assert_released(t.pid, "after a cancelled second attach");
+    t.runs_on_and_exits();
+}
+
 /// The address of the zoo slab `name`, from the target's own directory (read from /proc/PID/mem).
 fn slab_addr(t: &Target, name: &str) -> u64 {
     let code = zoo::KINDS.iter().position(|k| *k == name).unwrap() as u64;

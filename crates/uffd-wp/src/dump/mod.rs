@@ -338,7 +338,7 @@ pub fn capture(
         .unwrap_or_else(|| Arc::new(NoObserver) as Arc<dyn Observer>);
     let (mm, attach) = LinuxMm::attach_observed(pid, None, event_config(), &*obs)?;
     refuse_unregistrable(&mm, &mut plan);
-    let tracked = track_and_copy(pid, &mut plan, &*obs);
+    let tracked = track_and_copy(pid, &mut plan, &*obs)?;
     let rq = RemoteQuiesce::with_observer(pid, obs);
     let pre = precopy::pre_copy(p, &planned_maps(&plan, &Method::PreCopied));
     let dq = DumpQuiesce::new(&rq, p, in_freeze_ranges(&plan), (pre, tracked));
@@ -502,14 +502,20 @@ fn ranges_where(plan: &[Planned], pick: impl Fn(&Planned) -> bool) -> RangeSet {
 
 /// Copies the mappings planned `pre-copied-tracked` with their writes tracked by a second,
 /// async-WP uffd of the target's ([`tracked`]); those it cannot track (no `WP_ASYNC`, a
-/// refused registration) are copied inside the freeze instead.
-fn track_and_copy(pid: u32, plan: &mut [Planned], obs: &dyn Observer) -> Vec<tracked::Tracked> {
+/// refused registration) are copied inside the freeze instead. Fails only when the observer
+/// cancelled the attach (a stop signal): the dump ends there, as at the first attach.
+fn track_and_copy(
+    pid: u32,
+    plan: &mut [Planned],
+    obs: &dyn Observer,
+) -> Result<Vec<tracked::Tracked>, DumpError> {
     let maps = planned_maps(plan, &Method::PreCopiedTracked);
     if maps.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let (done, failed) = match LinuxMm::attach_observed(pid, None, Config::async_wp(), obs) {
         Ok((mm, _)) => tracked::pre_copy(pid as i32, &Arc::new(mm), &maps),
+        Err(e @ AttachError::Cancelled { .. }) => return Err(e.into()),
         Err(_) => (Vec::new(), maps),
     };
     for p in plan.iter_mut() {
@@ -517,7 +523,7 @@ fn track_and_copy(pid: u32, plan: &mut [Planned], obs: &dyn Observer) -> Vec<tra
             p.method = Method::InFreeze;
         }
     }
-    done
+    Ok(done)
 }
 
 /// Tries registering each mapping planned for write-protection; one the kernel refuses is
