@@ -13,10 +13,8 @@ use crate::seam::{Errno, Quiesce};
 use crate::sys::ptrace::{get_regset, nt};
 
 use super::DumpError;
-use super::precopy::{self, PreCopy};
+use super::precopy::{self, Now, PreCopy};
 use super::tracked::Tracked;
-use crate::backend::procfs;
-use crate::sys::pagemap::Pagemap;
 
 /// One thread's registers at the freeze, as `PTRACE_GETREGSET` gives them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,8 +122,17 @@ impl<'a> DumpQuiesce<'a> {
             Ok(r) => f.threads = r,
             Err(e) => f.error = Some(e),
         }
-        let redo = self.invalid_pre_copies(&mut f);
-        self.patch_tracked(&mut f);
+        let mut tracked = self.tracked.lock().expect("tracked copies lock");
+        // Nothing read inside the freeze when nothing was copied before it.
+        let now = (!self.pre.is_empty() || !tracked.is_empty()).then(|| Now::read(self.pid));
+        let redo = now
+            .as_ref()
+            .map(|now| self.invalid_pre_copies(&mut f, now))
+            .unwrap_or_default();
+        if let Some(now) = &now {
+            self.patch_tracked(&mut tracked, now, &mut f);
+        }
+        drop(tracked);
         for c in self.in_freeze.iter().chain(&redo) {
             let r = c.range;
             let mut buf = vec![0u8; r.len() as usize];
@@ -152,8 +159,8 @@ impl<'a> DumpQuiesce<'a> {
     }
 
     /// Checks the copies made before the freeze (`f.pre_valid`); returns those to redo.
-    fn invalid_pre_copies(&self, f: &mut Frozen) -> Vec<FreezeCopy> {
-        f.pre_valid = precopy::still_valid(self.pid, &self.pre);
+    fn invalid_pre_copies(&self, f: &mut Frozen, now: &Now) -> Vec<FreezeCopy> {
+        f.pre_valid = precopy::still_valid(self.pid, &self.pre, now);
         self.pre
             .iter()
             .zip(&f.pre_valid)
@@ -169,17 +176,14 @@ impl<'a> DumpQuiesce<'a> {
 impl DumpQuiesce<'_> {
     /// Copies again what changed of the tracked copies (all of a copy whose mapping or file
     /// changed, or that cannot tell).
-    fn patch_tracked(&self, f: &mut Frozen) {
-        let mut tracked = self.tracked.lock().expect("tracked copies lock");
-        if tracked.is_empty() {
-            return;
-        }
-        let maps = procfs::read_maps(self.pid).unwrap_or_default();
-        let pm = Pagemap::open_pid(self.pid as u32).ok();
+    fn patch_tracked(&self, tracked: &mut [Tracked], now: &Now, f: &mut Frozen) {
         for t in tracked.iter_mut() {
             let r = t.range();
             f.tracked_bytes.0 += r.len();
-            let again = pm.as_ref().and_then(|pm| t.to_recopy(self.pid, &maps, pm));
+            let again = now
+                .pagemap
+                .as_ref()
+                .and_then(|pm| t.to_recopy(self.pid, &now.maps, pm));
             let parts = again.unwrap_or_else(|| RangeSet::single(r));
             for p in parts.iter() {
                 let off = (p.start() - r.start()) as usize;

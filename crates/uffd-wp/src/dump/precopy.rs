@@ -84,21 +84,37 @@ pub fn pre_copy(pid: i32, maps: &[MapEntry]) -> Vec<PreCopy> {
         .collect()
 }
 
-/// Inside the freeze: whether each copy still holds what its mapping holds.
-pub fn still_valid(pid: i32, pre: &[PreCopy]) -> Vec<bool> {
-    if pre.is_empty() {
-        return Vec::new(); // nothing read inside the freeze
+/// What the copies made before the freeze are checked against inside it, read once for all
+/// of them (those of [`super::tracked`] too).
+#[derive(Debug)]
+pub struct Now {
+    /// The process's mappings.
+    pub maps: Vec<MapEntry>,
+    /// Its pagemap (`None` if it cannot be opened: no copy is then trusted).
+    pub pagemap: Option<Pagemap>,
+}
+
+impl Now {
+    /// Reads process `pid`'s mappings and opens its pagemap.
+    pub fn read(pid: i32) -> Now {
+        Now {
+            maps: procfs::read_maps(pid).unwrap_or_default(),
+            pagemap: Pagemap::open_pid(pid as u32).ok(),
+        }
     }
-    let maps = procfs::read_maps(pid).unwrap_or_default();
-    let pagemap = Pagemap::open_pid(pid as u32).ok();
+}
+
+/// Inside the freeze: whether each copy still holds what its mapping holds (`now`).
+pub fn still_valid(pid: i32, pre: &[PreCopy], now: &Now) -> Vec<bool> {
     pre.iter()
         .map(|p| {
             p.bytes.is_some()
-                && maps.contains(&p.map)
+                && now.maps.contains(&p.map)
                 && p.stamp.is_some()
                 && stamp(pid, &p.map) == p.stamp
                 && (p.map.perms.ends_with('s')
-                    || pagemap
+                    || now
+                        .pagemap
                         .as_ref()
                         .is_some_and(|pm| !has_own_pages(pm, p.range())))
         })
@@ -159,7 +175,7 @@ mod tests {
             pre[0].bytes.as_deref(),
             Some(&[0x11; 4 * PAGE_SIZE as usize][..])
         );
-        assert_eq!(still_valid(me, &pre), [true]);
+        assert_eq!(still_valid(me, &pre, &Now::read(me)), [true]);
         (m, e, pre)
     }
 
@@ -170,11 +186,19 @@ mod tests {
         // A page dropped (mapped no more) reads from the file again: still valid.
         let p = Range::new(e.start, PAGE_SIZE).unwrap();
         m.madvise(p, rustix::mm::Advice::LinuxDontNeed).unwrap();
-        assert_eq!(still_valid(me, &pre), [true], "a clean page dropped");
+        assert_eq!(
+            still_valid(me, &pre, &Now::read(me)),
+            [true],
+            "a clean page dropped"
+        );
         // A tick later (coarse timestamps), a write to the file changes its times.
         std::thread::sleep(std::time::Duration::from_millis(20));
         rustix::io::pwrite(m.file().unwrap(), &[0x22], 0).unwrap();
-        assert_eq!(still_valid(me, &pre), [false], "the file was written");
+        assert_eq!(
+            still_valid(me, &pre, &Now::read(me)),
+            [false],
+            "the file was written"
+        );
     }
 
     #[test]
@@ -182,7 +206,11 @@ mod tests {
         let me = std::process::id() as i32;
         let (m, e, pre) = copied_file();
         m.write(e.start + PAGE_SIZE, &[0x33]).unwrap();
-        assert_eq!(still_valid(me, &pre), [false], "a copy-on-write page");
+        assert_eq!(
+            still_valid(me, &pre, &Now::read(me)),
+            [false],
+            "a copy-on-write page"
+        );
     }
 
     #[test]
@@ -190,6 +218,6 @@ mod tests {
         let me = std::process::id() as i32;
         let (m, _, pre) = copied_file();
         drop(m);
-        assert_eq!(still_valid(me, &pre), [false], "unmapped");
+        assert_eq!(still_valid(me, &pre, &Now::read(me)), [false], "unmapped");
     }
 }
